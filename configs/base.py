@@ -1,0 +1,65 @@
+"""Every config key selattn knows, with its default and a one-line comment.
+
+Other config files start from `get_config()` here and change a few keys. The defaults are the original
+repository's model and training run (pierrot-lc/selective-attention): D64, 2 heads, 4 layers, 299-char
+context, batch 16, AdamW 1e-4, 200k steps.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.attention = 'selective'  # 'standard' | 'selective' | 'reference' (flax nnx.MultiHeadAttention, no RoPE)
+  m.selective_impl = 'auto'  # 'auto' | 'factored' | 'blockwise' | 'materialized' (same params, same function)
+  m.kv_generator = 'linear'  # 'linear' (the original: W[q_i; x_j]) | 'mlp' (Linear -> GELU -> Linear)
+  m.kv_hidden = 256  # hidden width of the 'mlp' K/V generator
+  m.d_model = 64  # D, model width
+  m.num_heads = 2  # N, attention heads (head dim H = D / N)
+  m.num_layers = 4  # L, post-LN transformer layers
+  m.ffn_mult = 4  # FFN width F = ffn_mult * D
+  m.rope = True  # rotary position embeddings (the original's non-interleaved halves)
+  m.rope_theta = 10000.0  # RoPE base
+  m.dropout = 0.0  # dropout on embeddings, attention output and FFN output (0 = the original)
+  m.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params and softmax statistics stay float32)
+  m.block_q = 128  # blockwise selective: query tile size
+  m.block_k = 128  # blockwise selective: key tile size
+  m.remat = False  # rematerialise each layer in the backward pass (saves activation memory)
+
+  c.data = d = ml_collections.ConfigDict()
+  d.path = ''  # UTF-8 text file to train on; '' = the embedded Shakespeare corpus
+  d.seq_len = 299  # model context T; windows are seq_len + 1 characters
+  d.val_fraction = 0.2  # last fraction of the corpus held out (chronological split)
+  d.worker_count = 0  # grain worker processes (0 = in the main process)
+  d.prefetch = 2  # batches prefetched by a background thread
+
+  c.train = t = ml_collections.ConfigDict()
+  t.seed = 0  # parameter init, data order and dropout
+  t.num_steps = 200_000  # train up to this step (a resumed run continues to it)
+  t.batch_size = 16  # global batch, in windows
+  t.learning_rate = 1e-4  # peak learning rate
+  t.lr_schedule = 'constant'  # 'constant' | 'cosine' (decays to min_learning_rate at num_steps)
+  t.warmup_steps = 0  # linear warmup from 0 to learning_rate
+  t.min_learning_rate = 0.0  # end of the cosine decay
+  t.b1 = 0.9  # AdamW beta1
+  t.b2 = 0.999  # AdamW beta2
+  t.weight_decay = 1e-4  # AdamW decoupled weight decay (optax default)
+  t.grad_clip = 0.0  # clip the global gradient norm to this (0 = off)
+  t.steps_per_call = 1  # training steps fused in one jitted call (amortises launch overhead)
+  t.log_every = 100  # log and write train scalars every this many steps
+  t.eval_every = 5000  # evaluate (and write a text sample) every this many steps (0 = only at the end)
+  t.eval_batches = 0  # held-out batches per eval (fixed, deterministic windows); 0 = the whole held-out split
+  t.checkpoint_every = 5000  # save a checkpoint every this many steps (and at the end)
+  t.keep_checkpoints = 3  # checkpoints kept on disk
+  t.sample_length = 200  # characters in the text sample written at each eval
+  t.sample_prompt = 'ROMEO:'  # prompt of that sample
+
+  c.mesh = s = ml_collections.ConfigDict()
+  s.data = -1  # data-parallel axis size (-1 = all devices left over)
+  s.fsdp = 1  # parameter/optimizer sharding axis size (batch is split over data x fsdp)
+  s.seq = 1  # query-position split of the selective K/V (shard_map; blockwise/materialized)
+  s.tensor = 1  # head split
+
+  return c

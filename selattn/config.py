@@ -1,0 +1,215 @@
+"""Configs: ml_collections at the command line, frozen dataclasses inside.
+
+`from_config()` is the one place values are checked; a bad value raises `ConfigError` (a ValueError) whose
+message names the key, e.g. "model.d_model=65 is not divisible by model.num_heads=2".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ATTENTIONS = ('standard', 'selective', 'reference')
+SELECTIVE_IMPLS = ('auto', 'factored', 'blockwise', 'materialized')
+KV_GENERATORS = ('linear', 'mlp')
+DTYPES = ('float32', 'bfloat16')
+LR_SCHEDULES = ('constant', 'cosine')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key."""
+
+
+def _check(ok: bool, msg: str) -> None:
+  if not ok:
+    raise ConfigError(msg)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+  _check(value in choices, f'{name}={value!r} is not one of {", ".join(map(repr, choices))}')
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+  _check(value >= 0 if allow_zero else value > 0, f'{name}={value!r} must be {"non-negative" if allow_zero else "positive"}')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  attention: str = 'selective'
+  selective_impl: str = 'auto'
+  kv_generator: str = 'linear'
+  kv_hidden: int = 256
+  d_model: int = 64
+  num_heads: int = 2
+  num_layers: int = 4
+  ffn_mult: int = 4
+  rope: bool = True
+  rope_theta: float = 10000.0
+  dropout: float = 0.0
+  dtype: str = 'float32'
+  block_q: int = 128
+  block_k: int = 128
+  remat: bool = False
+
+  def __post_init__(self):
+    p = 'model.'
+    _choice(p + 'attention', self.attention, ATTENTIONS)
+    _choice(p + 'selective_impl', self.selective_impl, SELECTIVE_IMPLS)
+    _choice(p + 'kv_generator', self.kv_generator, KV_GENERATORS)
+    _choice(p + 'dtype', self.dtype, DTYPES)
+    for k in ('vocab_size', 'd_model', 'num_heads', 'num_layers', 'ffn_mult', 'kv_hidden', 'block_q', 'block_k'):
+      _positive(p + k, getattr(self, k))
+    _positive(p + 'rope_theta', self.rope_theta)
+    _check(0.0 <= self.dropout < 1.0, f'model.dropout={self.dropout!r} must be in [0, 1)')
+    _check(self.d_model % self.num_heads == 0,
+           f'model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}')
+    if self.rope and self.attention != 'reference':
+      _check(self.head_dim % 2 == 0,
+             f'model.rope=True needs an even head dim, got model.d_model/model.num_heads={self.head_dim}')
+    if self.attention == 'selective' and self.selective_impl == 'factored':
+      _check(self.kv_generator == 'linear',
+             "model.selective_impl='factored' needs model.kv_generator='linear' (the identity holds only for a "
+             "linear K/V generator); use 'blockwise' or 'materialized' for 'mlp'")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def impl(self) -> str:
+    """The selective implementation that actually runs ('auto' resolved)."""
+    if self.selective_impl != 'auto':
+      return self.selective_impl
+    return 'factored' if self.kv_generator == 'linear' else 'blockwise'
+
+  @property
+  def ffn_dim(self) -> int:
+    return self.ffn_mult * self.d_model
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  path: str = ''
+  seq_len: int = 299
+  val_fraction: float = 0.2
+  worker_count: int = 0
+  prefetch: int = 2
+
+  def __post_init__(self):
+    _positive('data.seq_len', self.seq_len)
+    _check(0.0 < self.val_fraction < 1.0, f'data.val_fraction={self.val_fraction!r} must be in (0, 1)')
+    _positive('data.worker_count', self.worker_count, allow_zero=True)
+    _positive('data.prefetch', self.prefetch, allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  seed: int = 0
+  num_steps: int = 200_000
+  batch_size: int = 16
+  learning_rate: float = 1e-4
+  lr_schedule: str = 'constant'
+  warmup_steps: int = 0
+  min_learning_rate: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  weight_decay: float = 1e-4
+  grad_clip: float = 0.0
+  steps_per_call: int = 1
+  log_every: int = 100
+  eval_every: int = 5000
+  eval_batches: int = 0
+  checkpoint_every: int = 5000
+  keep_checkpoints: int = 3
+  sample_length: int = 200
+  sample_prompt: str = 'ROMEO:'
+
+  def __post_init__(self):
+    p = 'train.'
+    _choice(p + 'lr_schedule', self.lr_schedule, LR_SCHEDULES)
+    for k in ('num_steps', 'warmup_steps', 'eval_every', 'eval_batches', 'grad_clip', 'weight_decay',
+              'min_learning_rate', 'sample_length'):
+      _positive(p + k, getattr(self, k), allow_zero=True)
+    for k in ('batch_size', 'learning_rate', 'steps_per_call', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+      _positive(p + k, getattr(self, k))
+    for k in ('b1', 'b2'):
+      _check(0.0 <= getattr(self, k) < 1.0, f'train.{k}={getattr(self, k)!r} must be in [0, 1)')
+    for k in ('log_every', 'eval_every', 'checkpoint_every'):
+      v = getattr(self, k)
+      _check(v % self.steps_per_call == 0,
+             f'train.{k}={v} must be a multiple of train.steps_per_call={self.steps_per_call}')
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1
+  fsdp: int = 1
+  seq: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    sizes = dataclasses.asdict(self)
+    for k, v in sizes.items():
+      _check(v == -1 or v >= 1, f'mesh.{k}={v} must be -1 (the rest) or >= 1')
+    _check(sum(v == -1 for v in sizes.values()) <= 1, 'only one mesh axis may be -1')
+
+  def resolve(self, num_devices: int) -> dict[str, int]:
+    """Axis sizes with -1 filled in; raises ConfigError unless they multiply to num_devices."""
+    sizes = dataclasses.asdict(self)
+    known = 1
+    for v in sizes.values():
+      known *= v if v > 0 else 1
+    for k, v in sizes.items():
+      if v == -1:
+        _check(num_devices % known == 0,
+               f'mesh sizes {sizes} do not divide the {num_devices} devices')
+        sizes[k] = num_devices // known
+    total = 1
+    for v in sizes.values():
+      total *= v
+    _check(total == num_devices,
+           f'mesh data*fsdp*seq*tensor = {total} ({sizes}) but there are {num_devices} devices')
+    return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig
+  data: DataConfig
+  train: TrainConfig
+  mesh: MeshConfig
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _section(cls, cfg, name: str, **extra):
+  fields = {f.name for f in dataclasses.fields(cls)}
+  values = dict(cfg) if cfg is not None else {}
+  unknown = set(values) - fields
+  _check(not unknown, f'unknown config key(s): {", ".join(sorted(f"{name}.{k}" for k in unknown))}')
+  values.update(extra)
+  for f in dataclasses.fields(cls):
+    if f.name in values and f.type in ('int', 'float', 'bool', 'str'):
+      v = values[f.name]
+      want = {'int': int, 'float': float, 'bool': bool, 'str': str}[f.type]
+      if want is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+      _check(isinstance(v, want) and not (want is int and isinstance(v, bool)),
+             f'{name}.{f.name}={v!r} must be of type {f.type}')
+      values[f.name] = v
+  return cls(**values)
+
+
+def from_config(cfg, vocab_size: int) -> Config:
+  """Checks an ml_collections config (or a nested dict) and returns frozen dataclasses."""
+  cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
+  unknown = set(cfg) - {'model', 'data', 'train', 'mesh'}
+  _check(not unknown, f'unknown config section(s): {", ".join(sorted(unknown))}')
+  return Config(
+      model=_section(ModelConfig, cfg.get('model'), 'model', vocab_size=vocab_size),
+      data=_section(DataConfig, cfg.get('data'), 'data'),
+      train=_section(TrainConfig, cfg.get('train'), 'train'),
+      mesh=_section(MeshConfig, cfg.get('mesh'), 'mesh'),
+  )
