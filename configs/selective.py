@@ -1,0 +1,14 @@
+"""The original's selective-attention run: D64 L4 N2, 299-char context, batch 16, AdamW 1e-4, 200k steps.
+
+`--config configs/selective.py:quick` is a first look that finishes in a few minutes on a laptop CPU.
+"""
+
+from configs import base
+
+
+def get_config(variant: str = ''):
+  c = base.get_config()
+  c.model.attention = 'selective'
+  if variant:
+    base.apply_variant(c, variant)
+  return c
