@@ -20,6 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 from selattn import sharding
@@ -213,11 +214,15 @@ class MlpKV(nnx.Module):
 # Selective attention: the three implementations, as pure functions of arrays.
 
 def selective_materialized(gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D'],
-                           q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S'], rope_cfg) -> Float[Array, 'B T N H']:
-  """The literal computation: K, V of shape [B, T, S, N, H]."""
+                           q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S'], rope_cfg, qf=None
+                           ) -> Float[Array, 'B T N H']:
+  """The literal computation: K, V of shape [B, T, S, N, H].
+
+  `qf` is the generator's query input when `q` holds only some heads (the `tensor` split); default all of q.
+  """
   b, t, n, h = q.shape
   s = x.shape[1]
-  k_full, v_full = gen.full(p, _merge(q), x)
+  k_full, v_full = gen.full(p, _merge(q) if qf is None else qf, x)
   k_full, v_full = k_full.reshape(b, t, s, n, h), v_full.reshape(b, t, s, n, h)
   if rope_cfg is not None:
     q = rope_lib.apply(q, *rope_lib.angles(q_pos, h, rope_cfg))
@@ -243,15 +248,32 @@ def _tiles(x: Array, axis: int, size: int) -> Array:
   return jnp.moveaxis(x.reshape(shape), axis, 0)
 
 
+def _vma(x) -> frozenset:
+  """The mesh axes x varies over inside shard_map (jax 0.10: aval.manual_axis_type.varying; later: aval.vma)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, 'manual_axis_type', None)
+  return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, 'vma', ()))
+
+
+def _varying_like(tree, refs):
+  """pcasts `tree` to vary over every mesh axis any of `refs` varies over (a no-op outside shard_map)."""
+  want = frozenset().union(*(_vma(r) for r in jax.tree.leaves(refs)))
+
+  def cast(x):
+    missing = tuple(sorted(want - _vma(x)))
+    return jax.lax.pcast(x, missing, to='varying') if missing else x
+  return jax.tree.map(cast, tree)
+
+
 def selective_blockwise(gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D'],
-                        q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S'], rope_cfg, block_q: int, block_k: int
-                        ) -> Float[Array, 'B T N H']:
+                        q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S'], rope_cfg, block_q: int, block_k: int,
+                        qf=None) -> Float[Array, 'B T N H']:
   """The literal computation tile by tile: online softmax over key tiles, rematerialised in the backward pass."""
   b, t, n, h = q.shape
   s = x.shape[1]
   bq, bk = min(block_q, t), min(block_k, s)
   scale = 1.0 / math.sqrt(h)
-  qpart, xpart = gen.split(p, _merge(q), x)
+  qpart, xpart = gen.split(p, _merge(q) if qf is None else qf, x)
   if rope_cfg is not None:
     q = rope_lib.apply(q, *rope_lib.angles(q_pos, h, rope_cfg))
   # Pad to whole tiles. Padded keys get a position no query reaches; padded queries one that sees no key.
@@ -292,6 +314,8 @@ def selective_blockwise(gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S
     q_tile, qp_tile, qpos = args
     init = (jnp.zeros((b, bq, n, h), jnp.float32), jnp.full((b, bq, n), NEG_INF, jnp.float32),
             jnp.zeros((b, bq, n), jnp.float32))
+    # Inside shard_map the carry must vary over the same mesh axes as the tiles it accumulates.
+    init = _varying_like(init, (q_tile, qp_tile, qpos, xpart_t, kpos_t, p))
     (o, _, l), _ = jax.lax.scan(functools.partial(key_step, q_tile, qp_tile, qpos), init, (xpart_t, kpos_t))
     return (o / jnp.where(l > 0, l, 1.0)[..., None]).astype(q.dtype)
 
@@ -356,4 +380,39 @@ class SelectiveAttention(nnx.Module):
     else:
       fn = functools.partial(selective_blockwise, gen, rope_cfg=rope_cfg, block_q=cfg.block_q,
                              block_k=cfg.block_k)
+    if _seq_size() > 1:
+      return _merge(_seq_split(fn, gen, p, q, x, positions))
     return _merge(fn(p, q, x, positions, positions))
+
+
+def _seq_size() -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty or 'seq' not in mesh.axis_names else mesh.shape['seq']
+
+
+def _seq_split(fn, gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D'], positions: Int[Array, 'T']
+               ) -> Float[Array, 'B T N H']:
+  """Runs the literal selective attention with query positions split over the mesh axis `seq`.
+
+  Each device holds a block of queries (in the caller's order: the trainer lays tokens out in zigzag order so
+  causal work is balanced), all-gathers the layer input x and the key positions over `seq` (the backward of that
+  all-gather is a reduce-scatter), builds only its own [b, T/seq, S or block_k, ...] K/V tiles and attends
+  locally. Heads are split over `tensor` for the linear generator, whose per-head K/V columns are independent;
+  the MLP generator mixes heads in its hidden layer, so its K/V is computed whole on each `tensor` device.
+  """
+  batch, heads = sharding.BATCH, (sharding.HEADS if gen is LinearKV else None)
+  qf = _merge(q)  # the generator's input q_i is the whole query (all heads)
+
+  def local(p, q, qf, x, q_pos):
+    x_all = jax.lax.all_gather(x, 'seq', axis=1, tiled=True)
+    k_pos = jax.lax.all_gather(q_pos, 'seq', axis=0, tiled=True)
+    if gen is LinearKV:
+      # Only this device's head columns of W_k and W_v: the tile then holds only local heads.
+      return fn(p, q, x_all, q_pos, k_pos, qf=qf)
+    return fn(p, q, x_all, q_pos, k_pos)
+
+  p_spec = jax.tree.map(lambda a: P(None, heads) if a.ndim == 2 else P(heads), p)
+  return jax.shard_map(
+      local, in_specs=(p_spec, P(batch, 'seq', heads, None), P(batch, 'seq', None), P(batch, 'seq', None),
+                       P('seq')),
+      out_specs=P(batch, 'seq', heads, None), check_vma=True)(p, q, qf, x, positions)
