@@ -1,0 +1,184 @@
+"""Benchmarks the real training step, data pipeline included: `python -m selattn.bench --workload seed`.
+
+Workloads (ISSUE targets in BENCHMARKS.md):
+  seed     W1: the original config (D64 L4 N2, context 299, batch 16, float32): standard, selective factored,
+           blockwise and materialized (the literal form, the original's computation, as the baseline).
+  nanogpt  W2: nanoGPT's shakespeare-char config (6L 6H 384d, ctx 256, batch 64, bf16): standard, selective.
+  long     W3: selective blockwise at B4 T4096 D256 N4 on 1 device, then with mesh.seq = all devices.
+  scale    W4: GPT-2-small shape as a char model (D768 L12 N12, T1024, bf16): standard and selective factored on
+           1 device, then data-parallel (and fsdp) over all devices at the same per-device batch.
+Prints a table (ms/step, tokens/s, MFU against 790 TFLOP/s bf16, peak memory, compile time); --out writes JSON.
+`--small` shrinks every workload so it runs on a CPU in seconds (for tests).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+PEAK_FLOPS = 790e12  # dense bf16 measured on H100/H200 (../shared/BASELINES.md)
+
+_WORKLOAD = flags.DEFINE_enum('workload', 'seed', ['seed', 'nanogpt', 'long', 'scale'], 'Which workload.')
+_STEPS = flags.DEFINE_integer('steps', 50, 'Timed optimizer steps per variant (after warm-up).')
+_OUT = flags.DEFINE_string('out', None, 'Write the full results as JSON here.')
+_DATA = flags.DEFINE_string('data_path', '', "Corpus for the runs ('' = the embedded Shakespeare).")
+_ONLY = flags.DEFINE_list('variants', None, 'Run only these variants (names as printed).')
+_SMALL = flags.DEFINE_bool('small', False, 'Shrink every workload to CPU size (for tests).')
+
+
+def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, int]]:
+  """(name, config overrides, number of devices) for each variant of a workload."""
+  if workload == 'seed':
+    base = {'model.num_layers': 4, 'train.steps_per_call': 10}
+    out = [('standard', {**base, 'model.attention': 'standard'}, 1)]
+    out.append(('selective-factored', {**base, 'model.selective_impl': 'factored'}, 1))
+    for block in (128, 320):  # 320 > 299: one tile, the literal form with rematerialisation
+      out.append((f'selective-blockwise-b{block}', {**base, 'model.selective_impl': 'blockwise',
+                                                    'model.block_q': block, 'model.block_k': block}, 1))
+    out.append(('selective-materialized', {**base, 'model.selective_impl': 'materialized'}, 1))
+  elif workload == 'nanogpt':
+    base = {'config': 'nanogpt', 'train.steps_per_call': 5}
+    out = [('standard', base, 1), ('selective-factored', {**base, 'model.attention': 'selective'}, 1)]
+  elif workload == 'long':
+    base = {'model.selective_impl': 'blockwise', 'model.d_model': 256, 'model.num_heads': 4, 'data.seq_len': 4096,
+            'train.batch_size': 4, 'model.dtype': 'bfloat16', 'model.block_q': 512, 'model.block_k': 512}
+    out = [('blockwise-1dev', base, 1)]
+    if n_dev > 1:
+      out.append((f'blockwise-seq{n_dev}', {**base, 'mesh.data': 1, 'mesh.seq': n_dev}, n_dev))
+  else:
+    base = {'model.d_model': 768, 'model.num_heads': 12, 'model.num_layers': 12, 'data.seq_len': 1024,
+            'model.dtype': 'bfloat16', 'train.batch_size': 12}
+    out = []
+    for att, extra in (('standard', {'model.attention': 'standard'}), ('selective-factored', {})):
+      out.append((f'{att}-1dev', {**base, **extra}, 1))
+      if n_dev > 1:
+        out.append((f'{att}-data{n_dev}', {**base, **extra, 'train.batch_size': 12 * n_dev}, n_dev))
+        out.append((f'{att}-fsdp{n_dev}', {**base, **extra, 'train.batch_size': 12 * n_dev, 'mesh.data': 1,
+                                           'mesh.fsdp': n_dev}, n_dev))
+  if small:
+    shrink = {'model.d_model': 32, 'model.num_heads': 2, 'model.num_layers': 2, 'data.seq_len': 64,
+              'model.block_q': 16, 'model.block_k': 16}
+    out = [(n, {**o, **shrink, 'train.batch_size': 4 * d}, d) for n, o, d in out]
+  return out
+
+
+def _config(overrides: dict):
+  from configs import base, nanogpt  # pylint: disable=g-import-not-at-top
+  cfg = nanogpt.get_config() if overrides.get('config') == 'nanogpt' else base.get_config()
+  for key, value in overrides.items():
+    if key == 'config':
+      continue
+    section, name = key.split('.')
+    cfg[section][name] = value
+  return cfg
+
+
+def model_flops_per_token(cfg, num_params: int) -> float:
+  """nanoGPT's count: 6 N (non-embedding) + attention 6 L T (d_qk + d_v), causal mask not discounted."""
+  m = cfg.model
+  dense = num_params - m.vocab_size * m.d_model
+  d_qk = 2 * m.d_model if (m.attention == 'selective' and m.rope) else m.d_model
+  return 6 * dense + 6 * m.num_layers * cfg.data.seq_len * (d_qk + m.d_model)
+
+
+def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: str) -> dict:
+  """Builds the trainer's own step and data pipeline for one variant and times `steps` optimizer steps."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from selattn import config as config_lib, data, sharding, train  # pylint: disable=g-import-not-at-top
+  from selattn.model import count_params  # pylint: disable=g-import-not-at-top
+  raw = _config(overrides)
+  raw.data.path = data_path
+  corpus = data.load_corpus(raw.data.path, raw.data.val_fraction)
+  cfg = config_lib.from_config(raw, corpus.vocab.size)
+  devices = jax.devices()[:n_dev]
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  sharding.check_fits(cfg, mesh)
+  graphdef, state = train.create_state(cfg, mesh)
+  num_params = count_params(nnx.merge(graphdef, state)[0])
+  t = cfg.train
+  perm = train.positions_for(mesh, cfg.data.seq_len)
+  shard = sharding.batch_sharding(mesh)
+  stacked = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *shard.spec))
+  state_sh = sharding.state_shardings(state, mesh)
+  it = data.train_iterator(data.train_dataset(corpus.train, seq_len=cfg.data.seq_len, global_batch_size=t.batch_size,
+                                              seed=0), prefetch=2, worker_count=0)
+
+  def next_batches():
+    got = [next(it) for _ in range(t.steps_per_call)]
+    return train._device_batch({k: np.stack([g[k] for g in got]) for k in got[0]}, stacked, perm)  # pylint: disable=protected-access
+
+  with jax.set_mesh(mesh):
+    step = jax.jit(train.make_train_step(graphdef, cfg, perm), in_shardings=(state_sh, stacked),
+                   out_shardings=(state_sh, None), donate_argnums=0)
+    batches = next_batches()
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batches).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(2):  # warm-up
+      state, metrics = compiled(state, next_batches())
+    jax.block_until_ready(metrics)
+    calls = max(steps // t.steps_per_call, 1)
+    times = []
+    for _ in range(calls):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, next_batches())
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t0)
+    # A pipelined pass as in training (no per-call sync): the honest steady-state throughput.
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      state, metrics = compiled(state, next_batches())
+    jax.block_until_ready((state, metrics))
+    pipelined = (time.perf_counter() - t0) / (calls * t.steps_per_call)
+  ms_step = 1000 * pipelined
+  tokens = t.batch_size * cfg.data.seq_len
+  flops = model_flops_per_token(cfg, num_params) * tokens
+  stats = devices[0].memory_stats() or {}
+  mem = compiled.memory_analysis()
+  return {
+      'variant': name, 'devices': n_dev, 'device_kind': devices[0].device_kind, 'num_params': num_params,
+      'batch': t.batch_size, 'seq_len': cfg.data.seq_len, 'dtype': cfg.model.dtype,
+      'ms_per_step': ms_step, 'ms_per_step_synced_median': 1000 * float(np.median(times)) / t.steps_per_call,
+      'tokens_per_s': tokens / pipelined, 'mfu': flops / pipelined / (PEAK_FLOPS * n_dev),
+      'peak_mem_gib': stats.get('peak_bytes_in_use', 0) / 2**30,
+      'temp_mem_gib': (mem.temp_size_in_bytes / 2**30) if mem is not None else None,
+      'compile_s': compile_s, 'final_loss': float(jax.device_get(metrics['loss'])),
+      'jax': jax.__version__, 'overrides': overrides,
+  }
+
+
+def main(argv):
+  del argv
+  n_dev = jax.device_count()
+  results = []
+  for name, overrides, d in _variants(_WORKLOAD.value, n_dev, _SMALL.value):
+    if _ONLY.value and name not in _ONLY.value:
+      continue
+    logging.info('running %s', name)
+    try:
+      results.append(run_variant(name, overrides, d, _STEPS.value, _DATA.value))
+    except Exception as e:  # pylint: disable=broad-except
+      # One variant failing (e.g. out of memory) must not lose the others' numbers.
+      logging.exception('variant %s failed', name)
+      results.append({'variant': name, 'devices': d, 'error': f'{type(e).__name__}: {str(e)[:300]}'})
+    if _OUT.value:
+      with open(_OUT.value, 'w') as f:
+        json.dump(results, f, indent=1)
+  print(f'\n{_WORKLOAD.value} on {jax.devices()[0].device_kind}, jax {jax.__version__}')
+  print(f'{"variant":<26}{"dev":>4}{"ms/step":>10}{"tok/s":>12}{"MFU":>7}{"peak GiB":>10}{"compile s":>10}')
+  for r in results:
+    if 'error' in r:
+      print(f'{r["variant"]:<26}{r["devices"]:>4}  FAILED: {r["error"][:80]}')
+    else:
+      print(f'{r["variant"]:<26}{r["devices"]:>4}{r["ms_per_step"]:>10.3f}{r["tokens_per_s"]:>12.3g}'
+            f'{100 * r["mfu"]:>6.1f}%{r["peak_mem_gib"]:>10.2f}{r["compile_s"]:>10.1f}')
+
+
+if __name__ == '__main__':
+  app.run(main)
