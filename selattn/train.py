@@ -303,6 +303,7 @@ def train(config, workdir: str) -> dict[str, float]:
           window_start, window_steps, window_loss = time.perf_counter(), 0, []
         if (t.eval_every and step % t.eval_every == 0) or last:
           result = evaluate(state, step)
+          window_start = time.perf_counter()  # eval time is not training time
         if step % t.checkpoint_every == 0 or last or stop.received:
           if pending is not None:
             window_loss.append(float(read(pending)['loss']))

@@ -309,7 +309,8 @@ def selective_blockwise(gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S
     visible = kpos.min() <= qpos.max()
     return jax.lax.cond(visible, jax.checkpoint(compute), lambda c: c, carry), None
 
-  @jax.checkpoint
+  # No checkpoint here: the key steps are checkpointed, so a query tile keeps only its small carries
+  # ([B, bq, N, H] per key tile) for the backward pass, and the tiles themselves are recomputed once, not twice.
   def query_tile(args):
     q_tile, qp_tile, qpos = args
     init = (jnp.zeros((b, bq, n, h), jnp.float32), jnp.full((b, bq, n), NEG_INF, jnp.float32),

@@ -23,8 +23,7 @@ def angles(positions: Int[Array, 'T'], head_dim: int, base: float = 10000.0
 
 def apply(x: Float[Array, '*B T N H'], cos: Float[Array, 'T H/2'], sin: Float[Array, 'T H/2']
           ) -> Float[Array, '*B T N H']:
-  """Rotates x (position axis -3, head dim last) by precomputed angles; computed in x's dtype."""
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  c = cos[:, None, :].astype(x.dtype)  # broadcast over heads
-  s = sin[:, None, :].astype(x.dtype)
-  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+  """Rotates x (position axis -3, head dim last) by precomputed angles, in float32, returned in x's dtype."""
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  c, s = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
