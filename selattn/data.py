@@ -172,7 +172,8 @@ def load_corpus(path: str, val_fraction: float, vocab: Vocab | None = None) -> C
     tokens = vocab.encode(text)
   except DataError as e:
     raise DataError(f'{_name(path)}: {e} (the vocabulary of the run being resumed)') from None
-  n_train = int(len(tokens) * (1.0 - val_fraction))
+  # round, not int: 15000 * (1 - 0.9) is 1499.999... in floating point.
+  n_train = round(len(tokens) * (1.0 - val_fraction))
   return Corpus(vocab=vocab, train=tokens[:n_train], val=tokens[n_train:])
 
 
