@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.b2 = 0.999  # AdamW beta2
   t.weight_decay = 1e-4  # AdamW decoupled weight decay (optax default)
   t.grad_clip = 0.0  # clip the global gradient norm to this (0 = off)
-  t.steps_per_call = 1  # training steps fused in one jitted call (amortises launch overhead)
+  t.steps_per_call = 10  # optimizer steps fused in one jitted call (amortises launch overhead; divides the *_every)
   t.log_every = 100  # log and write train scalars every this many steps
   t.eval_every = 5000  # evaluate (and write a text sample) every this many steps (0 = only at the end)
   t.eval_batches = 0  # held-out batches per eval (fixed, deterministic windows); 0 = the whole held-out split

@@ -19,6 +19,7 @@ def get_config(variant: str = ''):
   t.learning_rate, t.min_learning_rate, t.lr_schedule, t.warmup_steps = 1e-3, 1e-4, 'cosine', 100
   t.b2, t.weight_decay, t.grad_clip = 0.99, 0.1, 1.0
   t.log_every, t.eval_every, t.checkpoint_every, t.eval_batches = 100, 250, 1000, 0
+  t.steps_per_call = 5
   for v in filter(None, variant.split(',')):
     if v == 'selective':
       m.attention = 'selective'

@@ -13,5 +13,6 @@ def get_config(variant: str = ''):
   c.data.seq_len = 32
   t.batch_size, t.num_steps, t.learning_rate = 16, 200, 3e-3
   t.log_every, t.eval_every, t.checkpoint_every, t.eval_batches = 20, 100, 100, 4
+  t.steps_per_call = 1
   t.sample_length = 40
   return c

@@ -103,6 +103,12 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: config_lib.Config, positions: n
   return step
 
 
+@jax.jit
+def all_finite(state) -> jax.Array:
+  """Whether every array of the state is finite (not a norm: squares of finite ~1e20 values overflow)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state)]))
+
+
 def make_eval_step(graphdef: nnx.GraphDef, positions: np.ndarray | None):
   def step(state, batch):
     model, _ = nnx.merge(graphdef, state)
@@ -236,13 +242,15 @@ def train(config, workdir: str) -> dict[str, float]:
     logging.info('eval at step %d: loss %.4f | accuracy %.4f | bpc %.4f (%d held-out chars)', step, loss,
                  res['eval/accuracy'], res['eval/bpc'], int(totals['weight']))
     writer.write_scalars(step, res)
-    if t.sample_length and is_main:
+    if t.sample_length:
+      # Every process runs the (jitted, globally sharded) generation; only process 0 writes it.
       model = nnx.merge(graphdef, state)[0]
       with jax.set_mesh(mesh):
         text = sample_lib.generate(model, corpus.vocab, t.sample_prompt, t.sample_length, temperature=1.0,
                                    top_k=0, seed=step, max_len=cfg.data.seq_len)
       writer.write_texts(step, {'sample': text})
-      logging.info('sample at step %d:\n%s', step, text)
+      if is_main:
+        logging.info('sample at step %d:\n%s', step, text)
     return res
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
@@ -261,55 +269,64 @@ def train(config, workdir: str) -> dict[str, float]:
     logging.info('compiled the train step in %.1fs; device memory: %s', time.perf_counter() - t0,
                  f'temp {mem.temp_size_in_bytes / 2**20:.1f} MiB, args {mem.argument_size_in_bytes / 2**20:.1f} '
                  f'MiB' if mem is not None else 'n/a')
-    pending = None  # (step, metrics) of the last dispatched call, read after the next dispatch
-    window_start, window_steps, window_loss = time.perf_counter(), 0, []
+    pending = []  # (step, metrics) of dispatched calls not yet read: read at log and checkpoint steps only
+    window_start, window_steps = time.perf_counter(), 0
     run_start, run_start_step = time.perf_counter(), step
     last_good_saved = latest
 
-    def read(pending):
-      s, m = pending
-      m = jax.device_get(m)
-      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
-        raise TrainingError(f'the loss is {m["loss"]} (grad norm {m["grad_norm"]}) at step {s}: stopping. The last '
-                            f'good checkpoint (step {last_good_saved}) is kept in {ckpt.directory}')
-      return m
+    def flush() -> list[dict]:
+      """Reads the pending metrics (one device sync) and stops the run on a non-finite loss or gradient."""
+      got = jax.device_get([m for _, m in pending])
+      for (s, _), m in zip(pending, got):
+        if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+          raise TrainingError(f'the loss is not finite after step {s} (loss {m["loss"]}, grad norm '
+                              f'{m["grad_norm"]}): stopping; {kept()}')
+      pending.clear()
+      return got
+
+    def kept() -> str:
+      if last_good_saved is None:
+        return f'no checkpoint was saved in {ckpt.directory}'
+      return f'the last good checkpoint (step {last_good_saved}) is kept in {ckpt.directory}'
 
     with _StopSignal() as stop:
       while step < t.num_steps:
         with jax.transfer_guard('disallow'):
           state, metrics = compiled(state, batches)
         step += t.steps_per_call
-        if pending is not None:
-          window_loss.append(float(read(pending)['loss']))
-        pending = (step, metrics)
+        pending.append((step, metrics))
         window_steps += t.steps_per_call
         last = step >= t.num_steps
-        if step < t.num_steps:
-          batches = next_batches()  # overlaps with the device running this step
+        save = step % t.checkpoint_every == 0 or last or stop.received
+        if not (last or save):
+          # The host builds the next batches while the device runs this step. At a checkpoint step this waits
+          # until after the save: the saved iterator state must be that of step + 1's batches.
+          batches = next_batches()
         if step % t.log_every == 0 or last:
-          m = read(pending)
-          window_loss.append(float(m['loss']))
-          pending = None
+          got = flush()
           dt = time.perf_counter() - window_start
           lr = float(schedule(step - 1))
           rate = window_steps * tokens_per_step / dt
           eta = (t.num_steps - step) * (time.perf_counter() - run_start) / max(step - run_start_step, 1)
-          loss = float(np.mean(window_loss))
+          loss = float(np.mean([m['loss'] for m in got]))
+          grad_norm = float(got[-1]['grad_norm'])
           logging.info('step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.3g tok/s | %.2f ms/step | ETA %s',
-                       step, t.num_steps, loss, lr, m['grad_norm'], rate, 1000 * dt / window_steps,
-                       _fmt_time(eta))
-          writer.write_scalars(step, {'train/loss': loss, 'train/learning_rate': lr,
-                                      'train/grad_norm': float(m['grad_norm']), 'train/tokens_per_second': rate})
-          window_start, window_steps, window_loss = time.perf_counter(), 0, []
+                       step, t.num_steps, loss, lr, grad_norm, rate, 1000 * dt / window_steps, _fmt_time(eta))
+          writer.write_scalars(step, {'train/loss': loss, 'train/learning_rate': lr, 'train/grad_norm': grad_norm,
+                                      'train/tokens_per_second': rate})
+          window_start, window_steps = time.perf_counter(), 0
         if (t.eval_every and step % t.eval_every == 0) or last:
           result = evaluate(state, step)
           window_start = time.perf_counter()  # eval time is not training time
-        if step % t.checkpoint_every == 0 or last or stop.received:
-          if pending is not None:
-            window_loss.append(float(read(pending)['loss']))
-            pending = None
+        if save:
+          flush()
+          # A finite loss and gradient can still give non-finite parameters (an update that overflows).
+          if not bool(jax.device_get(all_finite(state))):
+            raise TrainingError(f'the parameters are not finite after step {step}: stopping; {kept()}')
           ckpt.save(step, state, data_iter, {'step': step, 'model': dataclasses.asdict(cfg.model)})
           last_good_saved = step
+          if not last and not stop.received:
+            batches = next_batches()
         if stop.received:
           logging.warning('%s received: saved a checkpoint at step %d and stopping', stop.received, step)
           break

@@ -53,6 +53,11 @@ def dense(cfg: ModelConfig, fan_in: int, fan_out: int, spec: tuple, *, use_bias:
       bias_init=nnx.with_partitioning(bias_uniform(fan_in), spec[-1:]), rngs=rngs)
 
 
+def _bias(b: Array, ndim: int) -> Array:
+  """A [F] bias shaped to broadcast against a rank-`ndim` [..., F] array without rank promotion."""
+  return b.reshape((1,) * (ndim - 1) + (-1,))
+
+
 def _heads(x: Float[Array, '*B D'], num_heads: int) -> Float[Array, '*B N H']:
   return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
@@ -189,7 +194,7 @@ class MlpKV(nnx.Module):
 
   @staticmethod
   def _out(p, h):
-    kv = jax.nn.gelu(h) @ p['w2'] + p['b2']
+    kv = jax.nn.gelu(h) @ p['w2'] + _bias(p['b2'], h.ndim)
     return jnp.split(kv, 2, axis=-1)
 
   @staticmethod
@@ -198,12 +203,12 @@ class MlpKV(nnx.Module):
     s = x.shape[1]
     qx = jnp.concatenate([jnp.broadcast_to(qf[:, :, None], (b, t, s, d)),
                           jnp.broadcast_to(x[:, None, :], (b, t, s, d))], axis=-1)
-    return MlpKV._out(p, qx @ p['w1'] + p['b1'])
+    return MlpKV._out(p, qx @ p['w1'] + _bias(p['b1'], qx.ndim))
 
   @staticmethod
   def split(p, qf, x):
     d = qf.shape[-1]
-    return qf @ p['w1'][:d], x @ p['w1'][d:] + p['b1']
+    return qf @ p['w1'][:d], x @ p['w1'][d:] + _bias(p['b1'], x.ndim)
 
   @staticmethod
   def tile(p, qpart, xpart):
