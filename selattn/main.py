@@ -41,7 +41,7 @@ class _QuietLibraries:
 def main(argv):
   del argv
   import logging as py_logging  # pylint: disable=g-import-not-at-top
-  py_logging.getLogger('absl').addFilter(_QuietLibraries())
+  py_logging.getLogger("absl").addFilter(_QuietLibraries())
   # Imported here so that `--helpfull` and flag errors are quick.
   import jax  # pylint: disable=g-import-not-at-top
   from selattn import config as config_lib, data, train  # pylint: disable=g-import-not-at-top
@@ -57,6 +57,10 @@ def main(argv):
     train.train(_CONFIG.value, _WORKDIR.value)
   except (config_lib.ConfigError, data.DataError, train.TrainingError) as e:
     logging.error('%s', e)
+    if jax.process_count() > 1:
+      # jax.distributed's exit handler would wait minutes for the healthy peers; fail now so the launcher sees it.
+      print(f'error: {e}', file=sys.stderr, flush=True)
+      os._exit(1)
     sys.exit(f'error: {e}')
 
 

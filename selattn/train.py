@@ -19,6 +19,7 @@ from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 import optax
 
@@ -131,12 +132,22 @@ class _StopSignal:
     self._old = {}
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      # Several processes must stop at the same step: JAX's own preemption service (it handles SIGTERM) agrees
+      # on one, see `poll`. A handler here would replace it and let each process stop on its own.
+      return self
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._old[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread (e.g. a notebook worker): no handler, no harm
         pass
     return self
+
+  def poll(self, step: int) -> str | None:
+    """The signal to stop at this step for, or None; the same answer on every process."""
+    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+      self.received = 'SIGTERM'
+    return self.received
 
   def _handle(self, signum, frame):
     del frame
@@ -297,7 +308,9 @@ def train(config, workdir: str) -> dict[str, float]:
         pending.append((step, metrics))
         window_steps += t.steps_per_call
         last = step >= t.num_steps
-        save = step % t.checkpoint_every == 0 or last or stop.received
+        # One read of the flag per step: a signal arriving later in this step is handled at the next one.
+        stopping = stop.poll(step)
+        save = step % t.checkpoint_every == 0 or last or stopping
         if not (last or save):
           # The host builds the next batches while the device runs this step. At a checkpoint step this waits
           # until after the save: the saved iterator state must be that of step + 1's batches.
@@ -325,11 +338,12 @@ def train(config, workdir: str) -> dict[str, float]:
             raise TrainingError(f'the parameters are not finite after step {step}: stopping; {kept()}')
           ckpt.save(step, state, data_iter, {'step': step, 'model': dataclasses.asdict(cfg.model)})
           last_good_saved = step
-          if not last and not stop.received:
+          if not last and not stopping:
             batches = next_batches()
-        if stop.received:
-          logging.warning('%s received: saved a checkpoint at step %d and stopping', stop.received, step)
+        if stopping:
+          logging.warning('%s received: saved a checkpoint at step %d and stopping', stopping, step)
           break
+    jax.block_until_ready(state)  # before exiting: a peer process may still be in a collective with us
     return result
   finally:
     ckpt.close()

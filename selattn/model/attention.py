@@ -278,6 +278,9 @@ def selective_blockwise(gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S
   s = x.shape[1]
   bq, bk = min(block_q, t), min(block_k, s)
   scale = 1.0 / math.sqrt(h)
+  # Inside shard_map: make the generator params vary like the activations here, once. Left to the tile code
+  # inside the lax.cond below, that cast's transpose (a psum) would run only on devices taking the branch.
+  p = _varying_like(p, (q, x))
   qpart, xpart = gen.split(p, _merge(q) if qf is None else qf, x)
   if rope_cfg is not None:
     q = rope_lib.apply(q, *rope_lib.angles(q_pos, h, rope_cfg))

@@ -1,0 +1,291 @@
+"""selattn.train in-process on configs/tiny.py: exact resume, TensorBoard output, config.json, learning, no
+recompilation, and NaN handling. The command line, signals and error messages are in main_test.py."""
+
+import glob
+import json
+import logging
+import math
+import os
+import re
+import shutil
+
+from absl import logging as absl_logging
+from flax import nnx
+import jax
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from configs import tiny
+from selattn import checkpoint as ckpt_lib
+from selattn import config as config_lib
+from selattn import data as data_lib
+from selattn import sharding
+from selattn import train
+from selattn.model import Transformer, count_params
+
+_KEEP_ALL = {event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 0}
+
+
+def tiny_config(**train_overrides):
+  """configs/tiny.py, logging every step and with no text sample unless asked (sampling compiles for ~2 s)."""
+  c = tiny.get_config()
+  c.train.log_every, c.train.steps_per_call, c.train.sample_length = 1, 1, 0
+  for k, v in train_overrides.items():
+    setattr(c.train, k, v)
+  return c
+
+
+def event_files(workdir):
+  return set(glob.glob(os.path.join(workdir, 'events.out.tfevents*')))
+
+
+def accumulators(workdir, files=None):
+  """One EventAccumulator per event file (each run in a workdir writes its own file)."""
+  out = []
+  for f in sorted(event_files(workdir) if files is None else files):
+    acc = event_accumulator.EventAccumulator(f, size_guidance=_KEEP_ALL)
+    acc.Reload()
+    out.append(acc)
+  return out
+
+
+def scalars(workdir, tag='train/loss', files=None):
+  """{step: value} of `tag` over the event files (later files win a step both have)."""
+  out = {}
+  for acc in accumulators(workdir, files):
+    if tag in acc.Tags()['scalars']:
+      out.update({e.step: e.value for e in acc.Scalars(tag)})
+  return out
+
+
+def checkpoint_steps(workdir):
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def restore_params(workdir, steps):
+  """{step: the Param leaves (numpy) of checkpoint `step`}, restored with the run's own config."""
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  cfg = config_lib.from_config(saved['config'], saved['vocab_size'])
+  graphdef, state = train.create_state(cfg, sharding.make_mesh(cfg.mesh))
+  target = ckpt_lib.abstract(state)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=1000, async_save=False)
+  out = {}
+  try:
+    for step in steps:
+      restored, meta = ckpt.restore(step, target, None)
+      assert meta['step'] == step
+      model = nnx.merge(graphdef, restored)[0]
+      out[step] = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+  finally:
+    ckpt.close()
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume: the losses after a restart are bit-identical to an uninterrupted run's.
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """An uninterrupted 40-step run with a checkpoint every 10 steps: (workdir, per-step losses)."""
+  # A run extended from 20 to 40 steps matches a 40-step run only if num_steps does not shape the schedule.
+  assert tiny.get_config().train.lr_schedule == 'constant'
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  train.train(tiny_config(num_steps=40, checkpoint_every=10, keep_checkpoints=10), workdir)
+  assert checkpoint_steps(workdir) == [10, 20, 30, 40]
+  losses = scalars(workdir)
+  assert sorted(losses) == list(range(1, 41))
+  return workdir, losses
+
+
+def test_resume_after_the_last_step_is_bit_identical(tmp_path, reference):
+  _, reference_losses = reference
+  workdir = str(tmp_path)
+  train.train(tiny_config(num_steps=20), workdir)
+  assert checkpoint_steps(workdir) == [20]
+  first = event_files(workdir)
+  train.train(tiny_config(num_steps=40), workdir)
+  resumed = scalars(workdir, files=event_files(workdir) - first)
+  assert sorted(resumed) == list(range(21, 41))  # the second run started at step 21: it did resume
+  assert len(set(resumed.values())) > 1  # the losses are real per-step values, not a constant
+  assert resumed == {s: reference_losses[s] for s in range(21, 41)}
+  assert scalars(workdir, files=first) == {s: reference_losses[s] for s in range(1, 21)}
+
+
+def test_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path, reference):
+  # A checkpoint taken in the middle of a run (not at its last step), as a preempted or crashed run resumes
+  # from: the data iterator must resume at the next step's batch.
+  reference_dir, reference_losses = reference
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference_dir, workdir)
+  for step in (20, 30, 40):
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
+  first = event_files(workdir)
+  train.train(tiny_config(num_steps=40, checkpoint_every=10, keep_checkpoints=10), workdir)
+  resumed = scalars(workdir, files=event_files(workdir) - first)
+  assert sorted(resumed) == list(range(11, 41))
+  mismatched = [s for s in resumed if resumed[s] != reference_losses[s]]
+  assert not mismatched, f'resumed from step 10, the losses differ from step {mismatched[0]} on'
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One real tiny run (200 steps, evals at 100 and 200 with text samples): TensorBoard, config.json, learning.
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('tiny'))
+  config = tiny.get_config()  # unchanged: 200 steps, log every 20, eval every 100 with a 40-char sample
+  result = train.train(config, workdir)
+  return workdir, config, result
+
+
+def test_tensorboard_has_every_tag(tiny_run):
+  workdir, config, result = tiny_run
+  accs = accumulators(workdir)
+  assert len(accs) == 1
+  tags = accs[0].Tags()
+  want = {'train/loss', 'train/learning_rate', 'train/grad_norm', 'train/tokens_per_second', 'eval/loss',
+          'eval/accuracy', 'eval/bpc'}
+  assert want <= set(tags['scalars'])
+  steps = {tag: sorted(scalars(workdir, tag)) for tag in want}
+  assert steps['train/loss'] == list(range(20, 201, 20))
+  assert steps['eval/loss'] == [100, 200]
+  assert all(steps[t] == steps['train/loss'] for t in want if t.startswith('train/'))
+  assert all(steps[t] == steps['eval/loss'] for t in want if t.startswith('eval/'))
+  lr = scalars(workdir, 'train/learning_rate')
+  assert all(v == pytest.approx(config.train.learning_rate) for v in lr.values())
+  assert all(v > 0 for v in scalars(workdir, 'train/tokens_per_second').values())
+  loss, bpc = scalars(workdir, 'eval/loss'), scalars(workdir, 'eval/bpc')
+  assert bpc[200] == pytest.approx(loss[200] / math.log(2), rel=1e-5)
+  assert loss[200] == pytest.approx(result['eval/loss'], rel=1e-6)
+  assert 0 < scalars(workdir, 'eval/accuracy')[200] < 1
+
+  text_tags = [t for t in tags['tensors'] if 'sample' in t]
+  assert text_tags, tags
+  samples = accs[0].Tensors(text_tags[0])
+  assert [e.step for e in samples] == [100, 200]
+  text = samples[-1].tensor_proto.string_val[0].decode('utf-8')
+  assert text.startswith(config.train.sample_prompt)
+  assert len(text) == len(config.train.sample_prompt) + config.train.sample_length
+
+
+def test_config_json_and_vocab(tiny_run):
+  workdir, config, _ = tiny_run
+  vocab = data_lib.Vocab.load(os.path.join(workdir, 'vocab.json'))
+  assert vocab == data_lib.Vocab.from_text(data_lib.load_text(''))
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  cfg = config_lib.from_config(config, vocab.size)
+  assert saved['config'] == json.loads(json.dumps(cfg.to_dict()))  # resolved: vocab_size filled in
+  assert saved['config']['model']['vocab_size'] == saved['vocab_size'] == vocab.size
+  # A freshly built model (abstract: its parameters' shapes are all count_params needs; tracing it needs a mesh).
+  with jax.set_mesh(sharding.make_mesh(cfg.mesh)):
+    model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  assert saved['num_params'] == count_params(model)
+  assert saved['num_params'] > 10_000
+
+
+def test_tiny_learns(tiny_run):
+  workdir, _, result = tiny_run
+  corpus = data_lib.load_corpus('', 0.2)
+  p = np.bincount(corpus.train, minlength=corpus.vocab.size) / len(corpus.train)
+  p = p[p > 0]
+  unigram_entropy = float(-(p * np.log(p)).sum())  # nats: the best loss without context
+  assert result['eval/loss'] < unigram_entropy - 0.5, (result, unigram_entropy)
+  train_loss = scalars(workdir)
+  assert train_loss[200] < train_loss[20] - 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No recompilation across steps.
+
+class _Recorder(logging.Handler):
+  """Backend compilations and absl log lines, in the order they happen."""
+
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.events = []
+
+  def emit(self, record):
+    self.events.append(('log', record.getMessage()))
+
+  def on_duration(self, event, duration, **kwargs):
+    del duration
+    if event == '/jax/core/compile/backend_compile_duration':
+      self.events.append(('compile', kwargs.get('fun_name', '?')))
+
+
+def test_the_loop_never_recompiles(tmp_path, monkeypatch):
+  traces = []
+  make_train_step = train.make_train_step
+
+  def make_named_train_step(*args, **kwargs):
+    step = make_train_step(*args, **kwargs)
+
+    def train_step_under_test(state, batches):
+      traces.append(1)
+      return step(state, batches)
+    return train_step_under_test
+
+  monkeypatch.setattr(train, 'make_train_step', make_named_train_step)
+  rec = _Recorder()
+  absl_logger = logging.getLogger('absl')
+  old_level, old_verbosity = absl_logger.level, absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  absl_logger.addHandler(rec)
+  jax.monitoring.register_event_duration_secs_listener(rec.on_duration)
+  try:
+    # Three evals with samples: the eval step and the sampler must not recompile either.
+    train.train(tiny_config(num_steps=30, eval_every=10, sample_length=8), str(tmp_path))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(rec.on_duration)
+    absl_logger.removeHandler(rec)
+    absl_logging.set_verbosity(old_verbosity)
+    absl_logger.setLevel(old_level)
+
+  compiles = [name for kind, name in rec.events if kind == 'compile']
+  assert len(traces) == 1
+  assert sum('train_step_under_test' in name for name in compiles) == 1, compiles
+  logs = [i for i, (kind, msg) in enumerate(rec.events) if kind == 'log']
+  messages = {i: rec.events[i][1] for i in logs}
+
+  def index(pattern):
+    found = [i for i in logs if re.match(pattern, messages[i])]
+    assert found, (pattern, list(messages.values())[:20])
+    return found[0]
+
+  # Everything compiles before step 2 or during the first eval and sample; nothing after.
+  after_first_eval = index(r'sample at step 10\b')
+  between = [rec.events[i][1] for i in range(index(r'step 2/30\b'), index(r'step 10/30\b'))
+             if rec.events[i][0] == 'compile']
+  # (Up to the last sample: the final checkpoint is the first, and Orbax may compile for it.)
+  late = [name for kind, name in rec.events[after_first_eval:index(r'sample at step 30\b')] if kind == 'compile']
+  assert not between and not late, (between, late)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NaN: the run stops with a message naming the step and the last good checkpoint, and no checkpoint holds a
+# non-finite state. (The command-line view of this is in main_test.py.)
+
+def test_nan_in_a_fresh_run_says_there_is_no_checkpoint(tmp_path):
+  # lr 1e30: step 1's update makes the params ~1e30 (finite), and step 2's loss is NaN.
+  with pytest.raises(train.TrainingError) as e:
+    train.train(tiny_config(num_steps=40, learning_rate=1e30), str(tmp_path))
+  msg = str(e.value)
+  assert re.search(r'\bnan\b', msg) and re.search(r'(at|after) step 2\b', msg), msg
+  assert checkpoint_steps(str(tmp_path)) == []
+  assert 'None' not in msg, f'the message should say that no checkpoint was saved: {msg}'
+
+
+@pytest.mark.filterwarnings('ignore:overflow encountered in cast:RuntimeWarning')  # 1e39 -> float32: the point
+def test_a_checkpoint_never_holds_a_non_finite_state(tmp_path):
+  # lr 1e39 is inf in float32: step 1's loss and gradients are finite, but its update makes the params
+  # non-finite. With a checkpoint every step, step 1's state must not be saved as "the last good checkpoint".
+  workdir = str(tmp_path)
+  with pytest.raises(train.TrainingError) as e:
+    train.train(tiny_config(num_steps=40, learning_rate=1e39, checkpoint_every=1), workdir)
+  assert re.search(r'step \d', str(e.value)), str(e.value)
+  for step, params in restore_params(workdir, checkpoint_steps(workdir)).items():
+    assert all(np.isfinite(p).all() for p in params), f'checkpoint {step} holds non-finite params: {e.value}'
