@@ -28,7 +28,27 @@ def _parse(argv):
   except flags.Error as e:
     sys.exit(f'error: {e}')
   except (AttributeError, KeyError, TypeError, ValueError) as e:
+    unknown = _unknown_overrides(argv)
+    if unknown:
+      sys.exit(f'error: unknown config key {", ".join(unknown)}; every key is listed in configs/base.py')
     sys.exit(f'error: bad config override ({e}); every key is listed in configs/base.py')
+
+
+def _unknown_overrides(argv) -> list[str]:
+  """The `--config.a.b=...` overrides naming no key of configs/base.py."""
+  from configs import base  # pylint: disable=g-import-not-at-top
+  known = base.get_config()
+  unknown = []
+  for arg in argv:
+    if arg.startswith('--config.'):
+      path = arg[len('--config.'):].split('=', 1)[0]
+      node = known
+      for part in path.split('.'):
+        if not hasattr(node, 'keys') or part not in node.keys():
+          unknown.append(path)
+          break
+        node = node[part]
+  return unknown
 
 
 class _QuietLibraries:

@@ -95,7 +95,7 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: config_lib.Config, positions: n
     key = jax.random.fold_in(base_key, opt.step[...]) if use_dropout else None
     loss, grads = nnx.value_and_grad(loss_fn)(model, batch, key)
     opt.update(model, grads)
-    return nnx.state((model, opt)), {'loss': loss, 'grad_norm': optax.tree_utils.tree_l2_norm(grads)}
+    return nnx.state((model, opt)), {'loss': loss, 'grad_norm': optax.tree_utils.tree_norm(grads)}
 
   def step(state, batches):
     state, metrics = jax.lax.scan(one_step, state, batches)

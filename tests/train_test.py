@@ -17,9 +17,9 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import tiny
-from selattn import checkpoint as ckpt_lib
 from selattn import config as config_lib
 from selattn import data as data_lib
+from selattn import sample
 from selattn import sharding
 from selattn import train
 from selattn.model import Transformer, count_params
@@ -65,22 +65,11 @@ def checkpoint_steps(workdir):
 
 
 def restore_params(workdir, steps):
-  """{step: the Param leaves (numpy) of checkpoint `step`}, restored with the run's own config."""
-  with open(os.path.join(workdir, 'config.json')) as f:
-    saved = json.load(f)
-  cfg = config_lib.from_config(saved['config'], saved['vocab_size'])
-  graphdef, state = train.create_state(cfg, sharding.make_mesh(cfg.mesh))
-  target = ckpt_lib.abstract(state)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=1000, async_save=False)
+  """{step: the Param leaves (numpy) of checkpoint `step`}, restored the way `selattn.sample` restores a run."""
   out = {}
-  try:
-    for step in steps:
-      restored, meta = ckpt.restore(step, target, None)
-      assert meta['step'] == step
-      model = nnx.merge(graphdef, restored)[0]
-      out[step] = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
-  finally:
-    ckpt.close()
+  for step in steps:
+    model = sample.restore(workdir, step)[0]
+    out[step] = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
   return out
 
 
