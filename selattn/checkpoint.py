@@ -42,9 +42,6 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     return restored['state'], restored['meta']
 
-  def restore_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

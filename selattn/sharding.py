@@ -23,10 +23,6 @@ VOCAB = None  # the vocabulary (83 symbols) is never split
 REPLICATED = None
 
 
-def batch_spec(ndim: int = 2) -> P:
-  """PartitionSpec of a [B, ...] input batch."""
-  return P(BATCH, *([None] * (ndim - 1)))
-
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   """The one mesh, axes ('data', 'fsdp', 'seq', 'tensor') over all global devices, GSPMD (Auto) axes."""
