@@ -102,23 +102,17 @@ def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: s
   graphdef, state = train.create_state(cfg, mesh)
   num_params = count_params(nnx.merge(graphdef, state)[0])
   t = cfg.train
-  perm = train.positions_for(mesh, cfg.data.seq_len)
-  shard = sharding.batch_sharding(mesh)
-  stacked = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *shard.spec))
-  state_sh = sharding.state_shardings(state, mesh)
+  fns = train.build_steps(cfg, mesh, graphdef, state)
   it = data.train_iterator(data.train_dataset(corpus.train, seq_len=cfg.data.seq_len, global_batch_size=t.batch_size,
                                               seed=0), prefetch=2, worker_count=0)
 
   def next_batches():
-    got = [next(it) for _ in range(t.steps_per_call)]
-    return train._device_batch({k: np.stack([g[k] for g in got]) for k in got[0]}, stacked, perm)  # pylint: disable=protected-access
+    return fns.train_batches([next(it) for _ in range(t.steps_per_call)])
 
   with jax.set_mesh(mesh):
-    step = jax.jit(train.make_train_step(graphdef, cfg, perm), in_shardings=(state_sh, stacked),
-                   out_shardings=(state_sh, None), donate_argnums=0)
     batches = next_batches()
     t0 = time.perf_counter()
-    compiled = step.lower(state, batches).compile()
+    compiled = fns.train.lower(state, batches).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(2):  # warm-up
       state, metrics = compiled(state, next_batches())

@@ -23,7 +23,6 @@ VOCAB = None  # the vocabulary (83 symbols) is never split
 REPLICATED = None
 
 
-
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   """The one mesh, axes ('data', 'fsdp', 'seq', 'tensor') over all global devices, GSPMD (Auto) axes."""
   devices = jax.devices() if devices is None else devices

@@ -1,7 +1,7 @@
 """Training: one pure jitted step over the split (model, optimizer) state, evaluation, and the loop.
 
-The loop dispatches step N before it reads step N-1's metrics, so the device never waits on the host; it logs
-progress with an ETA, evaluates on fixed held-out windows, writes TensorBoard scalars and a text sample, saves
+The loop never syncs with the device between log steps: the host builds the next batches while the device
+runs the current step, and metrics are read only at log and checkpoint steps. It logs progress with an ETA, evaluates on fixed held-out windows, writes TensorBoard scalars and a text sample, saves
 Orbax checkpoints (asynchronously; on SIGTERM/SIGINT too) and resumes from the latest one on start.
 """
 
@@ -186,6 +186,37 @@ def _device_batch(batch: dict[str, np.ndarray], shard, perm) -> dict[str, jax.Ar
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """A run's jitted train and eval steps on its mesh, and how host batches become their global inputs."""
+
+  train: Any  # (state, batches[K, B, T]) -> (state, metrics), state donated
+  eval: Any  # (state, batch[B, T]) -> weighted sums
+  shard: jax.sharding.NamedSharding  # [B, T]
+  stacked: jax.sharding.NamedSharding  # [K, B, T]
+  perm: np.ndarray | None  # token order inside the model (zigzag under a seq split)
+
+  def eval_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return _device_batch(batch, self.shard, self.perm)
+
+  def train_batches(self, batches: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
+    """K host batches -> one [K, B, T] global batch per key, the input of one `train` call."""
+    return _device_batch({k: np.stack([b[k] for b in batches]) for k in batches[0]}, self.stacked, self.perm)
+
+
+def build_steps(cfg: config_lib.Config, mesh, graphdef: nnx.GraphDef, state: nnx.State) -> Steps:
+  """jits the train and eval steps with the state's and the batches' shardings on `mesh`."""
+  perm = positions_for(mesh, cfg.data.seq_len)
+  shard = sharding.batch_sharding(mesh)
+  stacked = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *shard.spec))
+  state_sh = sharding.state_shardings(state, mesh)
+  with jax.set_mesh(mesh):
+    train_step = jax.jit(make_train_step(graphdef, cfg, perm), in_shardings=(state_sh, stacked),
+                         out_shardings=(state_sh, None), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef, perm), in_shardings=(state_sh, shard))
+  return Steps(train=train_step, eval=eval_step, shard=shard, stacked=stacked, perm=perm)
+
+
 def train(config, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir`; returns the last eval metrics."""
   workdir = os.path.abspath(workdir)
@@ -224,27 +255,19 @@ def train(config, workdir: str) -> dict[str, float]:
       json.dump({'config': cfg.to_dict(), 'num_params': num_params, 'vocab_size': corpus.vocab.size,
                  'jax_version': jax.__version__}, f, indent=2)
 
-  perm = positions_for(mesh, cfg.data.seq_len)
-  shard = sharding.batch_sharding(mesh)
-  stacked_shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *shard.spec))
-  state_sh = sharding.state_shardings(state, mesh)
-  with jax.set_mesh(mesh):
-    train_step = jax.jit(make_train_step(graphdef, cfg, perm), in_shardings=(state_sh, stacked_shard),
-                         out_shardings=(state_sh, None), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef, perm), in_shardings=(state_sh, shard))
-  evals = [_device_batch(b, shard, perm) for b in data_lib.eval_batches(
+  steps = build_steps(cfg, mesh, graphdef, state)
+  evals = [steps.eval_batch(b) for b in data_lib.eval_batches(
       corpus.val, seq_len=cfg.data.seq_len, global_batch_size=t.batch_size, num_batches=t.eval_batches,
       process_index=jax.process_index(), process_count=jax.process_count())]
 
   def next_batches():
-    got = [next(data_iter) for _ in range(t.steps_per_call)]
-    return _device_batch({k: np.stack([g[k] for g in got]) for k in got[0]}, stacked_shard, perm)
+    return steps.train_batches([next(data_iter) for _ in range(t.steps_per_call)])
 
   def evaluate(state, step):
     with jax.set_mesh(mesh):
       totals = None
       for b in evals:
-        sums = eval_step(state, b)
+        sums = steps.eval(state, b)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
       totals = jax.device_get(totals)
     loss = float(totals['loss'] / totals['weight'])
@@ -275,7 +298,7 @@ def train(config, workdir: str) -> dict[str, float]:
     batches = next_batches()
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-      compiled = train_step.lower(state, batches).compile()
+      compiled = steps.train.lower(state, batches).compile()
     mem = compiled.memory_analysis()
     logging.info('compiled the train step in %.1fs; device memory: %s', time.perf_counter() - t0,
                  f'temp {mem.temp_size_in_bytes / 2**20:.1f} MiB, args {mem.argument_size_in_bytes / 2**20:.1f} '

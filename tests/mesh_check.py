@@ -206,7 +206,6 @@ def _describe(arr) -> dict:
 def _equivalence(variants: list[str]) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from selattn import config as config_lib, sharding, train  # pylint: disable=g-import-not-at-top
@@ -232,17 +231,11 @@ def _equivalence(variants: list[str]) -> dict:
       mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:int(np.prod(sizes))])
       sharding.check_fits(cfg, mesh)
       graphdef, state = train.create_state(cfg, mesh)
-      perm = train.positions_for(mesh, SEQ_LEN)
-      shard = sharding.batch_sharding(mesh)
-      stacked = NamedSharding(mesh, P(None, *shard.spec))
-      state_sh = sharding.state_shardings(state, mesh)
-      with jax.set_mesh(mesh):
-        step = jax.jit(train.make_train_step(graphdef, cfg, perm), in_shardings=(state_sh, stacked),
-                       out_shardings=(state_sh, None), donate_argnums=0)
+      steps = train.build_steps(cfg, mesh, graphdef, state)
+      step = steps.train
 
       def batch(i):
-        b = {'inputs': tokens[i:i + 1, :, :-1], 'targets': tokens[i:i + 1, :, 1:]}
-        return train._device_batch(b, stacked, perm)  # pylint: disable=protected-access
+        return steps.train_batches([{'inputs': tokens[i, :, :-1], 'targets': tokens[i, :, 1:]}])
 
       params = jax.tree.leaves(state[0])
       info = {
