@@ -24,24 +24,43 @@ def read_scalars(run_dir: str) -> dict[str, dict[int, float]]:
   return out
 
 
-def plot(run_dirs: list[str], out: str, tags=('train/loss', 'eval/loss', 'eval/accuracy')) -> None:
+def smooth(values: list[float], weight: float) -> list[float]:
+  """TensorBoard's exponential moving average (0 = raw values)."""
+  out, last = [], None
+  for v in values:
+    last = v if last is None else weight * last + (1 - weight) * v
+    out.append(last)
+  return out
+
+
+def plot(run_dirs: list[str], out: str, tags=('train/loss', 'eval/loss', 'eval/accuracy'), labels=None,
+         smoothing: float = 0.0, title: str = '') -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(tags), figsize=(5 * len(tags), 3.6))
-  for run in run_dirs:
+  if labels and len(labels) != len(run_dirs):
+    raise SystemExit(f'error: --labels has {len(labels)} names for {len(run_dirs)} runs')
+  fig, axes = plt.subplots(1, len(tags), figsize=(5 * len(tags), 3.6), squeeze=False)
+  axes = axes[0]
+  for i, run in enumerate(run_dirs):
     scalars = read_scalars(run)
     if not scalars:
       raise SystemExit(f'error: no TensorBoard scalars under {run}')
     for ax, tag in zip(axes, tags):
       if tag in scalars:
         steps = sorted(scalars[tag])
-        ax.plot(steps, [scalars[tag][s] for s in steps], label=os.path.basename(os.path.normpath(run)))
+        values = [scalars[tag][s] for s in steps]
+        if tag.startswith('train/'):
+          values = smooth(values, smoothing)
+        label = labels[i] if labels else os.path.basename(os.path.normpath(run))
+        ax.plot(steps, values, label=label, marker='o' if len(steps) <= 30 else None, markersize=3)
   for ax, tag in zip(axes, tags):
     ax.set_title(tag)
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fig.savefig(out, dpi=110)
@@ -51,8 +70,16 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('runs', nargs='+', help='run directories holding TensorBoard event files')
   p.add_argument('--out', required=True, help='PNG to write')
+  p.add_argument('--tags', default='train/loss,eval/loss,eval/accuracy', help='comma-separated scalar tags, one panel each')
+  p.add_argument('--labels', default='', help='comma-separated curve names (default: the run folder names)')
+  p.add_argument('--smoothing', type=float, default=0.0, help='EMA weight in [0, 1) for train/* curves')
+  p.add_argument('--title', default='', help='figure title')
   args = p.parse_args()
-  plot(args.runs, args.out)
+  if not 0.0 <= args.smoothing < 1.0:
+    p.error(f'--smoothing={args.smoothing} must be in [0, 1)')
+  plot(args.runs, args.out, tags=tuple(t for t in args.tags.split(',') if t),
+       labels=[l for l in args.labels.split(',')] if args.labels else None, smoothing=args.smoothing,
+       title=args.title)
   print(f'wrote {args.out}')
 
 
