@@ -38,6 +38,7 @@ def plot(run_dirs: list[str], out: str, tags=('train/loss', 'eval/loss', 'eval/a
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   if labels and len(labels) != len(run_dirs):
     raise SystemExit(f'error: --labels has {len(labels)} names for {len(run_dirs)} runs')
   fig, axes = plt.subplots(1, len(tags), figsize=(5 * len(tags), 3.6), squeeze=False)
@@ -54,7 +55,9 @@ def plot(run_dirs: list[str], out: str, tags=('train/loss', 'eval/loss', 'eval/a
           values = smooth(values, smoothing)
         label = labels[i] if labels else os.path.basename(os.path.normpath(run))
         ax.plot(steps, values, label=label, marker='o' if len(steps) <= 30 else None, markersize=3)
+  steps_fmt = matplotlib.ticker.FuncFormatter(lambda x, _: f'{x / 1000:g}k' if abs(x) >= 1000 else f'{x:g}')
   for ax, tag in zip(axes, tags):
+    ax.xaxis.set_major_formatter(steps_fmt)
     ax.set_title(tag)
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)
