@@ -47,7 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.b2 = 0.999  # AdamW beta2
   t.weight_decay = 1e-4  # AdamW decoupled weight decay (optax default)
   t.grad_clip = 0.0  # clip the global gradient norm to this (0 = off)
+  t.flat_optimizer = False  # AdamW on one concatenated vector: fewer kernels, ~5% faster for tiny models (needs mesh.fsdp = mesh.tensor = 1)
   t.steps_per_call = 10  # optimizer steps fused in one jitted call (amortises launch overhead; divides the *_every)
+  t.unroll_steps = False  # unroll those steps into straight-line code (compiles ~5x longer; a few % faster for tiny models)
   t.log_every = 100  # log and write train scalars every this many steps
   t.eval_every = 5000  # evaluate (and write a text sample) every this many steps (0 = only at the end)
   t.eval_batches = 0  # held-out batches per eval (fixed, deterministic windows); 0 = the whole held-out split

@@ -35,9 +35,16 @@ _SMALL = flags.DEFINE_bool('small', False, 'Shrink every workload to CPU size (f
 def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, int]]:
   """(name, config overrides, number of devices) for each variant of a workload."""
   if workload == 'seed':
-    base = {'model.num_layers': 4, 'train.steps_per_call': 10}
+    # configs/{standard,selective}.py: the flat optimizer (one AdamW update over all parameters).
+    base = {'model.num_layers': 4, 'train.steps_per_call': 10, 'train.flat_optimizer': True}
     out = [('standard', {**base, 'model.attention': 'standard'}, 1)]
     out.append(('selective-factored', {**base, 'model.selective_impl': 'factored'}, 1))
+    out.append(('standard-per-array-adamw', {**base, 'model.attention': 'standard', 'train.flat_optimizer': False}, 1))
+    out.append(('selective-factored-per-array-adamw', {**base, 'model.selective_impl': 'factored',
+                                                       'train.flat_optimizer': False}, 1))
+    out.append(('standard-unrolled', {**base, 'model.attention': 'standard', 'train.unroll_steps': True}, 1))
+    out.append(('selective-factored-unrolled', {**base, 'model.selective_impl': 'factored',
+                                                'train.unroll_steps': True}, 1))
     for block in (128, 320):  # 320 > 299: one tile, the literal form with rematerialisation
       out.append((f'selective-blockwise-b{block}', {**base, 'model.selective_impl': 'blockwise',
                                                     'model.block_q': block, 'model.block_k': block}, 1))

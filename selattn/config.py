@@ -116,7 +116,9 @@ class TrainConfig:
   b2: float = 0.999
   weight_decay: float = 1e-4
   grad_clip: float = 0.0
+  flat_optimizer: bool = False
   steps_per_call: int = 1
+  unroll_steps: bool = False
   log_every: int = 100
   eval_every: int = 5000
   eval_batches: int = 0

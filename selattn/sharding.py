@@ -46,6 +46,9 @@ def check_fits(cfg, mesh: jax.sharding.Mesh) -> None:
       (m.ffn_dim % sizes['tensor'] == 0 and (m.kv_generator != 'mlp' or m.kv_hidden % sizes['tensor'] == 0),
        f'the FFN width {m.ffn_dim} and model.kv_hidden={m.kv_hidden} must be divisible by mesh.tensor='
        f'{sizes["tensor"]}'),
+      (not cfg.train.flat_optimizer or (sizes['fsdp'] == 1 and sizes['tensor'] == 1),
+       f'train.flat_optimizer=True keeps the optimizer state as one replicated vector: it needs mesh.fsdp=1 and '
+       f'mesh.tensor=1 (got {sizes["fsdp"]} and {sizes["tensor"]}); set --config.train.flat_optimizer=False'),
       (sizes['seq'] == 1 or cfg.data.seq_len % (2 * sizes['seq']) == 0,
        f'data.seq_len={cfg.data.seq_len} must be divisible by 2*mesh.seq={2 * sizes["seq"]} (zigzag chunks)'),
   ]

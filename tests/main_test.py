@@ -244,6 +244,7 @@ ERROR_CASES = {
     'unknown_key': (['--config.model.nonexistent=1'], ['nonexistent']),
     'bad_value': (['--config.model.num_heads=3'], ['model.d_model', 'model.num_heads']),
     'other_model': (['--config.model.d_model=64'], ['model.d_model', '32', '64']),
+    'other_optimizer_layout': (['--config.train.flat_optimizer=True'], ['train.flat_optimizer=False']),
 }
 
 

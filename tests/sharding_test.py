@@ -268,6 +268,13 @@ def test_batch_must_divide_over_data_and_fsdp():
   assert 'train.batch_size=12' in msg and 'mesh.data*mesh.fsdp=8' in msg, msg
 
 
+def test_flat_optimizer_needs_unsharded_parameters():
+  for mesh in (_mesh(fsdp=2), _mesh(tensor=2)):
+    msg = _refusal(lambda m=mesh: sharding.check_fits(_cfg(train__flat_optimizer=True), m))
+    assert 'train.flat_optimizer=True' in msg and 'mesh.fsdp=1' in msg, msg
+  sharding.check_fits(_cfg(train__flat_optimizer=True), _mesh(data=2, seq=2))  # replicated parameters: fine
+
+
 def test_seq_len_must_divide_into_two_chunks_per_seq_device():
   # 34 divides by seq=2 but not into the 2*seq=4 zigzag chunks.
   msg = _refusal(lambda: sharding.check_fits(_cfg(data__seq_len=34), _mesh(seq=2)))
