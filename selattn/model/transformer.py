@@ -52,9 +52,10 @@ class Block(nnx.Module):
   def __call__(self, x: Float[Array, 'B T D'], positions: Int[Array, 'T'], contiguous: bool,
                key: jax.Array | None) -> Float[Array, 'B T D']:
     k1, k2 = jax.random.split(key) if key is not None else (None, None)
-    x = self.ln1(x + dropout(self.attn(x, positions, contiguous), self.cfg.dropout, k1))
-    h = self.ffn_out(jax.nn.relu(self.ffn_in(x)))
-    return self.ln2(x + dropout(h, self.cfg.dropout, k2))
+    x = sharding.constrain_activations(
+        self.ln1(x + dropout(self.attn(x, positions, contiguous), self.cfg.dropout, k1)))
+    h = self.ffn_out(sharding.constrain_activations(jax.nn.relu(self.ffn_in(x))))
+    return sharding.constrain_activations(self.ln2(x + dropout(h, self.cfg.dropout, k2)))
 
 
 class Transformer(nnx.Module):
@@ -81,13 +82,14 @@ class Transformer(nnx.Module):
       positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     keys = (jax.random.split(dropout_key, self.cfg.num_layers + 1) if dropout_key is not None
             else [None] * (self.cfg.num_layers + 1))
-    x = dropout(self.embed(tokens).astype(jnp.dtype(self.cfg.dtype)), self.cfg.dropout, keys[0])
+    x = sharding.constrain_activations(
+        dropout(self.embed(tokens).astype(jnp.dtype(self.cfg.dtype)), self.cfg.dropout, keys[0]))
     for layer, key in zip(self.layers, keys[1:]):
       if self.cfg.remat:
         x = nnx.remat(lambda lyr, x, k: lyr(x, positions, contiguous, k))(layer, x, key)
       else:
         x = layer(x, positions, contiguous, key)
-    return self.head(x).astype(jnp.float32)
+    return sharding.constrain_activations(self.head(x).astype(jnp.float32))
 
 
 def count_params(model: nnx.Module) -> int:
