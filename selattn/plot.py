@@ -34,7 +34,7 @@ def smooth(values: list[float], weight: float) -> list[float]:
 
 
 def plot(run_dirs: list[str], out: str, tags=('train/loss', 'eval/loss', 'eval/accuracy'), labels=None,
-         smoothing: float = 0.0, title: str = '') -> None:
+         smoothing: float = 0.0, title: str = '', max_step: int = 0) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -49,7 +49,7 @@ def plot(run_dirs: list[str], out: str, tags=('train/loss', 'eval/loss', 'eval/a
       raise SystemExit(f'error: no TensorBoard scalars under {run}')
     for ax, tag in zip(axes, tags):
       if tag in scalars:
-        steps = sorted(scalars[tag])
+        steps = sorted(s for s in scalars[tag] if not max_step or s <= max_step)
         values = [scalars[tag][s] for s in steps]
         if tag.startswith('train/'):
           values = smooth(values, smoothing)
@@ -77,12 +77,13 @@ def main():
   p.add_argument('--labels', default='', help='comma-separated curve names (default: the run folder names)')
   p.add_argument('--smoothing', type=float, default=0.0, help='EMA weight in [0, 1) for train/* curves')
   p.add_argument('--title', default='', help='figure title')
+  p.add_argument('--max_step', type=int, default=0, help='draw steps up to this one only (0 = all)')
   args = p.parse_args()
   if not 0.0 <= args.smoothing < 1.0:
     p.error(f'--smoothing={args.smoothing} must be in [0, 1)')
   plot(args.runs, args.out, tags=tuple(t for t in args.tags.split(',') if t),
        labels=[l for l in args.labels.split(',')] if args.labels else None, smoothing=args.smoothing,
-       title=args.title)
+       title=args.title, max_step=args.max_step)
   print(f'wrote {args.out}')
 
 

@@ -37,11 +37,11 @@ def test_cli_writes_png_and_rejects_bad_input(tmp_path):
   _write_run(tmp_path / 'sel', -0.1)
   out = tmp_path / 'docs' / 'curves.png'
   cmd = [sys.executable, '-m', 'selattn.plot', str(tmp_path / 'std'), str(tmp_path / 'sel'), '--out', str(out),
-         '--labels', 'standard,selective', '--smoothing', '0.6', '--tags', 'train/loss,eval/loss']
+         '--labels', 'standard,selective', '--smoothing', '0.6', '--tags', 'train/loss,eval/loss', '--max_step', '200']
   r = subprocess.run(cmd, capture_output=True, text=True, check=False)
   assert r.returncode == 0, r.stderr
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and os.path.getsize(out) > 5000
-  r = subprocess.run(cmd[:-6] + ['--labels', 'only_one'], capture_output=True, text=True, check=False)
+  r = subprocess.run(cmd[:-8] + ['--labels', 'only_one'], capture_output=True, text=True, check=False)
   assert r.returncode != 0 and 'error: --labels has 1 names for 2 runs' in r.stderr + r.stdout
   (tmp_path / 'empty').mkdir()
   r = subprocess.run([sys.executable, '-m', 'selattn.plot', str(tmp_path / 'empty'), '--out', str(out)],
