@@ -119,9 +119,9 @@ class _Runs:
   def __init__(self, tmp):
     self.tmp = str(tmp)
     self.ref_dir, self.dir, self.sample_dir = (str(tmp / d) for d in ('reference', 'run', 'sample'))
-    self.reference = _Job('reference', [_main(self.ref_dir, 10)], _env(4), self.tmp)
+    self.reference = _Job('reference', [_main(self.ref_dir, 15)], _env(4), self.tmp)
     self.first = _Job('first', _two_processes(self.dir, 5), _env(2), self.tmp)
-    self._resume = self._sample = None
+    self._resume = self._sample = self._single = None
 
   def _second_wave(self):
     if self._resume is None:
@@ -136,11 +136,18 @@ class _Runs:
   def resume(self):
     return self._second_wave()[0]
 
+  def single(self):
+    """After the 2-process resume: one process (4 devices) continues the same run to step 15."""
+    if self._single is None:
+      self.resume().wait()
+      self._single = _Job('single', [_main(self.dir, 15)], _env(4), self.tmp)
+    return self._single
+
   def sample(self):
     return self._second_wave()[1]
 
   def close(self):
-    for job in (self.reference, self.first, self._resume, self._sample):
+    for job in (self.reference, self.first, self._resume, self._sample, self._single):
       if job is not None:
         job.kill()
 
@@ -193,6 +200,18 @@ def test_resume_through_the_launcher_continues_with_the_same_losses(runs):
   _check_same(_losses(files[1:]), ref, range(6, 11))  # started at 6: restored, not retrained
   assert os.path.isdir(os.path.join(runs.dir, 'checkpoints', '10'))
   assert ref[10] < ref[1]
+
+
+def test_one_process_resumes_a_two_process_run_at_the_same_data_position(runs):
+  # grain saves one iterator-state file per process (process_<i>-of-2.json): a 1-process restart has none of its
+  # own and must take the position from those, not start the data over (or crash).
+  single = runs.single().wait()
+  log = single.log()
+  assert 'resumed from' in log and 'at step 10' in log, log[-3000:]
+  assert 'saved by another number of processes' in log, log[-3000:]
+  files = mc.event_files(runs.dir)
+  assert len(files) == 3, files
+  _check_same(_losses(files[2:]), mc.scalars(runs.ref_dir), range(11, 16))
 
 
 def test_text_sample_with_parameters_split_across_processes(runs):
