@@ -119,6 +119,19 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path, reference):
   assert not mismatched, f'resumed from step 10, the losses differ from step {mismatched[0]} on'
 
 
+def test_flat_optimizer_run_resumes_bit_identically(tmp_path):
+  # The flat optimizer's state is one vector per AdamW moment: it must checkpoint and restore like the tree.
+  cfg = lambda n: tiny_config(num_steps=n, checkpoint_every=10, flat_optimizer=True, steps_per_call=2, log_every=2)
+  straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+  train.train(cfg(20), straight)
+  train.train(cfg(10), split)
+  first = event_files(split)
+  train.train(cfg(20), split)
+  want, got = scalars(straight), scalars(split, files=event_files(split) - first)
+  assert sorted(got) == list(range(12, 21, 2))
+  assert all(got[s] == want[s] for s in got), (got, want)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One real tiny run (200 steps, evals at 100 and 200 with text samples): TensorBoard, config.json, learning.
 
