@@ -67,6 +67,17 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
+def original_run(attention: str, variant: str = '') -> ml_collections.ConfigDict:
+  """One of the original's three runs (standard.py, selective.py, reference.py): these defaults with `attention`."""
+  c = get_config()
+  c.model.attention = attention
+  c.model.rope = attention != 'reference'  # the original's reference (equinox MHA) has no RoPE
+  c.train.flat_optimizer = True  # a tiny model: one AdamW update over all parameters is faster (BENCHMARKS.md)
+  if variant:
+    apply_variant(c, variant)
+  return c
+
+
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
   """Named variants after the colon in `--config configs/x.py:variant`."""
   if variant == 'quick':

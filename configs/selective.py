@@ -7,9 +7,4 @@ from configs import base
 
 
 def get_config(variant: str = ''):
-  c = base.get_config()
-  c.model.attention = 'selective'
-  c.train.flat_optimizer = True  # a tiny model: one AdamW update over all parameters is faster (BENCHMARKS.md)
-  if variant:
-    base.apply_variant(c, variant)
-  return c
+  return base.original_run('selective', variant)

@@ -82,7 +82,7 @@ def main():
   if not 0.0 <= args.smoothing < 1.0:
     p.error(f'--smoothing={args.smoothing} must be in [0, 1)')
   plot(args.runs, args.out, tags=tuple(t for t in args.tags.split(',') if t),
-       labels=[l for l in args.labels.split(',')] if args.labels else None, smoothing=args.smoothing,
+       labels=args.labels.split(',') if args.labels else None, smoothing=args.smoothing,
        title=args.title, max_step=args.max_step)
   print(f'wrote {args.out}')
 

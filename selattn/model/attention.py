@@ -95,10 +95,9 @@ def attend(q: Float[Array, 'B T N Hq'], k: Float[Array, 'B S N Hq'], v: Float[Ar
     hv = v.shape[-1]
     # cuDNN wants equal q/k and v head dims: zero-padding V's head dim is exact (the padded outputs are zero).
     v_pad = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - hv))) if hv < q.shape[-1] else v
-    if not jax.sharding.get_abstract_mesh().empty:
-      # cuDNN's partitioner wants q, k and v sharded alike; under fsdp GSPMD may shard them differently.
-      spec = jax.sharding.PartitionSpec(sharding.BATCH, None, sharding.HEADS, None)
-      q, k, v_pad = (jax.lax.with_sharding_constraint(a, spec) for a in (q, k, v_pad))
+    # cuDNN's partitioner wants q, k and v sharded alike; under fsdp GSPMD may shard them differently.
+    spec = jax.sharding.PartitionSpec(sharding.BATCH, None, sharding.HEADS, None)
+    q, k, v_pad = (sharding.constrain(a, spec) for a in (q, k, v_pad))
     out = jax.nn.dot_product_attention(q, k, v_pad, scale=scale, is_causal=True, implementation='cudnn')
     return out[..., :hv]
   return dense_attention(q, k, v, q_pos, k_pos, scale)
