@@ -2,9 +2,7 @@
 losses of an uninterrupted run, bad inputs are one-line errors that leave the checkpoints alone, and a NaN stops
 the run naming the step and the last good checkpoint."""
 
-import glob
 import hashlib
-import json
 import os
 import pathlib
 import re
@@ -14,14 +12,11 @@ import subprocess
 import sys
 import time
 
-from flax import nnx
-import jax
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
 
 from configs import tiny
-from selattn import sample
+from run_files import checkpoint_steps, event_files, new_event_files, restore_params, scalars
 from selattn import train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -93,26 +88,6 @@ def _tail(path, n=30):
     return ''.join(f.readlines()[-n:])
 
 
-def event_files(workdir):
-  return set(glob.glob(os.path.join(workdir, 'events.out.tfevents*')))
-
-
-def losses(workdir, files=None):
-  """{step: train/loss} over the event files (each run writes its own file; later files win)."""
-  out = {}
-  for f in sorted(event_files(workdir) if files is None else files):
-    acc = event_accumulator.EventAccumulator(f, size_guidance={event_accumulator.SCALARS: 0})
-    acc.Reload()
-    if 'train/loss' in acc.Tags()['scalars']:
-      out.update({e.step: e.value for e in acc.Scalars('train/loss')})
-  return out
-
-
-def checkpoint_steps(workdir):
-  d = os.path.join(workdir, 'checkpoints')
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
 def tree_hash(path):
   """A hash of every file's relative path and contents under `path`."""
   h = hashlib.sha256()
@@ -127,15 +102,6 @@ def tree_hash(path):
   return h.hexdigest()
 
 
-def restore_params(workdir, steps):
-  """{step: the Param leaves (numpy) of checkpoint `step`}, restored the way `selattn.sample` restores a run."""
-  out = {}
-  for step in steps:
-    model = sample.restore(workdir, step)[0]
-    out[step] = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
-  return out
-
-
 REFERENCE_STEPS = 200
 
 
@@ -148,7 +114,7 @@ def reference(tmp_path_factory):
   assert c.train.lr_schedule == 'constant'
   c.train.num_steps, c.train.log_every, c.train.sample_length, c.train.checkpoint_every = REFERENCE_STEPS, 1, 0, 10
   train.train(c, workdir)
-  ref = losses(workdir)
+  ref = scalars(workdir)
   assert sorted(ref) == list(range(1, REFERENCE_STEPS + 1))
   assert checkpoint_steps(workdir)[-1] == REFERENCE_STEPS
   return workdir, ref
@@ -185,13 +151,13 @@ def test_sigterm_saves_a_checkpoint_and_the_restart_is_bit_identical(tmp_path, r
   assert stop >= 15
   assert checkpoint_steps(workdir) == [stop]
   assert not [n for n in os.listdir(os.path.join(workdir, 'checkpoints')) if 'tmp' in n]  # the save completed
-  expect_losses(ref, losses(workdir), 1, stop)  # the interrupted run itself matches, step for step
+  expect_losses(ref, scalars(workdir), 1, stop)  # the interrupted run itself matches, step for step
 
   first = event_files(workdir)
   rc, err = run_main(workdir, f'--config.train.num_steps={stop + 10}', '--config.train.checkpoint_every=1000')
   assert rc == 0, err[-3000:]
   assert re.search(rf'resumed from .* at step {stop}\b', err), err[-3000:]
-  expect_losses(ref, losses(workdir, event_files(workdir) - first), stop + 1, stop + 10)
+  expect_losses(ref, scalars(workdir, files=new_event_files(workdir, first)), stop + 1, stop + 10)
 
 
 def test_sigkill_resumes_from_the_last_complete_checkpoint(tmp_path, reference):
@@ -220,7 +186,7 @@ def test_sigkill_resumes_from_the_last_complete_checkpoint(tmp_path, reference):
   rc, err = run_main(workdir, f'--config.train.num_steps={last + 10}', '--config.train.checkpoint_every=10')
   assert rc == 0, err[-3000:]
   assert re.search(rf'resumed from .* at step {last}\b', err), err[-3000:]
-  expect_losses(ref, losses(workdir, event_files(workdir) - first), last + 1, last + 10)
+  expect_losses(ref, scalars(workdir, files=new_event_files(workdir, first)), last + 1, last + 10)
   assert checkpoint_steps(workdir)[-1] == last + 10
   leftovers = [n for n in os.listdir(ckpt_dir) if not n.isdigit()]
   assert not leftovers, leftovers  # the start cleaned up the unfinished saves (checkpoint.py's promise)

@@ -11,7 +11,6 @@ helpers at the top (environment, HLO and TensorBoard parsing) are plain Python.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import pathlib
@@ -132,22 +131,6 @@ def hlo_collectives(hlo_text: str) -> dict[str, int]:
   """How many of each collective op the module holds."""
   ops = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
   return {op: len(re.findall(rf'\s{op}(?:-start)?\(', hlo_text)) for op in ops}
-
-
-def event_files(workdir: str) -> list[str]:
-  return sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents*')))
-
-
-def scalars(workdir: str, tag: str = 'train/loss', files=None) -> dict[int, float]:
-  """{step: value} of a TensorBoard scalar; one EventAccumulator per event file (later files win a step)."""
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
-  out = {}
-  for f in sorted(files if files is not None else event_files(workdir), key=os.path.getmtime):
-    acc = event_accumulator.EventAccumulator(f, size_guidance={event_accumulator.SCALARS: 0})
-    acc.Reload()
-    if tag in acc.Tags()['scalars']:
-      out.update({e.step: e.value for e in acc.Scalars(tag)})
-  return out
 
 
 def max_rel_diff(a, b) -> float:

@@ -21,6 +21,7 @@ import time
 import pytest
 
 import mesh_check as mc
+import run_files
 
 ROOT = mc.ROOT
 REL_TOL = 1e-5
@@ -160,7 +161,7 @@ def runs(tmp_path_factory):
 
 
 def _losses(files):
-  return mc.scalars('', files=files)
+  return run_files.scalars('', files=files)
 
 
 def _check_same(losses, ref, steps):
@@ -176,14 +177,14 @@ def test_two_processes_give_the_losses_of_one(runs):
   for i in range(2):
     assert re.search(rf'process {i}/2, 4 devices', first.log(i)), first.log(i)[-2000:]
   assert 'process 0/1, 4 devices' in runs.reference.log()
-  files = mc.event_files(runs.dir)
+  files = run_files.event_files(runs.dir)
   assert len(files) == 1, files
-  _check_same(_losses(files), mc.scalars(runs.ref_dir), range(1, 6))
+  _check_same(_losses(files), run_files.scalars(runs.ref_dir), range(1, 6))
 
 
 def test_only_process_0_writes_tensorboard(runs):
   first = runs.first.wait()
-  files = mc.event_files(runs.dir)
+  files = run_files.event_files(runs.dir)
   # TensorBoard names its files events.out.tfevents.<time>.<host>.<pid>.<n>.
   assert [int(f.split('.')[-2]) for f in files[:1]] == [first.procs[0].pid], (files, [p.pid for p in first.procs])
   assert os.path.isdir(os.path.join(runs.dir, 'checkpoints', '5'))
@@ -191,12 +192,12 @@ def test_only_process_0_writes_tensorboard(runs):
 
 def test_resume_through_the_launcher_continues_with_the_same_losses(runs):
   resume = runs.resume().wait()
-  files = mc.event_files(runs.dir)
+  files = run_files.event_files(runs.dir)
   assert len(files) == 2, files  # the launcher's process 0 wrote one more; its process 1 none
   assert 'resumed from' in resume.log(0) and 'at step 5' in resume.log(0), resume.log(0)[-3000:]
   proc1 = pathlib.Path(runs.dir, 'logs', 'process_1.log').read_text(errors='replace')
   assert 'process 1/2, 4 devices' in proc1 and 'resumed from' in proc1, proc1[-2000:]
-  ref = mc.scalars(runs.ref_dir)
+  ref = run_files.scalars(runs.ref_dir)
   _check_same(_losses(files[1:]), ref, range(6, 11))  # started at 6: restored, not retrained
   assert os.path.isdir(os.path.join(runs.dir, 'checkpoints', '10'))
   assert ref[10] < ref[1]
@@ -209,9 +210,9 @@ def test_one_process_resumes_a_two_process_run_at_the_same_data_position(runs):
   log = single.log()
   assert 'resumed from' in log and 'at step 10' in log, log[-3000:]
   assert 'saved by another number of processes' in log, log[-3000:]
-  files = mc.event_files(runs.dir)
+  files = run_files.event_files(runs.dir)
   assert len(files) == 3, files
-  _check_same(_losses(files[2:]), mc.scalars(runs.ref_dir), range(11, 16))
+  _check_same(_losses(files[2:]), run_files.scalars(runs.ref_dir), range(11, 16))
 
 
 def test_text_sample_with_parameters_split_across_processes(runs):
@@ -220,4 +221,4 @@ def test_text_sample_with_parameters_split_across_processes(runs):
   # checkpoint save: both hang.
   sample = runs.sample().wait(hang_after='eval at step 1', grace_s=60)
   assert 'sample at step 1' in sample.log(0), sample.log(0)[-3000:]
-  assert len(mc.event_files(runs.sample_dir)) == 1
+  assert len(run_files.event_files(runs.sample_dir)) == 1

@@ -17,6 +17,7 @@ from jax.sharding import AbstractMesh, AxisType
 import pytest
 
 import mesh_check as mc
+import run_files
 from configs import tiny
 from selattn import config as config_lib
 from selattn import sharding
@@ -297,11 +298,11 @@ def test_seq_len_must_divide_into_two_chunks_per_seq_device():
 def test_restore_onto_another_mesh_continues_with_the_same_losses(runs):
   first, resumed, reference = runs.first.result(), runs.resumed(), runs.reference.result()
   assert (first['devices'], resumed['devices'], reference['devices']) == (8, 2, 1)
-  files = mc.event_files(runs.resume_dir)
+  files = run_files.event_files(runs.resume_dir)
   assert len(files) == 2, files  # one per run
-  first_losses = mc.scalars(runs.resume_dir, files=files[:1])
-  resumed_losses = mc.scalars(runs.resume_dir, files=files[1:])
-  ref = mc.scalars(runs.reference_dir)
+  first_losses = run_files.scalars(runs.resume_dir, files=files[:1])
+  resumed_losses = run_files.scalars(runs.resume_dir, files=files[1:])
+  ref = run_files.scalars(runs.reference_dir)
   assert sorted(first_losses) == list(range(1, 11)), sorted(first_losses)
   # The second run started from the step-10 checkpoint: it logged steps 11..20 only.
   assert sorted(resumed_losses) == list(range(11, 21)), sorted(resumed_losses)

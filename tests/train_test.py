@@ -1,7 +1,6 @@
 """selattn.train in-process on configs/tiny.py: exact resume, TensorBoard output, config.json, learning, no
 recompilation, and NaN handling. The command line, signals and error messages are in main_test.py."""
 
-import glob
 import json
 import logging
 import math
@@ -17,9 +16,9 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import tiny
+from run_files import checkpoint_steps, event_files, new_event_files, restore_params, scalars
 from selattn import config as config_lib
 from selattn import data as data_lib
-from selattn import sample
 from selattn import sharding
 from selattn import train
 from selattn.model import Transformer, count_params
@@ -36,40 +35,13 @@ def tiny_config(**train_overrides):
   return c
 
 
-def event_files(workdir):
-  return set(glob.glob(os.path.join(workdir, 'events.out.tfevents*')))
-
-
-def accumulators(workdir, files=None):
+def accumulators(workdir):
   """One EventAccumulator per event file (each run in a workdir writes its own file)."""
   out = []
-  for f in sorted(event_files(workdir) if files is None else files):
+  for f in event_files(workdir):
     acc = event_accumulator.EventAccumulator(f, size_guidance=_KEEP_ALL)
     acc.Reload()
     out.append(acc)
-  return out
-
-
-def scalars(workdir, tag='train/loss', files=None):
-  """{step: value} of `tag` over the event files (later files win a step both have)."""
-  out = {}
-  for acc in accumulators(workdir, files):
-    if tag in acc.Tags()['scalars']:
-      out.update({e.step: e.value for e in acc.Scalars(tag)})
-  return out
-
-
-def checkpoint_steps(workdir):
-  d = os.path.join(workdir, 'checkpoints')
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
-def restore_params(workdir, steps):
-  """{step: the Param leaves (numpy) of checkpoint `step`}, restored the way `selattn.sample` restores a run."""
-  out = {}
-  for step in steps:
-    model = sample.restore(workdir, step)[0]
-    out[step] = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
   return out
 
 
@@ -96,7 +68,7 @@ def test_resume_after_the_last_step_is_bit_identical(tmp_path, reference):
   assert checkpoint_steps(workdir) == [20]
   first = event_files(workdir)
   train.train(tiny_config(num_steps=40), workdir)
-  resumed = scalars(workdir, files=event_files(workdir) - first)
+  resumed = scalars(workdir, files=new_event_files(workdir, first))
   assert sorted(resumed) == list(range(21, 41))  # the second run started at step 21: it did resume
   assert len(set(resumed.values())) > 1  # the losses are real per-step values, not a constant
   assert resumed == {s: reference_losses[s] for s in range(21, 41)}
@@ -113,7 +85,7 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path, reference):
     shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
   first = event_files(workdir)
   train.train(tiny_config(num_steps=40, checkpoint_every=10, keep_checkpoints=10), workdir)
-  resumed = scalars(workdir, files=event_files(workdir) - first)
+  resumed = scalars(workdir, files=new_event_files(workdir, first))
   assert sorted(resumed) == list(range(11, 41))
   mismatched = [s for s in resumed if resumed[s] != reference_losses[s]]
   assert not mismatched, f'resumed from step 10, the losses differ from step {mismatched[0]} on'
@@ -127,7 +99,7 @@ def test_flat_optimizer_run_resumes_bit_identically(tmp_path):
   train.train(cfg(10), split)
   first = event_files(split)
   train.train(cfg(20), split)
-  want, got = scalars(straight), scalars(split, files=event_files(split) - first)
+  want, got = scalars(straight), scalars(split, files=new_event_files(split, first))
   assert sorted(got) == list(range(12, 21, 2))
   assert all(got[s] == want[s] for s in got), (got, want)
 
