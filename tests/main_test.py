@@ -131,19 +131,25 @@ def expect_losses(reference_losses, got, first, last):
 # ----------------------------------------------------------------------------------------------------------------
 # Interruptions.
 
-def test_sigterm_saves_a_checkpoint_and_the_restart_is_bit_identical(tmp_path, reference):
-  _, ref = reference
-  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log.txt')
-  # No periodic checkpoint: the only one can be the signal's.
-  proc = start_main(workdir, log, '--config.train.num_steps=100000', '--config.train.checkpoint_every=1000')
+def _signal_at_step(workdir, log, step, signum, checkpoint_every):
+  """Starts a long run, sends `signum` once step `step` is logged; returns the exit code."""
+  proc = start_main(workdir, log, '--config.train.num_steps=100000',
+                    f'--config.train.checkpoint_every={checkpoint_every}')
   try:
-    wait_for_log(proc, log, r'\bstep 15/100000\b')
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=TIMEOUT) == 0, _tail(log)
+    wait_for_log(proc, log, rf'\bstep {step}/100000\b')
+    proc.send_signal(signum)
+    return proc.wait(timeout=TIMEOUT)
   finally:
     if proc.poll() is None:
       proc.kill()
       proc.wait()
+
+
+def test_sigterm_saves_a_checkpoint_and_the_restart_is_bit_identical(tmp_path, reference):
+  _, ref = reference
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log.txt')
+  # No periodic checkpoint: the only one can be the signal's.
+  assert _signal_at_step(workdir, log, 15, signal.SIGTERM, checkpoint_every=1000) == 0, _tail(log)
   text = open(log).read()
   m = re.search(r'SIGTERM received: saved a checkpoint at step (\d+)', text)
   assert m, _tail(log)
@@ -163,15 +169,7 @@ def test_sigterm_saves_a_checkpoint_and_the_restart_is_bit_identical(tmp_path, r
 def test_sigkill_resumes_from_the_last_complete_checkpoint(tmp_path, reference):
   _, ref = reference
   workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log.txt')
-  proc = start_main(workdir, log, '--config.train.num_steps=100000', '--config.train.checkpoint_every=10')
-  try:
-    wait_for_log(proc, log, r'\bstep 25/100000\b')
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=TIMEOUT) == -signal.SIGKILL
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
+  assert _signal_at_step(workdir, log, 25, signal.SIGKILL, checkpoint_every=10) == -signal.SIGKILL
   saved = checkpoint_steps(workdir)
   assert saved and saved[-1] >= 10 and saved[-1] % 10 == 0, saved
   last = saved[-1]
