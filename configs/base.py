@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 5000  # save a checkpoint every this many steps (and at the end)
   t.keep_checkpoints = 3  # checkpoints kept on disk
   t.sample_length = 200  # characters in the text sample written at each eval
-  t.sample_prompt = 'ROMEO:'  # prompt of that sample
+  t.sample_prompt = ''  # prompt of that sample ('' = the first line of the corpus, up to 40 characters)
 
   c.mesh = s = ml_collections.ConfigDict()
   s.data = -1  # data-parallel axis size (-1 = all devices left over)

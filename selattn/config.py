@@ -125,7 +125,7 @@ class TrainConfig:
   checkpoint_every: int = 5000
   keep_checkpoints: int = 3
   sample_length: int = 200
-  sample_prompt: str = 'ROMEO:'
+  sample_prompt: str = ''
 
   def __post_init__(self):
     p = 'train.'

@@ -24,6 +24,15 @@ def _scalar_value(tag: str, value: float) -> summary_pb2.Summary.Value:
   return summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
 
 
+def preformatted(text: str) -> str:
+  """`text` as a Markdown code block (every line indented by four spaces).
+
+  TensorBoard renders texts as Markdown, which would run a sample's lines together into paragraphs and read its
+  `*` and `_` as emphasis; a code block is shown as it is. Indenting, unlike a ``` fence, cannot be closed early
+  by the text itself. The text is its lines with the first four characters dropped."""
+  return '\n'.join('    ' + line for line in text.split('\n'))
+
+
 def _text_value(tag: str, text: str) -> summary_pb2.Summary.Value:
   # The text plugin only reads rank-0..2 DT_STRING tensors tagged with its plugin name; Markdown is rendered.
   tensor = tensor_pb2.TensorProto(
@@ -57,10 +66,10 @@ class MetricWriter:
     self._write(step, [_scalar_value(tag, value) for tag, value in scalars.items()])
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-    """Writes each text (shown as Markdown in TensorBoard's Text tab) under its tag."""
+    """Writes each text under its tag, shown verbatim in TensorBoard's Text tab (see `preformatted`)."""
     if self._writer is None:
       return
-    self._write(step, [_text_value(tag, text) for tag, text in texts.items()])
+    self._write(step, [_text_value(tag, preformatted(text)) for tag, text in texts.items()])
 
   def flush(self) -> None:
     if self._writer is not None:

@@ -1,24 +1,14 @@
-"""Text generation from a trained model, with a K/V cache where the math allows; and its command line:
+"""The sampling command line: restores a run's checkpoint and prints generated text (selattn.generate).
 
   python -m selattn.sample --workdir runs/sel --prompt 'ROMEO:' --length 500
 
-What the cache holds, per layer, for positions [0, S) (S = max_len = data.seq_len, the window the model saw):
-  - standard attention: the rotated keys R_j k_j and the values v_j, [1, S, N, H] each;
-  - selective attention with the linear generator (any selective_impl: the parameters are the same): the factored
-    form's augmented keys [R_j k_j ; cos(j th) ; sin(j th)] ([1, S, N, 2H]; [1, S, N, H] without RoPE) and values
-    v_j = E x_j. A new query needs only its own u_i = A q_i and c_i = C q_i (DESIGN.md section 3), so a token
-    costs O(S D), like standard attention, instead of the literal O(S D^2);
-  - reference attention (flax's MHA) and the 'mlp' generator: no cache. An mlp K_ij is nonlinear in [q_i ; x_j],
-    so a new query needs every key recomputed anyway. There the "cache" is the token window, and every token
-    re-runs the full forward over it (O(S^2 D) per token for the mlp).
-Positions stay in [0, S): when the cache is full it is refilled from the last S // 2 tokens (a sliding window).
+Without --prompt it uses the run's train.sample_prompt, or, when that is empty, the first line of the run's corpus
+(as the trainer's eval samples do).
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
 import sys
 from typing import Any
@@ -28,174 +18,16 @@ from absl import flags
 from absl import logging
 from flax import nnx
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from selattn import checkpoint as ckpt_lib
 from selattn import config as config_lib
 from selattn import data as data_lib
+from selattn import generate as generate_lib
 from selattn import sharding
-from selattn.model import attention as attn_lib
-from selattn.model import rope as rope_lib
+from selattn import train as train_lib
 from selattn.model.transformer import Transformer
 
-Cache = Any  # per layer (keys, values) [1, S, N, Hk] and [1, S, N, H]; or the token window [1, S]
-
-
-def has_cache(cfg: config_lib.ModelConfig) -> bool:
-  """Whether generation caches keys and values (standard, selective linear) or recomputes the window."""
-  return cfg.attention == 'standard' or (cfg.attention == 'selective' and cfg.kv_generator == 'linear')
-
-
-def _qkv(attn: nnx.Module, x: jax.Array, positions: jax.Array):
-  """Query, cacheable key and value [B, T, N, .], and the per-query output term (selective) or None."""
-  if isinstance(attn, attn_lib.StandardAttention):
-    return (*attn.qkv(x, positions), None)
-  # Selective, linear generator, as in `attention.selective_factored` but keeping the augmented key and value.
-  cfg = attn.cfg
-  n, h = cfg.num_heads, cfg.head_dim
-  p = attn.kv.arrays(jnp.dtype(cfg.dtype))
-  q = attn.wq(x)
-  (u, c), (k, v) = attn_lib.LinearKV.split(p, q, x.astype(jnp.dtype(cfg.dtype)))
-  q, u, c, k, v = (a.reshape(*a.shape[:-1], n, h) for a in (q, u, c, k, v))
-  if cfg.rope:
-    cos, sin = rope_lib.angles(positions, h, cfg.rope_theta)
-    q, k = rope_lib.apply(q, cos, sin), rope_lib.apply(k, cos, sin)
-    qa, qb = jnp.split(q, 2, axis=-1)
-    u1, u2 = jnp.split(u, 2, axis=-1)
-    q = jnp.concatenate([q, qa * u1 + qb * u2, qb * u1 - qa * u2], axis=-1)  # augmented query
-    trig = jnp.concatenate([cos, sin], axis=-1).astype(k.dtype)  # [T, H]
-    k = jnp.concatenate([k, jnp.broadcast_to(trig[None, :, None, :], k.shape)], axis=-1)  # augmented key
-  return q, k, v, c
-
-
-def _forward(model: Transformer, tokens: jax.Array) -> jax.Array:
-  """The model's own forward over the window int[1, S]: logits [S, V]. Under a mesh that splits `seq`, its
-  shard_map needs as many rows as the batch axes have devices: repeat the window (each device gets one copy)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  rows = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in sharding.BATCH)
-  return model(jnp.broadcast_to(tokens, (rows, tokens.shape[1])))[0]
-
-
-def _embed(model: Transformer, tokens: jax.Array) -> jax.Array:
-  return model.embed(tokens).astype(jnp.dtype(model.cfg.dtype))  # as Transformer.__call__ (minus dropout)
-
-
-def _block(layer: nnx.Module, x: jax.Array, attn_out: jax.Array, c: jax.Array | None) -> jax.Array:
-  """The rest of a post-LN layer: x = LN1(x + attn); x = LN2(x + FFN(x))."""
-  if c is not None:
-    attn_out = attn_out + c
-  x = layer.ln1(x + attn_out.reshape(x.shape))
-  return layer.ln2(x + layer.ffn_out(jax.nn.relu(layer.ffn_in(x))))
-
-
-def prefill(model: Transformer, tokens: jax.Array, n: jax.Array) -> tuple[Cache, jax.Array]:
-  """Runs the window tokens int[1, S] (the first n real, the rest any padding); returns its cache and the
-  float32 logits [V] after token n-1. Causality makes the padding invisible to positions < n."""
-  cfg = model.cfg
-  if not has_cache(cfg):
-    return tokens, _forward(model, tokens)[n - 1]
-  positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-  scale = 1.0 / math.sqrt(cfg.head_dim)
-  x = _embed(model, tokens)
-  cache = []
-  for layer in model.layers:
-    q, k, v, c = _qkv(layer.attn, x, positions)
-    cache.append((k, v))
-    x = _block(layer, x, attn_lib.attend(q, k, v, positions, positions, scale, contiguous=True), c)
-  last = jax.lax.dynamic_slice_in_dim(x, n - 1, 1, axis=1)  # [1, 1, D]
-  return tuple(cache), model.head(last).astype(jnp.float32)[0, 0]
-
-
-def decode_step(model: Transformer, cache: Cache, token: jax.Array, pos: jax.Array) -> tuple[Cache, jax.Array]:
-  """Feeds `token` at position `pos` < S (the cache holds positions < pos); returns the cache and the logits [V]
-  after it. O(S D) per layer with a cache; a full forward over the window without one."""
-  cfg = model.cfg
-  token = jnp.reshape(token, (1, 1)).astype(jnp.int32)
-  if not has_cache(cfg):
-    tokens = jax.lax.dynamic_update_slice(cache, token, (0, pos))
-    return tokens, _forward(model, tokens)[pos]
-  q_pos = jnp.reshape(pos, (1,)).astype(jnp.int32)
-  k_pos = jnp.arange(cache[0][0].shape[1], dtype=jnp.int32)
-  scale = 1.0 / math.sqrt(cfg.head_dim)
-  x = _embed(model, token)
-  new_cache = []
-  for layer, (k_cache, v_cache) in zip(model.layers, cache):
-    q, k, v, c = _qkv(layer.attn, x, q_pos)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, pos, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, pos, axis=1)
-    new_cache.append((k_cache, v_cache))
-    x = _block(layer, x, attn_lib.dense_attention(q, k_cache, v_cache, q_pos, k_pos, scale), c)
-  return tuple(new_cache), model.head(x).astype(jnp.float32)[0, 0]
-
-
-def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array) -> jax.Array:
-  """A token from float32 logits [V]: argmax at temperature 0, else softmax(logits / temperature) over the top_k
-  likeliest (all when top_k is 0). Both traced, so one compilation serves every setting."""
-  kth = jnp.sort(logits)[::-1][jnp.clip(top_k - 1, 0, logits.shape[0] - 1)]
-  logits = jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
-  sampled = jax.random.categorical(key, logits / jnp.where(temperature > 0, temperature, 1.0))
-  return jnp.where(temperature > 0, sampled, jnp.argmax(logits)).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames='graphdef')
-def _segment(state: nnx.State, window: jax.Array, n: jax.Array, steps: jax.Array, key: jax.Array,
-             offset: jax.Array, temperature: jax.Array, top_k: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
-  """Prefills window int[S] (n real tokens) and samples `steps` <= S - n + 1 tokens: int[S + 1], first `steps`
-  valid. Token i of the whole generation uses key fold_in(key, i), so the result does not depend on segmenting.
-  Compiled once per (graphdef, S); everything else is traced."""
-  model = nnx.merge(graphdef, state)
-  cache, logits = prefill(model, window[None], n)
-  tok = _sample(logits, jax.random.fold_in(key, offset), temperature, top_k)
-  out = jnp.zeros(window.shape[0] + 1, jnp.int32).at[0].set(tok)
-
-  def body(i, carry):
-    cache, tok, out = carry
-    cache, logits = decode_step(model, cache, tok, n + i - 1)
-    tok = _sample(logits, jax.random.fold_in(key, offset + i), temperature, top_k)
-    return cache, tok, out.at[i].set(tok)
-
-  return jax.lax.fori_loop(1, steps, body, (cache, tok, out))[2]
-
-
-def generate(model: Transformer, vocab: data_lib.Vocab, prompt: str, length: int, *, temperature: float = 1.0,
-             top_k: int = 0, seed: int = 0, max_len: int) -> str:
-  """Returns `prompt` followed by `length` sampled characters (temperature 0: greedy; top_k 0: no truncation).
-
-  The context is the last max_len tokens at most, positions 0..max_len-1 as in training. Runs under the
-  caller's mesh, if any."""
-  for name, value in (('length', length), ('temperature', temperature), ('top_k', top_k)):
-    if value < 0:
-      raise ValueError(f'{name}={value} must not be negative')
-  if max_len < 1:
-    raise ValueError(f'max_len={max_len} must be positive')
-  if not prompt:
-    raise ValueError('the prompt is empty: generation needs at least one character')
-  try:
-    seq = [int(t) for t in vocab.encode(prompt)]
-  except data_lib.DataError as e:
-    raise ValueError(f'bad prompt: {e}') from None
-  graphdef, state = nnx.split(model)
-  key = jax.random.key(seed)
-  temperature, top_k = np.float32(temperature), np.int32(top_k)
-  keep = max(1, max_len // 2)
-  n = min(len(seq), max_len)
-  done = 0
-  while done < length:
-    steps = min(length - done, max_len - n + 1)
-    window = np.zeros(max_len, np.int32)
-    window[:n] = seq[-n:]
-    out = _segment(state, window, np.int32(n), np.int32(steps), key, np.int32(done), temperature, top_k,
-                   graphdef=graphdef)
-    seq += [int(t) for t in np.asarray(out)[:steps]]
-    done += steps
-    n = keep  # the cache is full (or we are done): restart from the last max_len // 2 tokens
-  return prompt + vocab.decode(seq[len(seq) - length:]) if length else prompt
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Restoring a run, and the command line.
 
 class SampleError(ValueError):
   """The run directory cannot be sampled from; the message is one line saying why."""
@@ -204,8 +36,6 @@ class SampleError(ValueError):
 def restore(workdir: str, step: int | None = None) -> tuple[Transformer, data_lib.Vocab, config_lib.Config, Any]:
   """The model of the run in `workdir` at checkpoint `step` (default: the latest), its vocabulary, config and
   a mesh over this host's devices (data axis only), on which the model lives."""
-  from selattn import train as train_lib  # pylint: disable=g-import-not-at-top  (train imports this module)
-
   if not os.path.isdir(workdir):
     raise SampleError(f'--workdir={workdir}: no such directory')
   config_path = os.path.join(workdir, 'config.json')
@@ -222,7 +52,8 @@ def restore(workdir: str, step: int | None = None) -> tuple[Transformer, data_li
                       f'{vocab.size} symbols')
   # The run's mesh may not fit this machine; sampling needs none of it.
   cfg = config_lib.from_config({**saved, 'mesh': {}}, vocab.size)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  # Orbax takes absolute paths only; the README's commands give relative ones.
+  ckpt_dir = os.path.abspath(os.path.join(workdir, 'checkpoints'))
   steps = []
   if os.path.isdir(ckpt_dir):
     manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False))
@@ -243,10 +74,21 @@ def restore(workdir: str, step: int | None = None) -> tuple[Transformer, data_li
   return nnx.merge(graphdef, state)[0], vocab, cfg, mesh
 
 
+def default_prompt(cfg: config_lib.Config) -> str:
+  """The eval samples' prompt: train.sample_prompt, or the first line of the run's corpus when that is empty."""
+  if cfg.train.sample_prompt:
+    return cfg.train.sample_prompt
+  try:
+    return generate_lib.corpus_prompt(data_lib.load_text(cfg.data.path)[:generate_lib.PROMPT_SCAN])
+  except data_lib.DataError as e:
+    raise SampleError(f'{e}: the default prompt comes from the run\'s corpus; give --prompt') from None
+
+
 def _define_flags() -> None:
-  # Defined only when run as a program: selattn.main defines --workdir too, and train imports this module.
+  # Defined only when run as a program: selattn.main defines --workdir too.
   flags.DEFINE_string('workdir', None, 'Run directory written by selattn.main (config.json, checkpoints/).')
-  flags.DEFINE_string('prompt', None, 'Text to continue (default: the run\'s train.sample_prompt).')
+  flags.DEFINE_string('prompt', None, 'Text to continue (default: the run\'s train.sample_prompt, or the first '
+                      'line of its corpus when that is empty).')
   flags.DEFINE_integer('length', 500, 'Characters to generate.')
   flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 = greedy.')
   flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest characters only (0 = all).')
@@ -262,10 +104,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs dozens of INFO lines per restore
   try:
     model, vocab, cfg, mesh = restore(f.workdir, f.step)
-    prompt = cfg.train.sample_prompt if f.prompt is None else f.prompt
+    prompt = default_prompt(cfg) if f.prompt is None else f.prompt
     with jax.set_mesh(mesh):
-      text = generate(model, vocab, prompt, f.length, temperature=f.temperature, top_k=f.top_k, seed=f.seed,
-                      max_len=cfg.data.seq_len)
+      text = generate_lib.generate(model, vocab, prompt, f.length, temperature=f.temperature, top_k=f.top_k,
+                                   seed=f.seed, max_len=cfg.data.seq_len)
   except ValueError as e:  # SampleError, ConfigError, DataError, bad arguments
     sys.exit(f'error: {e}')
   print(text)

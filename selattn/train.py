@@ -27,8 +27,8 @@ import optax
 from selattn import checkpoint as ckpt_lib
 from selattn import config as config_lib
 from selattn import data as data_lib
+from selattn import generate as generate_lib
 from selattn import metrics as metrics_lib
-from selattn import sample as sample_lib
 from selattn import sharding
 from selattn.model import Transformer, count_params
 
@@ -279,6 +279,10 @@ def train(config, workdir: str) -> dict[str, float]:
   def next_batches():
     return steps.train_batches([next(data_iter) for _ in range(t.steps_per_call)])
 
+  # The eval samples' prompt; '' takes the first line of the corpus (selattn.sample's default too).
+  prompt = t.sample_prompt or generate_lib.corpus_prompt(
+      corpus.vocab.decode(corpus.train[:generate_lib.PROMPT_SCAN]))
+
   def evaluate(state, step):
     with jax.set_mesh(mesh):
       totals = None
@@ -296,8 +300,8 @@ def train(config, workdir: str) -> dict[str, float]:
       # Every process runs the (jitted, globally sharded) generation; only process 0 writes it.
       model = nnx.merge(graphdef, state)[0]
       with jax.set_mesh(mesh):
-        text = sample_lib.generate(model, corpus.vocab, t.sample_prompt, t.sample_length, temperature=1.0,
-                                   top_k=0, seed=step, max_len=cfg.data.seq_len)
+        text = generate_lib.generate(model, corpus.vocab, prompt, t.sample_length, temperature=1.0, top_k=0,
+                                     seed=step, max_len=cfg.data.seq_len)
       writer.write_texts(step, {'sample': text})
       if is_main:
         logging.info('sample at step %d:\n%s', step, text)

@@ -43,10 +43,20 @@ def test_scalars_and_texts_round_trip(tmp_path):
 
   (text,) = acc.Tensors('eval/sample')
   assert text.step == 20
-  assert text.tensor_proto.string_val == ['ROMEO: ünïcode\nline two'.encode('utf-8')]
+  # Stored as a Markdown code block, so TensorBoard keeps the lines apart.
+  assert text.tensor_proto.string_val == ['    ROMEO: ünïcode\n    line two'.encode('utf-8')]
   assert acc.SummaryMetadata('eval/sample').plugin_data.plugin_name == 'text'
 
   assert 'tensorflow' not in sys.modules
+
+
+def test_texts_render_verbatim_in_tensorboard():
+  from tensorboard import plugin_util  # pylint: disable=g-import-not-at-top  (the text plugin's own renderer)
+  sample = 'KING.\nWhat, *ho*! my_lord\n\n  <b>Exit.</b>'
+  html = plugin_util.markdown_to_safe_html(metrics.preformatted(sample))
+  assert html == '<pre><code>KING.\nWhat, *ho*! my_lord\n\n  &lt;b&gt;Exit.&lt;/b&gt;\n</code></pre>'
+  # Without it the lines run together into paragraphs and *ho* turns into emphasis.
+  assert '<em>' in plugin_util.markdown_to_safe_html(sample)
 
 
 def test_jax_scalars_are_converted(tmp_path):

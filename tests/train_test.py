@@ -140,9 +140,10 @@ def test_tensorboard_has_every_tag(tiny_run):
   assert text_tags, tags
   samples = accs[0].Tensors(text_tags[0])
   assert [e.step for e in samples] == [100, 200]
-  text = samples[-1].tensor_proto.string_val[0].decode('utf-8')
-  assert text.startswith(config.train.sample_prompt)
-  assert len(text) == len(config.train.sample_prompt) + config.train.sample_length
+  text = '\n'.join(line[4:] for line in samples[-1].tensor_proto.string_val[0].decode('utf-8').split('\n'))
+  # The default prompt: the corpus's first line (the embedded corpus opens with a play's title).
+  assert config.train.sample_prompt == '' and text.startswith("ALL'S WELL THAT ENDS WELL")
+  assert len(text) == len("ALL'S WELL THAT ENDS WELL") + config.train.sample_length
 
 
 def test_config_json_and_vocab(tiny_run):
