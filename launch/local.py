@@ -88,14 +88,39 @@ def _child_env(args: argparse.Namespace, i: int) -> dict[str, str]:
     env['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={k}'])
   elif args.gpus_per_process:
     g = args.gpus_per_process
-    # Index into the caller's CUDA_VISIBLE_DEVICES if set, so `CUDA_VISIBLE_DEVICES=4,5,6,7 local.py` works.
-    visible = os.environ.get('CUDA_VISIBLE_DEVICES')
-    pool = visible.split(',') if visible else [str(d) for d in range(args.num_processes * g)]
-    if len(pool) < args.num_processes * g:
-      raise SystemExit(f'[launch] {args.num_processes} processes x {g} GPUs needs more than '
-                       f'CUDA_VISIBLE_DEVICES={visible}')
-    env['CUDA_VISIBLE_DEVICES'] = ','.join(pool[i * g:(i + 1) * g])
+    env['CUDA_VISIBLE_DEVICES'] = ','.join(_gpu_pool(args)[i * g:(i + 1) * g])
   return env
+
+
+def _gpu_count() -> int:
+  """NVIDIA GPUs this machine shows: nvidia-smi's list, else the driver's /proc entries; 0 without a driver."""
+  try:
+    out = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, timeout=60, check=False).stdout
+    return sum(line.startswith('GPU ') for line in out.splitlines())
+  except (OSError, subprocess.TimeoutExpired):
+    pass
+  try:
+    return len(os.listdir('/proc/driver/nvidia/gpus'))
+  except OSError:
+    return 0
+
+
+def _gpu_pool(args: argparse.Namespace) -> list[str]:
+  """The GPU ids the processes share out, checked before anything starts: without this, processes asked to use
+  GPUs on a machine without any would silently train on its CPU."""
+  need = args.num_processes * args.gpus_per_process
+  have = _gpu_count()
+  if not have:
+    raise SystemExit(f'[launch] --gpus_per_process={args.gpus_per_process}: this machine has no NVIDIA GPU '
+                     '(nvidia-smi finds none); use --cpu_devices_per_process to run on CPU')
+  # Index into the caller's CUDA_VISIBLE_DEVICES if set, so `CUDA_VISIBLE_DEVICES=4,5,6,7 local.py` works.
+  visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+  pool = visible.split(',') if visible else [str(d) for d in range(have)]
+  if len(pool) < need:
+    where = f'CUDA_VISIBLE_DEVICES={visible}' if visible else f'this machine has {have}'
+    raise SystemExit(f'[launch] {args.num_processes} processes x {args.gpus_per_process} GPUs needs {need} GPUs '
+                     f'but {where}')
+  return pool
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith('linux') else None
@@ -129,6 +154,8 @@ def _exit_code(returncode: int) -> int:
 
 def main(argv: list[str]) -> int:
   args, forwarded = _parse_args(argv)
+  if args.gpus_per_process:
+    _gpu_pool(args)  # refuse before any process starts
   n = args.num_processes
   port = args.port or _free_port()
   workdir = _workdir(forwarded)

@@ -35,7 +35,10 @@ def smooth(values: list[float], weight: float) -> list[float]:
 
 def plot(run_dirs: list[str], out: str, tags=('train/loss', 'eval/loss', 'eval/accuracy'), labels=None,
          smoothing: float = 0.0, title: str = '', max_step: int = 0) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise SystemExit("error: drawing needs matplotlib: pip install -e '.[plots]'") from None
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   import matplotlib.ticker  # pylint: disable=g-import-not-at-top
@@ -44,6 +47,8 @@ def plot(run_dirs: list[str], out: str, tags=('train/loss', 'eval/loss', 'eval/a
   fig, axes = plt.subplots(1, len(tags), figsize=(5 * len(tags), 3.6), squeeze=False)
   axes = axes[0]
   for i, run in enumerate(run_dirs):
+    if not os.path.isdir(run):
+      raise SystemExit(f'error: {run}: no such directory')
     scalars = read_scalars(run)
     if not scalars:
       raise SystemExit(f'error: no TensorBoard scalars under {run}')

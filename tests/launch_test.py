@@ -106,22 +106,24 @@ def test_signal_lets_every_process_save_at_one_step(tmp_path, signum):
   assert len(steps) == 1 and int(steps.pop()) > 0, saved
 
 
-def test_child_env_assigns_devices():
+def test_child_env_assigns_devices(monkeypatch):
   launcher = _load_launcher()
+  monkeypatch.setattr(launcher, '_gpu_count', lambda: 8)
   args, fwd = launcher._parse_args(['--num_processes', '2', '--gpus_per_process', '2', '--', '--workdir=runs/x'])
   assert fwd == ['--workdir=runs/x'] and launcher._workdir(fwd) == 'runs/x'
-  os.environ.pop('CUDA_VISIBLE_DEVICES', None)
+  monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
   assert [launcher._child_env(args, i)['CUDA_VISIBLE_DEVICES'] for i in range(2)] == ['0,1', '2,3']
-  os.environ['CUDA_VISIBLE_DEVICES'] = '4,5,6,7'
-  try:
-    envs = [launcher._child_env(args, i) for i in range(2)]
-    assert [e['CUDA_VISIBLE_DEVICES'] for e in envs] == ['4,5', '6,7']
-    assert all(e['NCCL_NVLS_ENABLE'] == '0' for e in envs)
-    os.environ['CUDA_VISIBLE_DEVICES'] = '4,5,6'
-    with pytest.raises(SystemExit, match='needs more than'):
-      launcher._child_env(args, 1)
-  finally:
-    del os.environ['CUDA_VISIBLE_DEVICES']
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '4,5,6,7')
+  envs = [launcher._child_env(args, i) for i in range(2)]
+  assert [e['CUDA_VISIBLE_DEVICES'] for e in envs] == ['4,5', '6,7']
+  assert all(e['NCCL_NVLS_ENABLE'] == '0' for e in envs)
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '4,5,6')
+  with pytest.raises(SystemExit, match='needs 4 GPUs but CUDA_VISIBLE_DEVICES=4,5,6$'):
+    launcher._child_env(args, 1)
+  monkeypatch.delenv('CUDA_VISIBLE_DEVICES')
+  monkeypatch.setattr(launcher, '_gpu_count', lambda: 3)
+  with pytest.raises(SystemExit, match='needs 4 GPUs but this machine has 3$'):
+    launcher.main(['--num_processes', '2', '--gpus_per_process', '2', '--module', 'fake_worker'])
 
   args, fwd = launcher._parse_args(['--num_processes', '2', '--cpu_devices_per_process', '3', '--', '--workdir', 'w'])
   assert launcher._workdir(fwd) == 'w'
@@ -132,3 +134,27 @@ def test_child_env_assigns_devices():
     del os.environ['XLA_FLAGS']
   assert (env['JAX_PLATFORMS'], env['JAX_NUM_CPU_DEVICES']) == ('cpu', '3')
   assert env['XLA_FLAGS'] == '--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=3'
+
+
+def test_gpus_refused_without_a_gpu(tmp_path):
+  # On a machine without GPUs (as CI's), asking for them stops with one line before any process starts, instead
+  # of training on the CPU. With a GPU the in-process fake below checks the same path.
+  launcher = _load_launcher()
+  if launcher._gpu_count():
+    pytest.skip('this machine has a GPU')
+  r = _run(['--num_processes', '2', '--gpus_per_process', '1'], ['--workdir', str(tmp_path / 'run')])
+  assert r.returncode == 1
+  assert r.stderr == ('[launch] --gpus_per_process=1: this machine has no NVIDIA GPU (nvidia-smi finds none); '
+                      'use --cpu_devices_per_process to run on CPU\n')
+  assert r.stdout == '' and not (tmp_path / 'run').exists()
+
+
+def test_gpu_count_reads_nvidia_smi(tmp_path, monkeypatch):
+  launcher = _load_launcher()
+  fake = tmp_path / 'nvidia-smi'
+  fake.write_text('#!/bin/sh\necho "GPU 0: NVIDIA H200 (UUID: GPU-a)"\necho "GPU 1: NVIDIA H200 (UUID: GPU-b)"\n')
+  fake.chmod(0o755)
+  monkeypatch.setenv('PATH', f'{tmp_path}{os.pathsep}{os.environ["PATH"]}')
+  assert launcher._gpu_count() == 2
+  fake.write_text('#!/bin/sh\necho "NVIDIA-SMI has failed because it could not communicate with the driver"\n')
+  assert launcher._gpu_count() == 0

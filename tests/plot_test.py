@@ -31,19 +31,36 @@ def test_smooth_matches_tensorboard_ema():
   assert plot.smooth([1.0, 3.0, 3.0], 0.5) == [1.0, 2.0, 2.5]
 
 
+def _run_cli(*args, cwd):
+  return subprocess.run([sys.executable, '-m', 'selattn.plot', *args], capture_output=True, text=True, cwd=cwd,
+                        check=False)
+
+
 def test_cli_writes_png_and_rejects_bad_input(tmp_path):
-  pytest.importorskip('matplotlib')
-  _write_run(tmp_path / 'std', 0.0)
-  _write_run(tmp_path / 'sel', -0.1)
-  out = tmp_path / 'docs' / 'curves.png'
-  cmd = [sys.executable, '-m', 'selattn.plot', str(tmp_path / 'std'), str(tmp_path / 'sel'), '--out', str(out),
-         '--labels', 'standard,selective', '--smoothing', '0.6', '--tags', 'train/loss,eval/loss', '--max_step', '200']
-  r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  # Relative paths from the folder holding the runs, as the docs type them (`runs/std ... --out docs/x.png`).
+  _write_run(tmp_path / 'runs' / 'std', 0.0)
+  _write_run(tmp_path / 'runs' / 'sel', -0.1)
+  args = ['runs/std', 'runs/sel', '--out', 'docs/curves.png', '--labels', 'standard,selective', '--smoothing', '0.6',
+          '--tags', 'train/loss,eval/loss', '--max_step', '200', '--title', 'std vs sel']
+  r = _run_cli(*args, cwd=tmp_path)
   assert r.returncode == 0, r.stderr
-  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and os.path.getsize(out) > 5000
-  r = subprocess.run(cmd[:-8] + ['--labels', 'only_one'], capture_output=True, text=True, check=False)
-  assert r.returncode != 0 and 'error: --labels has 1 names for 2 runs' in r.stderr + r.stdout
+  assert r.stdout == 'wrote docs/curves.png\n'
+  png = (tmp_path / 'docs' / 'curves.png').read_bytes()
+  assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000
+  r = _run_cli('runs/std', 'runs/sel', '--out', 'x.png', '--labels', 'only_one', cwd=tmp_path)
+  assert (r.returncode, r.stderr) == (1, 'error: --labels has 1 names for 2 runs\n')
   (tmp_path / 'empty').mkdir()
-  r = subprocess.run([sys.executable, '-m', 'selattn.plot', str(tmp_path / 'empty'), '--out', str(out)],
-                     capture_output=True, text=True, check=False)
-  assert r.returncode != 0 and 'no TensorBoard scalars' in r.stderr + r.stdout
+  r = _run_cli('empty', '--out', 'x.png', cwd=tmp_path)
+  assert (r.returncode, r.stderr) == (1, 'error: no TensorBoard scalars under empty\n')
+  r = _run_cli('runs/missing', '--out', 'x.png', cwd=tmp_path)
+  assert (r.returncode, r.stderr) == (1, 'error: runs/missing: no such directory\n')
+  assert not (tmp_path / 'x.png').exists()
+
+
+def test_without_matplotlib_one_line(tmp_path):
+  _write_run(tmp_path / 'std', 0.0)
+  # A None entry in sys.modules makes `import matplotlib` fail as it does where it is not installed.
+  code = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['plot', 'std', '--out', 'x.png']; "
+          "runpy.run_module('selattn.plot', run_name='__main__')")
+  r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path, check=False)
+  assert (r.returncode, r.stderr) == (1, "error: drawing needs matplotlib: pip install -e '.[plots]'\n")
