@@ -22,7 +22,7 @@ from absl import logging
 import jax
 import numpy as np
 
-PEAK_FLOPS = 790e12  # dense bf16 measured on H100/H200 (../shared/BASELINES.md)
+PEAK_FLOPS = 790e12  # dense bf16 FLOP/s measured on an H200 (BENCHMARKS.md, "Baselines")
 
 _WORKLOAD = flags.DEFINE_enum('workload', 'seed', ['seed', 'nanogpt', 'long', 'scale'], 'Which workload.')
 _STEPS = flags.DEFINE_integer('steps', 50, 'Timed optimizer steps per variant (after warm-up).')

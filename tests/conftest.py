@@ -1,4 +1,4 @@
-"""Test-wide JAX and Flax settings (STYLE.md, Habits)."""
+"""Test-wide JAX and Flax settings."""
 
 import jax
 import pytest

@@ -1,1 +1,1 @@
-"""The embedded default corpus (Shakespeare's plays), rebuilt by `build_corpus.py`."""
+"""Corpora: the embedded default (Shakespeare's plays, rebuilt by `build_corpus.py`); others to fetch (`fetch.py`)."""

@@ -338,7 +338,7 @@ def selective_blockwise(gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S
 
 def selective_factored(p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D'], q_pos: Int[Array, 'T'],
                        k_pos: Int[Array, 'S'], rope_cfg, contiguous: bool) -> Float[Array, 'B T N H']:
-  """Selective attention with a linear generator, computed as a standard attention (DESIGN.md section 3).
+  """Selective attention with a linear generator, computed as a standard attention.
 
   Split the kernels by input half: W_k = [A | B], W_v = [C | E]. With u_i = A q_i, k_j = B x_j, c_i = C q_i,
   v_j = E x_j (per head): K_ij = u_i + k_j and V_ij = c_i + v_j.
