@@ -1,0 +1,97 @@
+"""The docs name only files the repository has, and docs/reproduce_results.sh (the commands behind RESULTS.md's
+figures) runs: in miniature on CPU, marked slow."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _repo_files() -> set[str]:
+  """The committed files and their folders (git's list where there is one, else the working tree)."""
+  try:
+    out = subprocess.run(['git', 'ls-files', '-z'], cwd=REPO, capture_output=True, check=True).stdout
+    files = {f for f in out.decode().split('\0') if f}
+  except (OSError, subprocess.CalledProcessError):
+    files = {os.path.relpath(os.path.join(d, f), REPO) for d, _, fs in os.walk(REPO) if '.git' not in d for f in fs}
+  return files | {os.path.dirname(f) for f in files} | {os.path.dirname(os.path.dirname(f)) for f in files}
+
+
+def _expand(path: str) -> list[str]:
+  """Shell brace lists, as the docs write them: docs/bench/original_{standard,selective}_200k_log.txt."""
+  m = re.search(r'\{([^{}]*)\}', path)
+  if not m:
+    return [path]
+  return [q for alt in m.group(1).split(',') for q in _expand(path[:m.start()] + alt + path[m.end():])]
+
+
+def named_paths(text: str) -> set[str]:
+  """Every `docs/...` path in a markdown text, and every relative link target."""
+  found = {p.rstrip('.,:;)') for p in re.findall(r'(?<![\w/.-])docs/[\w./{},*-]*[\w}/]', text)}
+  found |= {t for t in re.findall(r'\]\(([^)#\s]+)', text) if not re.match(r'[a-z]+:', t)}
+  return {q.rstrip('/') for p in found for q in _expand(p)}
+
+
+def test_named_paths_parser():
+  text = ('Logs: `docs/bench/original_{standard,selective}_200k_log.txt`. See [the figure](docs/a.png), '
+          '[BENCHMARKS.md](BENCHMARKS.md#w1) and [x](https://example.com/docs/y). Runs: docs/runs/.')
+  assert named_paths(text) == {'docs/bench/original_standard_200k_log.txt', 'docs/bench/original_selective_200k_log.txt',
+                               'docs/a.png', 'BENCHMARKS.md', 'docs/runs'}
+
+
+def test_docs_name_only_committed_files():
+  files = _repo_files()
+  docs = sorted(f for f in files if f.endswith('.md'))
+  assert 'RESULTS.md' in docs and 'README.md' in docs
+  missing = {}
+  for doc in docs:
+    with open(os.path.join(REPO, doc), encoding='utf-8') as f:
+      text = f.read()
+    base = os.path.dirname(doc)
+    for path in named_paths(text):
+      # docs/... paths are from the repo root (as commands are typed); links are relative to the doc.
+      full = path if path.startswith('docs/') else os.path.normpath(os.path.join(base, path))
+      if full not in files:
+        missing.setdefault(doc, []).append(path)
+  assert not missing, missing
+
+
+def test_no_pointers_to_files_users_lack():
+  pattern = re.compile(r'BASELINES|DESIGN\.md|STYLE\.md|\.\./shared')
+  hits = []
+  for f in sorted(_repo_files()):
+    path = os.path.join(REPO, f)
+    if os.path.isfile(path) and f.endswith(('.py', '.md', '.sh', '.toml', '.txt', '.sbatch', '.cfg')):
+      with open(path, encoding='utf-8', errors='replace') as fh:
+        hits += [f'{f}: {line.strip()}' for line in fh if pattern.search(line)]
+  assert not [h for h in hits if not h.startswith('tests/docs_test.py')], hits
+
+
+@pytest.mark.slow
+def test_reproduce_results_in_miniature(tmp_path):
+  pytest.importorskip('matplotlib')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, OUT=str(tmp_path), DEVICE='CPU', STEPS='20',
+             EVAL_EVERY='10', BLOCKWISE_STEPS='20', BLOCKWISE_EVAL='10', CHECK_STEPS='20', MLP_STEPS='20',
+             MLP_EVAL='10',
+             EXTRA='--config.model.d_model=16 --config.data.seq_len=32 --config.model.block_q=16 '
+                   '--config.model.block_k=16 --config.train.eval_batches=1 --config.train.log_every=10 '
+                   '--config.train.sample_length=0')
+  r = subprocess.run(['bash', os.path.join(REPO, 'docs', 'reproduce_results.sh')], env=env, capture_output=True,
+                     text=True, timeout=1200, check=False)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  runs = ['original_200k/standard', 'original_200k/selective', 'original_200k/reference',
+          'original_200k/standard_ffn5', 'identity_and_mlp/sel_blockwise', 'identity_and_mlp/sel_mlp',
+          'identity_and_mlp/sel_linear_3k', 'selective_50k']
+  for run in runs:
+    names = os.listdir(tmp_path / 'runs' / run)
+    assert 'config.json' in names and any(n.startswith('events.out.tfevents') for n in names), (run, names)
+  for png in ('original_200k.png', 'identity_blockwise_vs_factored.png', 'mlp_vs_linear.png'):
+    assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
+  # One checkpoint, three implementations, one held-out loss: the log RESULTS.md section 2 quotes.
+  log = (tmp_path / 'runs' / 'selective_50k' / 'train.log').read_text()
+  evals = re.findall(r'eval at step 20: loss ([\d.]+) \| accuracy ([\d.]+)', log)
+  assert len(evals) == 3 and len(set(evals)) == 1, evals
