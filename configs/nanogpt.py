@@ -1,8 +1,18 @@
-"""nanoGPT's train_shakespeare_char setting: 6 layers, 6 heads, D 384, context 256, batch 64, dropout 0.2.
+"""nanoGPT's train_shakespeare_char, its model and its run: 6 layers, 6 heads, D 384, context 256, batch 64.
 
-lr 1e-3 with 100 warmup steps and cosine decay to 1e-4, beta2 0.99, 5000 steps, bf16 compute. Point it at the
-tinyshakespeare text (nanoGPT's corpus: its split is 90/10): `--config.data.path=.../tinyshakespeare.txt`.
-`:selective` switches to selective attention.
+The model is nanoGPT's GPT with bias=False: pre-LN (and a final LN), GELU, an attention output projection,
+learned positions, tied input/output embeddings, normal(0.02) init with the residual projections scaled by
+1/sqrt(2L), dropout 0.2 on embeddings, attention probabilities and residual branches. 10.65M parameters on
+tinyshakespeare's 65 symbols without the position table, as nanoGPT prints. The run: AdamW lr 1e-3, betas
+(0.9, 0.99), weight decay 0.1 on matrices only, 100 warmup steps then cosine decay to 1e-4 at step 5000, gradient
+clipping at 1.0, bf16 compute. Held-out loss every 250 steps on the whole validation split (nanoGPT averages 200
+random batches), its split: the first 90% trains, the last 10% validates.
+
+The corpus is not shipped; point data.path at nanoGPT's tinyshakespeare input.txt (1,115,394 characters), e.g.
+
+  python -m selattn.main --config configs/nanogpt.py --workdir runs/nanogpt --config.data.path=PATH/input.txt
+
+`:selective` swaps in selective attention on the same block (12.42M parameters).
 """
 
 from configs import base
@@ -12,12 +22,16 @@ def get_config(variant: str = ''):
   c = base.get_config()
   m, t = c.model, c.train
   m.attention = 'standard'
-  m.d_model, m.num_heads, m.num_layers, m.dropout, m.dtype = 384, 6, 6, 0.2, 'bfloat16'
+  m.d_model, m.num_heads, m.num_layers, m.dtype = 384, 6, 6, 'bfloat16'
+  m.norm, m.activation, m.positions, m.attn_out_proj, m.tie_embeddings, m.init = (
+      'pre', 'gelu', 'learned', True, True, 'nanogpt')
+  m.linear_bias, m.norm_bias, m.head_bias = False, False, False
+  m.dropout, m.attn_dropout = 0.2, 0.2
   c.data.seq_len = 256
   c.data.val_fraction = 0.1
   t.batch_size, t.num_steps = 64, 5000
   t.learning_rate, t.min_learning_rate, t.lr_schedule, t.warmup_steps = 1e-3, 1e-4, 'cosine', 100
-  t.b2, t.weight_decay, t.grad_clip = 0.99, 0.1, 1.0
+  t.b1, t.b2, t.weight_decay, t.weight_decay_mask, t.grad_clip = 0.9, 0.99, 0.1, 'matrices', 1.0
   t.log_every, t.eval_every, t.checkpoint_every, t.eval_batches = 100, 250, 1000, 0
   t.steps_per_call = 5
   for v in filter(None, variant.split(',')):

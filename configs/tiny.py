@@ -9,7 +9,7 @@ def get_config(variant: str = ''):
   m.attention = variant or 'selective'
   m.d_model, m.num_heads, m.num_layers, m.kv_hidden, m.block_q, m.block_k = 32, 2, 2, 32, 16, 16
   if m.attention == 'reference':
-    m.rope = False
+    m.positions = 'none'
   c.data.seq_len = 32
   t.batch_size, t.num_steps, t.learning_rate = 16, 200, 3e-3
   t.log_every, t.eval_every, t.checkpoint_every, t.eval_batches = 20, 100, 100, 4

@@ -14,6 +14,12 @@ SELECTIVE_IMPLS = ('auto', 'factored', 'blockwise', 'materialized')
 KV_GENERATORS = ('linear', 'mlp')
 DTYPES = ('float32', 'bfloat16')
 LR_SCHEDULES = ('constant', 'cosine')
+NORMS = ('post', 'pre')
+ACTIVATIONS = ('relu', 'gelu')
+POSITIONS = ('rope', 'learned', 'none')
+INITS = ('original', 'nanogpt')
+SELECTIVE_PARTS = ('both', 'keys', 'values')
+DECAY_MASKS = ('all', 'matrices')
 
 
 class ConfigError(ValueError):
@@ -44,29 +50,70 @@ class ModelConfig:
   num_heads: int = 2
   num_layers: int = 4
   ffn_mult: int = 4
-  rope: bool = True
+  positions: str = 'rope'
   rope_theta: float = 10000.0
+  norm: str = 'post'
+  attn_out_proj: bool = False
+  activation: str = 'relu'
+  linear_bias: bool = False
+  norm_bias: bool = True
+  head_bias: bool = True
+  tie_embeddings: bool = False
+  init: str = 'original'
+  selective_parts: str = 'both'
   dropout: float = 0.0
+  attn_dropout: float = 0.0
   dtype: str = 'float32'
   block_q: int = 128
   block_k: int = 128
   remat: bool = False
+  # Rows of the learned position table: data.seq_len when positions='learned', else 0 (set by from_config).
+  max_len: int = 0
+  # The old boolean spelling of `positions`, still read from old configs and config.json files: True is 'rope',
+  # False 'none'. Always set to (positions == 'rope') after validation, so `cfg.rope` reads "RoPE is on".
+  rope: bool | None = None
 
   def __post_init__(self):
     p = 'model.'
+    if self.rope is not None and self.positions == 'rope' and not self.rope:
+      object.__setattr__(self, 'positions', 'none')  # an old config's rope=False
+    _choice(p + 'positions', self.positions, POSITIONS)
+    _check(self.rope is None or self.rope == (self.positions == 'rope'),
+           f'model.rope={self.rope!r} contradicts model.positions={self.positions!r} (rope is the old spelling: '
+           'set only model.positions)')
+    if self.attention == 'reference' and self.positions == 'rope':
+      object.__setattr__(self, 'positions', 'none')  # flax's MHA applies no RoPE (the default 'rope' means none)
+    object.__setattr__(self, 'rope', self.positions == 'rope')
     _choice(p + 'attention', self.attention, ATTENTIONS)
     _choice(p + 'selective_impl', self.selective_impl, SELECTIVE_IMPLS)
     _choice(p + 'kv_generator', self.kv_generator, KV_GENERATORS)
     _choice(p + 'dtype', self.dtype, DTYPES)
+    _choice(p + 'norm', self.norm, NORMS)
+    _choice(p + 'activation', self.activation, ACTIVATIONS)
+    _choice(p + 'init', self.init, INITS)
+    _choice(p + 'selective_parts', self.selective_parts, SELECTIVE_PARTS)
     for k in ('vocab_size', 'd_model', 'num_heads', 'num_layers', 'ffn_mult', 'kv_hidden', 'block_q', 'block_k'):
       _positive(p + k, getattr(self, k))
     _positive(p + 'rope_theta', self.rope_theta)
-    _check(0.0 <= self.dropout < 1.0, f'model.dropout={self.dropout!r} must be in [0, 1)')
+    _positive(p + 'max_len', self.max_len, allow_zero=True)
+    for k in ('dropout', 'attn_dropout'):
+      _check(0.0 <= getattr(self, k) < 1.0, f'model.{k}={getattr(self, k)!r} must be in [0, 1)')
     _check(self.d_model % self.num_heads == 0,
            f'model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}')
-    if self.rope and self.attention != 'reference':
+    _check(self.positions != 'learned' or self.max_len > 0,
+           "model.positions='learned' needs the table size model.max_len (from_config sets it to data.seq_len)")
+    if self.attention == 'reference':
+      _check(not self.attn_out_proj, 'model.attn_out_proj=True: the reference attention (flax MHA) has its own '
+             'output projection already')
+      _check(self.attn_dropout == 0.0, "model.attn_dropout needs model.attention='standard' or 'selective'")
+    if self.selective_parts != 'both':
+      _check(self.attention == 'selective' and self.kv_generator == 'linear',
+             f"model.selective_parts={self.selective_parts!r} needs model.attention='selective' with "
+             "model.kv_generator='linear' (an ablation of the linear generator's two halves)")
+    if self.rope:
       _check(self.head_dim % 2 == 0,
-             f'model.rope=True needs an even head dim, got model.d_model/model.num_heads={self.head_dim}')
+             "model.positions='rope' needs an even head dim, got "
+             f'model.d_model/model.num_heads={self.head_dim}')
     if self.attention == 'selective' and self.selective_impl == 'factored':
       _check(self.kv_generator == 'linear',
              "model.selective_impl='factored' needs model.kv_generator='linear' (the identity holds only for a "
@@ -115,6 +162,7 @@ class TrainConfig:
   b1: float = 0.9
   b2: float = 0.999
   weight_decay: float = 1e-4
+  weight_decay_mask: str = 'all'
   grad_clip: float = 0.0
   flat_optimizer: bool = False
   steps_per_call: int = 1
@@ -130,6 +178,10 @@ class TrainConfig:
   def __post_init__(self):
     p = 'train.'
     _choice(p + 'lr_schedule', self.lr_schedule, LR_SCHEDULES)
+    _choice(p + 'weight_decay_mask', self.weight_decay_mask, DECAY_MASKS)
+    _check(not (self.flat_optimizer and self.weight_decay_mask != 'all'),
+           f'train.weight_decay_mask={self.weight_decay_mask!r} needs train.flat_optimizer=False (the flat '
+           'optimizer sees one vector, not the parameter shapes the mask is about)')
     for k in ('num_steps', 'warmup_steps', 'eval_every', 'eval_batches', 'grad_clip', 'weight_decay',
               'min_learning_rate', 'sample_length'):
       _positive(p + k, getattr(self, k), allow_zero=True)
@@ -182,6 +234,12 @@ class Config:
   train: TrainConfig
   mesh: MeshConfig
 
+  def __post_init__(self):
+    # The dropout mask is a function of global (batch row, head, query, key) indices; inside the `seq` split's
+    # shard_map the rows and heads are local, so the split would draw another mask.
+    _check(self.model.attn_dropout == 0.0 or self.mesh.seq == 1,
+           f'model.attn_dropout={self.model.attn_dropout} is not supported with mesh.seq={self.mesh.seq} > 1')
+
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
@@ -209,9 +267,13 @@ def from_config(cfg, vocab_size: int) -> Config:
   cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
   unknown = set(cfg) - {'model', 'data', 'train', 'mesh'}
   _check(not unknown, f'unknown config section(s): {", ".join(sorted(unknown))}')
+  data = _section(DataConfig, cfg.get('data'), 'data')
+  model = dict(cfg.get('model') or {})
+  # The learned position table has one row per position of the context, so its size is data.seq_len.
+  learned = model.get('positions') == 'learned'
   return Config(
-      model=_section(ModelConfig, cfg.get('model'), 'model', vocab_size=vocab_size),
-      data=_section(DataConfig, cfg.get('data'), 'data'),
+      model=_section(ModelConfig, model, 'model', vocab_size=vocab_size, max_len=data.seq_len if learned else 0),
+      data=data,
       train=_section(TrainConfig, cfg.get('train'), 'train'),
       mesh=_section(MeshConfig, cfg.get('mesh'), 'mesh'),
   )

@@ -85,16 +85,11 @@ def _forward(model: Transformer, tokens: jax.Array) -> jax.Array:
   return model(jnp.broadcast_to(tokens, (rows, tokens.shape[1])))[0]
 
 
-def _embed(model: Transformer, tokens: jax.Array) -> jax.Array:
-  return model.embed(tokens).astype(jnp.dtype(model.cfg.dtype))  # as Transformer.__call__ (minus dropout)
-
-
 def _block(layer: nnx.Module, x: jax.Array, attn_out: jax.Array, c: jax.Array | None) -> jax.Array:
-  """The rest of a post-LN layer: x = LN1(x + attn); x = LN2(x + FFN(x))."""
+  """The rest of the layer after attention (output projection, residuals, norms, FFN), as the model's own."""
   if c is not None:
     attn_out = attn_out + c
-  x = layer.ln1(x + attn_out.reshape(x.shape))
-  return layer.ln2(x + layer.ffn_out(jax.nn.relu(layer.ffn_in(x))))
+  return layer.finish(x, attn_out.reshape(x.shape), None)
 
 
 def prefill(model: Transformer, tokens: jax.Array, n: jax.Array) -> tuple[Cache, jax.Array]:
@@ -105,14 +100,14 @@ def prefill(model: Transformer, tokens: jax.Array, n: jax.Array) -> tuple[Cache,
     return tokens, _forward(model, tokens)[n - 1]
   positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
   scale = 1.0 / math.sqrt(cfg.head_dim)
-  x = _embed(model, tokens)
+  x = model.embed_inputs(tokens, positions)
   cache = []
   for layer in model.layers:
-    q, k, v, c = _qkv(layer.attn, x, positions)
+    q, k, v, c = _qkv(layer.attn, layer.attn_input(x), positions)
     cache.append((k, v))
     x = _block(layer, x, attn_lib.attend(q, k, v, positions, positions, scale, contiguous=True), c)
   last = jax.lax.dynamic_slice_in_dim(x, n - 1, 1, axis=1)  # [1, 1, D]
-  return tuple(cache), model.head(last).astype(jnp.float32)[0, 0]
+  return tuple(cache), model.logits(last)[0, 0]
 
 
 def decode_step(model: Transformer, cache: Cache, token: jax.Array, pos: jax.Array) -> tuple[Cache, jax.Array]:
@@ -126,15 +121,15 @@ def decode_step(model: Transformer, cache: Cache, token: jax.Array, pos: jax.Arr
   q_pos = jnp.reshape(pos, (1,)).astype(jnp.int32)
   k_pos = jnp.arange(cache[0][0].shape[1], dtype=jnp.int32)
   scale = 1.0 / math.sqrt(cfg.head_dim)
-  x = _embed(model, token)
+  x = model.embed_inputs(token, q_pos)
   new_cache = []
   for layer, (k_cache, v_cache) in zip(model.layers, cache):
-    q, k, v, c = _qkv(layer.attn, x, q_pos)
+    q, k, v, c = _qkv(layer.attn, layer.attn_input(x), q_pos)
     k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, pos, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, pos, axis=1)
     new_cache.append((k_cache, v_cache))
     x = _block(layer, x, attn_lib.dense_attention(q, k_cache, v_cache, q_pos, k_pos, scale), c)
-  return tuple(new_cache), model.head(x).astype(jnp.float32)[0, 0]
+  return tuple(new_cache), model.logits(x)[0, 0]
 
 
 def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array) -> jax.Array:

@@ -33,7 +33,7 @@ from selattn import sharding
 from selattn.model import Transformer, count_params
 
 # Model keys that only choose how the same function is computed: a run may resume with other values.
-EXECUTION_KEYS = ('selective_impl', 'block_q', 'block_k', 'remat', 'dtype', 'dropout')
+EXECUTION_KEYS = ('selective_impl', 'block_q', 'block_k', 'remat', 'dtype', 'dropout', 'attn_dropout')
 
 
 class TrainingError(RuntimeError):
@@ -53,8 +53,14 @@ def lr_schedule(t: config_lib.TrainConfig) -> optax.Schedule:
   return optax.join_schedules([warmup, decay], [t.warmup_steps])
 
 
+def decay_mask(params):
+  """nanoGPT's weight-decay rule: matrices (ndim >= 2: kernels and embeddings) decay; biases and norms don't."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
 def make_optimizer(t: config_lib.TrainConfig) -> optax.GradientTransformation:
-  tx = optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay)
+  tx = optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                   mask=decay_mask if t.weight_decay_mask == 'matrices' else None)
   if t.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
   # One concatenated vector instead of one update per parameter array: the same arithmetic in a few kernels
@@ -87,7 +93,7 @@ def positions_for(mesh, seq_len: int) -> np.ndarray | None:
 def make_train_step(graphdef: nnx.GraphDef, cfg: config_lib.Config, positions: np.ndarray | None):
   """A pure (state, batches[K, B, T]) -> (state, metrics) doing K optimizer steps."""
   base_key = jax.random.key(cfg.train.seed + 1)
-  use_dropout = cfg.model.dropout > 0
+  use_dropout = cfg.model.dropout > 0 or cfg.model.attn_dropout > 0
 
   def loss_fn(model, batch, key):
     pos = None if positions is None else jnp.asarray(positions)
@@ -176,7 +182,11 @@ def check_compatible(workdir: str, cfg: config_lib.Config) -> None:
     return
   with open(path) as f:
     saved = json.load(f)['config']
-  old = saved['model']
+  # Through ModelConfig: an older run's config.json (model.rope, no newer keys) reads as the model it was.
+  try:
+    old = dataclasses.asdict(config_lib.ModelConfig(**saved['model']))
+  except (TypeError, ValueError) as e:
+    raise TrainingError(f'{path}: cannot read its model config ({e}); use a new --workdir') from None
   new = dataclasses.asdict(cfg.model)
   diff = [k for k in new if k not in EXECUTION_KEYS and old.get(k) != new[k]]
   if diff:

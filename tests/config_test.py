@@ -72,7 +72,7 @@ def test_original_configs_keep_the_original_run(name, attention):
   assert _summary(c) == ORIGINAL
   assert c.model.attention == attention
   assert c.train.lr_schedule == 'constant' and c.train.warmup_steps == 0 and c.model.dropout == 0.0
-  assert c.model.rope == (attention != 'reference')
+  assert c.model.positions == ('none' if attention == 'reference' else 'rope')
 
 
 def test_quick_variant_changes_only_the_schedule():
@@ -87,10 +87,14 @@ def test_nanogpt_config(variant, attention):
   c = config_lib.from_config(_load('nanogpt', variant), VOCAB_SIZE)
   m, t = c.model, c.train
   assert (m.attention, m.num_layers, m.num_heads, m.d_model, m.dropout) == (attention, 6, 6, 384, 0.2)
-  assert c.data.seq_len == 256
-  assert t.batch_size == 64 and t.num_steps == 5000
+  # nanoGPT's model: pre-LN, GELU, output projection, learned positions, tied embeddings, its init, no biases.
+  assert (m.norm, m.activation, m.attn_out_proj, m.positions, m.max_len, m.tie_embeddings, m.init) == (
+      'pre', 'gelu', True, 'learned', 256, True, 'nanogpt')
+  assert (m.linear_bias, m.norm_bias, m.head_bias, m.attn_dropout, m.dtype) == (False, False, False, 0.2, 'bfloat16')
+  assert c.data.seq_len == 256 and c.data.val_fraction == 0.1 and c.data.path == ''
+  assert t.batch_size == 64 and t.num_steps == 5000 and t.eval_every == 250
   assert (t.learning_rate, t.warmup_steps, t.lr_schedule, t.min_learning_rate) == (1e-3, 100, 'cosine', 1e-4)
-  assert t.b2 == 0.99
+  assert (t.b1, t.b2, t.weight_decay, t.weight_decay_mask, t.grad_clip) == (0.9, 0.99, 0.1, 'matrices', 1.0)
 
 
 def test_unknown_variant_is_rejected():

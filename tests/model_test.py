@@ -434,7 +434,7 @@ def test_blockwise_uses_far_less_memory_than_materialized():
 
 @pytest.mark.parametrize('kw,keys', [
     (dict(d_model=65, num_heads=2), ('model.d_model', 'model.num_heads')),
-    (dict(d_model=6, num_heads=2, rope=True), ('model.rope',)),
+    (dict(d_model=6, num_heads=2, positions='rope'), ('model.positions',)),
     (dict(attention='linformer'), ('model.attention',)),
     (dict(selective_impl='flash'), ('model.selective_impl',)),
     (dict(selective_impl='factored', kv_generator='mlp'), ('model.selective_impl', 'mlp')),

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from absl import logging
 from jaxtyping import Array, Bool, Float, Int
 
 from selattn import sharding
@@ -31,7 +33,10 @@ NEG_INF = -jnp.inf
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Parameters: the original's initialisers (uniform(+-1/sqrt(fan_in)) for weights and biases, like equinox).
+# Parameters: the original's initialisers (uniform(+-1/sqrt(fan_in)) for weights and biases, like equinox), or
+# nanoGPT's (normal(0, 0.02) weights, zero biases) with model.init='nanogpt'.
+
+NANOGPT_STD = 0.02
 
 def fan_in_uniform() -> nnx.Initializer:
   # variance_scaling(1/3, fan_in, uniform) draws from U(-sqrt(1/fan_in), sqrt(1/fan_in)).
@@ -45,12 +50,18 @@ def bias_uniform(fan_in: int) -> nnx.Initializer:
   return init
 
 
-def dense(cfg: ModelConfig, fan_in: int, fan_out: int, spec: tuple, *, use_bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
-  """A Linear layer with the original's init, float32 params, compute in cfg.dtype, sharded by `spec`."""
+def kernel_init(cfg: ModelConfig) -> nnx.Initializer:
+  return fan_in_uniform() if cfg.init == 'original' else nnx.initializers.normal(NANOGPT_STD)
+
+
+def dense(cfg: ModelConfig, fan_in: int, fan_out: int, spec: tuple, *, use_bias: bool, rngs: nnx.Rngs,
+          init: nnx.Initializer | None = None) -> nnx.Linear:
+  """A Linear layer with cfg.init's initialisers (or kernel `init`), float32 params, compute in cfg.dtype."""
+  b_init = bias_uniform(fan_in) if cfg.init == 'original' else nnx.initializers.zeros
   return nnx.Linear(
       fan_in, fan_out, use_bias=use_bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
-      kernel_init=nnx.with_partitioning(fan_in_uniform(), spec),
-      bias_init=nnx.with_partitioning(bias_uniform(fan_in), spec[-1:]), rngs=rngs)
+      kernel_init=nnx.with_partitioning(init or kernel_init(cfg), spec),
+      bias_init=nnx.with_partitioning(b_init, spec[-1:]), rngs=rngs)
 
 
 def _bias(b: Array, ndim: int) -> Array:
@@ -71,14 +82,71 @@ def causal_mask(q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S']) -> Bool[Array, '
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Dropout on attention probabilities, with a mask that is a function of the indices.
+#
+# Weight (b, n, i, j) (batch row b, head n, query position i, key position j) is kept iff a counter-based hash of
+# (seed, b, n, i, j) is >= rate * 2^32, and kept weights are scaled by 1 / (1 - rate). Every implementation (the
+# dense [B, N, T, S] softmax, the literal [B, T, S, N, H] one, each blockwise tile, the factored form) evaluates
+# the same function on its own index ranges, so they drop the same weights without a [B, N, T, S] random array
+# that the blockwise kernel could not tile. Positions, not array indices: a permuted sequence drops the same pairs.
+
+class AttnDropout(NamedTuple):
+  """The dropout of one attention call: a uint32 seed (fresh per step and layer) and the drop rate."""
+  seed: Array
+  rate: float
+
+  @classmethod
+  def from_key(cls, key: jax.Array | None, rate: float) -> AttnDropout | None:
+    """None (no dropout) when there is no key (evaluation) or the rate is 0."""
+    if key is None or rate == 0.0:
+      return None
+    return cls(jax.random.bits(key, (), jnp.uint32), rate)
+
+  def apply(self, p: Array, b: Array, n: Array, i: Array, j: Array) -> Array:
+    """p with dropped weights zeroed and kept ones scaled; b, n, i, j broadcast against p."""
+    keep = dropout_keep(self.seed, b, n, i, j, self.rate)
+    return jnp.where(keep, p / (1.0 - self.rate), 0.0).astype(p.dtype)
+
+
+def _mix32(x: Array) -> Array:
+  """lowbias32 (C. Wellons' hash-prospector): a bijective uint32 hash with good avalanche."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def dropout_keep(seed: Array, b: Array, n: Array, i: Array, j: Array, rate: float) -> Array:
+  """Whether weight (b, n, i, j) survives dropout: hash(seed, b, n, i, j) >= rate * 2^32 (broadcast shapes)."""
+  u = lambda a: jnp.asarray(a).astype(jnp.uint32)
+  h = _mix32(u(seed) ^ _mix32(u(b)))
+  for idx in (n, i, j):  # chained: the small [B, N, T, 1] prefix is hashed once per query row
+    h = _mix32(h ^ u(idx))
+  return h >= jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
+
+
+def _bn_index(batch: int, heads: int, layout: str) -> tuple[Array, Array]:
+  """Batch and head index arrays shaped to broadcast in a rank-4 `layout` ('BNTS' or 'BTNS')."""
+  shape_b, shape_n = [1] * 4, [1] * 4
+  shape_b[layout.index('B')], shape_n[layout.index('N')] = batch, heads
+  return jnp.arange(batch).reshape(shape_b), jnp.arange(heads).reshape(shape_n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Standard attention kernels.
 
 def dense_attention(q: Float[Array, 'B T N Hq'], k: Float[Array, 'B S N Hq'], v: Float[Array, 'B S N Hv'],
-                    q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S'], scale: float) -> Float[Array, 'B T N Hv']:
-  """The obvious causal attention: float32 logits and softmax, masked by positions."""
+                    q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S'], scale: float,
+                    dropout: AttnDropout | None = None) -> Float[Array, 'B T N Hv']:
+  """The obvious causal attention: float32 logits and softmax, masked by positions, optional dropout."""
   s = jnp.einsum('BTNH,BSNH->BNTS', q, k, preferred_element_type=jnp.float32) * scale
   s = jnp.where(causal_mask(q_pos, k_pos)[None, None], s, NEG_INF)
-  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  p = jax.nn.softmax(s, axis=-1)
+  if dropout is not None:
+    b_idx, n_idx = _bn_index(q.shape[0], q.shape[2], 'BNTS')
+    p = dropout.apply(p, b_idx, n_idx, q_pos[None, None, :, None], k_pos[None, None, None, :])
+  p = p.astype(v.dtype)
   return jnp.einsum('BNTS,BSNH->BTNH', p, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
@@ -88,9 +156,15 @@ def _cudnn_ok(q: Array, v: Array) -> bool:
 
 
 def attend(q: Float[Array, 'B T N Hq'], k: Float[Array, 'B S N Hq'], v: Float[Array, 'B S N Hv'],
-           q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S'], scale: float, contiguous: bool
-           ) -> Float[Array, 'B T N Hv']:
+           q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S'], scale: float, contiguous: bool,
+           dropout: AttnDropout | None = None) -> Float[Array, 'B T N Hv']:
   """Causal attention; cuDNN's fused kernel on GPU in bf16 when positions are 0..T-1, else `dense_attention`."""
+  if dropout is not None:
+    # cuDNN draws its own dropout mask, not this module's index-hash mask that the selective implementations
+    # share: with attention dropout the obvious [B, N, T, S] softmax runs instead.
+    if _cudnn_ok(q, v):
+      logging.info('attention dropout: dense attention instead of cuDNN (its mask is not the shared one)')
+    return dense_attention(q, k, v, q_pos, k_pos, scale, dropout)
   if contiguous and q.shape[1] == k.shape[1] and _cudnn_ok(q, v):
     hv = v.shape[-1]
     # cuDNN wants equal q/k and v head dims: zero-padding V's head dim is exact (the padded outputs are zero).
@@ -104,14 +178,14 @@ def attend(q: Float[Array, 'B T N Hq'], k: Float[Array, 'B S N Hq'], v: Float[Ar
 
 
 class StandardAttention(nnx.Module):
-  """Causal MHA with RoPE; Wq, Wk, Wv: D -> D without bias and, as in the original, no output projection."""
+  """Causal MHA with RoPE; Wq, Wk, Wv: D -> D (bias: model.linear_bias); the output projection is the block's."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, spec = cfg.d_model, (sharding.EMBED, sharding.HEADS)
-    self.wq = dense(cfg, d, d, spec, use_bias=False, rngs=rngs)
-    self.wk = dense(cfg, d, d, spec, use_bias=False, rngs=rngs)
-    self.wv = dense(cfg, d, d, spec, use_bias=False, rngs=rngs)
+    self.wq = dense(cfg, d, d, spec, use_bias=cfg.linear_bias, rngs=rngs)
+    self.wk = dense(cfg, d, d, spec, use_bias=cfg.linear_bias, rngs=rngs)
+    self.wv = dense(cfg, d, d, spec, use_bias=cfg.linear_bias, rngs=rngs)
 
   def qkv(self, x: Float[Array, 'B T D'], positions: Int[Array, 'T']):
     """Rotated queries and keys, and values, each [B, T, N, H]."""
@@ -122,11 +196,12 @@ class StandardAttention(nnx.Module):
       q, k = rope_lib.apply(q, cos, sin), rope_lib.apply(k, cos, sin)
     return q, k, v
 
-  def __call__(self, x: Float[Array, 'B T D'], positions: Int[Array, 'T'], contiguous: bool = True
-               ) -> Float[Array, 'B T D']:
+  def __call__(self, x: Float[Array, 'B T D'], positions: Int[Array, 'T'], contiguous: bool = True,
+               dropout_key: jax.Array | None = None) -> Float[Array, 'B T D']:
     q, k, v = self.qkv(x, positions)
     scale = 1.0 / math.sqrt(self.cfg.head_dim)
-    return _merge(attend(q, k, v, positions, positions, scale, contiguous))
+    dropout = AttnDropout.from_key(dropout_key, self.cfg.attn_dropout)
+    return _merge(attend(q, k, v, positions, positions, scale, contiguous, dropout))
 
 
 class ReferenceAttention(nnx.Module):
@@ -136,12 +211,12 @@ class ReferenceAttention(nnx.Module):
     self.cfg = cfg
     self.mha = nnx.MultiHeadAttention(
         num_heads=cfg.num_heads, in_features=cfg.d_model, qkv_features=cfg.d_model, out_features=cfg.d_model,
-        use_bias=False, kernel_init=fan_in_uniform(), dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
+        use_bias=cfg.linear_bias, kernel_init=kernel_init(cfg), dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
         decode=False, deterministic=True, rngs=rngs)
 
-  def __call__(self, x: Float[Array, 'B T D'], positions: Int[Array, 'T'], contiguous: bool = True
-               ) -> Float[Array, 'B T D']:
-    del contiguous
+  def __call__(self, x: Float[Array, 'B T D'], positions: Int[Array, 'T'], contiguous: bool = True,
+               dropout_key: jax.Array | None = None) -> Float[Array, 'B T D']:
+    del contiguous, dropout_key  # model.attn_dropout is refused for the reference (config.py)
     return self.mha(x, mask=causal_mask(positions, positions)[None, None], deterministic=True)
 
 
@@ -150,15 +225,30 @@ class ReferenceAttention(nnx.Module):
 # split into a per-query part, a per-key part and a per-tile combination (`split`, `tile`) for the blockwise kernel.
 
 class LinearKV(nnx.Module):
-  """The original generator: K_ij = W_k [q_i ; x_j], V_ij = W_v [q_i ; x_j] (no bias)."""
+  """The original generator: K_ij = W_k [q_i ; x_j] (+ b_k), V_ij = W_v [q_i ; x_j] (+ b_v; model.linear_bias).
+
+  model.selective_parts ablates one half: 'keys' builds W_v on x_j alone (V_ij = E x_j, no per-query value
+  term), 'values' builds W_k on x_j alone (K_ij = B x_j, standard keys). `arrays` returns the missing query half
+  as zero rows, so every implementation computes the ablated function unchanged (and no gradient reaches it).
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, spec = cfg.d_model, (sharding.EMBED, sharding.HEADS)
-    self.wk = dense(cfg, 2 * d, d, spec, use_bias=False, rngs=rngs)
-    self.wv = dense(cfg, 2 * d, d, spec, use_bias=False, rngs=rngs)
+    k_in = 2 * d if cfg.selective_parts in ('both', 'keys') else d
+    v_in = 2 * d if cfg.selective_parts in ('both', 'values') else d
+    self.wk = dense(cfg, k_in, d, spec, use_bias=cfg.linear_bias, rngs=rngs)
+    self.wv = dense(cfg, v_in, d, spec, use_bias=cfg.linear_bias, rngs=rngs)
 
   def arrays(self, dtype) -> dict[str, Array]:
-    return {'wk': self.wk.kernel[...].astype(dtype), 'wv': self.wv.kernel[...].astype(dtype)}
+    out = {}
+    for name, lin in (('k', self.wk), ('v', self.wv)):
+      w = lin.kernel[...].astype(dtype)
+      if w.shape[0] == w.shape[1]:  # an ablated generator: D inputs (x_j), not 2D ([q_i ; x_j])
+        w = jnp.concatenate([jnp.zeros_like(w), w], axis=0)
+      out['w' + name] = w
+      if lin.bias is not None:
+        out['b' + name] = lin.bias[...].astype(dtype)
+    return out
 
   @staticmethod
   def full(p, qf: Float[Array, 'B T D'], x: Float[Array, 'B S D']):
@@ -166,13 +256,18 @@ class LinearKV(nnx.Module):
     s = x.shape[1]
     qx = jnp.concatenate([jnp.broadcast_to(qf[:, :, None], (b, t, s, d)),
                           jnp.broadcast_to(x[:, None, :], (b, t, s, d))], axis=-1)  # [B, T, S, 2D]: literal
-    return qx @ p['wk'], qx @ p['wv']
+    k, v = qx @ p['wk'], qx @ p['wv']
+    if 'bk' in p:
+      k, v = k + _bias(p['bk'], k.ndim), v + _bias(p['bv'], v.ndim)
+    return k, v
 
   @staticmethod
   def split(p, qf: Float[Array, 'B T D'], x: Float[Array, 'B S D']):
-    # W [q ; x] = W[:D]^T q + W[D:]^T x: the query half and the key half of the kernel (rows are inputs).
+    # W [q ; x] + b = (W[:D]^T q + b) + W[D:]^T x: the query half (with the bias) and the key half of the kernel.
     d = qf.shape[-1]
     qpart = (qf @ p['wk'][:d], qf @ p['wv'][:d])
+    if 'bk' in p:
+      qpart = (qpart[0] + _bias(p['bk'], qf.ndim), qpart[1] + _bias(p['bv'], qf.ndim))
     xpart = (x @ p['wk'][d:], x @ p['wv'][d:])
     return qpart, xpart
 
@@ -222,8 +317,8 @@ class MlpKV(nnx.Module):
 # Selective attention: the three implementations, as pure functions of arrays.
 
 def selective_materialized(gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D'],
-                           q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S'], rope_cfg, qf=None
-                           ) -> Float[Array, 'B T N H']:
+                           q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S'], rope_cfg, qf=None,
+                           dropout: AttnDropout | None = None) -> Float[Array, 'B T N H']:
   """The literal computation: K, V of shape [B, T, S, N, H].
 
   `qf` is the generator's query input when `q` holds only some heads (the `tensor` split); default all of q.
@@ -237,7 +332,11 @@ def selective_materialized(gen, p, q: Float[Array, 'B T N H'], x: Float[Array, '
     k_full = rope_lib.apply(k_full, *rope_lib.angles(k_pos, h, rope_cfg))  # K_ij rotated by j
   logits = jnp.einsum('BTNH,BTSNH->BTNS', q, k_full, preferred_element_type=jnp.float32) / math.sqrt(h)
   logits = jnp.where(causal_mask(q_pos, k_pos)[None, :, None, :], logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_full.dtype)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if dropout is not None:
+    b_idx, n_idx = _bn_index(b, n, 'BTNS')
+    probs = dropout.apply(probs, b_idx, n_idx, q_pos[None, :, None, None], k_pos[None, None, None, :])
+  probs = probs.astype(v_full.dtype)
   return jnp.einsum('BTNS,BTSNH->BTNH', probs, v_full, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
@@ -275,8 +374,12 @@ def _varying_like(tree, refs):
 
 def selective_blockwise(gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D'],
                         q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S'], rope_cfg, block_q: int, block_k: int,
-                        qf=None) -> Float[Array, 'B T N H']:
-  """The literal computation tile by tile: online softmax over key tiles, rematerialised in the backward pass."""
+                        qf=None, dropout: AttnDropout | None = None) -> Float[Array, 'B T N H']:
+  """The literal computation tile by tile: online softmax over key tiles, rematerialised in the backward pass.
+
+  With dropout the normaliser l sums every weight and the accumulator o only the kept ones (scaled): o / l is
+  then sum_j p_ij keep_ij / (1 - rate) V_ij, the dropped-out softmax.
+  """
   b, t, n, h = q.shape
   s = x.shape[1]
   bq, bk = min(block_q, t), min(block_k, s)
@@ -313,6 +416,9 @@ def selective_blockwise(gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S
       probs = jnp.exp(logits - m_safe[..., None])
       corr = jnp.exp(m - m_safe)
       l = l * corr + probs.sum(-1)
+      if dropout is not None:
+        b_idx, n_idx = _bn_index(b, n, 'BTNS')
+        probs = dropout.apply(probs, b_idx, n_idx, qpos[None, :, None, None], kpos[None, None, None, :])
       pv = jnp.einsum('BTNS,BTSNH->BTNH', probs.astype(v_tile.dtype), v_tile, preferred_element_type=jnp.float32)
       return o * corr[..., None] + pv, m_new, l
 
@@ -337,7 +443,8 @@ def selective_blockwise(gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S
 
 
 def selective_factored(p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D'], q_pos: Int[Array, 'T'],
-                       k_pos: Int[Array, 'S'], rope_cfg, contiguous: bool) -> Float[Array, 'B T N H']:
+                       k_pos: Int[Array, 'S'], rope_cfg, contiguous: bool, dropout: AttnDropout | None = None
+                       ) -> Float[Array, 'B T N H']:
   """Selective attention with a linear generator, computed as a standard attention.
 
   Split the kernels by input half: W_k = [A | B], W_v = [C | E]. With u_i = A q_i, k_j = B x_j, c_i = C q_i,
@@ -348,6 +455,10 @@ def selective_factored(p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D'], 
   per frequency f it is cos(j th_f)(a_f u1_f + b_f u2_f) + sin(j th_f)(b_f u1_f - a_f u2_f). So the logits are a
   plain dot product of the augmented query [R_i q_i ; a u1 + b u2 ; b u1 - a u2] (head dim 2H) with the
   augmented key [R_j k_j ; cos(j th) ; sin(j th)]. The scale stays 1/sqrt(H).
+  Dropout on the probabilities: the weights become d_ij = p_ij m_ij / (1 - rate) (m_ij the 0/1 keep mask), and
+  leave the logits (hence the keys' identity) alone. They no longer sum to one: with kappa_i = sum_j d_ij,
+  sum_j d_ij V_ij = kappa_i c_i + sum_j d_ij v_j. One extra all-ones value column makes the same attention call
+  return kappa_i beside sum_j d_ij v_j, with the same mask, so the per-query term is scaled by its row's kept mass.
   """
   b, t, n, h = q.shape
   (u, c), (k, v) = LinearKV.split(p, _merge(q), x)
@@ -362,8 +473,11 @@ def selective_factored(p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D'], 
     q = jnp.concatenate([q, qa * u1 + qb * u2, qb * u1 - qa * u2], axis=-1)
     trig = jnp.concatenate([k_cos, k_sin], axis=-1).astype(k.dtype)  # [S, H]
     k = jnp.concatenate([k, jnp.broadcast_to(trig[None, :, None, :], k.shape)], axis=-1)
-  out = attend(q, k, v, q_pos, k_pos, 1.0 / math.sqrt(h), contiguous)
-  return out + c
+  if dropout is None:
+    return attend(q, k, v, q_pos, k_pos, 1.0 / math.sqrt(h), contiguous) + c
+  ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
+  out = attend(q, k, jnp.concatenate([v, ones], axis=-1), q_pos, k_pos, 1.0 / math.sqrt(h), contiguous, dropout)
+  return out[..., :h] + out[..., h:] * c  # kappa_i [B, T, N, 1] broadcasts over c_i's head dim
 
 
 class SelectiveAttention(nnx.Module):
@@ -371,12 +485,14 @@ class SelectiveAttention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.wq = dense(cfg, cfg.d_model, cfg.d_model, (sharding.EMBED, sharding.HEADS), use_bias=False, rngs=rngs)
+    self.wq = dense(cfg, cfg.d_model, cfg.d_model, (sharding.EMBED, sharding.HEADS), use_bias=cfg.linear_bias,
+                    rngs=rngs)
     self.kv = (LinearKV if cfg.kv_generator == 'linear' else MlpKV)(cfg, rngs=rngs)
 
   def __call__(self, x: Float[Array, 'B T D'], positions: Int[Array, 'T'], contiguous: bool = True,
-               impl: str | None = None) -> Float[Array, 'B T D']:
+               impl: str | None = None, dropout_key: jax.Array | None = None) -> Float[Array, 'B T D']:
     cfg = self.cfg
+    dropout = AttnDropout.from_key(dropout_key, cfg.attn_dropout)
     impl = impl or cfg.impl
     gen = type(self.kv)
     if impl == 'factored' and gen is not LinearKV:
@@ -386,12 +502,12 @@ class SelectiveAttention(nnx.Module):
     x = x.astype(jnp.dtype(cfg.dtype))
     rope_cfg = cfg.rope_theta if cfg.rope else None
     if impl == 'factored':
-      return _merge(selective_factored(p, q, x, positions, positions, rope_cfg, contiguous))
+      return _merge(selective_factored(p, q, x, positions, positions, rope_cfg, contiguous, dropout))
     if impl == 'materialized':
-      fn = functools.partial(selective_materialized, gen, rope_cfg=rope_cfg)
+      fn = functools.partial(selective_materialized, gen, rope_cfg=rope_cfg, dropout=dropout)
     else:
       fn = functools.partial(selective_blockwise, gen, rope_cfg=rope_cfg, block_q=cfg.block_q,
-                             block_k=cfg.block_k)
+                             block_k=cfg.block_k, dropout=dropout)
     if _seq_size() > 1:
       return _merge(_seq_split(fn, gen, p, q, x, positions))
     return _merge(fn(p, q, x, positions, positions))

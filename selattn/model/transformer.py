@@ -1,6 +1,9 @@
-"""The original decoder-only transformer: embedding, L post-LN layers, ReLU FFN, logits with bias."""
+"""The decoder-only transformer: the original's block by default (post-LN, ReLU, no output projection, RoPE),
+nanoGPT's by config (pre-LN, GELU, output projection, learned positions, tied embeddings, its init)."""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +25,22 @@ def dropout(x: Array, rate: float, key: jax.Array | None) -> Array:
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def activation(cfg: ModelConfig):
+  # nanoGPT's nn.GELU() is the exact (erf) GELU; jax's default is the tanh approximation.
+  return jax.nn.relu if cfg.activation == 'relu' else lambda x: jax.nn.gelu(x, approximate=False)
+
+
+def embedding_init(cfg: ModelConfig) -> nnx.Initializer:
+  return nnx.initializers.normal(1.0 if cfg.init == 'original' else attn_lib.NANOGPT_STD)
+
+
 class LayerNorm(nnx.Module):
-  """LayerNorm with scale and bias, eps 1e-5, computed in float32."""
+  """LayerNorm with scale and (model.norm_bias) bias, eps 1e-5, computed in float32."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.dtype = jnp.dtype(cfg.dtype)
     self.norm = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
+                              use_bias=cfg.norm_bias,
                               scale_init=nnx.with_partitioning(nnx.initializers.ones, (sharding.REPLICATED,)),
                               bias_init=nnx.with_partitioning(nnx.initializers.zeros, (sharding.REPLICATED,)),
                               rngs=rngs)
@@ -37,25 +50,54 @@ class LayerNorm(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Post-LN: x = LN1(x + MHA(x)); x = LN2(x + FFN(x)); FFN = Linear(D, F) -> ReLU -> Linear(F, D), no bias."""
+  """post (the original): x = LN1(x + A(x)); x = LN2(x + FFN(x)).  pre: x = x + A(LN1(x)); x = x + FFN(LN2(x)).
+
+  A is the attention, then Linear(D, D) if model.attn_out_proj; FFN = Linear(D, F) -> ReLU | GELU -> Linear(F, D).
+  Each branch's output goes through dropout (model.dropout) before the residual add.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
+    d = cfg.d_model
+    # nanoGPT scales the init of the projections that write into the residual stream by 1/sqrt(2L).
+    resid_init = (None if cfg.init == 'original'
+                  else nnx.initializers.normal(attn_lib.NANOGPT_STD / math.sqrt(2 * cfg.num_layers)))
     self.attn = ATTENTION[cfg.attention](cfg, rngs=rngs)
     self.ln1 = LayerNorm(cfg, rngs=rngs)
-    self.ffn_in = attn_lib.dense(cfg, cfg.d_model, cfg.ffn_dim, (sharding.EMBED, sharding.HEADS), use_bias=False,
+    self.attn_proj = (attn_lib.dense(cfg, d, d, (sharding.HEADS, sharding.EMBED), use_bias=cfg.linear_bias,
+                                     rngs=rngs, init=resid_init) if cfg.attn_out_proj else None)
+    self.ffn_in = attn_lib.dense(cfg, d, cfg.ffn_dim, (sharding.EMBED, sharding.HEADS), use_bias=cfg.linear_bias,
                                  rngs=rngs)
-    self.ffn_out = attn_lib.dense(cfg, cfg.ffn_dim, cfg.d_model, (sharding.HEADS, sharding.EMBED),
-                                  use_bias=False, rngs=rngs)
+    self.ffn_out = attn_lib.dense(cfg, cfg.ffn_dim, d, (sharding.HEADS, sharding.EMBED), use_bias=cfg.linear_bias,
+                                  rngs=rngs, init=resid_init)
     self.ln2 = LayerNorm(cfg, rngs=rngs)
+
+  def attn_input(self, x: Float[Array, 'B T D']) -> Float[Array, 'B T D']:
+    """What the attention reads: LN1(x) pre-LN, x post-LN."""
+    return self.ln1(x) if self.cfg.norm == 'pre' else x
+
+  def ffn(self, x: Float[Array, 'B T D']) -> Float[Array, 'B T D']:
+    return self.ffn_out(sharding.constrain_activations(activation(self.cfg)(self.ffn_in(x))))
+
+  def finish(self, x: Float[Array, 'B T D'], a: Float[Array, 'B T D'], key: jax.Array | None
+             ) -> Float[Array, 'B T D']:
+    """The rest of the layer, given the attention's output `a` (before the output projection)."""
+    k1, k2 = jax.random.split(key) if key is not None else (None, None)
+    rate = self.cfg.dropout
+    if self.attn_proj is not None:
+      a = self.attn_proj(a)
+    if self.cfg.norm == 'pre':
+      x = sharding.constrain_activations(x + dropout(a, rate, k1))
+      return sharding.constrain_activations(x + dropout(self.ffn(self.ln2(x)), rate, k2))
+    x = sharding.constrain_activations(self.ln1(x + dropout(a, rate, k1)))
+    return sharding.constrain_activations(self.ln2(x + dropout(self.ffn(x), rate, k2)))
 
   def __call__(self, x: Float[Array, 'B T D'], positions: Int[Array, 'T'], contiguous: bool,
                key: jax.Array | None) -> Float[Array, 'B T D']:
-    k1, k2 = jax.random.split(key) if key is not None else (None, None)
-    x = sharding.constrain_activations(
-        self.ln1(x + dropout(self.attn(x, positions, contiguous), self.cfg.dropout, k1)))
-    h = self.ffn_out(sharding.constrain_activations(jax.nn.relu(self.ffn_in(x))))
-    return sharding.constrain_activations(self.ln2(x + dropout(h, self.cfg.dropout, k2)))
+    # fold_in, not a third split: the residual dropout keeps the stream it had before attention dropout existed.
+    attn_key = jax.random.fold_in(key, 2) if key is not None and self.cfg.attn_dropout > 0 else None
+    a = self.attn(self.attn_input(x), positions, contiguous, dropout_key=attn_key)
+    return self.finish(x, a, key)
 
 
 class Transformer(nnx.Module):
@@ -66,30 +108,61 @@ class Transformer(nnx.Module):
     # The lookup stays float32: its backward is a scatter-add of B*T rows into V (a few dozen) rows, and
     # bfloat16 atomics under that contention made a bf16 nanoGPT-size step 4x slower (47 vs 12 ms, H200).
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, dtype=jnp.float32,
-                           embedding_init=nnx.with_partitioning(nnx.initializers.normal(1.0),
+                           embedding_init=nnx.with_partitioning(embedding_init(cfg),
                                                                 (sharding.VOCAB, sharding.EMBED)),
                            rngs=rngs)
+    self.pos_embed = (nnx.Embed(cfg.max_len, cfg.d_model, param_dtype=jnp.float32, dtype=jnp.float32,
+                                embedding_init=nnx.with_partitioning(embedding_init(cfg),
+                                                                     (sharding.REPLICATED, sharding.EMBED)),
+                                rngs=rngs) if cfg.positions == 'learned' else None)
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.head = attn_lib.dense(cfg, cfg.d_model, cfg.vocab_size, (sharding.EMBED, sharding.VOCAB), use_bias=True,
-                               rngs=rngs)
+    self.ln_f = LayerNorm(cfg, rngs=rngs) if cfg.norm == 'pre' else None
+    if cfg.tie_embeddings:
+      self.head = None
+      self.head_bias = (nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32)) if cfg.head_bias else None)
+    else:
+      self.head = attn_lib.dense(cfg, cfg.d_model, cfg.vocab_size, (sharding.EMBED, sharding.VOCAB),
+                                 use_bias=cfg.head_bias, rngs=rngs)
+
+  def embed_inputs(self, tokens: Int[Array, 'B T'], positions: Int[Array, 'T']) -> Float[Array, 'B T D']:
+    """Token (plus learned position) embeddings in the compute dtype, before dropout."""
+    x = self.embed(tokens)
+    if self.pos_embed is not None:
+      x = x + self.pos_embed(positions)[None]
+    return x.astype(jnp.dtype(self.cfg.dtype))
+
+  def logits(self, x: Float[Array, 'B T D']) -> Float[Array, 'B T V']:
+    """The last layer's output -> float32 logits (final LN when pre-LN; the transposed embedding when tied)."""
+    if self.ln_f is not None:
+      x = self.ln_f(x)
+    if self.head is not None:
+      return self.head(x).astype(jnp.float32)
+    out = jnp.einsum('BTD,VD->BTV', x, self.embed.embedding[...].astype(x.dtype)).astype(jnp.float32)
+    if self.head_bias is not None:
+      out = out + self.head_bias[...].reshape(1, 1, -1)
+    return out
 
   def __call__(self, tokens: Int[Array, 'B T'], positions: Int[Array, 'T'] | None = None, *,
                dropout_key: jax.Array | None = None) -> Float[Array, 'B T V']:
-    """`positions` (default 0..T-1) are the tokens' places in the sequence: RoPE angles and the causal mask use
-    them, so a permuted sequence (the zigzag order of the `seq` split) computes the same function."""
+    """`positions` (default 0..T-1) are the tokens' places in the sequence: RoPE angles, learned positions and
+    the causal mask use them, so a permuted sequence (the zigzag order of the `seq` split) computes the same
+    function."""
+    cfg = self.cfg
+    if cfg.positions == 'learned' and tokens.shape[1] > cfg.max_len:
+      raise ValueError(f'{tokens.shape[1]} tokens but the learned position table has model.max_len={cfg.max_len} '
+                       'rows (data.seq_len of the run)')
     contiguous = positions is None
     if positions is None:
       positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    keys = (jax.random.split(dropout_key, self.cfg.num_layers + 1) if dropout_key is not None
-            else [None] * (self.cfg.num_layers + 1))
-    x = sharding.constrain_activations(
-        dropout(self.embed(tokens).astype(jnp.dtype(self.cfg.dtype)), self.cfg.dropout, keys[0]))
+    keys = (jax.random.split(dropout_key, cfg.num_layers + 1) if dropout_key is not None
+            else [None] * (cfg.num_layers + 1))
+    x = sharding.constrain_activations(dropout(self.embed_inputs(tokens, positions), cfg.dropout, keys[0]))
     for layer, key in zip(self.layers, keys[1:]):
-      if self.cfg.remat:
+      if cfg.remat:
         x = nnx.remat(lambda lyr, x, k: lyr(x, positions, contiguous, k))(layer, x, key)
       else:
         x = layer(x, positions, contiguous, key)
-    return sharding.constrain_activations(self.head(x).astype(jnp.float32))
+    return sharding.constrain_activations(self.logits(x))
 
 
 def count_params(model: nnx.Module) -> int:
