@@ -8,9 +8,11 @@ tinyshakespeare's 65 symbols without the position table, as nanoGPT prints. The 
 clipping at 1.0, bf16 compute. Held-out loss every 250 steps on the whole validation split (nanoGPT averages 200
 random batches), its split: the first 90% trains, the last 10% validates.
 
-The corpus is not shipped; point data.path at nanoGPT's tinyshakespeare input.txt (1,115,394 characters), e.g.
+The corpus is not shipped. data.path is where `python -m selattn.corpora.fetch tinyshakespeare` writes it
+(data/tinyshakespeare.txt, relative to where you run; 1,115,394 characters); fetch it once from the repo root:
 
-  python -m selattn.main --config configs/nanogpt.py --workdir runs/nanogpt --config.data.path=PATH/input.txt
+  python -m selattn.corpora.fetch tinyshakespeare
+  python -m selattn.main --config configs/nanogpt.py --workdir runs/nanogpt
 
 `:selective` swaps in selective attention on the same block (12.42M parameters).
 """
@@ -27,6 +29,7 @@ def get_config(variant: str = ''):
       'pre', 'gelu', 'learned', True, True, 'nanogpt')
   m.linear_bias, m.norm_bias, m.head_bias = False, False, False
   m.dropout, m.attn_dropout = 0.2, 0.2
+  c.data.path = 'data/tinyshakespeare.txt'  # written by `python -m selattn.corpora.fetch tinyshakespeare`
   c.data.seq_len = 256
   c.data.val_fraction = 0.1
   t.batch_size, t.num_steps = 64, 5000

@@ -91,7 +91,7 @@ def test_nanogpt_config(variant, attention):
   assert (m.norm, m.activation, m.attn_out_proj, m.positions, m.max_len, m.tie_embeddings, m.init) == (
       'pre', 'gelu', True, 'learned', 256, True, 'nanogpt')
   assert (m.linear_bias, m.norm_bias, m.head_bias, m.attn_dropout, m.dtype) == (False, False, False, 0.2, 'bfloat16')
-  assert c.data.seq_len == 256 and c.data.val_fraction == 0.1 and c.data.path == ''
+  assert c.data.seq_len == 256 and c.data.val_fraction == 0.1 and c.data.path == 'data/tinyshakespeare.txt'
   assert t.batch_size == 64 and t.num_steps == 5000 and t.eval_every == 250
   assert (t.learning_rate, t.warmup_steps, t.lr_schedule, t.min_learning_rate) == (1e-3, 100, 'cosine', 1e-4)
   assert (t.b1, t.b2, t.weight_decay, t.weight_decay_mask, t.grad_clip) == (0.9, 0.99, 0.1, 'matrices', 1.0)
