@@ -1,0 +1,202 @@
+"""One config over several seeds: `python -m selattn.sweep --config configs/nanogpt.py --seeds 3 --workdir runs/x`.
+
+Seed k trains in its own workdir WORKDIR/seed<k> with --config.train.seed=k (parameter init, data order and
+dropout), through `python -m selattn.main`, its output in WORKDIR/seed<k>/train.log. Runs go one per GPU
+(CUDA_VISIBLE_DEVICES), --per_gpu at a time on each; without a GPU they run one after another. Like every run,
+each seed resumes from its latest checkpoint: rerun the same command after a crash or to raise num_steps. Any
+`--config.KEY=VALUE` is passed to every seed. At the end it prints each seed's best and last held-out loss and
+their mean, std, min and max over seeds, and writes them to WORKDIR/summary.json; `python -m selattn.plot WORKDIR`
+draws the mean with a min-max band.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+
+@dataclasses.dataclass
+class Job:
+  seed: int
+  workdir: str
+  argv: list[str]
+  proc: subprocess.Popen | None = None
+  slot: str | None = None
+  returncode: int | None = None
+
+
+def detect_gpus() -> list[str]:
+  """GPU ids to use: CUDA_VISIBLE_DEVICES if set, else those `nvidia-smi -L` lists; [] without an NVIDIA GPU."""
+  visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+  if visible is not None:
+    return [g for g in visible.split(',') if g.strip() and g.strip() != '-1']
+  if shutil.which('nvidia-smi') is None:
+    return []
+  try:
+    out = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, timeout=60, check=False).stdout
+  except (OSError, subprocess.TimeoutExpired):
+    return []
+  return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith('GPU '))]
+
+
+def slots(gpus: list[str], per_gpu: int) -> list[dict[str, str] | None]:
+  """One entry per concurrent run: the environment it adds (its GPU), or None for the one CPU slot."""
+  if not gpus:
+    return [None]  # CPU: one run at a time, each using every core
+  out = []
+  for _ in range(per_gpu):
+    for g in gpus:
+      env = {'CUDA_VISIBLE_DEVICES': g}
+      if per_gpu > 1:
+        # JAX preallocates 75% of a GPU's memory per process: share it among the runs on one GPU.
+        env['XLA_PYTHON_CLIENT_MEM_FRACTION'] = f'{0.9 / per_gpu:.3f}'
+      out.append(env)
+  return out
+
+
+def run_jobs(jobs: list[Job], free: list[dict[str, str] | None], poll: float = 1.0) -> None:
+  """Runs the jobs, at most one per free slot at a time; SIGTERM/SIGINT are passed on to the running ones (they
+  checkpoint and stop), and no new job starts after one."""
+  pending, running = list(jobs), []
+  stop = []
+
+  def handle(signum, frame):
+    del frame
+    stop.append(signum)
+    for job in running:
+      job.proc.send_signal(signal.SIGTERM)
+
+  old = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    while pending or running:
+      while pending and free and not stop:
+        job, env = pending.pop(0), free.pop(0)
+        os.makedirs(job.workdir, exist_ok=True)
+        job.slot = env
+        with open(os.path.join(job.workdir, 'train.log'), 'ab') as log:
+          job.proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT,
+                                      env={**os.environ, **(env or {})})
+        running.append(job)
+        where = f'GPU {env["CUDA_VISIBLE_DEVICES"]}' if env else 'CPU'
+        print(f'[sweep] seed {job.seed} started on {where}: {job.workdir}', flush=True)
+      if stop and not running:
+        break
+      time.sleep(poll)
+      for job in list(running):
+        if job.proc.poll() is not None:
+          job.returncode = job.proc.returncode
+          running.remove(job)
+          free.append(job.slot)
+          print(f'[sweep] seed {job.seed} {"finished" if job.returncode == 0 else f"failed ({job.returncode})"}',
+                flush=True)
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+  if stop:
+    raise SystemExit(f'error: stopped by a signal; rerun the same command to resume '
+                     f'({len(pending)} seed(s) not started)')
+
+
+def _last_line(path: str) -> str:
+  try:
+    with open(path, errors='replace') as f:
+      lines = [l.strip() for l in f if l.strip()]
+  except OSError:
+    return ''
+  return lines[-1] if lines else ''
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+  return {'mean': statistics.fmean(values), 'std': statistics.stdev(values) if len(values) > 1 else 0.0,
+          'min': min(values), 'max': max(values)}
+
+
+def summarize(workdir: str, seeds: list[int]) -> dict:
+  """Each seed's best and last eval/loss (from its event files) and their statistics over seeds."""
+  from selattn import plot  # pylint: disable=g-import-not-at-top  (tensorboard: only once runs are done)
+  per_seed = {}
+  for k in seeds:
+    evals = plot.read_scalars(os.path.join(workdir, f'seed{k}')).get('eval/loss', {})
+    if evals:
+      best = min(evals, key=lambda s: (evals[s], s))
+      last = max(evals)
+      per_seed[k] = {'best_eval_loss': evals[best], 'best_step': best, 'last_eval_loss': evals[last],
+                     'last_step': last}
+  out = {'seeds': per_seed}
+  if per_seed:
+    out['best_eval_loss'] = _stats([r['best_eval_loss'] for r in per_seed.values()])
+    out['last_eval_loss'] = _stats([r['last_eval_loss'] for r in per_seed.values()])
+  return out
+
+
+def build_jobs(config: str, workdir: str, seeds: list[int], overrides: list[str]) -> list[Job]:
+  """Seed k: `python -m selattn.main` into WORKDIR/seed<k> with train.seed=k; the same command every time, so a
+  rerun resumes each seed from its own checkpoints."""
+  jobs = []
+  for k in seeds:
+    wd = os.path.join(workdir, f'seed{k}')
+    jobs.append(Job(k, wd, [sys.executable, '-m', 'selattn.main', f'--config={config}', f'--workdir={wd}',
+                            f'--config.train.seed={k}', *overrides]))
+  return jobs
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              epilog='Other arguments must be --config.KEY=VALUE overrides, passed to every seed.')
+  p.add_argument('--config', required=True, help='config file, e.g. configs/nanogpt.py[:variant]')
+  p.add_argument('--workdir', required=True, help='sweep folder: seed k trains in WORKDIR/seed<k>')
+  p.add_argument('--seeds', type=int, default=3, help='number of seeds')
+  p.add_argument('--first_seed', type=int, default=0, help='seeds are first_seed .. first_seed + seeds - 1')
+  p.add_argument('--gpus', default='auto', help="comma-separated GPU ids, 'auto' (CUDA_VISIBLE_DEVICES or all "
+                 "nvidia-smi lists) or 'none' (CPU, one run at a time)")
+  p.add_argument('--per_gpu', type=int, default=1, help='runs at a time on each GPU')
+  args, overrides = p.parse_known_args(argv)
+  bad = [a for a in overrides if not a.startswith('--config.')]
+  if bad:
+    p.error(f'unrecognized arguments: {" ".join(bad)} (only --config.KEY=VALUE overrides are passed on)')
+  if any(a.startswith('--config.train.seed') for a in overrides):
+    p.error('--config.train.seed is set per run by the sweep; use --seeds and --first_seed')
+  if args.seeds < 1 or args.per_gpu < 1 or args.first_seed < 0:
+    p.error('--seeds and --per_gpu must be at least 1, --first_seed at least 0')
+  config_file = args.config.split(':', 1)[0]
+  if not os.path.isfile(config_file):
+    p.error(f'--config={args.config}: no such file {config_file}')
+  gpus = (detect_gpus() if args.gpus == 'auto' else [] if args.gpus == 'none'
+          else [g.strip() for g in args.gpus.split(',') if g.strip()])
+
+  seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+  jobs = build_jobs(args.config, args.workdir, seeds, overrides)
+  where = f'GPUs {",".join(gpus)} ({args.per_gpu} per GPU)' if gpus else 'the CPU, one at a time'
+  print(f'[sweep] {len(jobs)} seeds of {args.config} into {args.workdir} on {where}', flush=True)
+  run_jobs(jobs, slots(gpus, args.per_gpu))
+
+  summary = summarize(args.workdir, seeds)
+  summary.update(config=args.config, overrides=overrides,
+                 failed={j.seed: _last_line(os.path.join(j.workdir, 'train.log')) for j in jobs if j.returncode})
+  with open(os.path.join(args.workdir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  for k, r in summary['seeds'].items():
+    print(f'seed {k}: best eval/loss {r["best_eval_loss"]:.4f} (step {r["best_step"]}), '
+          f'last {r["last_eval_loss"]:.4f} (step {r["last_step"]})')
+  for key in ('best_eval_loss', 'last_eval_loss'):
+    if key in summary:
+      s = summary[key]
+      print(f'{key.replace("_", " ")} over {len(summary["seeds"])} seeds: mean {s["mean"]:.4f} std {s["std"]:.4f} '
+            f'min {s["min"]:.4f} max {s["max"]:.4f}')
+  print(f'wrote {os.path.join(args.workdir, "summary.json")}')
+  if summary['failed']:
+    for k, line in summary['failed'].items():
+      print(f'seed {k} failed: {line}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,131 @@
+"""selattn.sweep (one config over seeds: scheduling on GPUs, CPU fallback, resume, summary) and the seed bands of
+selattn.plot."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from selattn import metrics, plot, sweep
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _sweep(*args, cwd=ROOT, env=None):
+  return subprocess.run([sys.executable, '-m', 'selattn.sweep', *args], capture_output=True, text=True, cwd=cwd,
+                        check=False, env={**os.environ, 'PYTHONPATH': str(ROOT), **(env or {})})
+
+
+def test_slots():
+  assert sweep.slots([], 3) == [None]  # CPU: one run at a time
+  assert sweep.slots(['0', '2'], 1) == [{'CUDA_VISIBLE_DEVICES': '0'}, {'CUDA_VISIBLE_DEVICES': '2'}]
+  four = sweep.slots(['0', '2'], 2)
+  assert [s['CUDA_VISIBLE_DEVICES'] for s in four] == ['0', '2', '0', '2']
+  assert {s['XLA_PYTHON_CLIENT_MEM_FRACTION'] for s in four} == {'0.450'}
+
+
+def test_detect_gpus_reads_cuda_visible_devices(monkeypatch):
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '1,3')
+  assert sweep.detect_gpus() == ['1', '3']
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
+  assert sweep.detect_gpus() == []
+
+
+def test_run_jobs_keeps_one_run_per_slot(tmp_path):
+  """Five jobs on two GPUs: never more than two at once, each on a GPU of its own while it runs."""
+  record = tmp_path / 'record.txt'
+  code = ('import os, sys, time; t0 = time.time(); time.sleep(0.4); '
+          f'open({str(record)!r}, "a").write(f"{{sys.argv[1]}} {{os.environ[\'CUDA_VISIBLE_DEVICES\']}} '
+          '{t0} {time.time()}\\n"); sys.exit(int(sys.argv[1]) == 3)')
+  jobs = [sweep.Job(k, str(tmp_path / f'seed{k}'), [sys.executable, '-c', code, str(k)]) for k in range(5)]
+  sweep.run_jobs(jobs, sweep.slots(['4', '6'], 1), poll=0.05)
+  rows = [line.split() for line in record.read_text().splitlines()]
+  assert sorted(int(r[0]) for r in rows) == list(range(5))
+  spans = [(float(r[2]), float(r[3]), r[1]) for r in rows]
+  for t, _, _ in spans:  # at each start, at most 2 runs are live, on different GPUs
+    live = [g for s, e, g in spans if s <= t < e]
+    assert len(live) <= 2 and len(set(live)) == len(live), spans
+  assert {r[1] for r in rows} == {'4', '6'}
+  assert [j.returncode for j in jobs] == [0, 0, 0, 1, 0]
+  assert all((tmp_path / f'seed{k}' / 'train.log').exists() for k in range(5))
+
+
+def test_sweep_on_cpu_trains_each_seed_resumably(tmp_path):
+  work = tmp_path / 'sw'
+  args = ['--config', 'configs/tiny.py', '--seeds', '2', '--workdir', str(work), '--gpus', 'none',
+          '--config.train.num_steps=4', '--config.train.eval_every=2', '--config.train.checkpoint_every=4',
+          '--config.train.sample_length=0', '--config.train.log_every=2']
+  r = _sweep(*args)
+  assert r.returncode == 0, r.stdout + r.stderr
+  summary = json.loads((work / 'summary.json').read_text())
+  assert set(summary['seeds']) == {'0', '1'} and summary['failed'] == {}
+  for k in (0, 1):
+    cfg = json.loads((work / f'seed{k}' / 'config.json').read_text())['config']
+    assert cfg['train']['seed'] == k and cfg['train']['num_steps'] == 4
+    assert summary['seeds'][str(k)]['last_step'] == 4
+  losses = [summary['seeds'][k]['last_eval_loss'] for k in ('0', '1')]
+  assert losses[0] != losses[1]  # two seeds, two runs
+  assert summary['last_eval_loss']['min'] == min(losses) and summary['last_eval_loss']['max'] == max(losses)
+  assert abs(summary['last_eval_loss']['mean'] - sum(losses) / 2) < 1e-12
+  assert 'last eval loss over 2 seeds: mean' in r.stdout
+  # Each seed ran `python -m selattn.main` with its own workdir and seed, a command that resumes when rerun.
+  log = (work / 'seed1' / 'train.log').read_text()
+  assert 'eval at step 4' in log
+  jobs = sweep.build_jobs('configs/tiny.py', str(work), [0, 1], args[8:])
+  assert jobs[1].argv[1:] == ['-m', 'selattn.main', '--config=configs/tiny.py', f'--workdir={work}/seed1',
+                              '--config.train.seed=1', *args[8:]]
+  # ... and plot draws the sweep folder as one curve with a band.
+  png = tmp_path / 'bands.png'
+  plot.plot([str(work)], str(png), tags=('eval/loss',))
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_a_failing_seed_is_reported_in_one_line(tmp_path):
+  r = _sweep('--config', 'configs/tiny.py', '--seeds', '1', '--workdir', str(tmp_path / 'bad'), '--gpus', 'none',
+             '--config.model.d_model=33')
+  assert r.returncode == 1
+  assert r.stderr.strip().splitlines()[-1] == (
+      'seed 0 failed: error: model.d_model=33 is not divisible by model.num_heads=2')
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--seeds', '0'], '--seeds and --per_gpu must be at least 1'),
+    (['--config.train.seed=3'], '--config.train.seed is set per run by the sweep'),
+    (['--learning_rate=1'], 'unrecognized arguments: --learning_rate=1'),
+])
+def test_bad_arguments(tmp_path, args, message):
+  r = _sweep('--config', 'configs/tiny.py', '--workdir', str(tmp_path / 'x'), *args)
+  assert r.returncode == 2 and message in r.stderr, r.stderr
+  assert not (tmp_path / 'x').exists()
+
+
+def test_missing_config_file(tmp_path):
+  r = _sweep('--config', 'configs/nope.py:selective', '--workdir', str(tmp_path / 'x'))
+  assert r.returncode == 2 and 'no such file configs/nope.py' in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bands over seeds in selattn.plot.
+
+def _write(path, values):
+  w = metrics.MetricWriter(str(path))
+  for step, v in values.items():
+    w.write_scalars(step, {'eval/loss': v})
+  w.close()
+
+
+def test_plot_reads_a_sweep_folder_as_seeds(tmp_path):
+  _write(tmp_path / 'sw' / 'seed0', {100: 3.0, 200: 2.0, 300: 1.5})
+  _write(tmp_path / 'sw' / 'seed1', {100: 3.2, 200: 2.4})  # still running: no step 300 yet
+  _write(tmp_path / 'sw' / 'seed10', {100: 2.8, 200: 2.3, 300: 1.6})
+  (tmp_path / 'sw' / 'seed2').mkdir()  # started, nothing written: not a seed curve yet
+  runs = plot.seed_runs(str(tmp_path / 'sw'))
+  assert [os.path.basename(r) for r in runs] == ['seed0', 'seed1', 'seed10']
+  steps, mean, lo, hi = plot.band([plot.read_scalars(r)['eval/loss'] for r in runs])
+  assert steps == [100, 200]
+  assert mean == pytest.approx([3.0, (2.0 + 2.4 + 2.3) / 3])
+  assert lo == pytest.approx([2.8, 2.0]) and hi == pytest.approx([3.2, 2.4])
+  assert plot.seed_runs(str(tmp_path / 'sw' / 'seed0')) == [str(tmp_path / 'sw' / 'seed0')]  # a plain run
