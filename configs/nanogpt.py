@@ -14,7 +14,9 @@ The corpus is not shipped. data.path is where `python -m selattn.corpora.fetch t
   python -m selattn.corpora.fetch tinyshakespeare
   python -m selattn.main --config configs/nanogpt.py --workdir runs/nanogpt
 
-`:selective` swaps in selective attention on the same block (12.42M parameters).
+`:selective` swaps in selective attention on the same block (12.42M parameters). `:original_block` keeps this run
+but the original's block (post-LN, ReLU, RoPE, no output projection, untied, its init and biases, no attention
+dropout, decay on every parameter): the model this file described before it became nanoGPT's.
 """
 
 from configs import base
@@ -40,6 +42,11 @@ def get_config(variant: str = ''):
   for v in filter(None, variant.split(',')):
     if v == 'selective':
       m.attention = 'selective'
+    elif v == 'original_block':
+      m.norm, m.activation, m.positions, m.attn_out_proj, m.tie_embeddings, m.init = (
+          'post', 'relu', 'rope', False, False, 'original')
+      m.linear_bias, m.norm_bias, m.head_bias, m.attn_dropout = False, True, True, 0.0
+      t.weight_decay_mask = 'all'
     else:
       base.apply_variant(c, v)
   return c

@@ -17,7 +17,7 @@ VOCAB_SIZE = 83  # the embedded corpus's vocabulary
 
 # (module, variant): every file in configs/ and every variant it documents.
 ALL_CONFIGS = [('base', None), ('standard', ''), ('selective', ''), ('selective', 'quick'), ('reference', ''),
-               ('nanogpt', ''), ('nanogpt', 'selective'), ('tiny', '')]
+               ('nanogpt', ''), ('nanogpt', 'selective'), ('nanogpt', 'original_block,selective'), ('tiny', '')]
 
 
 def _load(name, variant):
@@ -167,3 +167,18 @@ def test_every_base_key_has_a_comment_on_its_line():
     commented = {tok.start[0] for tok in tokenize.tokenize(f.readline) if tok.type == tokenize.COMMENT}
   missing = sorted(k for k, line in lines.items() if line not in commented)
   assert not missing, f'keys without a comment on their line in configs/base.py: {missing}'
+
+
+def test_nanogpt_original_block_is_the_original_block_on_the_nanogpt_run():
+  """`:original_block` is the original's model (base.py's block keys) with nanoGPT's sizes and run."""
+  old = config_lib.from_config(_load('nanogpt', 'original_block'), VOCAB_SIZE)
+  new = config_lib.from_config(_load('nanogpt', ''), VOCAB_SIZE)
+  base = config_lib.from_config(_load('base', None), VOCAB_SIZE)
+  block_keys = ('norm', 'activation', 'positions', 'attn_out_proj', 'tie_embeddings', 'init', 'linear_bias',
+                'norm_bias', 'head_bias', 'attn_dropout', 'max_len')
+  for k in block_keys:
+    assert getattr(old.model, k) == getattr(base.model, k), k
+  assert [k for k in block_keys if getattr(new.model, k) != getattr(base.model, k)] != []
+  assert old.train.weight_decay_mask == 'all'
+  assert (old.model.d_model, old.model.dropout, old.data, old.train.learning_rate) == (
+      new.model.d_model, new.model.dropout, new.data, new.train.learning_rate)
