@@ -119,18 +119,19 @@ def _stats(values: list[float]) -> dict[str, float]:
           'min': min(values), 'max': max(values)}
 
 
-def summarize(workdir: str, seeds: list[int]) -> dict:
-  """Each seed's best and last eval/loss (from its event files) and their statistics over seeds."""
+def summarize(workdir: str, seeds: list[int], best_until: int = 0) -> dict:
+  """Each seed's best (up to step `best_until`, 0 = any) and last eval/loss, and their statistics over seeds."""
   from selattn import plot  # pylint: disable=g-import-not-at-top  (tensorboard: only once runs are done)
   per_seed = {}
   for k in seeds:
-    evals = plot.read_scalars(os.path.join(workdir, f'seed{k}')).get('eval/loss', {})
+    all_evals = plot.read_scalars(os.path.join(workdir, f'seed{k}')).get('eval/loss', {})
+    last = max(all_evals) if all_evals else None
+    evals = {s: v for s, v in all_evals.items() if not best_until or s <= best_until}
     if evals:
       best = min(evals, key=lambda s: (evals[s], s))
-      last = max(evals)
-      per_seed[k] = {'best_eval_loss': evals[best], 'best_step': best, 'last_eval_loss': evals[last],
+      per_seed[k] = {'best_eval_loss': evals[best], 'best_step': best, 'last_eval_loss': all_evals[last],
                      'last_step': last}
-  out = {'seeds': per_seed}
+  out = {'seeds': per_seed, 'best_until': best_until}
   if per_seed:
     out['best_eval_loss'] = _stats([r['best_eval_loss'] for r in per_seed.values()])
     out['last_eval_loss'] = _stats([r['last_eval_loss'] for r in per_seed.values()])
@@ -158,6 +159,9 @@ def main(argv=None):
   p.add_argument('--gpus', default='auto', help="comma-separated GPU ids, 'auto' (CUDA_VISIBLE_DEVICES or all "
                  "nvidia-smi lists) or 'none' (CPU, one run at a time)")
   p.add_argument('--per_gpu', type=int, default=1, help='runs at a time on each GPU')
+  p.add_argument('--best_until', type=int, default=0,
+                 help='the summary\'s best eval loss is taken over steps <= this one (0 = all)')
+  p.add_argument('--summarize', action='store_true', help='only summarize the seeds already run; train nothing')
   args, overrides = p.parse_known_args(argv)
   bad = [a for a in overrides if not a.startswith('--config.')]
   if bad:
@@ -174,17 +178,22 @@ def main(argv=None):
 
   seeds = list(range(args.first_seed, args.first_seed + args.seeds))
   jobs = build_jobs(args.config, args.workdir, seeds, overrides)
+  if args.summarize and not os.path.isdir(args.workdir):
+    p.error(f'--summarize: {args.workdir} is not a folder')
   where = f'GPUs {",".join(gpus)} ({args.per_gpu} per GPU)' if gpus else 'the CPU, one at a time'
-  print(f'[sweep] {len(jobs)} seeds of {args.config} into {args.workdir} on {where}', flush=True)
-  run_jobs(jobs, slots(gpus, args.per_gpu))
+  if not args.summarize:
+    print(f'[sweep] {len(jobs)} seeds of {args.config} into {args.workdir} on {where}', flush=True)
+    run_jobs(jobs, slots(gpus, args.per_gpu))
 
-  summary = summarize(args.workdir, seeds)
+  summary = summarize(args.workdir, seeds, args.best_until)
   summary.update(config=args.config, overrides=overrides,
-                 failed={j.seed: _last_line(os.path.join(j.workdir, 'train.log')) for j in jobs if j.returncode})
+                 failed={j.seed: _last_line(os.path.join(j.workdir, 'train.log')) for j in jobs if j.returncode},
+                 missing=[k for k in seeds if k not in summary['seeds']])
   with open(os.path.join(args.workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   for k, r in summary['seeds'].items():
-    print(f'seed {k}: best eval/loss {r["best_eval_loss"]:.4f} (step {r["best_step"]}), '
+    until = f' up to step {args.best_until}' if args.best_until else ''
+    print(f'seed {k}: best eval/loss{until} {r["best_eval_loss"]:.4f} (step {r["best_step"]}), '
           f'last {r["last_eval_loss"]:.4f} (step {r["last_step"]})')
   for key in ('best_eval_loss', 'last_eval_loss'):
     if key in summary:

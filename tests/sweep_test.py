@@ -77,6 +77,13 @@ def test_sweep_on_cpu_trains_each_seed_resumably(tmp_path):
   jobs = sweep.build_jobs('configs/tiny.py', str(work), [0, 1], args[8:])
   assert jobs[1].argv[1:] == ['-m', 'selattn.main', '--config=configs/tiny.py', f'--workdir={work}/seed1',
                               '--config.train.seed=1', *args[8:]]
+  # Summarize only (no training), the best taken up to step 2: nanoGPT's "best by step 2000" protocol in small.
+  sweep.main(['--config', 'configs/tiny.py', '--seeds', '2', '--workdir', str(work), '--summarize',
+              '--best_until', '2'])
+  early = json.loads((work / 'summary.json').read_text())
+  assert early['best_until'] == 2 and early['missing'] == []
+  assert {r['best_step'] for r in early['seeds'].values()} == {2}
+  assert early['seeds']['0']['last_eval_loss'] == summary['seeds']['0']['last_eval_loss']
   # ... and plot draws the sweep folder as one curve with a band.
   png = tmp_path / 'bands.png'
   plot.plot([str(work)], str(png), tags=('eval/loss',))
@@ -100,6 +107,11 @@ def test_bad_arguments(tmp_path, args, message):
   r = _sweep('--config', 'configs/tiny.py', '--workdir', str(tmp_path / 'x'), *args)
   assert r.returncode == 2 and message in r.stderr, r.stderr
   assert not (tmp_path / 'x').exists()
+
+
+def test_summarize_needs_a_sweep_folder(tmp_path):
+  r = _sweep('--config', 'configs/tiny.py', '--workdir', str(tmp_path / 'none'), '--summarize')
+  assert r.returncode == 2 and 'is not a folder' in r.stderr
 
 
 def test_missing_config_file(tmp_path):
