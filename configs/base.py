@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = m = ml_collections.ConfigDict()
   m.attention = 'selective'  # 'standard' | 'selective' | 'reference' (flax nnx.MultiHeadAttention, no RoPE)
-  m.selective_impl = 'auto'  # 'auto' | 'factored' | 'blockwise' | 'materialized' (same params, same function)
+  m.selective_impl = 'auto'  # 'auto' | 'factored' | 'fused' | 'blockwise' | 'materialized' (same params, same function)
   m.kv_generator = 'linear'  # 'linear' (the original: W[q_i; x_j]) | 'mlp' (Linear -> GELU -> Linear)
   m.kv_hidden = 256  # hidden width of the 'mlp' K/V generator
   m.d_model = 64  # D, model width
@@ -36,6 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params and softmax statistics stay float32)
   m.block_q = 128  # blockwise selective: query tile size
   m.block_k = 128  # blockwise selective: key tile size
+  m.fused_block_q = 16  # fused selective (Pallas): query tile size (a power of two >= 16)
+  m.fused_block_k = 16  # fused selective: key tile size (a power of two >= 16)
+  m.fused_block_f = 32  # fused selective: generator hidden units per chunk (a power of two >= 16)
   m.remat = False  # rematerialise each layer in the backward pass (saves activation memory)
 
   c.data = d = ml_collections.ConfigDict()

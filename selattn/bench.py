@@ -5,6 +5,10 @@ Workloads (ISSUE targets in BENCHMARKS.md):
            blockwise and materialized (the literal form, the original's computation, as the baseline).
   nanogpt  W2: nanoGPT's shakespeare-char config (6L 6H 384d, ctx 256, batch 64, bf16): standard, selective.
   long     W3: selective blockwise at B4 T4096 D256 N4 on 1 device, then with mesh.seq = all devices.
+  mlp      the MLP K/V generator at the original config (kv_hidden 64 and 256, float32 and bfloat16): fused
+           (Pallas) against blockwise at its best tiles; the linear generator through fused beside factored.
+  long-mlp the MLP generator (kv_hidden 256, bf16) at B4 T4096 D256 N4: fused and blockwise on 1 device, fused
+           with mesh.seq = all devices.
   scale    W4: GPT-2-small shape as a char model (D768 L12 N12, T1024, bf16): standard and selective factored on
            1 device, then data-parallel (and fsdp) over all devices at the same per-device batch.
 Prints a table (ms/step, tokens/s, MFU against 790 TFLOP/s bf16, peak memory, compile time); --out writes JSON.
@@ -24,7 +28,8 @@ import numpy as np
 
 PEAK_FLOPS = 790e12  # dense bf16 FLOP/s measured on an H200 (BENCHMARKS.md, "Baselines")
 
-_WORKLOAD = flags.DEFINE_enum('workload', 'seed', ['seed', 'nanogpt', 'long', 'scale'], 'Which workload.')
+_WORKLOAD = flags.DEFINE_enum('workload', 'seed', ['seed', 'nanogpt', 'long', 'scale', 'mlp', 'long-mlp'],
+                              'Which workload.')
 _STEPS = flags.DEFINE_integer('steps', 50, 'Timed optimizer steps per variant (after warm-up).')
 _OUT = flags.DEFINE_string('out', None, 'Write the full results as JSON here.')
 _DATA = flags.DEFINE_string('data_path', '', "Corpus for the runs ('' = the embedded Shakespeare).")
@@ -49,6 +54,28 @@ def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, i
       out.append((f'selective-blockwise-b{block}', {**base, 'model.selective_impl': 'blockwise',
                                                     'model.block_q': block, 'model.block_k': block}, 1))
     out.append(('selective-materialized', {**base, 'model.selective_impl': 'materialized'}, 1))
+  elif workload == 'mlp':
+    base = {'model.num_layers': 4, 'train.steps_per_call': 10, 'train.flat_optimizer': True,
+            'model.kv_generator': 'mlp'}
+    out = []
+    for hid in (64, 256):
+      for dt in ('float32', 'bfloat16'):
+        v = {**base, 'model.kv_hidden': hid, 'model.dtype': dt}
+        out.append((f'fused-h{hid}-{dt[:4]}', {**v, 'model.selective_impl': 'fused'}, 1))
+        out.append((f'blockwise-b320-h{hid}-{dt[:4]}', {**v, 'model.selective_impl': 'blockwise',
+                                                         'model.block_q': 320, 'model.block_k': 320}, 1))
+    lin = {**base, 'model.kv_generator': 'linear'}
+    out.append(('linear-factored', {**lin, 'model.selective_impl': 'factored'}, 1))
+    out.append(('linear-fused', {**lin, 'model.selective_impl': 'fused'}, 1))
+  elif workload == 'long-mlp':
+    base = {'model.kv_generator': 'mlp', 'model.kv_hidden': 256, 'model.d_model': 256, 'model.num_heads': 4,
+            'data.seq_len': 4096, 'train.batch_size': 4, 'model.dtype': 'bfloat16', 'train.steps_per_call': 1}
+    out = [('fused-1dev', {**base, 'model.selective_impl': 'fused'}, 1),
+           ('blockwise-1dev', {**base, 'model.selective_impl': 'blockwise', 'model.block_q': 512,
+                               'model.block_k': 512}, 1)]
+    if n_dev > 1:
+      out.append((f'fused-seq{n_dev}', {**base, 'model.selective_impl': 'fused', 'mesh.data': 1,
+                                        'mesh.seq': n_dev}, n_dev))
   elif workload == 'nanogpt':
     base = {'config': 'nanogpt', 'train.steps_per_call': 5}
     out = [('standard', base, 1), ('selective-factored', {**base, 'model.attention': 'selective'}, 1)]
@@ -71,7 +98,8 @@ def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, i
   if small:
     shrink = {'model.d_model': 32, 'model.num_heads': 2, 'model.num_layers': 2, 'data.seq_len': 64,
               'model.block_q': 16, 'model.block_k': 16}
-    out = [(n, {**o, **shrink, 'train.batch_size': 4 * d}, d) for n, o, d in out]
+    out = [(n, {**o, **shrink, 'train.batch_size': 4 * d, **({'model.kv_hidden': 16} if 'model.kv_hidden' in o else {})},
+            d) for n, o, d in out]
   return out
 
 
@@ -92,6 +120,22 @@ def model_flops_per_token(cfg, num_params: int) -> float:
   dense = num_params - m.vocab_size * m.d_model
   d_qk = 2 * m.d_model if (m.attention == 'selective' and m.rope) else m.d_model
   return 6 * dense + 6 * m.num_layers * cfg.data.seq_len * (d_qk + m.d_model)
+
+
+def pair_flops_per_step(cfg) -> float:
+  """FLOPs of the literal per-pair generator work in one step (forward and backward, 3x the forward), over the
+  causally visible (query, key) pairs: the first layer's sum, activation and second layer per pair. What
+  `blockwise` computes per pair; the fused kernels do less (module docstring of selattn/model/fused.py), so this
+  is an equivalent rate, comparable across implementations."""
+  m = cfg.model
+  if m.attention != 'selective':
+    return 0.0
+  if m.kv_generator == 'mlp':  # h = u + w and gelu (2 F), then the second layer to K and V (2 F 2D)
+    per_pair = 2 * m.kv_hidden + 2 * m.kv_hidden * 2 * m.d_model
+  else:  # K = u + k and V = c + v
+    per_pair = 2 * m.d_model
+  t = cfg.data.seq_len
+  return 3.0 * per_pair * cfg.train.batch_size * m.num_layers * t * (t + 1) / 2
 
 
 def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: str) -> dict:
@@ -149,6 +193,7 @@ def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: s
       'tokens_per_s': tokens / pipelined, 'mfu': flops / pipelined / (PEAK_FLOPS * n_dev),
       'peak_mem_gib': stats.get('peak_bytes_in_use', 0) / 2**30,
       'temp_mem_gib': (mem.temp_size_in_bytes / 2**30) if mem is not None else None,
+      'pair_tflops_per_s': pair_flops_per_step(cfg) / pipelined / 1e12,
       'compile_s': compile_s, 'final_loss': float(jax.device_get(metrics['loss'])),
       'jax': jax.__version__, 'overrides': overrides,
   }

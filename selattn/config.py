@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 ATTENTIONS = ('standard', 'selective', 'reference')
-SELECTIVE_IMPLS = ('auto', 'factored', 'blockwise', 'materialized')
+SELECTIVE_IMPLS = ('auto', 'factored', 'fused', 'blockwise', 'materialized')
 KV_GENERATORS = ('linear', 'mlp')
 DTYPES = ('float32', 'bfloat16')
 LR_SCHEDULES = ('constant', 'cosine')
@@ -66,6 +66,9 @@ class ModelConfig:
   dtype: str = 'float32'
   block_q: int = 128
   block_k: int = 128
+  fused_block_q: int = 16
+  fused_block_k: int = 16
+  fused_block_f: int = 32
   remat: bool = False
   # Rows of the learned position table: data.seq_len when positions='learned', else 0 (set by from_config).
   max_len: int = 0
@@ -98,6 +101,9 @@ class ModelConfig:
     _positive(p + 'max_len', self.max_len, allow_zero=True)
     for k in ('dropout', 'attn_dropout'):
       _check(0.0 <= getattr(self, k) < 1.0, f'model.{k}={getattr(self, k)!r} must be in [0, 1)')
+    for k in ('fused_block_q', 'fused_block_k', 'fused_block_f'):
+      v = getattr(self, k)
+      _check(v >= 16 and v & (v - 1) == 0, f'{p}{k}={v!r} must be a power of two >= 16 (a GPU matmul tile)')
     _check(self.d_model % self.num_heads == 0,
            f'model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}')
     _check(self.positions != 'learned' or self.max_len > 0,
@@ -128,7 +134,11 @@ class ModelConfig:
     """The selective implementation that actually runs ('auto' resolved)."""
     if self.selective_impl != 'auto':
       return self.selective_impl
-    return 'factored' if self.kv_generator == 'linear' else 'blockwise'
+    if self.kv_generator == 'linear':
+      return 'factored'
+    import jax  # pylint: disable=g-import-not-at-top  (only 'auto' needs to know the backend)
+    # The fused kernels are Triton kernels on GPU; elsewhere they run interpreted (tests), far slower than XLA.
+    return 'fused' if jax.default_backend() == 'gpu' else 'blockwise'
 
   @property
   def ffn_dim(self) -> int:

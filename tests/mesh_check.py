@@ -4,6 +4,7 @@ Multi-device work needs the fake-device count set before jax is imported, so it 
 
   python tests/mesh_check.py equivalence VARIANT...   # every mesh below, 10 steps each; needs 8 devices
   python tests/mesh_check.py train WORKDIR OVERRIDES_JSON  # selattn.train.train on configs/tiny.py
+  python tests/mesh_check.py fused                      # fused selective attention on FUSED_MESHES vs one device
 
 Each prints one line `RESULT <json>` that the tests parse. Importing this module does not import jax: the
 helpers at the top (environment, HLO and TensorBoard parsing) are plain Python.
@@ -176,6 +177,15 @@ def _walk(jaxpr, inside=False, in_cond=False, out=None):
   return out
 
 
+def _eqns_named(jaxpr, name: str) -> list:
+  """Every equation of primitive `name` in a jaxpr and its sub-jaxprs."""
+  found = [e for e in jaxpr.eqns if e.primitive.name == name]
+  for eqn in jaxpr.eqns:
+    for sub in _subjaxprs(eqn):
+      found += _eqns_named(sub, name)
+  return found
+
+
 def _spec_str(sharding) -> list:
   return [list(a) if isinstance(a, tuple) else a for a in sharding.spec]
 
@@ -284,6 +294,59 @@ def _controls() -> dict:
   return {'gather_control': hlo_all_gather_shapes(hlo), 'mesh_errors': errors}
 
 
+FUSED_MESHES = {'data2_seq4': (2, 1, 4, 1), 'data2_seq2_tensor2': (2, 1, 2, 2), 'fsdp2_tensor4': (1, 2, 1, 4)}
+
+
+def _fused() -> dict:
+  """One selective layer with the MLP generator, `fused`, RoPE on, tokens in a zigzag order (as the trainer lays
+  them out under `seq`): output and the gradients of every parameter and of x, on each mesh and on one device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from selattn import config as config_lib, sharding  # pylint: disable=g-import-not-at-top
+  from selattn.model import attention as attn_lib  # pylint: disable=g-import-not-at-top
+
+  b, t, d, n = 4, 16, 32, 4
+  cfg = config_lib.ModelConfig(vocab_size=VOCAB, attention='selective', selective_impl='fused', kv_generator='mlp',
+                               kv_hidden=48, d_model=d, num_heads=n)
+  with nnx.use_eager_sharding(False):
+    layer = attn_lib.SelectiveAttention(cfg, rngs=nnx.Rngs(3))
+  graphdef, params = nnx.split(layer)
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  # Zigzag for 4 seq devices: chunks (0, 7), (1, 6), (2, 5), (3, 4) of T / 8 positions each.
+  chunks = np.arange(t).reshape(8, t // 8)
+  positions = jnp.asarray(np.concatenate([np.concatenate([chunks[i], chunks[7 - i]]) for i in range(4)]), jnp.int32)
+
+  def loss(params, x):
+    out = nnx.merge(graphdef, params)(x, positions, contiguous=False)
+    return jnp.sum(out * cot), out
+
+  grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+  (g_ref, gx_ref), out_ref = jax.jit(grad)(params, x)
+  ref = [np.asarray(a) for a in jax.tree.leaves((out_ref, g_ref, gx_ref))]
+  res = {}
+  for name, sizes in FUSED_MESHES.items():
+    mesh = sharding.make_mesh(config_lib.MeshConfig(*sizes), jax.devices()[:int(np.prod(sizes))])
+    with jax.set_mesh(mesh):
+      xs = jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH, 'seq', None)))
+      traced = jax.jit(grad).trace(params, xs)
+      (g, gx), out = traced.lower().compile()(params, xs)
+    prims, _, _ = _walk(traced.jaxpr.jaxpr)
+    got = [np.asarray(a) for a in jax.tree.leaves((out, g, gx))]
+    # The shapes each device's kernels take: the padded query [b, T_local, N_local, 2, H2] of every pallas_call.
+    kernel_q = sorted({tuple(e.invars[0].aval.shape) for e in _eqns_named(traced.jaxpr.jaxpr, 'pallas_call')})
+    res[name] = {'shard_map': 'shard_map' in prims, 'pallas_call': 'pallas_call' in prims, 'kernel_q': kernel_q,
+                 'max_rel_diff': max(float(np.abs(a - r).max() / np.abs(r).max()) for a, r in zip(got, ref)),
+                 'leaves': len(got)}
+    print(name, res[name], flush=True)
+  return res
+
+
 def _train(workdir: str, overrides: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
@@ -310,6 +373,8 @@ def main(argv: list[str]) -> None:
     res['controls'] = _controls() if '--controls' in argv else None
   elif mode == 'train':
     res = _train(argv[2], json.loads(argv[3]))
+  elif mode == 'fused':
+    res = _fused()
   else:
     raise SystemExit(f'unknown mode {mode!r}')
   print('RESULT ' + json.dumps(res), flush=True)

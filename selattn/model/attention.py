@@ -18,6 +18,7 @@ import functools
 import math
 from typing import NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -27,6 +28,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from selattn import sharding
 from selattn.config import ModelConfig
+from selattn.model import fused as fused_lib
 from selattn.model import rope as rope_lib
 
 NEG_INF = -jnp.inf
@@ -277,6 +279,21 @@ class LinearKV(nnx.Module):
     (uk, uv), (xk, xv) = qpart, xpart  # [B, bq, D], [B, bk, D]
     return uk[:, :, None] + xk[:, None], uv[:, :, None] + xv[:, None]
 
+  @staticmethod
+  def fused_params(p):
+    return p  # wk, wv: their columns are per head, so a `tensor` split takes local columns as they are
+
+  @staticmethod
+  def fused_inputs(p, qf, x):
+    """The fused kernel's generator for W[q ; x]: hidden = [K columns ; V columns] (2 D_local), identity
+    activation, W2k = [I ; 0], W2v = [0 ; I], no bias: K_ij and V_ij exactly, computed per pair (the literal form)."""
+    dl = p['wk'].shape[-1]
+    (uk, uv), (xk, xv) = LinearKV.split(p, qf, x)  # the biases (model.linear_bias) ride with the query half
+    u, w = jnp.concatenate([uk, uv], axis=-1), jnp.concatenate([xk, xv], axis=-1)
+    eye, zero = jnp.eye(dl, dtype=u.dtype), jnp.zeros((dl, dl), u.dtype)
+    bias = jnp.zeros((dl,), u.dtype)
+    return u, w, jnp.concatenate([eye, zero]), bias, jnp.concatenate([zero, eye]), bias, 'identity'
+
 
 class MlpKV(nnx.Module):
   """A nonlinear generator: [q_i ; x_j] -> Linear(2D, hidden) -> GELU -> Linear(hidden, 2D) -> (K_ij, V_ij)."""
@@ -311,6 +328,20 @@ class MlpKV(nnx.Module):
   @staticmethod
   def tile(p, qpart, xpart):
     return MlpKV._out(p, qpart[:, :, None] + xpart[:, None])
+
+  @staticmethod
+  def fused_params(p):
+    """w1, b1 whole (the hidden layer mixes heads); the second layer split into K and V halves, whose columns are
+    per head, so a `tensor` split gives each device its own heads' K/V columns."""
+    d = p['w2'].shape[-1] // 2
+    return {'w1': p['w1'], 'b1': p['b1'], 'w2k': p['w2'][:, :d], 'b2k': p['b2'][:d], 'w2v': p['w2'][:, d:],
+            'b2v': p['b2'][d:]}
+
+  @staticmethod
+  def fused_inputs(p, qf, x):
+    d = qf.shape[-1]
+    u, w = qf @ p['w1'][:d], x @ p['w1'][d:] + _bias(p['b1'], x.ndim)
+    return u, w, p['w2k'], p['b2k'], p['w2v'], p['b2v'], 'gelu'
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -442,6 +473,13 @@ def selective_blockwise(gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S
   return out[:, :t]
 
 
+def selective_fused(gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D'], q_pos: Int[Array, 'T'],
+                    k_pos: Int[Array, 'S'], rope_cfg, blocks: fused_lib.Blocks, qf=None) -> Float[Array, 'B T N H']:
+  """The literal computation in fused Pallas kernels (selattn/model/fused.py); `p` from `gen.fused_params`."""
+  u, w, w2k, b2k, w2v, b2v, act = gen.fused_inputs(p, _merge(q) if qf is None else qf, x)
+  return fused_lib.attention(q, u, w, w2k, b2k, w2v, b2v, q_pos, k_pos, rope_cfg, act, blocks)
+
+
 def selective_factored(p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D'], q_pos: Int[Array, 'T'],
                        k_pos: Int[Array, 'S'], rope_cfg, contiguous: bool, dropout: AttnDropout | None = None
                        ) -> Float[Array, 'B T N H']:
@@ -503,14 +541,38 @@ class SelectiveAttention(nnx.Module):
     rope_cfg = cfg.rope_theta if cfg.rope else None
     if impl == 'factored':
       return _merge(selective_factored(p, q, x, positions, positions, rope_cfg, contiguous, dropout))
+    if impl == 'fused':
+      blocks = fused_lib.Blocks(block_q=cfg.fused_block_q, block_k=cfg.fused_block_k, block_f=cfg.fused_block_f)
+      why = fused_lib.unsupported(cfg.head_dim, blocks)
+      if why is None and cfg.attn_dropout > 0:
+        why = 'model.attn_dropout > 0: the kernels have no dropout mask'
+      if why is None:
+        fn = functools.partial(selective_fused, gen, rope_cfg=rope_cfg, blocks=blocks)
+        p = gen.fused_params(p)
+        if _mesh_size() > 1:  # a Pallas call is not partitioned by GSPMD: split it by hand
+          return _merge(_shard_map_split(fn, gen, p, q, x, positions, fused=True))
+        return _merge(fn(p, q, x, positions, positions))
+      _log_fallback(f'model.selective_impl=fused cannot take this model ({why}): running blockwise')
+      impl = 'blockwise'
     if impl == 'materialized':
       fn = functools.partial(selective_materialized, gen, rope_cfg=rope_cfg, dropout=dropout)
     else:
       fn = functools.partial(selective_blockwise, gen, rope_cfg=rope_cfg, block_q=cfg.block_q,
                              block_k=cfg.block_k, dropout=dropout)
     if _seq_size() > 1:
-      return _merge(_seq_split(fn, gen, p, q, x, positions))
+      return _merge(_shard_map_split(fn, gen, p, q, x, positions, fused=False))
     return _merge(fn(p, q, x, positions, positions))
+
+
+@functools.cache
+def _log_fallback(msg: str) -> None:
+  """One line per distinct reason, not one per layer and trace."""
+  logging.warning(msg)
+
+
+def _mesh_size() -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else math.prod(mesh.shape.values())
 
 
 def _seq_size() -> int:
@@ -518,29 +580,37 @@ def _seq_size() -> int:
   return 1 if mesh.empty or 'seq' not in mesh.axis_names else mesh.shape['seq']
 
 
-def _seq_split(fn, gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D'], positions: Int[Array, 'T']
-               ) -> Float[Array, 'B T N H']:
-  """Runs the literal selective attention with query positions split over the mesh axis `seq`.
+def _shard_map_split(fn, gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D'],
+                     positions: Int[Array, 'T'], fused: bool) -> Float[Array, 'B T N H']:
+  """Runs the literal selective attention inside shard_map: batch over the batch axes, query positions over `seq`.
 
   Each device holds a block of queries (in the caller's order: the trainer lays tokens out in zigzag order so
   causal work is balanced), all-gathers the layer input x and the key positions over `seq` (the backward of that
   all-gather is a reduce-scatter), builds only its own [b, T/seq, S or block_k, ...] K/V tiles and attends
-  locally. Heads are split over `tensor` for the linear generator, whose per-head K/V columns are independent;
-  the MLP generator mixes heads in its hidden layer, so its K/V is computed whole on each `tensor` device.
+  locally. Heads are split over `tensor` where a device can compute its heads alone: the linear generator (its
+  per-head K/V columns are independent) and the fused MLP generator (each device computes the shared hidden layer
+  g_ij but only its own heads' keys, softmax and value sums, which are the bulk of the per-pair work). The
+  blockwise and materialized MLP generator compute all of K/V on each `tensor` device.
   """
-  batch, heads = sharding.BATCH, (sharding.HEADS if gen is LinearKV else None)
+  split_heads = gen is LinearKV or fused
+  batch, heads = sharding.BATCH, (sharding.HEADS if split_heads else None)
   qf = _merge(q)  # the generator's input q_i is the whole query (all heads)
 
   def local(p, q, qf, x, q_pos):
     x_all = jax.lax.all_gather(x, 'seq', axis=1, tiled=True)
     k_pos = jax.lax.all_gather(q_pos, 'seq', axis=0, tiled=True)
-    if gen is LinearKV:
-      # Only this device's head columns of W_k and W_v: the tile then holds only local heads.
+    if split_heads:
+      # Only this device's head columns: the tile then holds only local heads.
       return fn(p, q, x_all, q_pos, k_pos, qf=qf)
     return fn(p, q, x_all, q_pos, k_pos)
 
-  p_spec = jax.tree.map(lambda a: P(None, heads) if a.ndim == 2 else P(heads), p)
+  def spec(name, a):
+    if name in ('w1', 'b1'):  # the MLP's hidden layer, whole on every device
+      return P(*([None] * a.ndim))
+    return P(None, heads) if a.ndim == 2 else P(heads)
+
+  p_spec = {k: spec(k, a) for k, a in p.items()}
   return jax.shard_map(
       local, in_specs=(p_spec, P(batch, 'seq', heads, None), P(batch, 'seq', None), P(batch, 'seq', None),
                        P('seq')),
-      out_specs=P(batch, 'seq', heads, None), check_vma=True)(p, q, qf, x, positions)
+      out_specs=P(batch, 'seq', heads, None), check_vma=not fused)(p, q, qf, x, positions)

@@ -1,0 +1,508 @@
+"""Fused selective attention: the literal [q_i ; x_j] computation in Pallas kernels, per-pair work kept on chip.
+
+Dimensions: B batch, T query positions, S key positions, N heads, H head dim (D = N H), F the generator's hidden
+width (`model.kv_hidden`), R = block_q * block_k query/key pairs of one tile.
+
+The algebra (the MLP generator; the linear one is the special case below). With q_i the projected query, x_j the
+layer input, and the first layer split by input half, W1 = [W1q ; W1x]:
+  h_ij = u_i + w_j,   u_i = W1q^T q_i,   w_j = W1x^T x_j + b1            (per query + per key: no per-pair matmul)
+  g_ij = gelu(h_ij)                                                      ([F] per pair: the irreducible part)
+  K_ij = W2k^T g_ij + b2k,   V_ij = W2v^T g_ij + b2v                       (W2 = [W2k | W2v], D columns each)
+Values. Per head n the softmax weights sum to one, so
+  o_i = sum_j p_ij V_ij = W2v_n^T G_i + b2v_n,   G_i = sum_j p_ij g_ij      ([F] per query and head).
+  The kernel accumulates G (N F numbers per query) and the second value layer runs once per query, outside:
+  no per-pair V, no per-pair second layer on the value side.
+Keys with RoPE. The logit is s_ij = (R_i q_i) . (R_j K_ij) / sqrt(H), and R_j acts on K_ij after the second layer,
+  so K_ij = W2k_n^T g_ij + b2k_n must exist per pair: one [R, F] x [F, H] matmul per tile and head (tensor cores).
+  Moving the rotation to the query side, s_ij = (W2k_n R_{i-j} q_i) . g_ij + ..., needs an [F] vector per pair
+  and relative offset: the same F H multiply-adds per pair, without a shared matmul. So with RoPE the cheapest
+  exact form keeps the per-pair key matmul; with a, b the halves of R_i q_i and k1, k2 those of K_ij,
+  s_ij = sum_f cos(j th_f) (a_f k1_f + b_f k2_f) + sin(j th_f) (b_f k1_f - a_f k2_f), all on chip.
+  Without RoPE the same kernel runs with cos = 1, sin = 0.
+Backward (flash-attention style, p recomputed from the saved log-sum-exp). With dG_i the cotangent of G_i:
+  dp_ij = dG_i . g_ij,   ds_ij = p_ij (dp_ij - Delta_i),   Delta_i = dG_i . G_i
+  dg_ij = sum_n p^n_ij dG^n_i + W2k dK_ij,   dK^n_ij = ds^n_ij / sqrt(H) R_j^T (R_i q^n_i)
+  dh_ij = dg_ij * gelu'(h_ij);  du_i = sum_j dh_ij;  dw_j = sum_i dh_ij
+  d(R_i q^n_i) = sum_j ds^n_ij / sqrt(H) R_j K^n_ij;  dW2k = sum_ij g_ij dK_ij^T;  db2k = sum_ij dK_ij
+  Two kernels: one per query tile (du, dq), one per key tile (dw, dW2k, db2k); each recomputes its tiles.
+The linear generator is the special case F = 2D (per head: its K columns, then its V columns), identity activation,
+  W2k = [I ; 0], W2v = [0 ; I]: the literal computation of the original, for comparison with `factored`.
+
+Memory: O(B T N F) for G and O(B T F) for u and w; nothing of size T S. Tiles above the causal diagonal (by
+positions, so the zigzag order of the `seq` split works) are skipped. Off GPU the same kernels run with
+`interpret=True`, which is how the CPU tests check them against `materialized`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+_MASKED = -1e30  # a finite "minus infinity": exp(_MASKED - m) is 0 and _MASKED - _MASKED is not NaN
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """Tile sizes (powers of two) and Triton launch parameters of the fused kernels."""
+  block_q: int = 16
+  block_k: int = 16
+  block_f: int = 32  # hidden units per chunk: a tile holds [block_q, block_k, block_f] of g at a time
+  num_warps: int = 4
+  num_stages: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  scale: float
+  act: str  # 'gelu' (tanh approximation, jax.nn.gelu's default) | 'identity'
+  bq: int
+  bk: int
+  fc: int
+  num_warps: int
+  num_stages: int
+  interpret: bool
+
+
+def _dot(a, b, trans_a=False, trans_b=False):
+  """A 2-D matmul with float32 accumulation (a Triton dot; TF32 for float32 inputs, like XLA's default)."""
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _act(h, act):
+  if act == 'identity':
+    return h
+  return 0.5 * h * (1.0 + jnp.tanh(_GELU_C * (h + _GELU_A * h * h * h)))
+
+
+def _act_grad(h, act):
+  if act == 'identity':
+    return jnp.ones_like(h)
+  t = jnp.tanh(_GELU_C * (h + _GELU_A * h * h * h))
+  return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_A * h * h)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tile, shared by the three kernels. Heads are unrolled (few); hidden chunks run in a loop (unrolling them made
+# Triton compile for minutes at F = 256), with per-chunk accumulators kept in the kernel's own output blocks.
+
+def _loop(n: int, body, init):
+  """body(c, carry) over hidden chunks c: inline for one chunk, a loop otherwise."""
+  return body(0, init) if n == 1 else jax.lax.fori_loop(0, n, body, init)
+
+
+def _hidden(st: _Static, u_ref, w_ref, rows, k_start, c):
+  """h_ij = u_i + w_j and g_ij = act(h_ij) for hidden chunk c of the tile: [bq, bk, fc] each, float32."""
+  uc = u_ref[rows, pl.ds(c * st.fc, st.fc)].astype(jnp.float32)
+  wc = w_ref[pl.ds(k_start, st.bk), pl.ds(c * st.fc, st.fc)].astype(jnp.float32)
+  h = uc[:, None, :] + wc[None, :, :]
+  return h, _act(h, st.act)
+
+
+def _keys(st: _Static, n_heads, n_chunks, qa, qb, u_ref, rows, w_ref, w2_ref, b2, k_start, cos, sin, dgo_ref=None):
+  """Pass 1 over hidden chunks: rotated keys R_j K_ij (halves, per head [bq, bk, H2]) and logits per head
+  [bq, bk]; with `dgo_ref` also dp_ij = dG_i . g_ij per head. `cache` is (h, g) when there is a single chunk."""
+  bq, bk, fc = st.bq, st.bk, st.fc
+  h2 = qa[0].shape[-1]
+
+  def body(c, carry):
+    k1, k2, dp, _ = carry
+    h, g = _hidden(st, u_ref, w_ref, rows, k_start, c)
+    g2 = g.reshape(bq * bk, fc).astype(w2_ref.dtype)
+    k1 = tuple(k1[n] + _dot(g2, w2_ref[pl.ds(c * fc, fc), n, 0, :]) for n in range(n_heads))
+    k2 = tuple(k2[n] + _dot(g2, w2_ref[pl.ds(c * fc, fc), n, 1, :]) for n in range(n_heads))
+    if dgo_ref is not None:
+      dp = tuple(dp[n] + jnp.sum(g * dgo_ref[rows, n, pl.ds(c * fc, fc)].astype(jnp.float32)[:, None, :], axis=2)
+                 for n in range(n_heads))
+    return k1, k2, dp, ((h, g) if n_chunks == 1 else ())
+
+  zeros = tuple(jnp.zeros((bq * bk, h2), jnp.float32) for _ in range(n_heads))
+  dp0 = tuple(jnp.zeros((bq, bk), jnp.float32) for _ in range(n_heads)) if dgo_ref is not None else ()
+  k1, k2, dp, cache = _loop(n_chunks, body, (zeros, zeros, dp0, ()))
+  kr1, kr2, logits = [], [], []
+  for n in range(n_heads):
+    a = (k1[n] + b2[n][0][None, :]).reshape(bq, bk, h2)
+    b = (k2[n] + b2[n][1][None, :]).reshape(bq, bk, h2)
+    r1 = a * cos[None] - b * sin[None]  # R_j K_ij, non-interleaved halves
+    r2 = a * sin[None] + b * cos[None]
+    kr1.append(r1)
+    kr2.append(r2)
+    logits.append(jnp.sum(qa[n][:, None, :] * r1 + qb[n][:, None, :] * r2, axis=2) * st.scale)
+  return kr1, kr2, logits, dp, cache or None
+
+
+def _chunk(st, u_ref, w_ref, rows, k_start, c, cache):
+  return cache if cache is not None else _hidden(st, u_ref, w_ref, rows, k_start, c)
+
+
+def _load_query(q_ref, n_heads, rows=slice(None)):
+  qa = [q_ref[rows, n, 0, :].astype(jnp.float32) for n in range(n_heads)]
+  qb = [q_ref[rows, n, 1, :].astype(jnp.float32) for n in range(n_heads)]
+  return qa, qb
+
+
+def _load_b2(b2_ref, n_heads):
+  return [(b2_ref[n, 0, :].astype(jnp.float32), b2_ref[n, 1, :].astype(jnp.float32)) for n in range(n_heads)]
+
+
+def _visible(qpos, kpos):
+  """Whether any key of the tile is visible to any query of it (positions, so any token order works)."""
+  return jnp.min(kpos) <= jnp.max(qpos)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward: one program per (batch, query tile), online softmax over key tiles; G accumulates in its output block.
+
+def _fwd_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, g_ref, lse_ref, *,
+                st: _Static, n_heads: int, n_chunks: int, n_k: int):
+  bq, bk, fc = st.bq, st.bk, st.fc
+  rows = slice(None)
+  qa, qb = _load_query(q_ref, n_heads)
+  b2 = _load_b2(b2_ref, n_heads)
+  qpos = qpos_ref[...]
+  g_ref[...] = jnp.zeros(g_ref.shape, g_ref.dtype)
+
+  def body(kb, carry):
+    start = kb * bk
+    kpos = kpos_ref[pl.ds(start, bk)]
+
+    def compute(carry):
+      m, l = list(carry[0]), list(carry[1])
+      cos, sin = cos_ref[pl.ds(start, bk), :], sin_ref[pl.ds(start, bk), :]
+      _, _, logits, _, cache = _keys(st, n_heads, n_chunks, qa, qb, u_ref, rows, w_ref, w2_ref, b2, start, cos, sin)
+      mask = qpos[:, None] >= kpos[None, :]
+      p, corr = [], []
+      for n in range(n_heads):
+        s = jnp.where(mask, logits[n], _MASKED)
+        m_new = jnp.maximum(m[n], jnp.max(s, axis=1))
+        corr.append(jnp.exp(m[n] - m_new))
+        p.append(jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0))
+        l[n] = l[n] * corr[n] + jnp.sum(p[n], axis=1)
+        m[n] = m_new
+
+      def values(c, carry):
+        _, g = _chunk(st, u_ref, w_ref, rows, start, c, cache)
+        for n in range(n_heads):
+          cols = (slice(None), n, pl.ds(c * fc, fc))
+          g_ref[cols] = g_ref[cols] * corr[n][:, None] + jnp.sum(p[n][:, :, None] * g, axis=1)
+        return carry
+
+      _loop(n_chunks, values, 0)
+      return tuple(m), tuple(l)
+
+    return jax.lax.cond(_visible(qpos, kpos), compute, lambda c: c, carry)
+
+  init = (tuple(jnp.full((bq,), _MASKED, jnp.float32) for _ in range(n_heads)),
+          tuple(jnp.zeros((bq,), jnp.float32) for _ in range(n_heads)))
+  m, l = jax.lax.fori_loop(0, n_k, body, init)
+  for n in range(n_heads):
+    # A query that sees no key (only padding rows) has l = 0: G = 0 there, and its lse makes p = 0 in backward.
+    l_safe = jnp.where(l[n] > 0, l[n], 1.0)
+    lse_ref[n, :] = m[n] + jnp.log(l_safe)
+    g_ref[:, n, :] = g_ref[:, n, :] / l_safe[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward.
+
+def _tile_grads(st, n_heads, qa, qb, logits, dp, mask, lse, delta, cos, sin):
+  """p, and the key cotangents dK (unrotated halves, per head [R, H2]) and ds (scaled) per head."""
+  bq, bk = st.bq, st.bk
+  h2 = qa[0].shape[-1]
+  p, ds, dk1, dk2 = [], [], [], []
+  for n in range(n_heads):
+    pn = jnp.where(mask, jnp.exp(logits[n] - lse[n][:, None]), 0.0)
+    dsn = pn * (dp[n] - delta[n][:, None]) * st.scale
+    # s = scale a . R_j K with a = R_i q: dK = scale ds R_j^T a = scale ds [a1 cos + a2 sin ; a2 cos - a1 sin].
+    a1, a2 = qa[n][:, None, :], qb[n][:, None, :]
+    dk1.append((dsn[:, :, None] * (a1 * cos[None] + a2 * sin[None])).reshape(bq * bk, h2))
+    dk2.append((dsn[:, :, None] * (a2 * cos[None] - a1 * sin[None])).reshape(bq * bk, h2))
+    p.append(pn)
+    ds.append(dsn)
+  return p, ds, dk1, dk2
+
+
+def _dh(st, n_heads, c, h, g, p, dk1, dk2, w2_ref, dgo_ref, rows):
+  """dh_ij of hidden chunk c: (sum_n p^n_ij dG^n_i + W2k dK_ij) * act'(h_ij), [bq, bk, fc]."""
+  bq, bk, fc = st.bq, st.bk, st.fc
+  dg = jnp.zeros((bq * bk, fc), jnp.float32)
+  for n in range(n_heads):
+    dg += _dot(dk1[n].astype(w2_ref.dtype), w2_ref[pl.ds(c * fc, fc), n, 0, :], trans_b=True)
+    dg += _dot(dk2[n].astype(w2_ref.dtype), w2_ref[pl.ds(c * fc, fc), n, 1, :], trans_b=True)
+  dg = dg.reshape(bq, bk, fc)
+  for n in range(n_heads):
+    dg += p[n][:, :, None] * dgo_ref[rows, n, pl.ds(c * fc, fc)].astype(jnp.float32)[:, None, :]
+  return dg * _act_grad(h, st.act)
+
+
+def _bwd_query_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, lse_ref,
+                      delta_ref, dgo_ref, du_ref, dq_ref, *, st: _Static, n_heads: int, n_chunks: int, n_k: int):
+  """One program per (batch, query tile): du (accumulated in its output block) and dq, looping over key tiles."""
+  bq, bk, fc = st.bq, st.bk, st.fc
+  rows = slice(None)
+  qa, qb = _load_query(q_ref, n_heads)
+  b2 = _load_b2(b2_ref, n_heads)
+  lse = [lse_ref[n, :] for n in range(n_heads)]
+  delta = [delta_ref[n, :] for n in range(n_heads)]
+  qpos = qpos_ref[...]
+  h2 = qa[0].shape[-1]
+  du_ref[...] = jnp.zeros(du_ref.shape, du_ref.dtype)
+
+  def body(kb, carry):
+    start = kb * bk
+    kpos = kpos_ref[pl.ds(start, bk)]
+
+    def compute(carry):
+      dqa, dqb = list(carry[0]), list(carry[1])
+      cos, sin = cos_ref[pl.ds(start, bk), :], sin_ref[pl.ds(start, bk), :]
+      mask = qpos[:, None] >= kpos[None, :]
+      kr1, kr2, logits, dp, cache = _keys(st, n_heads, n_chunks, qa, qb, u_ref, rows, w_ref, w2_ref, b2, start,
+                                          cos, sin, dgo_ref)
+      p, ds, dk1, dk2 = _tile_grads(st, n_heads, qa, qb, logits, dp, mask, lse, delta, cos, sin)
+      for n in range(n_heads):  # d(R_i q_i) = scale sum_j ds_ij R_j K_ij (ds is already scaled)
+        dqa[n] += jnp.sum(ds[n][:, :, None] * kr1[n], axis=1)
+        dqb[n] += jnp.sum(ds[n][:, :, None] * kr2[n], axis=1)
+
+      def hidden(c, carry):
+        h, g = _chunk(st, u_ref, w_ref, rows, start, c, cache)
+        cols = (slice(None), pl.ds(c * fc, fc))
+        du_ref[cols] += jnp.sum(_dh(st, n_heads, c, h, g, p, dk1, dk2, w2_ref, dgo_ref, rows), axis=1)
+        return carry
+
+      _loop(n_chunks, hidden, 0)
+      return tuple(dqa), tuple(dqb)
+
+    return jax.lax.cond(_visible(qpos, kpos), compute, lambda c: c, carry)
+
+  zeros = tuple(jnp.zeros((bq, h2), jnp.float32) for _ in range(n_heads))
+  dqa, dqb = jax.lax.fori_loop(0, n_k, body, (zeros, zeros))
+  for n in range(n_heads):
+    dq_ref[:, n, 0, :] = dqa[n]
+    dq_ref[:, n, 1, :] = dqb[n]
+
+
+def _bwd_key_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, lse_ref,
+                    delta_ref, dgo_ref, dw_ref, dw2_ref, db2_ref, *, st: _Static, n_heads: int, n_chunks: int,
+                    n_q: int):
+  """One program per (batch, key tile): dw, and this tile's share of dW2k and db2k, looping over query tiles.
+  All three accumulate in the program's own output blocks."""
+  bq, bk, fc = st.bq, st.bk, st.fc
+  start = pl.program_id(1) * bk
+  kpos = kpos_ref[pl.ds(start, bk)]
+  cos, sin = cos_ref[pl.ds(start, bk), :], sin_ref[pl.ds(start, bk), :]
+  b2 = _load_b2(b2_ref, n_heads)
+  for ref in (dw_ref, dw2_ref, db2_ref):
+    ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+  def body(qb_idx, carry):
+    rows = pl.ds(qb_idx * bq, bq)
+    qpos = qpos_ref[rows]
+
+    def compute(carry):
+      qa, qb = _load_query(q_ref, n_heads, rows)
+      lse = [lse_ref[n, rows] for n in range(n_heads)]
+      delta = [delta_ref[n, rows] for n in range(n_heads)]
+      mask = qpos[:, None] >= kpos[None, :]
+      _, _, logits, dp, cache = _keys(st, n_heads, n_chunks, qa, qb, u_ref, rows, w_ref, w2_ref, b2, start, cos,
+                                      sin, dgo_ref)
+      p, _, dk1, dk2 = _tile_grads(st, n_heads, qa, qb, logits, dp, mask, lse, delta, cos, sin)
+      for n in range(n_heads):
+        db2_ref[n, 0, :] += jnp.sum(dk1[n], axis=0)
+        db2_ref[n, 1, :] += jnp.sum(dk2[n], axis=0)
+
+      def hidden(c, carry):
+        h, g = _chunk(st, u_ref, w_ref, rows, start, c, cache)
+        cols = (slice(None), pl.ds(c * fc, fc))
+        dw_ref[cols] += jnp.sum(_dh(st, n_heads, c, h, g, p, dk1, dk2, w2_ref, dgo_ref, rows), axis=0)
+        g2 = g.reshape(bq * bk, fc).astype(w2_ref.dtype)
+        for n in range(n_heads):
+          dw2_ref[pl.ds(c * fc, fc), n, 0, :] += _dot(g2, dk1[n].astype(g2.dtype), trans_a=True)
+          dw2_ref[pl.ds(c * fc, fc), n, 1, :] += _dot(g2, dk2[n].astype(g2.dtype), trans_a=True)
+        return carry
+
+      _loop(n_chunks, hidden, 0)
+      return carry
+
+    return jax.lax.cond(_visible(qpos, kpos), compute, lambda c: c, carry)
+
+  jax.lax.fori_loop(0, n_q, body, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pallas_call wrappers and the custom VJP, on padded arrays:
+#   q [B, Tp, N, 2, H2]  u [B, Tp, Fp]  w [B, Sp, Fp]  w2 [Fp, N, 2, H2]  b2 [N, 2, H2]  cos, sin [Sp, H2]
+#   qpos [Tp], kpos [Sp] (int32)  ->  G [B, Tp, N, Fp], lse [B, N, Tp]
+
+def _common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled: bool):
+  """Block specs of the shared inputs for a grid (B, tiles): query-side inputs tiled or whole."""
+  _, tp, n, _, h2 = q.shape
+  sp, fp = w.shape[1], w.shape[2]
+  rows = st.bq if query_tiled else tp
+  qmap = (lambda b, i: (b, i, 0, 0, 0)) if query_tiled else (lambda b, i: (b, 0, 0, 0, 0))
+  umap = (lambda b, i: (b, i, 0)) if query_tiled else (lambda b, i: (b, 0, 0))
+  pmap = (lambda b, i: (i,)) if query_tiled else (lambda b, i: (0,))
+  return [
+      pl.BlockSpec((None, rows, n, 2, h2), qmap),
+      pl.BlockSpec((None, rows, fp), umap),
+      pl.BlockSpec((None, sp, fp), lambda b, i: (b, 0, 0)),
+      pl.BlockSpec(w2.shape, lambda b, i: (0, 0, 0, 0)),
+      pl.BlockSpec(b2.shape, lambda b, i: (0, 0, 0)),
+      pl.BlockSpec(cos.shape, lambda b, i: (0, 0)),
+      pl.BlockSpec(cos.shape, lambda b, i: (0, 0)),
+      pl.BlockSpec((rows,), pmap),
+      pl.BlockSpec(kpos.shape, lambda b, i: (0,)),
+  ]
+
+
+def _compiler_params(st):
+  if st.interpret:
+    return None
+  from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (GPU only)
+  return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
+
+
+def _forward(st: _Static, q, u, w, w2, b2, cos, sin, qpos, kpos):
+  bsz, tp, n, _, _ = q.shape
+  sp, fp = w.shape[1], w.shape[2]
+  kernel = functools.partial(_fwd_kernel, st=st, n_heads=n, n_chunks=fp // st.fc, n_k=sp // st.bk)
+  return pl.pallas_call(
+      kernel, grid=(bsz, tp // st.bq),
+      in_specs=_common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled=True),
+      out_specs=[pl.BlockSpec((None, st.bq, n, fp), lambda b, i: (b, i, 0, 0)),
+                 pl.BlockSpec((None, n, st.bq), lambda b, i: (b, 0, i))],
+      out_shape=[jax.ShapeDtypeStruct((bsz, tp, n, fp), jnp.float32),
+                 jax.ShapeDtypeStruct((bsz, n, tp), jnp.float32)],
+      compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_fwd',
+  )(q, u, w, w2, b2, cos, sin, qpos, kpos)
+
+
+def _backward(st: _Static, res, dg_out):
+  q, u, w, w2, b2, cos, sin, qpos, kpos, g, lse = res
+  bsz, tp, n, _, h2 = q.shape
+  sp, fp = w.shape[1], w.shape[2]
+  n_chunks, n_q, n_k = fp // st.fc, tp // st.bq, sp // st.bk
+  delta = jnp.einsum('btnf,btnf->bnt', dg_out, g)  # Delta_i = dG_i . G_i per head
+  args = (q, u, w, w2, b2, cos, sin, qpos, kpos, lse, delta, dg_out)
+  row_specs = [pl.BlockSpec((None, n, st.bq), lambda b, i: (b, 0, i)),
+               pl.BlockSpec((None, n, st.bq), lambda b, i: (b, 0, i)),
+               pl.BlockSpec((None, st.bq, n, fp), lambda b, i: (b, i, 0, 0))]
+  du, dq = pl.pallas_call(
+      functools.partial(_bwd_query_kernel, st=st, n_heads=n, n_chunks=n_chunks, n_k=n_k),
+      grid=(bsz, n_q),
+      in_specs=_common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled=True) + row_specs,
+      out_specs=[pl.BlockSpec((None, st.bq, fp), lambda b, i: (b, i, 0)),
+                 pl.BlockSpec((None, st.bq, n, 2, h2), lambda b, i: (b, i, 0, 0, 0))],
+      out_shape=[jax.ShapeDtypeStruct((bsz, tp, fp), jnp.float32),
+                 jax.ShapeDtypeStruct((bsz, tp, n, 2, h2), jnp.float32)],
+      compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_query',
+  )(*args)
+  whole_rows = [pl.BlockSpec((None, n, tp), lambda b, i: (b, 0, 0)),
+                pl.BlockSpec((None, n, tp), lambda b, i: (b, 0, 0)),
+                pl.BlockSpec((None, tp, n, fp), lambda b, i: (b, 0, 0, 0))]
+  dw, dw2, db2 = pl.pallas_call(
+      functools.partial(_bwd_key_kernel, st=st, n_heads=n, n_chunks=n_chunks, n_q=n_q),
+      grid=(bsz, n_k),
+      in_specs=_common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled=False) + whole_rows,
+      out_specs=[pl.BlockSpec((None, st.bk, fp), lambda b, i: (b, i, 0)),
+                 pl.BlockSpec((None, None, fp, n, 2, h2), lambda b, i: (b, i, 0, 0, 0, 0)),
+                 pl.BlockSpec((None, None, n, 2, h2), lambda b, i: (b, i, 0, 0, 0))],
+      out_shape=[jax.ShapeDtypeStruct((bsz, sp, fp), jnp.float32),
+                 jax.ShapeDtypeStruct((bsz, n_k, fp, n, 2, h2), jnp.float32),
+                 jax.ShapeDtypeStruct((bsz, n_k, n, 2, h2), jnp.float32)],
+      compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_key',
+  )(*args)
+  return (dq.astype(q.dtype), du.astype(u.dtype), dw.astype(w.dtype), dw2.sum((0, 1)).astype(w2.dtype),
+          db2.sum((0, 1)).astype(b2.dtype), None, None, None, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(st, q, u, w, w2, b2, cos, sin, qpos, kpos):
+  return _forward(st, q, u, w, w2, b2, cos, sin, qpos, kpos)[0]
+
+
+def _fused_fwd(st, q, u, w, w2, b2, cos, sin, qpos, kpos):
+  g, lse = _forward(st, q, u, w, w2, b2, cos, sin, qpos, kpos)
+  return g, (q, u, w, w2, b2, cos, sin, qpos, kpos, g, lse)
+
+
+_fused.defvjp(_fused_fwd, _backward)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The public entry: unpadded arrays in, selective attention out.
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _pad(x: Array, axis: int, size: int, value=0) -> Array:
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value) if size != x.shape[axis] else x
+
+
+def _halves(x: Array, h2: int) -> Array:
+  """[..., H] -> [..., 2, H2]: the RoPE halves, each zero-padded to H2 (zeros add nothing to any dot product)."""
+  half = (x.shape[-1] + 1) // 2
+  x = _pad(x, x.ndim - 1, 2 * half)
+  return _pad(x.reshape(*x.shape[:-1], 2, half), x.ndim, h2)
+
+
+def unsupported(head_dim: int, blocks: Blocks = Blocks()) -> str | None:
+  """Why the fused kernels cannot take these sizes or tiles (the caller falls back to `blockwise`), or None."""
+  for name in ('block_q', 'block_k', 'block_f'):
+    v = getattr(blocks, name)
+    if v < 1 or v & (v - 1):
+      return f'{name}={v} is not a power of two'
+  if blocks.block_q * blocks.block_k < 16 or blocks.block_f < 16:
+    return (f'tiles of {blocks.block_q} x {blocks.block_k} pairs by {blocks.block_f} hidden units: a GPU matmul '
+            'needs at least 16 in each dimension')
+  if head_dim > 256:
+    return f'head dim {head_dim} > 256'
+  return None
+
+
+def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Array, 'B S F'],
+              w2k: Float[Array, 'F D'], b2k: Float[Array, 'D'], w2v: Float[Array, 'F D'], b2v: Float[Array, 'D'],
+              q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S'], rope_theta: float | None, act: str,
+              blocks: Blocks = Blocks(), interpret: bool | None = None) -> Float[Array, 'B T N H']:
+  """Selective attention with K_ij = W2k^T act(u_i + w_j) + b2k, V_ij likewise (module docstring), causal by
+  positions; RoPE rotates q_i by i and K_ij by j. q is the unrotated projected query (heads of D = N H)."""
+  from selattn.model import rope as rope_lib  # noqa: PLC0415  (rope imports nothing of ours; kept local for clarity)
+
+  _, t, n, h = q.shape
+  s, f = w.shape[1], w.shape[2]
+  interpret = jax.default_backend() != 'gpu' if interpret is None else interpret
+  fc = min(blocks.block_f, max(16, _pow2(f)))
+  h2 = max(16, _pow2((h + 1) // 2))
+  tp, sp, fp = -(-t // blocks.block_q) * blocks.block_q, -(-s // blocks.block_k) * blocks.block_k, -(-f // fc) * fc
+  st = _Static(scale=1.0 / math.sqrt(h), act=act, bq=blocks.block_q, bk=blocks.block_k, fc=fc,
+               num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret)
+
+  if rope_theta is not None:
+    q = rope_lib.apply(q, *rope_lib.angles(q_pos, h, rope_theta))
+    cos, sin = rope_lib.angles(k_pos, h, rope_theta)
+  else:  # the identity rotation
+    cos, sin = jnp.ones((s, (h + 1) // 2), jnp.float32), jnp.zeros((s, (h + 1) // 2), jnp.float32)
+  big = jnp.iinfo(jnp.int32).max
+  # Padding: queries at position -1 see no key, keys at the largest position are seen by no query, hidden units
+  # with zero weights in and out have g = act(0) = 0 and add nothing, zero head-dim columns add nothing.
+  qh = _pad(_halves(q, h2), 1, tp)
+  u_p = _pad(_pad(u, 2, fp), 1, tp)
+  w_p = _pad(_pad(w, 2, fp), 1, sp)
+  w2 = _pad(_halves(w2k.reshape(f, n, h), h2), 0, fp)
+  b2 = _halves(b2k.reshape(n, h), h2)
+  cos, sin = (_pad(_pad(a, 1, h2), 0, sp) for a in (cos, sin))
+  qpos = _pad(q_pos.astype(jnp.int32), 0, tp, -1)
+  kpos = _pad(k_pos.astype(jnp.int32), 0, sp, big)
+  g = _fused(st, qh, u_p, w_p, w2, b2, cos, sin, qpos, kpos)[:, :t, :, :f]  # [B, T, N, F] float32
+  out = jnp.einsum('BTNF,FNH->BTNH', g.astype(w2v.dtype), w2v.reshape(f, n, h), preferred_element_type=jnp.float32)
+  return (out + b2v.reshape(1, 1, n, h).astype(jnp.float32)).astype(q.dtype)

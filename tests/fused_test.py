@@ -1,0 +1,218 @@
+"""The fused (Pallas) selective attention against the literal computation and an independent numpy reference.
+
+Off GPU the kernels run with `interpret=True`: the same kernel code, executed by XLA on the CPU. Every case checks
+the output and the gradients of every generator parameter, of the query and of x.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import mesh_check as mc
+from selattn import config as config_lib
+from selattn.model import Transformer
+from selattn.model import attention as attn_lib
+from selattn.model import fused as fused_lib
+
+pytestmark = pytest.mark.usefixtures('no_mesh')
+
+
+def _rel(got, ref) -> float:
+  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+  assert got.shape == ref.shape, (got.shape, ref.shape)
+  scale = np.abs(ref).max()
+  assert scale > 0, 'reference is all zero'
+  return float(np.abs(got - ref).max() / scale)
+
+
+def _inputs(seed, b, t, n, h, f):
+  d = n * h
+  ks = jax.random.split(jax.random.key(seed), 7)
+  p = {'w1': jax.random.normal(ks[0], (2 * d, f)) / np.sqrt(2 * d), 'b1': 0.3 * jax.random.normal(ks[1], (f,)),
+       'w2': jax.random.normal(ks[2], (f, 2 * d)) / np.sqrt(f), 'b2': 0.3 * jax.random.normal(ks[3], (2 * d,))}
+  q = jax.random.normal(ks[4], (b, t, n, h))
+  x = jax.random.normal(ks[5], (b, t, d))
+  cot = jax.random.normal(ks[6], (b, t, n, h))
+  return p, q, x, cot
+
+
+def _run(impl, p, q, x, rope, blocks=fused_lib.Blocks()):
+  pos = jnp.arange(q.shape[1])
+  theta = 10000.0 if rope else None
+  if impl == 'materialized':
+    return attn_lib.selective_materialized(attn_lib.MlpKV, p, q, x, pos, pos, theta)
+  return attn_lib.selective_fused(attn_lib.MlpKV, attn_lib.MlpKV.fused_params(p), q, x, pos, pos, theta, blocks)
+
+
+def _value_and_grads(impl, p, q, x, cot, rope, blocks=fused_lib.Blocks()):
+  def loss(p, q, x):
+    out = _run(impl, p, q, x, rope, blocks)
+    return jnp.sum(out * cot), out
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(p, q, x)
+  return out, grads
+
+
+# (rope, heads N, head dim H, kv_hidden F, T): T = 19 and 21 are not multiples of the 16-row tile; T = 1 is one
+# query and one key; F = 100 is not a power of two and spans several hidden chunks; F = 256 eight chunks.
+CASES = [(True, 1, 8, 16, 19), (False, 2, 8, 64, 21), (True, 4, 4, 256, 7), (True, 2, 8, 100, 1),
+         (False, 4, 6, 16, 17)]
+
+
+@pytest.mark.parametrize('rope,n,h,f,t', CASES)
+def test_fused_matches_materialized(rope, n, h, f, t):
+  p, q, x, cot = _inputs(7 * n + f + t, 2, t, n, h, f)
+  out, grads = _value_and_grads('fused', p, q, x, cot, rope)
+  ref_out, ref_grads = _value_and_grads('materialized', p, q, x, cot, rope)
+  assert _rel(out, ref_out) <= 1e-5
+  (gp, gq, gx), (rp, rq, rx) = grads, ref_grads
+  for k in ('w1', 'b1', 'w2', 'b2'):
+    assert _rel(gp[k], rp[k]) <= 1e-5, k
+  assert _rel(gq, rq) <= 1e-5 and _rel(gx, rx) <= 1e-5
+
+
+def _numpy_selective_mlp(p, q, x, rope: bool):
+  """The MLP generator's selective attention written out pair by pair in numpy (float64), from the definition:
+  K_ij, V_ij = split(W2^T gelu(W1^T [q_i ; x_j] + b1) + b2); RoPE rotates q_i by i and K_ij by j (halves);
+  causal softmax of q_i . K_ij / sqrt(H) per head; output sum_j p_ij V_ij. Shares no code with the package."""
+  p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+  q, x = np.asarray(q, np.float64), np.asarray(x, np.float64)
+  b, t, n, h = q.shape
+  d = n * h
+
+  def gelu(z):  # jax.nn.gelu's default: the tanh approximation
+    return 0.5 * z * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z ** 3)))
+
+  def rot(v, pos):  # v [..., H]
+    half = h // 2
+    theta = 10000.0 ** (-2.0 * np.arange(half) / h)
+    c, s = np.cos(pos * theta), np.sin(pos * theta)
+    v1, v2 = v[..., :half], v[..., half:]
+    return np.concatenate([v1 * c - v2 * s, v2 * c + v1 * s], axis=-1)
+
+  out = np.zeros((b, t, n, h))
+  for bi in range(b):
+    for i in range(t):
+      qi = q[bi, i].reshape(d)
+      logits, values = np.full((n, t), -np.inf), np.zeros((n, t, h))
+      for j in range(i + 1):
+        kv = gelu(np.concatenate([qi, x[bi, j]]) @ p['w1'] + p['b1']) @ p['w2'] + p['b2']
+        k, v = kv[:d].reshape(n, h), kv[d:].reshape(n, h)
+        for hd in range(n):
+          qh, kh = (rot(q[bi, i, hd], i), rot(k[hd], j)) if rope else (q[bi, i, hd], k[hd])
+          logits[hd, j] = qh @ kh / np.sqrt(h)
+          values[hd, j] = v[hd]
+      w = np.exp(logits - logits.max(axis=1, keepdims=True))
+      w /= w.sum(axis=1, keepdims=True)
+      out[bi, i] = np.einsum('nj,njh->nh', w, values)
+  return out
+
+
+@pytest.mark.parametrize('rope', [True, False])
+def test_fused_matches_a_numpy_transcription(rope):
+  p, q, x, _ = _inputs(31 + rope, 2, 18, 2, 4, 20)
+  got = jax.jit(lambda p, q, x: _run('fused', p, q, x, rope))(p, q, x)
+  assert _rel(got, _numpy_selective_mlp(p, q, x, rope)) <= 2e-6
+
+
+def test_fused_is_causal():
+  p, q, x, _ = _inputs(5, 1, 20, 2, 8, 16)
+  f = jax.jit(lambda q, x: _run('fused', p, q, x, True))
+  out = f(q, x)
+  later = 11  # change every query and input from position `later` on: outputs before it must not move
+  out2 = f(q.at[:, later:].set(3.0), x.at[:, later:].set(-2.0))
+  np.testing.assert_array_equal(np.asarray(out[:, :later]), np.asarray(out2[:, :later]))
+  assert np.abs(np.asarray(out[:, later:] - out2[:, later:])).max() > 1e-3
+
+
+def test_fused_tiles_do_not_change_the_result():
+  p, q, x, cot = _inputs(9, 2, 40, 2, 8, 48)
+  small, grads = _value_and_grads('fused', p, q, x, cot, True, fused_lib.Blocks(16, 16, 16))
+  big, big_grads = _value_and_grads('fused', p, q, x, cot, True, fused_lib.Blocks(32, 64, 64))
+  assert _rel(big, small) <= 1e-5
+  for a, b in zip(jax.tree.leaves(big_grads), jax.tree.leaves(grads)):
+    assert _rel(a, b) <= 1e-5
+
+
+def test_linear_generator_through_fused_matches_factored():
+  cfg = config_lib.ModelConfig(vocab_size=11, d_model=16, num_heads=2)
+  layer = attn_lib.SelectiveAttention(cfg, rngs=nnx.Rngs(2))
+  x = jax.random.normal(jax.random.key(1), (2, 13, 16))
+  pos = jnp.arange(13)
+
+  def grads(impl):
+    def loss(layer, x):
+      return jnp.sum(jnp.sin(layer(x, pos, impl=impl)))
+    return nnx.value_and_grad(loss, argnums=(0, 1))(layer, x)
+
+  (v_f, (gl_f, gx_f)), (v_r, (gl_r, gx_r)) = grads('fused'), grads('factored')
+  assert abs(float(v_f - v_r)) <= 1e-5 * abs(float(v_r))
+  assert _rel(gx_f, gx_r) <= 1e-5
+  for a, b in zip(jax.tree.leaves(nnx.state(gl_f)), jax.tree.leaves(nnx.state(gl_r))):
+    assert _rel(a, b) <= 1e-5
+
+
+def test_transformer_fused_matches_blockwise():
+  base = dict(vocab_size=13, attention='selective', kv_generator='mlp', kv_hidden=24, d_model=16, num_heads=2,
+              num_layers=1)
+  fused = Transformer(config_lib.ModelConfig(selective_impl='fused', **base), rngs=nnx.Rngs(0))
+  ref = Transformer(config_lib.ModelConfig(selective_impl='blockwise', block_q=4, block_k=3, **base),
+                    rngs=nnx.Rngs(1))
+  nnx.update(ref, nnx.state(fused, nnx.Param))
+  tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, 13)
+
+  def loss(model):
+    logits = model(tokens[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1))
+
+  (lf, gf), (lr, gr) = nnx.value_and_grad(loss)(fused), nnx.value_and_grad(loss)(ref)
+  assert abs(float(lf - lr)) <= 1e-5 * abs(float(lr))
+  for a, b in zip(jax.tree.leaves(nnx.state(gf)), jax.tree.leaves(nnx.state(gr))):
+    assert _rel(a, b) <= 1e-5
+
+
+def test_unsupported_head_dim_falls_back_to_blockwise_with_one_line(caplog):
+  base = dict(vocab_size=7, attention='selective', kv_generator='mlp', kv_hidden=8, d_model=520, num_heads=2,
+              block_q=2, block_k=2)
+  layer = attn_lib.SelectiveAttention(config_lib.ModelConfig(selective_impl='fused', **base), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (1, 3, 520))
+  attn_lib._log_fallback.cache_clear()
+  with caplog.at_level(logging.WARNING):
+    out = layer(x, jnp.arange(3))
+    layer(x, jnp.arange(3))  # the same reason again: not logged twice
+  lines = [r.getMessage() for r in caplog.records if 'fused' in r.getMessage()]
+  assert lines == ['model.selective_impl=fused cannot take this model (head dim 260 > 256): running blockwise']
+  ref = layer(x, jnp.arange(3), impl='materialized')
+  assert _rel(out, ref) <= 1e-5
+
+
+def test_auto_picks_fused_for_the_mlp_generator_on_gpu_only(monkeypatch):
+  cfg = config_lib.ModelConfig(vocab_size=7, kv_generator='mlp')
+  assert cfg.impl == 'blockwise'  # CPU: interpreted kernels would be far slower than XLA
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert cfg.impl == 'fused'
+  assert config_lib.ModelConfig(vocab_size=7).impl == 'factored'  # the linear generator keeps the identity
+
+
+@pytest.mark.parametrize('bad', [8, 24])
+def test_fused_tiles_must_be_powers_of_two_from_16(bad):
+  with pytest.raises(config_lib.ConfigError, match='model.fused_block_q'):
+    config_lib.ModelConfig(vocab_size=7, fused_block_q=bad)
+
+
+def test_sharded_meshes_give_the_single_device_result(tmp_path):
+  # 8 fake CPU devices in a subprocess: seq split (zigzag positions), seq x tensor, fsdp x tensor.
+  res = mc.Worker(['fused'], 8, str(tmp_path / 'fused.log'), timeout=600).result()
+  assert set(res) == set(mc.FUSED_MESHES)
+  for name, r in res.items():
+    data, fsdp, seq, tensor = mc.FUSED_MESHES[name]
+    assert r['shard_map'] and r['pallas_call'], (name, r)
+    # Each device's kernel sees its own batch rows, query positions and heads: the work is split, not repeated.
+    assert r['kernel_q'] == [[4 // (data * fsdp), 16, 4 // tensor, 2, 16]], (name, r['kernel_q'])
+    assert r['leaves'] == 7 and r['max_rel_diff'] <= 1e-5, (name, r)
