@@ -7,6 +7,7 @@ message names the key, e.g. "model.d_model=65 is not divisible by model.num_head
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 ATTENTIONS = ('standard', 'selective', 'reference')
@@ -268,6 +269,9 @@ def _section(cls, cfg, name: str, **extra):
         v = float(v)
       _check(isinstance(v, want) and not (want is int and isinstance(v, bool)),
              f'{name}.{f.name}={v!r} must be of type {f.type}')
+      # inf and nan pass most range checks (inf > 0) and then poison a run (a NaN loss at step 1, or inf RoPE
+      # angles): every float key must be a finite number.
+      _check(want is not float or math.isfinite(v), f'{name}.{f.name}={v!r} must be a finite number')
       values[f.name] = v
   return cls(**values)
 

@@ -168,8 +168,8 @@ def generate(model: Transformer, vocab: data_lib.Vocab, prompt: str, length: int
   The context is the last max_len tokens at most, positions 0..max_len-1 as in training. Runs under the
   caller's mesh, if any."""
   for name, value in (('length', length), ('temperature', temperature), ('top_k', top_k)):
-    if value < 0:
-      raise ValueError(f'{name}={value} must not be negative')
+    if not 0 <= value < math.inf:  # also refuses nan and inf
+      raise ValueError(f'{name}={value} must be a finite, non-negative number')
   if max_len < 1:
     raise ValueError(f'max_len={max_len} must be positive')
   if not prompt:

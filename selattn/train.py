@@ -8,10 +8,10 @@ Orbax checkpoints (asynchronously; on SIGTERM/SIGINT too) and resumes from the l
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -30,6 +30,8 @@ from selattn import data as data_lib
 from selattn import generate as generate_lib
 from selattn import metrics as metrics_lib
 from selattn import sharding
+from selattn import stopping
+from selattn import workdir as workdir_lib
 from selattn.model import Transformer, count_params
 
 # Model keys that only choose how the same function is computed: a run may resume with other values.
@@ -38,7 +40,7 @@ EXECUTION_KEYS = ('selective_impl', 'block_q', 'block_k', 'fused_block_q', 'fuse
 
 
 class TrainingError(RuntimeError):
-  """The run cannot continue (NaN loss, incompatible workdir); the message says why."""
+  """The run cannot continue (NaN loss, incompatible workdir, full disk); the message says why, in one line."""
 
 
 def lr_schedule(t: config_lib.TrainConfig) -> optax.Schedule:
@@ -122,12 +124,6 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: config_lib.Config, positions: n
   return step
 
 
-@jax.jit
-def all_finite(state) -> jax.Array:
-  """Whether every array of the state is finite (not a norm: squares of finite ~1e20 values overflow)."""
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state)]))
-
-
 def make_eval_step(graphdef: nnx.GraphDef, positions: np.ndarray | None):
   def step(state, batch):
     model, _ = nnx.merge(graphdef, state)
@@ -142,62 +138,130 @@ def _fmt_time(seconds: float) -> str:
   return f'{h}h{rem // 60:02d}m' if h else f'{rem // 60}m{rem % 60:02d}s'
 
 
-class _StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop polls, so it can checkpoint and exit cleanly."""
+class _StopPoll:
+  """Whether to stop at a step: a signal caught by `stop` (one process), or JAX's preemption sync point (several
+  processes must stop at the same step; its service handles SIGTERM, so no handler of ours replaces it)."""
 
-  def __init__(self):
-    self.received = None
-    self._old = {}
+  def __init__(self, stop: stopping.StopSignal):
+    self.stop = stop
 
-  def __enter__(self):
+  def __call__(self, step: int) -> str | None:
     if jax.process_count() > 1:
-      # Several processes must stop at the same step: JAX's own preemption service (it handles SIGTERM) agrees
-      # on one, see `poll`. A handler here would replace it and let each process stop on its own.
-      return self
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread (e.g. a notebook worker): no handler, no harm
-        pass
-    return self
-
-  def poll(self, step: int) -> str | None:
-    """The signal to stop at this step for, or None; the same answer on every process."""
-    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
-      self.received = 'SIGTERM'
-    return self.received
-
-  def _handle(self, signum, frame):
-    del frame
-    self.received = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
+      return 'SIGTERM' if multihost_utils.reached_preemption_sync_point(step) else None
+    return self.stop.received
 
 
-def check_compatible(workdir: str, cfg: config_lib.Config) -> None:
-  """Refuses to reuse a workdir whose run has another model (other parameters): the checkpoints stay as they are."""
+def read_saved_config(workdir: str) -> dict | None:
+  """The workdir's config.json ({'config': ..., ...}), None if there is none; a damaged one is a TrainingError."""
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  text = workdir_lib.read_text(path)
+  if text is None:
+    return None
+  try:
+    saved = json.loads(text)
+    if not isinstance(saved['config']['model'], dict):
+      raise TypeError('"model" is not a dict')
+  except (ValueError, KeyError, TypeError) as e:
+    raise TrainingError(f'{path} is damaged ({type(e).__name__}: {e}); restore it, or remove it to resume with '
+                        'the config given now') from None
+  return saved
+
+
+def check_compatible(workdir: str, saved: dict | None, cfg: config_lib.Config) -> None:
+  """Refuses to reuse a workdir whose run has another model (other parameters): the checkpoints stay as they are."""
+  if saved is None:
     return
-  with open(path) as f:
-    saved = json.load(f)['config']
   # Through ModelConfig: an older run's config.json (model.rope, no newer keys) reads as the model it was.
   try:
-    old = dataclasses.asdict(config_lib.ModelConfig(**saved['model']))
+    old = dataclasses.asdict(config_lib.ModelConfig(**saved['config']['model']))
   except (TypeError, ValueError) as e:
-    raise TrainingError(f'{path}: cannot read its model config ({e}); use a new --workdir') from None
+    raise TrainingError(f'{os.path.join(workdir, "config.json")}: cannot read its model config ({e}); use a new '
+                        '--workdir') from None
   new = dataclasses.asdict(cfg.model)
   diff = [k for k in new if k not in EXECUTION_KEYS and old.get(k) != new[k]]
   if diff:
     changes = ', '.join(f'model.{k}: {old.get(k)!r} -> {new[k]!r}' for k in diff)
     raise TrainingError(f'{workdir} holds a run with another model ({changes}); use a new --workdir or the same '
                         'model config')
-  old_flat = saved.get('train', {}).get('flat_optimizer', False)
+  old_flat = saved['config'].get('train', {}).get('flat_optimizer', False)
   if old_flat != cfg.train.flat_optimizer:
     raise TrainingError(f'{workdir} holds a run with train.flat_optimizer={old_flat} (another optimizer state '
                         f'layout); resume it with --config.train.flat_optimizer={old_flat}')
+
+
+def _data_name(path: str) -> str:
+  return f'data.path={path!r}' + (' (the embedded corpus)' if not path else '')
+
+
+def check_same_data(workdir: str, saved: dict | None, cfg: config_lib.Config, data_sha256: str) -> None:
+  """Refuses to resume a run on other data (another data.path, or the same file with another text)."""
+  if saved is None:
+    return
+  old = saved['config'].get('data', {}).get('path', '')
+  if os.path.normpath(old or '.') != os.path.normpath(cfg.data.path or '.'):
+    raise TrainingError(f'{workdir} was trained on {_data_name(old)}, not {_data_name(cfg.data.path)}; to '
+                        'continue it on other data, pass --allow_data_change')
+  if saved.get('data_sha256') not in (None, data_sha256):
+    raise TrainingError(f'the text of {_data_name(old)} has changed since {workdir} was trained on it; to '
+                        'continue on the new text, pass --allow_data_change')
+
+
+def corpus_sha256(corpus: data_lib.Corpus) -> str:
+  """The identity of a run's data: a hash of its tokens (the whole text, both splits)."""
+  h = hashlib.sha256(corpus.vocab.to_json().encode())
+  h.update(np.ascontiguousarray(corpus.train, '<i4').tobytes())
+  h.update(np.ascontiguousarray(corpus.val, '<i4').tobytes())
+  return h.hexdigest()
+
+
+def device_memory_limit() -> int | None:
+  """Bytes one local device may use: the accelerator's limit, or on CPU the host's RAM shared by its devices."""
+  device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  (not implemented on some backends)
+    stats = None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  if device.platform == 'cpu':
+    try:
+      ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError):
+      return None
+    return ram // len(jax.local_devices())
+  return None
+
+
+def _fmt_bytes(n: float) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'):
+    if n < 1024 or unit == 'PiB':
+      return f'{n:.1f} {unit}' if unit != 'B' else f'{int(n)} B'
+    n /= 1024
+  return f'{n:.1f} PiB'
+
+
+def memory_needed(compiled) -> int | None:
+  """XLA's per-device peak for a compiled program: arguments + outputs (less donated buffers) + temporaries."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+          + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+
+
+def check_memory(compiled, cfg: config_lib.Config, what: str = 'the train step') -> None:
+  """Refuses, before it runs, a step that cannot fit in device memory, giving XLA's estimate."""
+  need, limit = memory_needed(compiled), device_memory_limit()
+  if need is None or limit is None or need <= limit:
+    return
+  raise TrainingError(
+      f'{what} needs about {_fmt_bytes(need)} per device (XLA\'s estimate for data.seq_len='
+      f'{cfg.data.seq_len}, train.batch_size={cfg.train.batch_size}) but a device has {_fmt_bytes(limit)}; lower '
+      'them, or use more devices, model.remat=True or (selective) model.selective_impl=blockwise')
+
+
+def _resource_exhausted(e: Exception) -> bool:
+  return 'RESOURCE_EXHAUSTED' in str(e) or 'Out of memory' in str(e)
 
 
 def _device_batch(batch: dict[str, np.ndarray], shard, perm) -> dict[str, jax.Array]:
@@ -244,161 +308,290 @@ def build_steps(cfg: config_lib.Config, mesh, graphdef: nnx.GraphDef, state: nnx
   return Steps(train=train_step, eval=eval_step, shard=shard, stacked=stacked, perm=perm)
 
 
-def train(config, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the run in `workdir`; returns the last eval metrics."""
+def _header(cfg: config_lib.Config, num_params: int, mesh, workdir: str) -> str:
+  """The run in one line (every key is in WORKDIR/config.json)."""
+  m, t = cfg.model, cfg.train
+  attention = f'{m.attention} attention' + (f' ({m.impl}, {m.kv_generator} K/V)' if m.attention == 'selective' else '')
+  sizes = 'x'.join(str(v) for v in dict(mesh.shape).values())
+  return (f'{attention}, D{m.d_model} L{m.num_layers} N{m.num_heads}, {num_params:,} parameters, {m.dtype} | '
+          f'{_data_name(cfg.data.path)}, seq_len {cfg.data.seq_len}, batch {t.batch_size} | {t.num_steps} steps, '
+          f'lr {t.learning_rate:g} {t.lr_schedule}, seed {t.seed} | mesh {sizes} (data x fsdp x seq x tensor) | '
+          f'all keys in {os.path.join(workdir, "config.json")}')
+
+
+def _take_lock(workdir: str, is_main: bool) -> workdir_lib.Lock | None:
+  """Process 0 locks the workdir for the run; every process fails together if it is in use."""
+  lock, error = None, None
+  if is_main:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      lock = workdir_lib.Lock(workdir)
+      lock.acquire()
+    except OSError as e:
+      error = workdir_lib.WorkdirError(f'cannot create --workdir={workdir}: {workdir_lib.describe_os_error(e)}')
+    except workdir_lib.WorkdirError as e:
+      error = e
+  if jax.process_count() > 1:
+    failed = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if failed and error is None:
+      error = workdir_lib.WorkdirError(f'process 0 cannot lock {workdir} (its error says why)')
+  if error is not None:
+    raise error
+  return lock
+
+
+def train(config, workdir: str, *, allow_data_change: bool = False,
+          stop: stopping.StopSignal | None = None) -> dict[str, float]:
+  """Trains (or resumes) the run in `workdir`; returns the last eval metrics.
+
+  `stop`: an installed StopSignal (the command line's); by default one is installed for the loop. When the loop
+  stops on a signal, it saves a checkpoint and sets `stop.stopped_at`.
+  """
   workdir = os.path.abspath(workdir)
+  workdir_lib.check_is_dir(workdir)
+  saved = read_saved_config(workdir)
   vocab_path = os.path.join(workdir, 'vocab.json')
-  vocab = data_lib.Vocab.load(vocab_path) if os.path.exists(vocab_path) else None
+  vocab_text = workdir_lib.read_text(vocab_path)
+  vocab = None
+  if vocab_text is not None:
+    try:
+      vocab = data_lib.Vocab.from_json(vocab_text)
+    except data_lib.DataError as e:
+      raise data_lib.DataError(f'{vocab_path}: {e}') from None
   dcfg = config.data
   corpus = data_lib.load_corpus(dcfg.path, dcfg.val_fraction, vocab)
   cfg = config_lib.from_config(config, corpus.vocab.size)
   data_lib.check_seq_len(corpus, cfg.data.seq_len, val_fraction=cfg.data.val_fraction, path=cfg.data.path)
-  check_compatible(workdir, cfg)
+  check_compatible(workdir, saved, cfg)
+  data_sha256 = corpus_sha256(corpus)
+  if not allow_data_change:
+    check_same_data(workdir, saved, cfg, data_sha256)
   mesh = sharding.make_mesh(cfg.mesh)
   sharding.check_fits(cfg, mesh)
   t = cfg.train
   is_main = jax.process_index() == 0
 
-  graphdef, state = create_state(cfg, mesh)
-  num_params = count_params(nnx.merge(graphdef, state)[0])
-  logging.info('model: %s attention (%s), %s parameters; mesh %s', cfg.model.attention,
-               cfg.model.impl if cfg.model.attention == 'selective' else '-', f'{num_params:,}', dict(mesh.shape))
+  # Nothing above wrote anything: a refused start leaves the workdir as it was.
+  lock = _take_lock(workdir, is_main)
+  own_stop = stop is None
+  if own_stop:
+    stop = stopping.StopSignal()
+    if jax.process_count() == 1:
+      stop.__enter__()
+  ckpt = writer = None
+  try:
+    graphdef, state = create_state(cfg, mesh)
+    num_params = count_params(nnx.merge(graphdef, state)[0])
+    logging.info('run: %s', _header(cfg, num_params, mesh, workdir))
 
-  ds = data_lib.train_dataset(corpus.train, seq_len=cfg.data.seq_len, global_batch_size=t.batch_size,
-                              seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count())
-  data_iter = data_lib.train_iterator(ds, prefetch=cfg.data.prefetch, worker_count=cfg.data.worker_count)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints)
-  step = 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, meta = ckpt.restore(latest, ckpt_lib.abstract(state), data_iter)
-    step = int(meta['step'])
-    logging.info('resumed from %s at step %d', ckpt.directory, step)
+    def new_iterator():
+      ds = data_lib.train_dataset(corpus.train, seq_len=cfg.data.seq_len, global_batch_size=t.batch_size,
+                                  seed=t.seed, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+      return data_lib.train_iterator(ds, prefetch=cfg.data.prefetch, worker_count=cfg.data.worker_count)
 
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    corpus.vocab.save(vocab_path)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump({'config': cfg.to_dict(), 'num_params': num_params, 'vocab_size': corpus.vocab.size,
-                 'jax_version': jax.__version__}, f, indent=2)
+    data_iter = new_iterator()
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints)
+    step, unlogged = 0, []
+    had_checkpoints = bool(ckpt.manager.all_steps())
+    restored = ckpt.restore_latest(ckpt_lib.abstract(state), data_iter)
+    if restored is not None:
+      step, state, meta = restored[0], restored[1], restored[2]
+      # The losses since the last log: the next logged train/loss averages them too, as an uninterrupted run's.
+      unlogged = [np.float32(v) for v in meta.get('unlogged_losses', [])]
+      logging.info('resumed from %s at step %d', ckpt.directory, step)
+    elif had_checkpoints:
+      data_iter = new_iterator()  # a failed restore may have moved it
+      logging.warning('no usable checkpoint left in %s: training from scratch', ckpt.directory)
 
-  steps = build_steps(cfg, mesh, graphdef, state)
-  evals = [steps.eval_batch(b) for b in data_lib.eval_batches(
-      corpus.val, seq_len=cfg.data.seq_len, global_batch_size=t.batch_size, num_batches=t.eval_batches,
-      process_index=jax.process_index(), process_count=jax.process_count())]
+    steps = build_steps(cfg, mesh, graphdef, state)
+    evals = [steps.eval_batch(b) for b in data_lib.eval_batches(
+        corpus.val, seq_len=cfg.data.seq_len, global_batch_size=t.batch_size, num_batches=t.eval_batches,
+        process_index=jax.process_index(), process_count=jax.process_count())]
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)  # its file is created at the first write
+
+    compiled_eval = []
+    # The eval samples' prompt; '' takes the first line of the corpus (selattn.sample's default too).
+    prompt = t.sample_prompt or generate_lib.corpus_prompt(
+        corpus.vocab.decode(corpus.train[:generate_lib.PROMPT_SCAN]))
+
+    def evaluate(state, step, write=True):
+      with jax.set_mesh(mesh):
+        if not compiled_eval:
+          compiled_eval.append(steps.eval.lower(state, evals[0]).compile())
+          check_memory(compiled_eval[0], cfg, 'an eval step')
+        totals = None
+        for b in evals:
+          sums = compiled_eval[0](state, b)
+          totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        totals = jax.device_get(totals)
+      loss = float(totals['loss'] / totals['weight'])
+      res = {'eval/loss': loss, 'eval/accuracy': float(totals['correct'] / totals['weight']),
+             'eval/bpc': loss / math.log(2)}
+      logging.info('eval at step %d: loss %.4f | accuracy %.4f | bpc %.4f (%d held-out chars)', step, loss,
+                   res['eval/accuracy'], res['eval/bpc'], int(totals['weight']))
+      if not write:
+        return res
+      writer.write_scalars(step, res)
+      if t.sample_length:
+        # Every process runs the (jitted, globally sharded) generation; only process 0 writes it.
+        model = nnx.merge(graphdef, state)[0]
+        with jax.set_mesh(mesh):
+          text = generate_lib.generate(model, corpus.vocab, prompt, t.sample_length, temperature=1.0, top_k=0,
+                                       seed=step, max_len=cfg.data.seq_len)
+        writer.write_texts(step, {'sample': text})
+        if is_main:
+          logging.info('sample at step %d:\n%s', step, text)
+      return res
+
+    if step >= t.num_steps:
+      # Its eval and sample at this step are in the event files already: log the eval, write nothing.
+      logging.info('step %d already reached train.num_steps=%d: nothing to train', step, t.num_steps)
+      return evaluate(state, step, write=False)
+
+    def record_run():
+      """Once the step is known to fit: the files that describe the run (none is touched by a refused start)."""
+      if is_main:
+        # Written only when they change, atomically: a kill at any moment leaves the old or the new file.
+        workdir_lib.write_text(vocab_path, corpus.vocab.to_json() + '\n')
+        workdir_lib.write_text(os.path.join(workdir, 'config.json'), json.dumps(
+            {'config': cfg.to_dict(), 'num_params': num_params, 'vocab_size': corpus.vocab.size,
+             'data_sha256': data_sha256, 'jax_version': jax.__version__}, indent=2) + '\n')
+      ckpt.check_space()
+
+    return _loop(cfg, mesh, steps, state, step, unlogged, data_iter, ckpt, writer, evaluate, stop, record_run)
+  except (metrics_lib.MetricsError, workdir_lib.WorkdirError) as e:
+    raise TrainingError(f'{e}: stopping; {ckpt.describe_intact() if ckpt else "no checkpoint was touched"}') from None
+  except jax.errors.JaxRuntimeError as e:
+    if _resource_exhausted(e):
+      raise TrainingError(f'out of device memory (data.seq_len={cfg.data.seq_len}, train.batch_size='
+                          f'{cfg.train.batch_size}): {ckpt_lib.one_line(e)}') from None
+    raise
+  finally:
+    try:
+      if ckpt is not None:
+        ckpt.close()
+    finally:
+      if writer is not None:
+        writer.close()
+      if own_stop:
+        stop.__exit__(None, None, None)
+      if lock is not None:
+        lock.release()
+
+
+def _loop(cfg, mesh, steps: Steps, state, step: int, unlogged: list, data_iter, ckpt: ckpt_lib.Checkpointer,
+          writer: metrics_lib.MetricWriter, evaluate, stop: stopping.StopSignal, record_run) -> dict[str, float]:
+  """The training loop from `step` to train.num_steps (or a stop signal); returns the last eval metrics."""
+  t = cfg.train
+  schedule = lr_schedule(t)
+  result: dict[str, float] = {}
+  tokens_per_step = t.batch_size * cfg.data.seq_len
 
   def next_batches():
     return steps.train_batches([next(data_iter) for _ in range(t.steps_per_call)])
 
-  # The eval samples' prompt; '' takes the first line of the corpus (selattn.sample's default too).
-  prompt = t.sample_prompt or generate_lib.corpus_prompt(
-      corpus.vocab.decode(corpus.train[:generate_lib.PROMPT_SCAN]))
-
-  def evaluate(state, step):
-    with jax.set_mesh(mesh):
-      totals = None
-      for b in evals:
-        sums = steps.eval(state, b)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-      totals = jax.device_get(totals)
-    loss = float(totals['loss'] / totals['weight'])
-    res = {'eval/loss': loss, 'eval/accuracy': float(totals['correct'] / totals['weight']),
-           'eval/bpc': loss / math.log(2)}
-    logging.info('eval at step %d: loss %.4f | accuracy %.4f | bpc %.4f (%d held-out chars)', step, loss,
-                 res['eval/accuracy'], res['eval/bpc'], int(totals['weight']))
-    writer.write_scalars(step, res)
-    if t.sample_length:
-      # Every process runs the (jitted, globally sharded) generation; only process 0 writes it.
-      model = nnx.merge(graphdef, state)[0]
-      with jax.set_mesh(mesh):
-        text = generate_lib.generate(model, corpus.vocab, prompt, t.sample_length, temperature=1.0, top_k=0,
-                                     seed=step, max_len=cfg.data.seq_len)
-      writer.write_texts(step, {'sample': text})
-      if is_main:
-        logging.info('sample at step %d:\n%s', step, text)
-    return res
-
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  schedule = lr_schedule(t)
-  result: dict[str, float] = {}
-  tokens_per_step = t.batch_size * cfg.data.seq_len
+  batches = next_batches()
+  t0 = time.perf_counter()
+  logging.info('compiling the train step')
   try:
-    if step >= t.num_steps:
-      logging.info('step %d already reached train.num_steps=%d: nothing to train', step, t.num_steps)
-      return evaluate(state, step)
-    batches = next_batches()
-    t0 = time.perf_counter()
     with jax.set_mesh(mesh):
       compiled = steps.train.lower(state, batches).compile()
-    mem = compiled.memory_analysis()
-    logging.info('compiled the train step in %.1fs; device memory: %s', time.perf_counter() - t0,
-                 f'temp {mem.temp_size_in_bytes / 2**20:.1f} MiB, args {mem.argument_size_in_bytes / 2**20:.1f} '
-                 f'MiB' if mem is not None else 'n/a')
-    pending = []  # (step, metrics) of dispatched calls not yet read: read at log and checkpoint steps only
-    window_start, window_steps = time.perf_counter(), 0
-    run_start, run_start_step = time.perf_counter(), step
-    last_good_saved = latest
+  except jax.errors.JaxRuntimeError as e:
+    if _resource_exhausted(e):
+      raise TrainingError(f'the train step does not fit in device memory (data.seq_len={cfg.data.seq_len}, '
+                          f'train.batch_size={cfg.train.batch_size}): {ckpt_lib.one_line(e)}') from None
+    raise
+  need = memory_needed(compiled)
+  logging.info('compiled the train step in %.1fs; device memory: %s', time.perf_counter() - t0,
+               'n/a' if need is None else f'{_fmt_bytes(need)} per device')
+  check_memory(compiled, cfg)
+  record_run()
+  pending = []  # (step, metrics) of dispatched calls not yet read: read at log and checkpoint steps only
+  window_start, window_steps = time.perf_counter(), 0
+  run_start, run_start_step = time.perf_counter(), step
+  grad_norm = float('nan')
 
-    def flush() -> list[dict]:
-      """Reads the pending metrics (one device sync) and stops the run on a non-finite loss or gradient."""
-      got = jax.device_get([m for _, m in pending])
-      for (s, _), m in zip(pending, got):
-        if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
-          raise TrainingError(f'the loss is not finite after step {s} (loss {m["loss"]}, grad norm '
-                              f'{m["grad_norm"]}): stopping; {kept()}')
-      pending.clear()
-      return got
+  def flush() -> None:
+    """Reads the pending metrics (one device sync) and stops the run on a non-finite loss or gradient."""
+    nonlocal grad_norm
+    got = jax.device_get([m for _, m in pending])
+    for (s, _), m in zip(pending, got):
+      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+        raise TrainingError(f'the loss is not finite after step {s} (loss {m["loss"]}, grad norm '
+                            f'{m["grad_norm"]}): stopping; {kept()}')
+      unlogged.append(m['loss'])
+      grad_norm = float(m['grad_norm'])
+    pending.clear()
 
-    def kept() -> str:
-      if last_good_saved is None:
-        return f'no checkpoint was saved in {ckpt.directory}'
-      return f'the last good checkpoint (step {last_good_saved}) is kept in {ckpt.directory}'
+  def kept() -> str:
+    try:
+      ckpt.wait()  # a save still in flight is only good once it is on disk
+    except ckpt_lib.CheckpointError as e:
+      return f'and {e}'
+    if ckpt.intact is None:
+      return f'no checkpoint was saved in {ckpt.directory}'
+    return f'the last good checkpoint (step {ckpt.intact}) is kept in {ckpt.directory}'
 
-    with _StopSignal() as stop:
-      while step < t.num_steps:
-        with jax.transfer_guard('disallow'):
-          state, metrics = compiled(state, batches)
-        step += t.steps_per_call
-        pending.append((step, metrics))
-        window_steps += t.steps_per_call
-        last = step >= t.num_steps
-        # One read of the flag per step: a signal arriving later in this step is handled at the next one.
-        stopping = stop.poll(step)
-        save = step % t.checkpoint_every == 0 or last or stopping
-        if not (last or save):
-          # The host builds the next batches while the device runs this step. At a checkpoint step this waits
-          # until after the save: the saved iterator state must be that of step + 1's batches.
+  poll = _StopPoll(stop)
+  stop.loop_started()
+  logging.info('training from step %d to %d', step, t.num_steps)
+  try:
+    while step < t.num_steps:
+      with jax.transfer_guard('disallow'):
+        state, metrics = compiled(state, batches)
+      step += t.steps_per_call
+      pending.append((step, metrics))
+      window_steps += t.steps_per_call
+      last = step >= t.num_steps
+      ckpt.poll()  # a failed asynchronous save stops the run now, not at the next save
+      # One read of the flag per step: a signal arriving later in this step is handled at the next one.
+      stopping_now = poll(step)
+      save = step % t.checkpoint_every == 0 or last or stopping_now
+      if not (last or save):
+        # The host builds the next batches while the device runs this step. At a checkpoint step this waits
+        # until after the save: the saved iterator state must be that of step + 1's batches.
+        batches = next_batches()
+      if step % t.log_every == 0 or last:
+        flush()
+        dt = time.perf_counter() - window_start
+        lr = float(schedule(step - 1))
+        rate = window_steps * tokens_per_step / dt
+        eta = (t.num_steps - step) * (time.perf_counter() - run_start) / max(step - run_start_step, 1)
+        # The mean over every step since the last log, whichever run computed them (see `unlogged_losses`).
+        loss = float(np.mean(unlogged))
+        unlogged.clear()
+        logging.info('step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | %.2f ms/step | ETA %s',
+                     step, t.num_steps, loss, lr, grad_norm, f'{rate:,.0f}', 1000 * dt / window_steps,
+                     _fmt_time(eta))
+        writer.write_scalars(step, {'train/loss': loss, 'train/learning_rate': lr, 'train/grad_norm': grad_norm,
+                                    'train/tokens_per_second': rate})
+        window_start, window_steps = time.perf_counter(), 0
+      if (t.eval_every and step % t.eval_every == 0) or last:
+        result = evaluate(state, step)
+        window_start = time.perf_counter()  # eval time is not training time
+      if save:
+        flush()
+        finite, sums = jax.device_get(ckpt_lib.fingerprint(state))
+        # A finite loss and gradient can still give non-finite parameters (an update that overflows).
+        if not finite:
+          raise TrainingError(f'the parameters are not finite after step {step}: stopping; {kept()}')
+        ckpt.check_space()
+        ckpt.save(step, state, data_iter, {
+            'step': step, 'model': dataclasses.asdict(cfg.model), 'checksum': ckpt_lib.checksum(sums),
+            'unlogged_losses': [float(v) for v in unlogged]})
+        if not last and not stopping_now:
           batches = next_batches()
-        if step % t.log_every == 0 or last:
-          got = flush()
-          dt = time.perf_counter() - window_start
-          lr = float(schedule(step - 1))
-          rate = window_steps * tokens_per_step / dt
-          eta = (t.num_steps - step) * (time.perf_counter() - run_start) / max(step - run_start_step, 1)
-          loss = float(np.mean([m['loss'] for m in got]))
-          grad_norm = float(got[-1]['grad_norm'])
-          logging.info('step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.3g tok/s | %.2f ms/step | ETA %s',
-                       step, t.num_steps, loss, lr, grad_norm, rate, 1000 * dt / window_steps, _fmt_time(eta))
-          writer.write_scalars(step, {'train/loss': loss, 'train/learning_rate': lr, 'train/grad_norm': grad_norm,
-                                      'train/tokens_per_second': rate})
-          window_start, window_steps = time.perf_counter(), 0
-        if (t.eval_every and step % t.eval_every == 0) or last:
-          result = evaluate(state, step)
-          window_start = time.perf_counter()  # eval time is not training time
-        if save:
-          flush()
-          # A finite loss and gradient can still give non-finite parameters (an update that overflows).
-          if not bool(jax.device_get(all_finite(state))):
-            raise TrainingError(f'the parameters are not finite after step {step}: stopping; {kept()}')
-          ckpt.save(step, state, data_iter, {'step': step, 'model': dataclasses.asdict(cfg.model)})
-          last_good_saved = step
-          if not last and not stopping:
-            batches = next_batches()
-        if stopping:
-          logging.warning('%s received: saved a checkpoint at step %d and stopping', stopping, step)
-          break
+      if stopping_now:
+        ckpt.wait()
+        stop.stopped_at = step
+        logging.warning('%s received: saved a checkpoint at step %d and stopping', stopping_now, step)
+        break
     jax.block_until_ready(state)  # before exiting: a peer process may still be in a collective with us
-    return result
-  finally:
-    ckpt.close()
-    writer.close()
+  except jax.errors.JaxRuntimeError as e:
+    if _resource_exhausted(e):
+      raise TrainingError(f'out of device memory near step {step}: {ckpt_lib.one_line(e)}; {kept()}') from None
+    raise
+  except ckpt_lib.CheckpointError as e:
+    raise TrainingError(str(e)) from None
+  return result

@@ -1,13 +1,17 @@
 """The command line, `python -m selattn.main`, in subprocesses: SIGTERM and SIGKILL followed by a restart give the
 losses of an uninterrupted run, bad inputs are one-line errors that leave the checkpoints alone, and a NaN stops
-the run naming the step and the last good checkpoint."""
+the run naming the step and the last good checkpoint. The workdir's guarantees (one writer, atomic files, verified
+checkpoints, a full disk, signals before the loop) are in workdir_cli_test.py."""
 
 import hashlib
+import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +21,7 @@ import pytest
 
 from configs import tiny
 from run_files import checkpoint_steps, event_files, new_event_files, restore_params, scalars
+from selattn import stopping
 from selattn import train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -37,12 +42,12 @@ def compile_cache(tmp_path_factory):
   _compile_cache.pop()
 
 
-def _env():
+def _env(cache=True):
   # The parent's environment (so XLA_FLAGS, e.g. a forced device count, match the in-process reference run).
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
   for cluster in ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS'):  # main.py would join a cluster
     env.pop(cluster, None)
-  if _compile_cache:
+  if _compile_cache and cache:
     env.update(JAX_COMPILATION_CACHE_DIR=_compile_cache[-1], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   return env
@@ -59,10 +64,10 @@ def run_main(workdir, *flags):
   return p.returncode, p.stderr
 
 
-def start_main(workdir, log_path, *flags):
+def start_main(workdir, log_path, *flags, cache=True):
   log = open(log_path, 'w')  # a file, not a pipe: a pipe nobody reads would fill and block the child
   try:
-    return subprocess.Popen(_command(workdir, *flags), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+    return subprocess.Popen(_command(workdir, *flags), cwd=REPO, env=_env(cache), stdout=subprocess.DEVNULL,
                             stderr=log)
   finally:
     log.close()
@@ -89,11 +94,13 @@ def _tail(path, n=30):
 
 
 def tree_hash(path):
-  """A hash of every file's relative path and contents under `path`."""
+  """A hash of every file's relative path and contents under `path` (but the lock file: who last held it)."""
   h = hashlib.sha256()
   for root, dirs, files in os.walk(path):
     dirs.sort()
     for name in sorted(files) + [d + '/' for d in dirs]:
+      if root == str(path) and name == 'lock':
+        continue
       full = os.path.join(root, name)
       h.update(os.path.relpath(full, path).encode() + b'\0')
       if os.path.isfile(full):
@@ -149,7 +156,8 @@ def test_sigterm_saves_a_checkpoint_and_the_restart_is_bit_identical(tmp_path, r
   _, ref = reference
   workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log.txt')
   # No periodic checkpoint: the only one can be the signal's.
-  assert _signal_at_step(workdir, log, 15, signal.SIGTERM, checkpoint_every=1000) == 0, _tail(log)
+  assert _signal_at_step(workdir, log, 15, signal.SIGTERM, checkpoint_every=1000) == stopping.EXIT_STOPPED, \
+      _tail(log)
   text = open(log).read()
   m = re.search(r'SIGTERM received: saved a checkpoint at step (\d+)', text)
   assert m, _tail(log)
@@ -209,6 +217,15 @@ ERROR_CASES = {
     'bad_value': (['--config.model.num_heads=3'], ['model.d_model', 'model.num_heads']),
     'other_model': (['--config.model.d_model=64'], ['model.d_model', '32', '64']),
     'other_optimizer_layout': (['--config.train.flat_optimizer=True'], ['train.flat_optimizer=False']),
+    'nonexistent_config': (['--config', 'configs/nonexistent.py'], ['configs/nonexistent.py', 'no such file']),
+    'unknown_variant': (['--config', 'configs/selective.py:bogus'], ["'bogus'", 'quick']),
+    'inf_learning_rate': (['--config.train.learning_rate=inf'], ['train.learning_rate=inf', 'finite']),
+    'inf_rope_theta': (['--config.model.rope_theta=inf'], ['model.rope_theta=inf', 'finite']),
+    # Characters within the saved vocabulary: the corpus loads, and only the recorded data.path can refuse it.
+    'other_data_path': (['--config.data.path={subset}'], ['data.path=', 'subset.txt', '--allow_data_change']),
+    # About 2 TiB for one step (factored attention's T x T logits): refused before it runs, with the estimate.
+    'step_beyond_device_memory': (['--config.data.seq_len=60000', '--config.train.num_steps=300'],
+                                  ['data.seq_len=60000', 'TiB per device']),
 }
 
 
@@ -220,6 +237,7 @@ def test_bad_input_is_a_one_line_error(case, tmp_path, reference):
       'latin1': _corpus(tmp_path, 'latin1.txt', 'ROMEO: café\n'.encode('latin-1') * 100),
       # 160 characters of the run's vocabulary: a 32-char held-out split, less than a 33-char window.
       'short': _corpus(tmp_path, 'short.txt', b'ROMEO: what light.\n' * 8 + b'xxxxxxxx'),
+      'subset': _corpus(tmp_path, 'subset.txt', b'ROMEO: what light.\n' * 200),
   }
   assert len(open(files['short']).read()) == 160
   flags = [f.format(**files) for f in flags]
@@ -230,12 +248,21 @@ def test_bad_input_is_a_one_line_error(case, tmp_path, reference):
   rc, err = run_main(workdir, *flags)
   assert rc != 0
   assert 'Traceback' not in err, err[-3000:]
+  # One sentence (that may name the workdir and a corpus beside it).
+  assert_one_error_line(err, *expected, limit=200 + 2 * len(workdir))
+  assert tree_hash(workdir) == before
+
+
+def assert_one_error_line(err, *expected, limit=250):
+  """stderr holds exactly one `error:` line, holding `expected`; no traceback, no second copy from absl."""
+  assert 'Traceback' not in err, err[-3000:]
   errors = [line for line in err.splitlines() if line.startswith('error:')]
   assert len(errors) == 1, err[-3000:]
-  assert len(errors[0]) < 200 + len(workdir), errors[0]  # short: one sentence (that may name the workdir)
+  assert len(errors[0]) < limit, errors[0]
+  assert not re.search(r'^E\d{4} ', err, re.MULTILINE), err[-3000:]  # absl's ERROR line repeating it
   for s in expected:
     assert s in errors[0], (s, errors[0])
-  assert tree_hash(workdir) == before
+  return errors[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,3 +298,305 @@ def test_nan_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, refere
   # The new checkpoints (and the one resumed from) hold finite params.
   for s, params in restore_params(workdir, [s for s in saved if s >= start]).items():
     assert all(np.isfinite(p).all() for p in params), s
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line itself.
+
+def test_help_exits_0_and_names_the_config_keys():
+  p = subprocess.run([sys.executable, '-m', 'selattn.main', '--help'], cwd=REPO, env=_env(), capture_output=True,
+                     text=True, timeout=TIMEOUT)
+  assert p.returncode == 0, p.stderr[-3000:]
+  for s in ('--config.', 'configs/base.py', '--workdir', '--allow_data_change', 'Exit status'):
+    assert s in p.stdout, s
+
+
+def test_an_absolute_config_path_works_from_another_directory(tmp_path):
+  # As a user with the package installed: `configs` is not importable from elsewhere, selattn is.
+  site = tmp_path / 'site'
+  site.mkdir()
+  (site / 'selattn').symlink_to(REPO / 'selattn')
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  env = dict(_env(), PYTHONPATH=str(site))
+  p = subprocess.run([sys.executable, '-m', 'selattn.main', *TINY, f'--config={REPO}/configs/tiny.py',
+                      '--workdir=runs/x', '--config.train.num_steps=2'], cwd=elsewhere, env=env,
+                     capture_output=True, text=True, timeout=TIMEOUT)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert checkpoint_steps(str(elsewhere / 'runs' / 'x')) == [2]
+
+
+def test_a_workdir_that_is_a_file_is_a_one_line_error(tmp_path):
+  path = tmp_path / 'notes.txt'
+  path.write_text('my notes\n')
+  rc, err = run_main(str(path))
+  assert rc == 1
+  assert_one_error_line(err, str(path), 'not a directory')
+  assert path.read_text() == 'my notes\n'
+
+
+def test_sample_refuses_a_nan_temperature(reference):
+  p = subprocess.run([sys.executable, '-m', 'selattn.sample', f'--workdir={reference[0]}', '--length=4',
+                      '--temperature=nan'], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+  assert p.returncode == 1
+  assert_one_error_line(p.stderr, 'temperature=nan')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The workdir: one writer, files written whole, runs finished or resumed without rewriting anything.
+
+def test_a_second_run_on_a_workdir_in_use_stops_at_once(tmp_path, reference):
+  _, ref = reference
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log.txt')
+  # Every checkpoint kept: the sampler below reads the latest one, which the run would otherwise soon delete.
+  proc = start_main(workdir, log, '--config.train.num_steps=100000', '--config.train.checkpoint_every=10',
+                    '--config.train.keep_checkpoints=100000')
+  try:
+    wait_for_log(proc, log, r'\bstep 12/100000\b')
+    config_before = pathlib.Path(workdir, 'config.json').read_bytes()
+    # Another learning rate and seed: the second run must neither write config.json nor touch the checkpoints.
+    rc, err = run_main(workdir, '--config.train.learning_rate=0.01', '--config.train.seed=7')
+    assert rc == stopping.EXIT_FAILED
+    assert_one_error_line(err, workdir, f'pid {proc.pid} on {socket.gethostname()}', 'in use')
+    assert pathlib.Path(workdir, 'config.json').read_bytes() == config_before
+    # Reading a run in use still works: sampling from its checkpoints.
+    p = subprocess.run([sys.executable, '-m', 'selattn.sample', f'--workdir={workdir}', '--prompt=ROMEO:',
+                        '--length=8'], cwd=REPO,
+                       env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.startswith('ROMEO:') and len(p.stdout.rstrip('\n')) == len('ROMEO:') + 8, p.stdout
+    assert proc.poll() is None  # the first run goes on
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=TIMEOUT) == stopping.EXIT_STOPPED, _tail(log)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  stop = int(re.search(r'SIGTERM received: saved a checkpoint at step (\d+)', open(log).read()).group(1))
+  expect_losses(ref, scalars(workdir), 1, stop)  # the first run's own losses, undisturbed
+  assert checkpoint_steps(workdir)[-1] == stop
+
+
+def _stat(path):
+  st = os.stat(path)
+  return st.st_ino, st.st_mtime_ns, pathlib.Path(path).read_bytes()
+
+
+def test_rerunning_a_finished_run_writes_nothing(tmp_path, reference):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference[0], workdir)
+  files = {name: _stat(os.path.join(workdir, name)) for name in ('config.json', 'vocab.json')}
+  before, events = tree_hash(workdir), event_files(workdir)
+  # The reference's exact config: nothing to train, nothing that changed.
+  rc, err = run_main(workdir, f'--config.train.num_steps={REFERENCE_STEPS}', '--config.train.checkpoint_every=10')
+  assert rc == 0, err[-3000:]
+  assert 'nothing to train' in err
+  assert event_files(workdir) == events  # no new event file, so no second eval entry at the last step
+  assert {name: _stat(os.path.join(workdir, name)) for name in files} == files  # not even rewritten in place
+  assert tree_hash(workdir) == before
+
+
+def test_a_kill_right_after_resuming_leaves_config_and_vocab_whole(tmp_path, reference):
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log.txt')
+  shutil.copytree(reference[0], workdir)
+  config_path, vocab_path = os.path.join(workdir, 'config.json'), os.path.join(workdir, 'vocab.json')
+  old_config, vocab = pathlib.Path(config_path).read_text(), _stat(vocab_path)
+  # Another learning rate: config.json changes (rewritten once the step compiled), vocab.json does not.
+  proc = start_main(workdir, log, '--config.train.num_steps=100000', '--config.train.learning_rate=0.002')
+  try:
+    wait_for_log(proc, log, r'resumed from|compiled the train step')
+    time.sleep(0.3 * np.random.default_rng().random())  # somewhere around the write
+    proc.kill()
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  new_config = pathlib.Path(config_path).read_text()
+  lr = json.loads(new_config)['config']['train']['learning_rate']  # whole JSON, old or new
+  assert new_config == old_config or lr == 0.002
+  assert _stat(vocab_path) == vocab
+  rc, err = run_main(workdir, f'--config.train.num_steps={REFERENCE_STEPS + 2}', '--config.train.learning_rate=0.002')
+  assert rc == 0, err[-3000:]
+  assert json.loads(pathlib.Path(config_path).read_text())['config']['train']['learning_rate'] == 0.002
+  assert not [n for n in os.listdir(workdir) if '.tmp' in n]
+
+
+def test_a_symlinked_config_json_is_refused_and_its_target_untouched(tmp_path, reference):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference[0], workdir)
+  outside = tmp_path / 'elsewhere.json'
+  os.replace(os.path.join(workdir, 'config.json'), outside)
+  os.symlink(outside, os.path.join(workdir, 'config.json'))
+  before = outside.read_bytes()
+  rc, err = run_main(workdir, f'--config.train.num_steps={REFERENCE_STEPS + 2}', '--config.train.learning_rate=0.002')
+  assert rc == 1
+  assert_one_error_line(err, 'config.json', 'symbolic link')
+  assert outside.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Damaged checkpoints: reported in one line, renamed aside, and the run resumes from the one before.
+
+def _largest_array_file(step_dir):
+  files = [p for p in pathlib.Path(step_dir, 'state').rglob('*') if p.is_file() and '/d/' in str(p)]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _flip_bytes(step_dir):
+  path = _largest_array_file(step_dir)
+  data = bytearray(path.read_bytes())
+  for i in range(len(data) // 2, len(data) // 2 + 8):
+    data[i] ^= 0x5A
+  path.write_bytes(bytes(data))
+
+
+def _truncate(step_dir):
+  path = _largest_array_file(step_dir)
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _corrupt_metadata(step_dir):
+  pathlib.Path(step_dir, 'meta', 'metadata').write_text('{"step": ')
+
+
+DAMAGE = {'flipped_array_bytes': _flip_bytes, 'truncated_array_file': _truncate, 'corrupt_metadata': _corrupt_metadata}
+
+
+@pytest.mark.parametrize('damage', list(DAMAGE))
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_falls_back(tmp_path, reference, damage):
+  reference_dir, ref = reference
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference_dir, workdir)
+  *_, previous, last = checkpoint_steps(workdir)
+  DAMAGE[damage](os.path.join(workdir, 'checkpoints', str(last)))
+  first = event_files(workdir)
+  rc, err = run_main(workdir, f'--config.train.num_steps={last}', '--config.train.checkpoint_every=10')
+  assert rc == 0, err[-3000:]
+  assert 'Traceback' not in err, err[-3000:]
+  reports = [line for line in err.splitlines() if f'checkpoint {last} ' in line]
+  assert len(reports) == 1 and 'cannot be used' in reports[0], err[-3000:]
+  if damage == 'flipped_array_bytes':
+    assert 'checksum' in reports[0]  # Orbax restores it without complaint: only the checksum catches it
+  assert re.search(rf'resumed from .* at step {previous}\b', err), err[-3000:]
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', f'{last}.damaged'))  # kept, under another name
+  expect_losses(ref, scalars(workdir, files=new_event_files(workdir, first)), previous + 1, last)
+  retrained, original = restore_params(workdir, [last])[last], restore_params(reference_dir, [last])[last]
+  assert all(np.array_equal(a, b) for a, b in zip(retrained, original))
+
+
+def test_a_nan_stop_never_calls_a_damaged_checkpoint_the_last_good(tmp_path, reference):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference[0], workdir)
+  *_, previous, last = checkpoint_steps(workdir)
+  _flip_bytes(os.path.join(workdir, 'checkpoints', str(last)))
+  rc, err = run_main(workdir, f'--config.train.num_steps={last + 20}', '--config.train.learning_rate=1e30',
+                     '--config.train.checkpoint_every=1000')
+  assert rc == 1
+  msg = assert_one_error_line(err, 'not finite', limit=400)
+  assert f'last good checkpoint (step {previous})' in msg, msg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Signals before the training loop: one line, a distinct exit status, the workdir as it was.
+
+@pytest.mark.parametrize('signum,before', [(signal.SIGINT, r'compiling the train step'), (signal.SIGTERM, r'\brun: ')])
+def test_a_signal_before_the_loop_stops_cleanly(tmp_path, reference, signum, before):
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log.txt')
+  shutil.copytree(reference[0], workdir)
+  checkpoints = tree_hash(os.path.join(workdir, 'checkpoints'))
+  # No compilation cache: compiling takes seconds, and the signal lands in it.
+  proc = start_main(workdir, log, '--config.train.num_steps=100000', cache=False)
+  try:
+    wait_for_log(proc, log, before)
+    proc.send_signal(signum)
+    rc = proc.wait(timeout=TIMEOUT)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  text = open(log).read()
+  assert rc == stopping.EXIT_STOPPED, text[-3000:]
+  for bad in ('Traceback', 'Segmentation', 'Fatal Python error', 'KeyboardInterrupt'):
+    assert bad not in text, text[-3000:]
+  name = signal.Signals(signum).name
+  if f'{name} received before training started' in text:
+    assert tree_hash(os.path.join(workdir, 'checkpoints')) == checkpoints
+  else:  # the machine was quick: the loop had started, and saved a checkpoint
+    assert f'{name} received: saved a checkpoint' in text, text[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train/loss does not depend on where the run was interrupted.
+
+def test_logged_losses_are_the_same_interrupted_or_not(tmp_path, reference):
+  _, ref = reference
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log.txt')
+  # A loss logged every 20 steps, a SIGTERM in between: the mean at step 20 covers steps from both runs.
+  proc = start_main(workdir, log, '--config.train.num_steps=100000', '--config.train.checkpoint_every=1000',
+                    '--config.train.log_every=20', '--config.train.steps_per_call=1')
+  try:
+    wait_for_log(proc, log, r'training from step 0\b')
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=TIMEOUT) == stopping.EXIT_STOPPED, _tail(log)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  stop = int(re.search(r'saved a checkpoint at step (\d+)', open(log).read()).group(1))
+  if stop >= 20:
+    pytest.skip(f'the signal arrived at step {stop}, after the first log')  # a very fast machine
+  rc, err = run_main(workdir, '--config.train.num_steps=40', '--config.train.checkpoint_every=1000',
+                     '--config.train.log_every=20')
+  assert rc == 0, err[-3000:]
+  assert re.search(r'\| [\d,]+ tok/s \|', err), err[-3000:]  # 7,550 tok/s, not 7.55e+03
+  got = scalars(workdir)
+  assert sorted(got) == [20, 40]
+  # The uninterrupted run's per-step losses, averaged over each logging window as the loop does (float32).
+  for end in (20, 40):
+    want = np.float32(np.mean(np.array([ref[s] for s in range(end - 19, end + 1)], np.float32)))
+    assert got[end] == want, (end, got[end], want)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A full disk (a small tmpfs, mounted in a user namespace; skipped where the system allows none).
+
+def _tmpfs_available():
+  if not shutil.which('unshare'):
+    return False
+  p = subprocess.run(['unshare', '-rm', 'sh', '-c', 'mount -t tmpfs -o size=64k tmpfs "$(mktemp -d)"'],
+                     capture_output=True, timeout=30)
+  return p.returncode == 0
+
+
+@pytest.mark.skipif(not _tmpfs_available(), reason='cannot mount a tmpfs in a user namespace here')
+@pytest.mark.parametrize('size_kib', [300, 1500])
+def test_a_full_disk_stops_the_run_with_one_line(tmp_path, size_kib):
+  # 300 KiB: the first checkpoint cannot be written. 1500 KiB: a few can, then there is no room for the next.
+  mount = tmp_path / 'disk'
+  mount.mkdir()
+  command = ' '.join(shlex.quote(a) for a in _command(str(mount / 'run'), '--config.train.num_steps=100000',
+                                                        '--config.train.checkpoint_every=5'))
+  script = (f'mount -t tmpfs -o size={size_kib}k tmpfs {mount} || exit 99\n'
+            f'for i in 1 2; do {command} 2>&1; echo "exit status $?"; done\n'
+            f'ls {mount}/run/checkpoints; echo "---"')
+  p = subprocess.run(['unshare', '-rm', 'bash', '-c', script], cwd=REPO, env=_env(), capture_output=True,
+                     text=True, timeout=2 * TIMEOUT)
+  out = p.stdout
+  assert 'Traceback' not in out, out[-5000:]
+  runs = out.split('exit status ')
+  assert len(runs) == 3, out[-5000:]
+  errors = []
+  for run in runs[:2]:
+    lines = [line for line in run.splitlines() if line.startswith('error:')]
+    assert len(lines) == 1, run[-3000:]
+    assert 'No space left on device' in lines[0], lines[0]
+    errors.append(lines[0])
+  assert runs[1].startswith('1') and runs[2].startswith('1'), out[-3000:]
+  intact = [re.search(r'(no intact checkpoint|last intact checkpoint is step \d+)', e).group(1) for e in errors]
+  assert intact[0] == intact[1], errors  # the restart says the same: where things stand
+  saved = sorted(int(n) for n in runs[2].split('\n', 1)[1].split('---')[0].split() if n.isdigit())
+  if size_kib == 300:
+    assert intact[0] == 'no intact checkpoint' and not saved
+  else:
+    assert intact[0] == f'last intact checkpoint is step {saved[-1]}', (errors, saved)

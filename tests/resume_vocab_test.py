@@ -78,7 +78,7 @@ def test_resume_on_a_corpus_lacking_a_character_keeps_the_saved_ids(first_run, t
   new_path = str(tmp_path / 'corpus.txt')
   _rewrite(new_path, TEXT.replace('z', 'y'))
   (vocab_before, _), _ = _snapshot(work)
-  train.train(_config(new_path, 4), work)
+  train.train(_config(new_path, 4), work, allow_data_change=True)  # another data.path: allowed explicitly
   (vocab_after, _), steps = _snapshot(work)
   assert vocab_after == vocab_before
   assert steps == [2, 4] and sorted(scalars(work)) == [1, 2, 3, 4]
