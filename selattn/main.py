@@ -44,15 +44,15 @@ def _usage() -> str:
   return '\n'.join(lines)
 
 
-def _config_arg(argv) -> str | None:
-  """The value of --config in argv, if given (the last one, as absl takes it)."""
-  value = None
+def _config_args(argv) -> list[str]:
+  """The values of --config in argv (absl loads each; the last one wins)."""
+  values = []
   for i, arg in enumerate(argv):
     if arg == '--config' and i + 1 < len(argv):
-      value = argv[i + 1]
+      values.append(argv[i + 1])
     elif arg.startswith('--config='):
-      value = arg[len('--config='):]
-  return value
+      values.append(arg[len('--config='):])
+  return values
 
 
 def _check_config_file(value: str) -> None:
@@ -74,9 +74,10 @@ def _parse(argv):
   if any(a in _HELP for a in argv[1:]):
     print(_usage())
     sys.exit(0)
-  config_value = _config_arg(argv)
-  if config_value is not None:
-    _check_config_file(config_value)
+  config_values = _config_args(argv)
+  for value in config_values:
+    _check_config_file(value)
+  config_value = config_values[-1] if config_values else None
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:

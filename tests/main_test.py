@@ -319,7 +319,8 @@ def test_an_absolute_config_path_works_from_another_directory(tmp_path):
   elsewhere = tmp_path / 'elsewhere'
   elsewhere.mkdir()
   env = dict(_env(), PYTHONPATH=str(site))
-  p = subprocess.run([sys.executable, '-m', 'selattn.main', *TINY, f'--config={REPO}/configs/tiny.py',
+  assert TINY[:2] == ['--config', 'configs/tiny.py']
+  p = subprocess.run([sys.executable, '-m', 'selattn.main', f'--config={REPO}/configs/tiny.py', *TINY[2:],
                       '--workdir=runs/x', '--config.train.num_steps=2'], cwd=elsewhere, env=env,
                      capture_output=True, text=True, timeout=TIMEOUT)
   assert p.returncode == 0, p.stderr[-3000:]
