@@ -100,20 +100,32 @@ def read_text(path: str) -> str | None:
     raise WorkdirError(f'cannot read {path}: {e}') from None
 
 
+def _remove_leftovers(directory: str, name: str) -> None:
+  """Removes the temporary files of writes killed midway (the caller holds the lock: no write is in progress)."""
+  prefix = f'.{name}.tmp-'
+  try:
+    for entry in os.listdir(directory):
+      if entry.startswith(prefix):
+        os.unlink(os.path.join(directory, entry))
+  except FileNotFoundError:
+    pass
+  except OSError as e:
+    raise WorkdirError(f'cannot clean up {directory}: {describe_os_error(e)}') from None
+
+
 def write_text(path: str, text: str) -> bool:
   """Writes `text` to `path` atomically (temporary file, fsync, rename) unless it already holds it.
 
   Returns whether the file was written. A crash at any moment leaves either the old or the new file, never a
   truncated one; the rename replaces a symbolic link at `path` rather than writing through it.
   """
+  directory, name = os.path.split(path)
+  _remove_leftovers(directory, name)
   if read_text(path) == text:
     return False
-  directory = os.path.dirname(path)
-  tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
+  tmp = os.path.join(directory, f'.{name}.tmp-{os.getpid()}')
   data = text.encode('utf-8')
   try:
-    if os.path.lexists(tmp):
-      os.unlink(tmp)  # left by a killed process that had our pid
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
       view = memoryview(data)

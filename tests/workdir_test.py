@@ -63,6 +63,9 @@ def test_an_unchanged_file_is_not_rewritten(tmp_path):
   assert open(path).read() == '{"a": 2}\n'
   assert os.stat(path).st_ino != st.st_ino  # a new file renamed over the old one, not a rewrite in place
   assert sorted(os.listdir(tmp_path)) == ['config.json']
+  (tmp_path / '.config.json.tmp-99999').write_text('{"a":')  # a write killed midway, by another process
+  assert not workdir.write_text(path, '{"a": 2}\n')
+  assert sorted(os.listdir(tmp_path)) == ['config.json']
 
 
 def test_a_write_that_fails_midway_leaves_the_old_file(tmp_path, monkeypatch):
