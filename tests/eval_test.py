@@ -1,5 +1,6 @@
-"""A training run in the configuration users run (warmup and cosine decay, dropout, clipping that clips, a padded
-last eval batch), its held-out loss checked against the NLL of every held-out character computed here.
+"""A training run in the configuration users run (warmup and cosine decay, dropout and attention dropout,
+clipping that clips, a padded last eval batch), its held-out loss checked against the NLL of every held-out
+character computed here.
 
 The reference slices the corpus file itself (the split point and the windows written as literals from the
 documented scheme), runs the restored model on those windows without a dropout key, and takes a numpy
@@ -48,7 +49,7 @@ def _corpus(path):
 def _config(path, **train):
   c = tiny.get_config()
   c.data.path, c.data.seq_len = path, T
-  c.model.dropout = 0.2
+  c.model.dropout, c.model.attn_dropout = 0.2, 0.1
   t = c.train
   t.num_steps, t.warmup_steps, t.lr_schedule, t.min_learning_rate = 6, 2, 'cosine', 3e-4
   t.grad_clip, t.weight_decay = 1.0, 0.1
@@ -75,6 +76,12 @@ def run(tmp_path_factory):
   path = str(root / 'corpus.txt')
   text = _corpus(path)
   workdir = str(root / 'run')
+  result, lines, batches = _train_recording(_config(path), workdir)
+  return workdir, path, text, result, lines, batches
+
+
+def _train_recording(config, workdir):
+  """train.train, returning (result, absl log lines, the host eval batches it built)."""
   built = []
   eval_batches = data_lib.eval_batches
 
@@ -91,24 +98,22 @@ def run(tmp_path_factory):
   mp = pytest.MonkeyPatch()
   mp.setattr(data_lib, 'eval_batches', recording_eval_batches)
   try:
-    result = train.train(_config(path), workdir)
+    result = train.train(config, workdir)
   finally:
     mp.undo()
     absl_logger.removeHandler(rec)
     absl_logging.set_verbosity(old_verbosity)
   assert len(built) == 1
-  return workdir, path, text, result, rec.lines, built[0]
+  return result, rec.lines, built[0]
 
 
-def _reference_nll(workdir, text):
-  """(total NLL, correct predictions, count) of every held-out character after the first, from the file."""
+def _reference_nll(workdir, text, windows):
+  """(total NLL, correct predictions, count, scored held-out offsets) over `windows` [(start in the held-out
+  split, targets skipped)], from the file and the restored model."""
   vocab = sorted(set(text))
   ids = np.array([vocab.index(c) for c in text])
   val = ids[N_TRAIN:]
   assert len(val) == N_VAL
-  # Full windows at 0, 32, ..., 640 score all their 32 targets; the last window ends at the last character and
-  # scores its last 13 targets (those after 672).
-  windows = [(s, 0) for s in range(0, 21 * T, T)] + [(N_VAL - 1 - T, T - 13)]
   model = sample.restore(workdir, 6)[0]
   inputs = np.stack([val[s:s + T] for s, _ in windows])
   targets = np.stack([val[s + 1:s + T + 1] for s, _ in windows])
@@ -123,13 +128,16 @@ def _reference_nll(workdir, text):
     right += correct[row, skip:].sum()
     count += T - skip
     scored.extend(range(s + 1 + skip, s + T + 1))
-  assert sorted(scored) == list(range(1, N_VAL))  # every held-out character after the first, once
-  return total, right, count
+  return total, right, count, scored
 
 
 def test_held_out_loss_is_the_nll_of_every_held_out_character(run):
   workdir, _, text, result, lines, _ = run
-  total, right, count = _reference_nll(workdir, text)
+  # Full windows at 0, 32, ..., 640 score all their 32 targets; the last window ends at the last character and
+  # scores its last 13 targets (those after 672).
+  windows = [(s, 0) for s in range(0, 21 * T, T)] + [(N_VAL - 1 - T, T - 13)]
+  total, right, count, scored = _reference_nll(workdir, text, windows)
+  assert sorted(scored) == list(range(1, N_VAL))  # every held-out character after the first, once
   assert count == N_VAL - 1 == 685
   assert result['eval/loss'] == pytest.approx(total / count, rel=1e-5)
   assert result['eval/accuracy'] == pytest.approx(right / count, abs=1e-6)
@@ -183,3 +191,23 @@ def test_resume_mid_schedule_with_dropout_is_bit_identical(run, tmp_path):
   assert sorted(resumed) == [4, 5, 6]
   assert resumed == {s: losses[s] for s in (4, 5, 6)}
   assert len(set(losses.values())) == 6
+
+
+def test_a_subset_eval_scores_whole_spread_windows(run, tmp_path):
+  # train.eval_batches=1: 16 of the 21 full windows, spread over the split; the run is at its last step, so
+  # train.train only evaluates.
+  workdir, path, text, _, _, _ = run
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  result, lines, batches = _train_recording(_config(path, eval_batches=1), copy)
+  assert len(batches) == 1 and batches[0]['weights'].all()
+  vocab = sorted(set(text))
+  val_text = text[N_TRAIN:]
+  starts = [val_text.find(''.join(vocab[i] for i in row)) for row in batches[0]['inputs']]
+  assert len(set(starts)) == 16 and all(s >= 0 and s % T == 0 for s in starts), starts
+  assert min(starts) == 0 and max(starts) >= 0.8 * N_VAL, starts  # the whole split, not its start
+  total, right, count, _ = _reference_nll(copy, text, [(s, 0) for s in starts])
+  assert count == 16 * T
+  assert result['eval/loss'] == pytest.approx(total / count, rel=1e-5)
+  assert result['eval/accuracy'] == pytest.approx(right / count, abs=1e-6)
+  assert any(f'({16 * T} held-out chars)' in line for line in lines)

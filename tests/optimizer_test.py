@@ -49,8 +49,9 @@ def test_learning_rate_literals():
 class NumpyAdamW:
   """AdamW (Loshchilov & Hutter) on a list of float64 arrays, global-norm clipping first, eps outside the sqrt."""
 
-  def __init__(self, params, hyper, eps=1e-8):
+  def __init__(self, params, hyper, eps=1e-8, decays=None):
     self.h, self.eps, self.k = hyper, eps, 0
+    self.decays = [True] * len(params) if decays is None else decays  # which arrays weight decay applies to
     self.p = [np.asarray(x, np.float64).copy() for x in params]
     self.m = [np.zeros_like(x) for x in self.p]
     self.v = [np.zeros_like(x) for x in self.p]
@@ -72,7 +73,8 @@ class NumpyAdamW:
       self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
       m_hat, v_hat = self.m[i] / (1 - b1 ** self.k), self.v[i] / (1 - b2 ** self.k)
       # Decoupled decay: shrinks the parameter itself (scaled by the rate), not added to the gradient.
-      self.p[i] = self.p[i] - lr * (m_hat / (np.sqrt(v_hat) + self.eps) + h['weight_decay'] * self.p[i])
+      wd = h['weight_decay'] if self.decays[i] else 0.0
+      self.p[i] = self.p[i] - lr * (m_hat / (np.sqrt(v_hat) + self.eps) + wd * self.p[i])
     return norm
 
 
@@ -89,17 +91,18 @@ def _grads(rng, norm):
   return [x * scale for x in g]
 
 
-@pytest.mark.parametrize('flat', [False, True], ids=['per_array', 'flat'])
+@pytest.mark.parametrize('flat,mask', [(False, 'all'), (True, 'all'), (False, 'matrices')])
 @pytest.mark.parametrize('hyper', [HYPER, dict(HYPER, lr_schedule='constant', grad_clip=0.0, warmup_steps=3),
                                    dict(HYPER, warmup_steps=0, grad_clip=2.0, min_learning_rate=0.0)],
                          ids=['warmup_cosine_clip', 'warmup_constant', 'cosine_clip2'])
-def test_make_optimizer_matches_numpy_adamw(flat, hyper):
+def test_make_optimizer_matches_numpy_adamw(flat, mask, hyper):
   rng = np.random.default_rng(0)
   params0 = [rng.normal(size=s) for s in _SHAPES]
-  tx = train.make_optimizer(config_lib.TrainConfig(flat_optimizer=flat, **hyper))
+  tx = train.make_optimizer(config_lib.TrainConfig(flat_optimizer=flat, weight_decay_mask=mask, **hyper))
   params = {str(i): jnp.asarray(p, jnp.float32) for i, p in enumerate(params0)}
   state = tx.init(params)
-  ref = NumpyAdamW(params0, hyper)
+  # 'matrices' (nanoGPT's rule): arrays of 2 or more dimensions decay, vectors (biases, norm scales) do not.
+  ref = NumpyAdamW(params0, hyper, decays=[mask == 'all' or len(s) >= 2 for s in _SHAPES])
   clipped = 0
   for norm in _NORMS:  # 8 steps: past num_steps = 7, where the cosine has reached its floor
     g = _grads(rng, norm)

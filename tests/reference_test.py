@@ -58,19 +58,19 @@ def _causal(pos):
   return pos[:, None] >= pos[None, :]  # query i sees key j iff j <= i (by position, not by index)
 
 
-def np_standard_attention(p, x, pos, n, rope):
+def np_standard_attention(p, x, pos, n, rope, base):
   """q, k, v = x Wq, x Wk, x Wv per head; RoPE on q and k; causal softmax(q.k / sqrt(H)) v; no out projection."""
   b, t, d = x.shape
   h = d // n
   q, k, v = ((x @ p[w]).reshape(b, t, n, h) for w in ('wq', 'wk', 'wv'))
   if rope:
-    q, k = np_rope(q, pos), np_rope(k, pos)
+    q, k = np_rope(q, pos, base), np_rope(k, pos, base)
   s = np.einsum('btnh,bsnh->bnts', q, k) / math.sqrt(h)
   s = np.where(_causal(pos), s, -np.inf)
   return np.einsum('bnts,bsnh->btnh', np_softmax(s), v).reshape(b, t, d)
 
 
-def np_selective_attention(p, x, pos, n, rope, kv):
+def np_selective_attention(p, x, pos, n, rope, kv, base):
   """K_ij, V_ij = generator([q_i ; x_j]) (q_i the unrotated projected query, all heads); RoPE: q_i by i, K_ij by
   j; causal softmax over j of q_i.K_ij / sqrt(H); output sum_j p_ij V_ij; no output projection."""
   b, t, d = x.shape
@@ -86,9 +86,9 @@ def np_selective_attention(p, x, pos, n, rope, kv):
   q = q.reshape(b, t, n, h)
   k_full, v_full = k_full.reshape(b, t, t, n, h), v_full.reshape(b, t, t, n, h)
   if rope:
-    q = np_rope(q, pos)
+    q = np_rope(q, pos, base)
     # K_ij is rotated by key position j: apply per query row i (positions run along axis S).
-    k_full = np.stack([np_rope(k_full[:, i], pos) for i in range(t)], axis=1)
+    k_full = np.stack([np_rope(k_full[:, i], pos, base) for i in range(t)], axis=1)
   s = np.einsum('btnh,btsnh->bnts', q, k_full) / math.sqrt(h)
   s = np.where(_causal(pos), s, -np.inf)
   return np.einsum('bnts,btsnh->btnh', np_softmax(s), v_full).reshape(b, t, d)
@@ -100,9 +100,9 @@ def np_transformer(p, tokens, cfg: ModelConfig, positions=None):
   x = p['embed'][tokens]
   for lp in p['layers']:
     if cfg.attention == 'standard':
-      a = np_standard_attention(lp['attn'], x, pos, cfg.num_heads, cfg.rope)
+      a = np_standard_attention(lp['attn'], x, pos, cfg.num_heads, cfg.rope, cfg.rope_theta)
     else:
-      a = np_selective_attention(lp['attn'], x, pos, cfg.num_heads, cfg.rope, cfg.kv_generator)
+      a = np_selective_attention(lp['attn'], x, pos, cfg.num_heads, cfg.rope, cfg.kv_generator, cfg.rope_theta)
     x = np_layer_norm(x + a, *lp['ln1'])
     x = np_layer_norm(x + np.maximum(x @ lp['ffn_in'], 0.0) @ lp['ffn_out'], *lp['ln2'])
   return x @ p['head'] + p['head_b']
@@ -146,7 +146,8 @@ def randomize(model: nnx.Module, seed: int) -> None:
 
 def _model(seed=0, **kw) -> tuple[Transformer, ModelConfig]:
   base = dict(vocab_size=11, d_model=8, num_heads=2, num_layers=2, ffn_mult=2, kv_hidden=12, block_q=4, block_k=3,
-              dropout=0.1)  # dropout is off without a key: evaluation and generation pass none
+              dropout=0.1, attn_dropout=0.1,  # dropout is off without a key: evaluation and generation pass none
+              rope_theta=500.0)  # not the default: a path that ignores model.rope_theta shows
   base.update(kw)
   cfg = ModelConfig(**base)
   model = Transformer(cfg, rngs=nnx.Rngs(seed))
@@ -223,6 +224,7 @@ _MODELS = [
     dict(attention='selective', kv_generator='mlp', selective_impl='blockwise'),
     dict(attention='selective', kv_generator='mlp', selective_impl='materialized'),
     dict(attention='selective', kv_generator='mlp', selective_impl='blockwise', rope=False),
+    dict(attention='selective', kv_generator='mlp', selective_impl='fused', attn_dropout=0.0),  # Pallas, interpreted
 ]
 
 
@@ -359,8 +361,8 @@ def test_sampling_distribution(temperature, top_k):
   want /= want.sum()
   # 40k draws: a frequency's standard error is at most 0.0025; the bugs this is for move some by > 0.03.
   np.testing.assert_allclose(freq, want, atol=0.012)
-  greedy = generate._sample(jnp.asarray(logits), keys[0], np.float32(0.0), np.int32(top_k))  # pylint: disable=protected-access
-  assert int(greedy) == 1
+  sample = generate._sample  # pylint: disable=protected-access
+  assert int(sample(jnp.asarray(logits), keys[0], np.float32(0.0), np.int32(top_k))) == 1  # temperature 0: argmax
 
 
 # ----------------------------------------------------------------------------------------------------------------
