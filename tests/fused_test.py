@@ -6,7 +6,6 @@ the output and the gradients of every generator parameter, of the query and of x
 
 from __future__ import annotations
 
-import json
 import logging
 
 import jax

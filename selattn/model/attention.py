@@ -9,7 +9,8 @@ so K and V are [B, T, S, N, H]. Three implementations share one parameter tree (
   - `materialized`: the literal [B, T, S, ...] computation;
   - `blockwise`: the literal computation tile by tile with an online softmax, above-diagonal tiles skipped and
     every tile rematerialised in the backward pass, so memory is O(B block_q block_k D), not O(B T S D);
-  - `factored`: the identity below (linear generator only), O(B T D) memory and fused-attention speed.
+  - `factored`: the identity below (linear generator only), O(B T D) memory and fused-attention speed;
+  - `fused`: the literal computation in Pallas GPU kernels (selattn/model/fused.py), per-pair work on chip.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from absl import logging
 from jaxtyping import Array, Bool, Float, Int
 
 from selattn import sharding
