@@ -211,3 +211,20 @@ def test_a_subset_eval_scores_whole_spread_windows(run, tmp_path):
   assert result['eval/loss'] == pytest.approx(total / count, rel=1e-5)
   assert result['eval/accuracy'] == pytest.approx(right / count, abs=1e-6)
   assert any(f'({16 * T} held-out chars)' in line for line in lines)
+
+
+def test_logged_loss_is_the_mean_over_the_logging_window(run, tmp_path):
+  # Two steps per jitted call, logging every 4: the train/loss at step 4 is the mean of steps 1-4's losses, at
+  # the last step (6) of steps 5-6's (per-step losses from the one-step-per-call run above: the same training,
+  # dropout masks included, since they follow the optimizer step).
+  workdir, path, _, result, _, _ = run
+  per_step = scalars(workdir)
+  other = str(tmp_path / 'run')
+  got = train.train(_config(path, steps_per_call=2, log_every=4, checkpoint_every=6), other)
+  logged = scalars(other)
+  assert sorted(logged) == [4, 6]
+  assert logged[4] == pytest.approx(np.mean([per_step[s] for s in (1, 2, 3, 4)]), rel=1e-5)
+  assert logged[6] == pytest.approx(np.mean([per_step[s] for s in (5, 6)]), rel=1e-5)
+  lr, per_step_lr = scalars(other, 'train/learning_rate'), scalars(workdir, 'train/learning_rate')
+  assert lr == pytest.approx({s: per_step_lr[s] for s in (4, 6)}, rel=1e-6)  # the rate of the last update
+  assert got['eval/loss'] == pytest.approx(result['eval/loss'], rel=1e-5)
