@@ -174,3 +174,27 @@ def test_train_step_matches_numpy_adamw_on_the_model_gradients(flat):
   for i, (g, r) in enumerate(zip(got, ref.p)):
     # float32 vs float64 gradients: Adam's normalised step amplifies rounding only where the gradient is ~0.
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=2e-5, err_msg=f'parameter {i}')
+
+
+def test_dropout_masks_change_every_step():
+  # With a learning rate too small to move float32 parameters, the step losses on one repeated batch differ only
+  # through the dropout masks: a fresh mask each step, and none at all with dropout 0.
+  losses = {}
+  for rate in (0.0, 0.2):
+    c = tiny.get_config()
+    c.model.attention, c.model.num_layers, c.model.dropout = 'standard', 1, rate
+    c.train.learning_rate, c.train.steps_per_call, c.train.weight_decay = 1e-20, 1, 0.0
+    cfg = config_lib.from_config(c, 17)
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    graphdef, state = train.create_state(cfg, mesh)
+    steps = train.build_steps(cfg, mesh, graphdef, state)
+    tokens = np.random.default_rng(4).integers(0, 17, (16, 33)).astype(np.int32)
+    batch = [{'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}]
+    losses[rate] = []
+    with jax.set_mesh(mesh):
+      for _ in range(3):
+        state, metrics = steps.train(state, steps.train_batches(batch))
+        losses[rate].append(float(metrics['loss']))
+  assert max(losses[0.0]) - min(losses[0.0]) < 1e-6, losses  # the parameters really stay put
+  a, b, c_ = losses[0.2]
+  assert min(abs(a - b), abs(b - c_), abs(a - c_)) > 1e-4, losses

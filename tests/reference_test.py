@@ -379,3 +379,13 @@ def test_vocab_ids_follow_the_saved_order():
     ids = {c: i for i, c in enumerate(chars)}
     np.testing.assert_array_equal(voc.encode(text), [ids[c] for c in text])
     assert voc.decode([ids[c] for c in text]) == text
+
+
+def test_residual_dropout_drops_at_the_rate_and_keeps_the_expectation():
+  from selattn.model import transformer  # pylint: disable=g-import-not-at-top
+  x = jnp.full((200_000,), 2.0, jnp.float32)
+  y = np.asarray(transformer.dropout(x, 0.3, jax.random.key(1)))
+  kept = y != 0
+  assert abs(1 - kept.mean() - 0.3) < 0.005  # 200k draws: standard error 0.001
+  np.testing.assert_allclose(y[kept], 2.0 / 0.7, rtol=1e-6)  # inverted dropout: E[y] = x
+  assert np.array_equal(np.asarray(transformer.dropout(x, 0.3, None)), np.asarray(x))
