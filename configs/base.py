@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3  # checkpoints kept on disk
   t.sample_length = 200  # characters in the text sample written at each eval
   t.sample_prompt = ''  # prompt of that sample ('' = the first line of the corpus, up to 40 characters)
+  t.profile_steps = 0  # steps traced by jax.profiler (from the 2nd call) into WORKDIR/plugins/profile; 0 = off
 
   c.mesh = s = ml_collections.ConfigDict()
   s.data = -1  # data-parallel axis size (-1 = all devices left over)

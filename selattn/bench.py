@@ -26,7 +26,7 @@ from absl import logging
 import jax
 import numpy as np
 
-PEAK_FLOPS = 790e12  # dense bf16 FLOP/s measured on an H200 (BENCHMARKS.md, "Baselines")
+from selattn import perf
 
 _WORKLOAD = flags.DEFINE_enum('workload', 'seed', ['seed', 'nanogpt', 'long', 'scale', 'mlp', 'long-mlp'],
                               'Which workload.')
@@ -114,14 +114,6 @@ def _config(overrides: dict):
   return cfg
 
 
-def model_flops_per_token(cfg, num_params: int) -> float:
-  """nanoGPT's count: 6 N (non-embedding) + attention 6 L T (d_qk + d_v), causal mask not discounted."""
-  m = cfg.model
-  dense = num_params - m.vocab_size * m.d_model
-  d_qk = 2 * m.d_model if (m.attention == 'selective' and m.rope) else m.d_model
-  return 6 * dense + 6 * m.num_layers * cfg.data.seq_len * (d_qk + m.d_model)
-
-
 def pair_flops_per_step(cfg) -> float:
   """FLOPs of the literal per-pair generator work in one step (forward and backward, 3x the forward), over the
   causally visible (query, key) pairs: the first layer's sum, activation and second layer per pair. What
@@ -183,14 +175,14 @@ def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: s
     pipelined = (time.perf_counter() - t0) / (calls * t.steps_per_call)
   ms_step = 1000 * pipelined
   tokens = t.batch_size * cfg.data.seq_len
-  flops = model_flops_per_token(cfg, num_params) * tokens
+  flops = perf.flops_per_token(cfg, num_params) * tokens
   stats = devices[0].memory_stats() or {}
   mem = compiled.memory_analysis()
   return {
       'variant': name, 'devices': n_dev, 'device_kind': devices[0].device_kind, 'num_params': num_params,
       'batch': t.batch_size, 'seq_len': cfg.data.seq_len, 'dtype': cfg.model.dtype,
       'ms_per_step': ms_step, 'ms_per_step_synced_median': 1000 * float(np.median(times)) / t.steps_per_call,
-      'tokens_per_s': tokens / pipelined, 'mfu': flops / pipelined / (PEAK_FLOPS * n_dev),
+      'tokens_per_s': tokens / pipelined, 'mfu': flops / pipelined / (perf.REFERENCE_PEAK * n_dev),
       'peak_mem_gib': stats.get('peak_bytes_in_use', 0) / 2**30,
       'temp_mem_gib': (mem.temp_size_in_bytes / 2**30) if mem is not None else None,
       'pair_tflops_per_s': pair_flops_per_step(cfg) / pipelined / 1e12,

@@ -186,6 +186,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   sample_length: int = 200
   sample_prompt: str = ''
+  profile_steps: int = 0
 
   def __post_init__(self):
     p = 'train.'
@@ -195,7 +196,7 @@ class TrainConfig:
            f'train.weight_decay_mask={self.weight_decay_mask!r} needs train.flat_optimizer=False (the flat '
            'optimizer sees one vector, not the parameter shapes the mask is about)')
     for k in ('num_steps', 'warmup_steps', 'eval_every', 'eval_batches', 'grad_clip', 'weight_decay',
-              'min_learning_rate', 'sample_length'):
+              'min_learning_rate', 'sample_length', 'profile_steps'):
       _positive(p + k, getattr(self, k), allow_zero=True)
     for k in ('batch_size', 'learning_rate', 'steps_per_call', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
       _positive(p + k, getattr(self, k))

@@ -29,6 +29,7 @@ from selattn import config as config_lib
 from selattn import data as data_lib
 from selattn import generate as generate_lib
 from selattn import metrics as metrics_lib
+from selattn import perf
 from selattn import sharding
 from selattn import stopping
 from selattn import workdir as workdir_lib
@@ -459,7 +460,10 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
              'data_sha256': data_sha256, 'jax_version': jax.__version__}, indent=2) + '\n')
       ckpt.check_space()
 
-    return _loop(cfg, mesh, steps, state, step, unlogged, data_iter, ckpt, writer, evaluate, stop, record_run)
+    # Step time and MFU scalars; a jax.profiler window from the second call on, traced by process 0 only.
+    speed = perf.Speed(cfg, num_params, workdir, step + t.steps_per_call, t.profile_steps if is_main else 0)
+    return _loop(cfg, mesh, steps, state, step, unlogged, data_iter, ckpt, writer, evaluate, stop, record_run,
+                 speed)
   except (metrics_lib.MetricsError, workdir_lib.WorkdirError) as e:
     raise TrainingError(f'{e}: stopping; {ckpt.describe_intact() if ckpt else "no checkpoint was touched"}') from None
   except jax.errors.JaxRuntimeError as e:
@@ -481,7 +485,8 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
 
 
 def _loop(cfg, mesh, steps: Steps, state, step: int, unlogged: list, data_iter, ckpt: ckpt_lib.Checkpointer,
-          writer: metrics_lib.MetricWriter, evaluate, stop: stopping.StopSignal, record_run) -> dict[str, float]:
+          writer: metrics_lib.MetricWriter, evaluate, stop: stopping.StopSignal, record_run,
+          speed: perf.Speed) -> dict[str, float]:
   """The training loop from `step` to train.num_steps (or a stop signal); returns the last eval metrics."""
   t = cfg.train
   schedule = lr_schedule(t)
@@ -538,9 +543,10 @@ def _loop(cfg, mesh, steps: Steps, state, step: int, unlogged: list, data_iter, 
   logging.info('training from step %d to %d', step, t.num_steps)
   try:
     while step < t.num_steps:
-      with jax.transfer_guard('disallow'):
+      with speed.profile.step(step), jax.transfer_guard('disallow'):
         state, metrics = compiled(state, batches)
       step += t.steps_per_call
+      speed.profile.after(step, state)
       pending.append((step, metrics))
       window_steps += t.steps_per_call
       last = step >= t.num_steps
@@ -565,7 +571,7 @@ def _loop(cfg, mesh, steps: Steps, state, step: int, unlogged: list, data_iter, 
                      step, t.num_steps, loss, lr, grad_norm, f'{rate:,.0f}', 1000 * dt / window_steps,
                      _fmt_time(eta))
         writer.write_scalars(step, {'train/loss': loss, 'train/learning_rate': lr, 'train/grad_norm': grad_norm,
-                                    'train/tokens_per_second': rate})
+                                    'train/tokens_per_second': rate, **speed.scalars(window_steps, dt)})
         window_start, window_steps = time.perf_counter(), 0
       if (t.eval_every and step % t.eval_every == 0) or last:
         result = evaluate(state, step)
@@ -594,4 +600,6 @@ def _loop(cfg, mesh, steps: Steps, state, step: int, unlogged: list, data_iter, 
     raise
   except ckpt_lib.CheckpointError as e:
     raise TrainingError(str(e)) from None
+  finally:
+    speed.profile.close(step)
   return result

@@ -1,0 +1,89 @@
+"""Training speed: model FLOPs per token and MFU (as nanoGPT counts them), and a window of steps traced with
+jax.profiler. Used by the trainer (TensorBoard scalars, `train.profile_steps`) and by selattn.bench."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from absl import logging
+import jax
+
+# Dense bf16 matmul FLOP/s per device, measured by the project on H100 and H200 (BENCHMARKS.md, Baselines): the
+# MFU denominator, whatever the run's dtype, as nanoGPT's MFU is.
+REFERENCE_PEAK = 790e12
+PEAK_FLOPS = {'NVIDIA H100': REFERENCE_PEAK, 'NVIDIA H200': REFERENCE_PEAK}
+
+
+def flops_per_token(cfg, num_params: int) -> float:
+  """nanoGPT's count of a training step's FLOPs per token: 6 x the parameters that multiply (not the lookups: the
+  token embedding unless it is tied to the output head, and learned positions), plus the attention scores and
+  weighted sum 6 L T (d_qk + d_v), the causal mask not discounted. d_qk is the factored form's 2D for selective
+  attention with RoPE (its augmented queries and keys)."""
+  m = cfg.model
+  dense = num_params - m.max_len * m.d_model - (0 if m.tie_embeddings else m.vocab_size * m.d_model)
+  d_qk = 2 * m.d_model if (m.attention == 'selective' and m.rope) else m.d_model
+  return 6 * dense + 6 * m.num_layers * cfg.data.seq_len * (d_qk + m.d_model)
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """The MFU denominator per device of this kind, or None where the project has not measured it."""
+  for prefix, peak in PEAK_FLOPS.items():
+    if device_kind.startswith(prefix):
+      return peak
+  return None
+
+
+class Speed:
+  """What the trainer measures besides the losses: step time and MFU of each log window, and the profile window
+  (`profile_steps` traced from `first_step` on; 0 = none)."""
+
+  def __init__(self, cfg, num_params: int, logdir: str, first_step: int, profile_steps: int):
+    self.flops_per_step = flops_per_token(cfg, num_params) * cfg.train.batch_size * cfg.data.seq_len
+    peak = peak_flops(jax.devices()[0].device_kind)
+    self.total_peak = peak * jax.device_count() if peak else None  # MFU only where the peak is known
+    self.profile = ProfileWindow(logdir, first_step, profile_steps)
+
+  def scalars(self, steps: int, seconds: float) -> dict[str, float]:
+    """TensorBoard scalars of a window of `steps` optimizer steps that took `seconds`."""
+    out = {'train/step_time_ms': 1000 * seconds / steps}
+    if self.total_peak:
+      out['train/mfu'] = self.flops_per_step * steps / seconds / self.total_peak
+    return out
+
+
+class ProfileWindow:
+  """Traces `num_steps` training steps with jax.profiler into `logdir` (TensorBoard's profile tab reads
+  logdir/plugins/profile/). The window opens at the first call at or after `first_step` and closes, once the
+  device has finished them, after the call that completes num_steps (whole calls of train.steps_per_call)."""
+
+  def __init__(self, logdir: str, first_step: int, num_steps: int):
+    self.logdir, self.first_step, self.num_steps = logdir, first_step, num_steps
+    self._start = None  # the step the trace began at, while tracing
+    self._done = num_steps <= 0
+
+  def step(self, step: int):
+    """Context for the call that runs from `step`: starts the trace when due; annotated while tracing."""
+    if not self._done and self._start is None and step >= self.first_step:
+      jax.profiler.start_trace(self.logdir)
+      self._start = step
+    if self._start is None:
+      return contextlib.nullcontext()
+    return jax.profiler.StepTraceAnnotation('train', step_num=step)
+
+  def after(self, step: int, state) -> None:
+    """Closes the window once the calls up to `step` cover num_steps (waiting for the device to finish them)."""
+    if self._start is not None and step - self._start >= self.num_steps:
+      jax.block_until_ready(state)
+      self._stop(step)
+
+  def close(self, step: int) -> None:
+    """Stops a trace still open (the run ended or failed inside the window)."""
+    if self._start is not None:
+      self._stop(step)
+
+  def _stop(self, step: int) -> None:
+    jax.profiler.stop_trace()
+    logging.info('profiled steps %d-%d into %s (TensorBoard: the profile tab)', self._start + 1, step,
+                 os.path.join(self.logdir, 'plugins', 'profile'))
+    self._start, self._done = None, True

@@ -1,0 +1,84 @@
+"""selattn.perf: the FLOP count, the device peaks, and what the trainer writes with them (step time and MFU
+scalars, a jax.profiler window under train.profile_steps)."""
+
+import glob
+import os
+
+from flax import nnx
+import jax
+import pytest
+
+from configs import tiny
+from run_files import scalars
+from selattn import config as config_lib
+from selattn import perf
+from selattn import train
+from selattn.model import Transformer, count_params
+
+
+def _multiplying_params(cfg) -> int:
+  """Counted from the parameter tree itself: every Param leaf but the lookup tables (the token embedding, unless
+  tied to the head, which then multiplies; learned positions)."""
+  with nnx.use_eager_sharding(False):
+    model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+  total = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+    name = jax.tree_util.keystr(path)
+    if name.startswith("['pos_embed']") or (name.startswith("['embed']") and not cfg.model.tie_embeddings):
+      continue
+    total += leaf.size
+  return total
+
+
+@pytest.mark.parametrize('attention,overrides,d_qk', [
+    ('standard', {}, 32), ('selective', {}, 64), ('selective', {'positions': 'none'}, 32),
+    ('standard', {'positions': 'learned', 'tie_embeddings': True, 'attn_out_proj': True}, 32)])
+def test_flops_per_token(attention, overrides, d_qk):
+  c = tiny.get_config(attention)
+  for k, v in overrides.items():
+    setattr(c.model, k, v)
+  cfg = config_lib.from_config(c, 65)
+  with nnx.use_eager_sharding(False):
+    num_params = count_params(Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  # 2 FLOPs per multiply-add, x3 for forward and backward; scores (d_qk) and weighted sum (d_v = D) over T keys.
+  want = 6 * _multiplying_params(cfg) + 6 * cfg.model.num_layers * cfg.data.seq_len * (d_qk + cfg.model.d_model)
+  assert cfg.model.d_model == 32 and perf.flops_per_token(cfg, num_params) == want
+
+
+def test_peak_flops_by_device_kind():
+  assert perf.peak_flops('NVIDIA H200') == perf.peak_flops('NVIDIA H100 80GB HBM3') == 790e12
+  assert perf.peak_flops('cpu') is None and perf.peak_flops('NVIDIA A100-SXM4-80GB') is None
+
+
+def test_trainer_writes_step_time_and_mfu_and_a_profile(tmp_path, monkeypatch):
+  monkeypatch.setitem(perf.PEAK_FLOPS, 'cpu', 1e9)  # pretend the CPU's peak is known, so MFU is written
+  c = tiny.get_config()
+  c.train.num_steps, c.train.log_every, c.train.steps_per_call, c.train.eval_every = 8, 2, 1, 0
+  c.train.sample_length, c.train.eval_batches, c.train.profile_steps = 0, 1, 3
+  workdir = str(tmp_path)
+  train.train(c, workdir)
+  cfg = config_lib.from_config(c, 83)
+  rate, step_ms = scalars(workdir, 'train/tokens_per_second'), scalars(workdir, 'train/step_time_ms')
+  mfu = scalars(workdir, 'train/mfu')
+  assert sorted(rate) == sorted(step_ms) == sorted(mfu) == [2, 4, 6, 8]
+  tokens_per_step = c.train.batch_size * c.data.seq_len
+  with nnx.use_eager_sharding(False):
+    num_params = count_params(Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  for s in rate:
+    # Two views of one window: tokens per step = rate x step time; MFU = model FLOP/s over peak x devices.
+    assert rate[s] * step_ms[s] / 1000 == pytest.approx(tokens_per_step, rel=1e-4)
+    assert mfu[s] == pytest.approx(perf.flops_per_token(cfg, num_params) * rate[s] / (1e9 * jax.device_count()),
+                                   rel=1e-4)
+  # Steps 2-4 (the second call to the fourth) traced where TensorBoard's profile tab looks.
+  traces = glob.glob(os.path.join(workdir, 'plugins', 'profile', '*', '*.xplane.pb'))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+
+
+def test_no_mfu_where_the_peak_is_unknown_and_no_profile_by_default(tmp_path):
+  c = tiny.get_config()
+  c.train.num_steps, c.train.log_every, c.train.steps_per_call, c.train.eval_every = 2, 2, 1, 0
+  c.train.sample_length, c.train.eval_batches = 0, 1
+  train.train(c, str(tmp_path))
+  assert sorted(scalars(str(tmp_path), 'train/step_time_ms')) == [2]
+  assert scalars(str(tmp_path), 'train/mfu') == {}
+  assert not (tmp_path / 'plugins').exists()
