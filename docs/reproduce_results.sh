@@ -7,12 +7,12 @@
 #   bash docs/reproduce_results.sh                 # one GPU: the runs one after another, about 30 minutes
 #
 # Every knob below is an environment variable; the defaults are RESULTS.md's runs. tests/docs_test.py runs a
-# miniature of this script on CPU (a tiny model, a few steps, OUT in a temporary folder). Checkpoints stay under
+# miniature of this script on CPU (a tiny model, a few steps, DEST in a temporary folder). Checkpoints stay under
 # docs/runs/*/checkpoints (git ignores them): rerunning the script on finished runs only evaluates them again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-OUT=${OUT:-docs}                          # runs go to $OUT/runs/<name>, figures to $OUT/<figure>.png
+DEST=${DEST:-docs}                        # runs go to $DEST/runs/<name>, figures to $DEST/<figure>.png
 GPUS=${GPUS:-}                            # GPU ids to spread the runs over, one run per GPU ('' = one at a time)
 DEVICE=${DEVICE:-H200}                    # named in the figure titles
 STEPS=${STEPS:-200000}                    # section 1: the original's experiment
@@ -24,7 +24,7 @@ MLP_STEPS=${MLP_STEPS:-3000}              # section 4: the MLP K/V generator aga
 MLP_EVAL=${MLP_EVAL:-1000}
 EXTRA=${EXTRA:-}                          # flags added last to every run (the CPU miniature shrinks the model)
 
-R=$OUT/runs
+R=$DEST/runs
 read -r -a extra <<< "$EXTRA"
 
 train() {  # NAME FLAGS...: one run of selattn.main into $R/NAME, its log in $R/NAME/train.log
@@ -88,11 +88,11 @@ fi
 
 python -m selattn.plot "$R"/original_200k/{standard,standard_ffn5,selective,reference} --smoothing 0.95 \
   --labels 'standard (192k params),standard F=5D (225k),selective (225k),reference (208k)' \
-  --title "original config, $((STEPS / 1000))k steps, one $DEVICE each" --out "$OUT/original_200k.png"
+  --title "original config, $((STEPS / 1000))k steps, one $DEVICE each" --out "$DEST/original_200k.png"
 python -m selattn.plot "$R"/original_200k/selective "$R"/identity_and_mlp/sel_blockwise --max_step "$BLOCKWISE_STEPS" \
   --tags train/loss,eval/loss --labels 'factored (the identity),blockwise (literal [q_i;x_j] tiles)' \
   --title "selective, original config: two computations of one function ($DEVICE)" \
-  --out "$OUT/identity_blockwise_vs_factored.png"
+  --out "$DEST/identity_blockwise_vs_factored.png"
 python -m selattn.plot "$R"/identity_and_mlp/{sel_linear_3k,sel_mlp} --tags train/loss,eval/loss \
   --labels 'linear generator (224.7k params),mlp generator kv_hidden=64 (225.5k)' \
-  --title "selective K/V generator, original config, $MLP_STEPS steps ($DEVICE)" --out "$OUT/mlp_vs_linear.png"
+  --title "selective K/V generator, original config, $MLP_STEPS steps ($DEVICE)" --out "$DEST/mlp_vs_linear.png"

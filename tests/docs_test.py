@@ -74,7 +74,7 @@ def test_no_pointers_to_files_users_lack():
 @pytest.mark.slow
 def test_reproduce_results_in_miniature(tmp_path):
   pytest.importorskip('matplotlib')
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, OUT=str(tmp_path), DEVICE='CPU', STEPS='20',
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, DEST=str(tmp_path), DEVICE='CPU', STEPS='20',
              EVAL_EVERY='10', BLOCKWISE_STEPS='20', BLOCKWISE_EVAL='10', CHECK_STEPS='20', MLP_STEPS='20',
              MLP_EVAL='10',
              EXTRA='--config.model.d_model=16 --config.data.seq_len=32 --config.model.block_q=16 '
