@@ -69,21 +69,34 @@ class MetricWriter:
 
   def _open(self) -> RecordWriter:
     # The name tensorboard's own writer uses: TensorBoard sorts a logdir's files by it.
-    name = f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0'
-    self.path = os.path.join(self.logdir, name)
+    name = f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}'
     self._guard(lambda: os.makedirs(self.logdir, exist_ok=True))
-    fd = self._guard(lambda: os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+    # The last field counts the files this process started in the same second (a run resumed in-process).
+    for i in range(1000):
+      self.path = os.path.join(self.logdir, f'{name}.{i}')
+      try:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        break
+      except FileExistsError:
+        continue
+      except OSError as e:
+        raise self._error(e) from None
+    else:
+      raise MetricsError(f'cannot create a TensorBoard event file in {self.logdir}: {name}.0 to .999 all exist')
     writer = RecordWriter(os.fdopen(fd, 'wb'))
     version = event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2')
     self._guard(lambda: writer.write(version.SerializeToString()))
     return writer
 
+  def _error(self, e: OSError) -> MetricsError:
+    return MetricsError(f'cannot write the TensorBoard event file {self.path or self.logdir}: '
+                        f'{os.strerror(e.errno) if e.errno else e}')
+
   def _guard(self, fn):
     try:
       return fn()
     except OSError as e:
-      raise MetricsError(f'cannot write the TensorBoard event file {self.path or self.logdir}: '
-                         f'{os.strerror(e.errno) if e.errno else e}') from None
+      raise self._error(e) from None
 
   def _write(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
     if self._closed or not values:

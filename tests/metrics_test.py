@@ -84,3 +84,13 @@ def test_writes_after_close_are_dropped(tmp_path):
   w.write_scalars(2, {'a': 2.0})
   w.close()
   assert [e.step for e in _read(str(tmp_path)).Scalars('a')] == [1]
+
+
+def test_two_writers_in_one_second_write_two_files(tmp_path):
+  # A run resumed in the same process within a second (the tests do it) gets its own file, not an error.
+  for step in (1, 2, 3):
+    with metrics.MetricWriter(str(tmp_path)) as w:
+      w.write_scalars(step, {'a': float(step)})
+  names = sorted(os.listdir(tmp_path))
+  assert len(names) == 3 and len({n.rsplit('.', 1)[0] for n in names}) <= 2, names
+  assert sorted(e.step for n in names for e in _read(str(tmp_path / n)).Scalars('a')) == [1, 2, 3]
