@@ -22,15 +22,15 @@ def get_config() -> ml_collections.ConfigDict:
   m.ffn_mult = 4  # FFN width F = ffn_mult * D
   m.positions = 'rope'  # 'rope' (the original's non-interleaved halves) | 'learned' (a data.seq_len x D table) | 'none'
   m.rope_theta = 10000.0  # RoPE base
-  m.norm = 'post'  # 'post' (the original: x = LN(x + f(x))) | 'pre' (x = x + f(LN(x)), and a final LN before the logits)
+  m.norm = 'post'  # 'post' (the original: x = LN(x + f(x))) | 'pre' (x = x + f(LN(x)), a final LN before the logits)
   m.attn_out_proj = False  # a Linear(D, D) on the attention output (the original has none)
   m.activation = 'relu'  # FFN activation: 'relu' (the original) | 'gelu' (exact, erf: nanoGPT's nn.GELU)
   m.linear_bias = False  # biases in the attention (Q, K/V generator, output) and FFN Linears (the original: none)
   m.norm_bias = True  # LayerNorm bias (nanoGPT's bias=False: none)
   m.head_bias = True  # bias of the logits Linear (the original has one; nanoGPT none)
   m.tie_embeddings = False  # logits from the transposed input embedding instead of their own Linear(D, V) kernel
-  m.init = 'original'  # 'original' (U(+-1/sqrt(fan_in)), embedding N(0, 1)) | 'nanogpt' (N(0, 0.02), residual outputs / sqrt(2L), zero biases)
-  m.selective_parts = 'both'  # ablations: 'keys' (K from [q_i; x_j], V from x_j) | 'values' (K from x_j, V from [q_i; x_j])
+  m.init = 'original'  # 'original' (U(+-1/sqrt(fan_in)), embeddings N(0, 1)) | 'nanogpt' (N(0, 0.02); transformer.py)
+  m.selective_parts = 'both'  # linear generator ablations: 'keys' (V from x_j alone) | 'values' (K from x_j alone)
   m.dropout = 0.0  # dropout on the embeddings and on each residual branch's output (0 = the original)
   m.attn_dropout = 0.0  # dropout on the attention probabilities (standard and selective; 0 = the original)
   m.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params and softmax statistics stay float32)
@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.b1 = 0.9  # AdamW beta1
   t.b2 = 0.999  # AdamW beta2
   t.weight_decay = 1e-4  # AdamW decoupled weight decay (optax default)
-  t.weight_decay_mask = 'all'  # what weight decay applies to: 'all' parameters (optax) | 'matrices' (ndim >= 2, as nanoGPT)
+  t.weight_decay_mask = 'all'  # decayed: 'all' parameters (optax) | 'matrices' (ndim >= 2, embeddings too: nanoGPT)
   t.grad_clip = 0.0  # clip the global gradient norm to this (0 = off)
   t.flat_optimizer = False  # AdamW on one concatenated vector: fewer kernels, ~5% faster for tiny models (needs mesh.fsdp = mesh.tensor = 1)
   t.steps_per_call = 10  # optimizer steps fused in one jitted call (amortises launch overhead; divides the *_every)

@@ -198,8 +198,8 @@ def _selective_reference(attn, x, *, rope, keep, rate):
                       rate=rate)
 
 
-_DROPOUT_CASES = [(True, 'both', False), (False, 'both', False), (True, 'keys', False), (True, 'values', False),
-                  (True, 'both', True)]
+# RoPE with biases, no RoPE, and an ablation ('keys' is checked against numpy in every impl further down).
+_DROPOUT_CASES = [(True, 'both', True), (False, 'both', False), (True, 'values', False)]
 
 
 @pytest.mark.parametrize('rope,parts,bias', _DROPOUT_CASES)
