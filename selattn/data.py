@@ -58,7 +58,10 @@ def load_text(path: str) -> str:
     with open(path, 'rb') as f:
       data = f.read()
   except FileNotFoundError:
-    raise DataError(f'data.path={path}: no such file') from None
+    from selattn.corpora import fetch  # pylint: disable=g-import-not-at-top
+    known = [name for name, src in fetch.CORPORA.items() if src.filename == os.path.basename(path)]
+    hint = f' (python -m selattn.corpora.fetch {known[0]} downloads it)' if known else ''
+    raise DataError(f'data.path={path}: no such file{hint}') from None
   except OSError as e:
     raise DataError(f'data.path={path}: cannot read it ({e.strerror})') from None
   if not data:

@@ -346,3 +346,13 @@ def test_bad_block_options_name_the_key(kw, named):
   with pytest.raises(config_lib.ConfigError, match=named.replace('.', r'\.')) as e:
     ModelConfig(vocab_size=13, **kw)
   assert '\n' not in str(e.value)
+
+
+def test_nanogpt_config_without_its_corpus_says_how_to_fetch_it(tmp_path, monkeypatch):
+  from selattn import data  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)  # no data/ folder here
+  path = nanogpt.get_config().data.path
+  with pytest.raises(data.DataError) as e:
+    data.load_text(path)
+  assert str(e.value) == ('data.path=data/tinyshakespeare.txt: no such file '
+                          '(python -m selattn.corpora.fetch tinyshakespeare downloads it)')
