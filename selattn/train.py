@@ -583,6 +583,9 @@ def _loop(cfg, mesh, steps: Steps, state, step: int, unlogged: list, data_iter, 
         if not finite:
           raise TrainingError(f'the parameters are not finite after step {step}: stopping; {kept()}')
         ckpt.check_space()
+        # Everything logged up to this step reaches the event file before the checkpoint exists: after a kill the
+        # resumed run logs from step + 1 on, so nothing logged before it may be lost with the process's buffers.
+        writer.flush()
         ckpt.save(step, state, data_iter, {
             'step': step, 'model': dataclasses.asdict(cfg.model), 'checksum': ckpt_lib.checksum(sums),
             'unlogged_losses': [float(v) for v in unlogged]})
