@@ -168,8 +168,9 @@ def read_saved_config(workdir: str) -> dict | None:
   return saved
 
 
-def check_compatible(workdir: str, saved: dict | None, cfg: config_lib.Config) -> None:
+def check_compatible(workdir: str, cfg: config_lib.Config) -> None:
   """Refuses to reuse a workdir whose run has another model (other parameters): the checkpoints stay as they are."""
+  saved = read_saved_config(workdir)
   if saved is None:
     return
   # Through ModelConfig: an older run's config.json (model.rope, no newer keys) reads as the model it was.
@@ -363,7 +364,7 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
   corpus = data_lib.load_corpus(dcfg.path, dcfg.val_fraction, vocab)
   cfg = config_lib.from_config(config, corpus.vocab.size)
   data_lib.check_seq_len(corpus, cfg.data.seq_len, val_fraction=cfg.data.val_fraction, path=cfg.data.path)
-  check_compatible(workdir, saved, cfg)
+  check_compatible(workdir, cfg)
   data_sha256 = corpus_sha256(corpus)
   if not allow_data_change:
     check_same_data(workdir, saved, cfg, data_sha256)
