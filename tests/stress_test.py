@@ -67,21 +67,25 @@ def test_kills_at_random_moments_change_nothing(tmp_path):
   cache = tmp_path / 'jax_cache'
   reference, stressed = str(tmp_path / 'reference'), str(tmp_path / 'stressed')
   _run_to_the_end(reference, str(tmp_path / 'reference.log'), cache)
-  # Kill moments: uniform from the start to a little past the moment the loop starts (imports, restore, file
-  # writes and compilation take most of the window; checkpoints are saved every few tens of milliseconds in the
-  # 3 s after it). A cycle gains a few tens of steps at most: the run is still unfinished after the last kill. The
-  # start-up time is that of the last cycle that got as far (the compilation cache makes the first one slower).
-  startup, slice_s = 15.0, 3.0
+  # Kill moments, half in each phase: during start-up (imports, restore, file writes, compilation), uniform up to
+  # the time the loop last took to start; or in the loop, uniform in its first 3 s (checkpoints are saved every
+  # few tens of milliseconds). A cycle gains a few tens of steps at most: the run is unfinished after the last kill.
+  startup = 15.0  # until measured: the compilation cache makes the first start slower
   outcomes = []
   for i in range(kills):
     log = str(tmp_path / f'kill_{i}.log')
-    delay = rng.uniform(0, startup + slice_s)
+    in_loop = rng.random() < 0.5
+    delay = rng.uniform(0, 3.0 if in_loop else startup)
     start = time.monotonic()
     proc = _start(stressed, log, cache)
     looping_at = None
-    while proc.poll() is None and time.monotonic() < start + delay:
+    while proc.poll() is None:
       if looping_at is None and 'training from step' in open(log).read():
         looping_at = time.monotonic() - start
+        startup = looping_at
+      due = start + delay if not in_loop else None if looping_at is None else start + looping_at + delay
+      if due is not None and time.monotonic() >= due:
+        break
       time.sleep(0.01)
     if proc.poll() is None:
       proc.kill()
@@ -89,10 +93,6 @@ def test_kills_at_random_moments_change_nothing(tmp_path):
     text = open(log).read()
     assert rc in (0, -9), f'cycle {i} (killed after {delay:.2f} s) exited {rc}:\n{text[-3000:]}'
     assert 'Traceback' not in text and 'error:' not in text, f'cycle {i}:\n{text[-3000:]}'
-    if looping_at is not None:
-      startup = looping_at
-    elif delay > startup:  # slower than thought (a busy machine): aim later
-      startup = delay
     resumed = re.findall(r'resumed from .* at step (\d+)', text)
     outcomes.append((round(delay, 2), 'loop' if looping_at is not None else 'startup',
                      int(resumed[0]) if resumed else 0, rc))
