@@ -4,7 +4,7 @@ Dimensions: B batch, T query positions, S key positions, D model width, N heads,
 
 Selective attention (the original's): each query i gets its own keys and values,
   K_ij = W_k [q_i ; x_j],   V_ij = W_v [q_i ; x_j]        (q_i the projected query, concatenation first)
-so K and V are [B, T, S, N, H]. Three implementations share one parameter tree (`wq`, `wk`, `wv`, or `wq`,
+so K and V are [B, T, S, N, H]. Four implementations share one parameter tree (`wq`, `wk`, `wv`, or `wq`,
 `kv1`, `kv2` for the MLP generator) and compute the same function:
   - `materialized`: the literal [B, T, S, ...] computation;
   - `blockwise`: the literal computation tile by tile with an online softmax, above-diagonal tiles skipped and
