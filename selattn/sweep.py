@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from selattn import stopping
+
 
 @dataclasses.dataclass
 class Job:
@@ -95,14 +97,21 @@ def run_jobs(jobs: list[Job], free: list[dict[str, str] | None], poll: float = 1
           job.returncode = job.proc.returncode
           running.remove(job)
           free.append(job.slot)
-          print(f'[sweep] seed {job.seed} {"finished" if job.returncode == 0 else f"failed ({job.returncode})"}',
-                flush=True)
+          print(f'[sweep] seed {job.seed} {_outcome(job.returncode)}', flush=True)
   finally:
     for s, h in old.items():
       signal.signal(s, h)
   if stop:
     raise SystemExit(f'error: stopped by a signal; rerun the same command to resume '
                      f'({len(pending)} seed(s) not started)')
+
+
+def _outcome(returncode: int) -> str:
+  if returncode == stopping.EXIT_FINISHED:
+    return 'finished'
+  if returncode == stopping.EXIT_STOPPED:
+    return f'stopped ({returncode}): resumable, rerun the same command'
+  return f'failed ({returncode})'
 
 
 def _last_line(path: str) -> str:
@@ -187,7 +196,9 @@ def main(argv=None):
 
   summary = summarize(args.workdir, seeds, args.best_until)
   summary.update(config=args.config, overrides=overrides,
-                 failed={j.seed: _last_line(os.path.join(j.workdir, 'train.log')) for j in jobs if j.returncode},
+                 failed={j.seed: _last_line(os.path.join(j.workdir, 'train.log')) for j in jobs
+                         if j.returncode not in (None, stopping.EXIT_FINISHED, stopping.EXIT_STOPPED)},
+                 stopped=[j.seed for j in jobs if j.returncode == stopping.EXIT_STOPPED],
                  missing=[k for k in seeds if k not in summary['seeds']])
   with open(os.path.join(args.workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)

@@ -39,7 +39,7 @@ def test_run_jobs_keeps_one_run_per_slot(tmp_path):
   record = tmp_path / 'record.txt'
   code = ('import os, sys, time; t0 = time.time(); time.sleep(0.4); '
           f'open({str(record)!r}, "a").write(f"{{sys.argv[1]}} {{os.environ[\'CUDA_VISIBLE_DEVICES\']}} '
-          '{t0} {time.time()}\\n"); sys.exit(int(sys.argv[1]) == 3)')
+          '{t0} {time.time()}\\n"); sys.exit({3: 1, 4: 75}.get(int(sys.argv[1]), 0))')
   jobs = [sweep.Job(k, str(tmp_path / f'seed{k}'), [sys.executable, '-c', code, str(k)]) for k in range(5)]
   sweep.run_jobs(jobs, sweep.slots(['4', '6'], 1), poll=0.05)
   rows = [line.split() for line in record.read_text().splitlines()]
@@ -49,8 +49,11 @@ def test_run_jobs_keeps_one_run_per_slot(tmp_path):
     live = [g for s, e, g in spans if s <= t < e]
     assert len(live) <= 2 and len(set(live)) == len(live), spans
   assert {r[1] for r in rows} == {'4', '6'}
-  assert [j.returncode for j in jobs] == [0, 0, 0, 1, 0]
+  assert [j.returncode for j in jobs] == [0, 0, 0, 1, 75]
   assert all((tmp_path / f'seed{k}' / 'train.log').exists() for k in range(5))
+  # 75: a run stopped by a signal after saving (selattn.stopping.EXIT_STOPPED) is resumable, not failed.
+  assert [sweep._outcome(j.returncode) for j in jobs[3:]] == [
+      'failed (1)', 'stopped (75): resumable, rerun the same command']
 
 
 def test_sweep_on_cpu_trains_each_seed_resumably(tmp_path):
