@@ -206,14 +206,16 @@ def _old_model_dict() -> dict:
 
 
 def test_a_run_from_before_the_block_options_resumes(tmp_path):
-  saved = json.loads(json.dumps({'config': {'model': _old_model_dict(), 'train': {'flat_optimizer': True}}}))
+  # The workdir's config.json as a run from before the block options wrote it.
+  (tmp_path / 'config.json').write_text(
+      json.dumps({'config': {'model': _old_model_dict(), 'train': {'flat_optimizer': True}}}))
   cfg = config_lib.from_config(_config_dict('standard'), vocab_size=83)
-  train.check_compatible(str(tmp_path), saved, cfg)  # the same model: accepted
+  train.check_compatible(str(tmp_path), cfg)  # the same model: accepted
   other = config_lib.from_config(_config_dict('standard', norm='pre'), vocab_size=83)
   with pytest.raises(train.TrainingError, match="model.norm: 'post' -> 'pre'"):
-    train.check_compatible(str(tmp_path), saved, other)
+    train.check_compatible(str(tmp_path), other)
   # Attention dropout only changes how the same parameters train: a run may resume with it.
-  train.check_compatible(str(tmp_path), saved, config_lib.from_config(_config_dict('standard', attn_dropout=0.1), 83))
+  train.check_compatible(str(tmp_path), config_lib.from_config(_config_dict('standard', attn_dropout=0.1), 83))
 
 
 def _config_dict(name, **model):
