@@ -129,12 +129,18 @@ class _QuietLibraries:
 
 
 def _drop_closed_loop_errors() -> None:
-  """After a failed save, TensorStore's threads finish the save's other writes and call back into Orbax's event
+  """Drops the tracebacks Orbax leaves behind a failure selattn already reported in one line.
+
+  After a failed save, TensorStore's threads finish the save's other writes and call back into Orbax's event
   loop, already closed: each callback prints a `RuntimeError: Event loop is closed` traceback (through
-  sys.excepthook or the unraisable hook). The failure itself is reported in one line; drop these echoes."""
+  sys.excepthook or the unraisable hook). After a failed restore (a damaged checkpoint, set aside by
+  `Checkpointer.restore_latest`), the reads of the other arrays are coroutines never awaited; when collected,
+  each prints `Exception ignored in: <coroutine ...>` and a page of TensorStore spec. Drop these echoes."""
 
   def echo(exc_type, exc) -> bool:
-    return exc_type is RuntimeError and 'Event loop is closed' in str(exc)
+    closed_loop = exc_type is RuntimeError and 'Event loop is closed' in str(exc)
+    failed_read = exc is not None and 'Encountered error while reading array' in str(exc)
+    return closed_loop or failed_read
 
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
   sys.excepthook = lambda t, v, tb: None if echo(t, v) else excepthook(t, v, tb)
