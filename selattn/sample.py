@@ -60,17 +60,27 @@ def restore(workdir: str, step: int | None = None) -> tuple[Transformer, data_li
     steps = manager.all_steps()
   if not steps:
     raise SampleError(f'no checkpoint in {ckpt_dir}')
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
+  if step is not None and step not in steps:
     raise SampleError(f'no checkpoint at step {step} in {ckpt_dir} (it has steps {sorted(steps)})')
   mesh = sharding.make_mesh(config_lib.MeshConfig(data=-1))
   # A live state only for its structure and shardings (create_state enters the mesh, which eval_shape forbids).
   graphdef, state = train_lib.create_state(cfg, mesh)
   target = ckpt_lib.abstract(state)
   del state
-  # Only the 'state' item: the data iterator and metadata are not needed (nor their handlers registered).
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
+  latest = step is None
+  step = max(steps) if latest else step
+  for attempt in range(3):
+    try:
+      # Only the 'state' item: the data iterator and metadata are not needed (nor their handlers registered).
+      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
+      break
+    except Exception:  # pylint: disable=broad-except  (Orbax and TensorStore raise a dozen kinds)
+      # A run in progress keeps its last few checkpoints: it may have deleted this one while we read it.
+      manager.reload()
+      if not latest or step in manager.all_steps() or not manager.all_steps() or attempt == 2:
+        raise
+      logging.info('checkpoint %d was removed while being read (a run in progress); taking the latest', step)
+      step = max(manager.all_steps())
   return nnx.merge(graphdef, state)[0], vocab, cfg, mesh
 
 

@@ -5,7 +5,6 @@ sampling through the new block, and short training runs with dropout."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -18,9 +17,9 @@ import optax
 import pytest
 
 from configs import nanogpt, tiny
+from generate_test import _decode, _prefill  # jitted over (graphdef, state)
 from run_files import scalars
 from selattn import config as config_lib
-from selattn import generate
 from selattn import sharding
 from selattn import train
 from selattn.config import ModelConfig
@@ -262,16 +261,6 @@ def test_weight_decay_on_matrices_only_matches_a_handwritten_adamw():
 
 # ----------------------------------------------------------------------------------------------------------------
 # Cached sampling runs the same block as the model.
-
-@functools.partial(jax.jit, static_argnums=0)
-def _prefill(graphdef, state, tokens, n):
-  return generate.prefill(nnx.merge(graphdef, state), tokens, n)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _decode(graphdef, state, cache, token, pos):
-  return generate.decode_step(nnx.merge(graphdef, state), cache, token, pos)
-
 
 @pytest.mark.parametrize('attention', ['standard', 'selective'])
 def test_cached_sampling_matches_the_forward_of_the_modern_block(attention):

@@ -1,6 +1,7 @@
 """The docs name only files the repository has, and docs/reproduce_results.sh (the commands behind RESULTS.md's
 figures) runs: in miniature on CPU, marked slow."""
 
+import json
 import os
 import re
 import subprocess
@@ -95,3 +96,27 @@ def test_reproduce_results_in_miniature(tmp_path):
   log = (tmp_path / 'runs' / 'selective_50k' / 'train.log').read_text()
   evals = re.findall(r'eval at step 20: loss ([\d.]+) \| accuracy ([\d.]+)', log)
   assert len(evals) == 3 and len(set(evals)) == 1, evals
+
+
+@pytest.mark.slow
+def test_reproduce_seeds_in_miniature(tmp_path):
+  pytest.importorskip('matplotlib')
+  corpus = tmp_path / 'tiny.txt'
+  corpus.write_text('To be, or not to be, that is the question:\n' * 200)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, DEST=str(tmp_path), DEVICE='CPU', GPUS='none',
+             SEEDS='2', STEPS='10', EVAL_EVERY='5', NANOGPT_STEPS='10', NANOGPT_BEST_UNTIL='5',
+             EXTRA=f'--config.model.d_model=16 --config.model.num_heads=2 --config.model.num_layers=1 '
+                   f'--config.data.seq_len=16 --config.train.batch_size=4 --config.train.eval_batches=1 '
+                   f'--config.train.log_every=5 --config.train.sample_length=0 --config.train.warmup_steps=0 '
+                   f'--config.train.steps_per_call=1 --config.data.path={corpus}')
+  r = subprocess.run(['bash', os.path.join(REPO, 'docs', 'reproduce_seeds.sh')], env=env, capture_output=True,
+                     text=True, timeout=1800, check=False)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  sweeps = {'original': ['standard', 'standard_ffn5', 'selective', 'values_only', 'keys_only'],
+            'pre': ['standard', 'selective'], 'nanogpt': ['standard', 'selective']}
+  for part, names in sweeps.items():
+    for name in names:
+      summary = json.loads((tmp_path / 'runs' / 'seeds' / part / name / 'summary.json').read_text())
+      assert len(summary['seeds']) == (1 if part == 'pre' else 2), (part, name, summary)
+  for png in ('seeds_original.png', 'seeds_pre.png', 'seeds_nanogpt.png'):
+    assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'

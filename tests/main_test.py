@@ -88,6 +88,19 @@ def wait_for_log(proc, log_path, pattern):
   pytest.fail(f'no {pattern!r} in the log after {TIMEOUT} s:\n{_tail(log_path)}')
 
 
+def sigterm(proc, log_path) -> int:
+  """SIGTERMs a run and waits for its resumable exit: the step of the checkpoint it saved on the way out."""
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=TIMEOUT) == stopping.EXIT_STOPPED, _tail(log_path)
+  return int(re.search(r'SIGTERM received: saved a checkpoint at step (\d+)', open(log_path).read()).group(1))
+
+
+def _kill(proc) -> None:
+  if proc.poll() is None:
+    proc.kill()
+    proc.wait()
+
+
 def _tail(path, n=30):
   with open(path) as f:
     return ''.join(f.readlines()[-n:])
@@ -147,9 +160,7 @@ def _signal_at_step(workdir, log, step, signum, checkpoint_every):
     proc.send_signal(signum)
     return proc.wait(timeout=TIMEOUT)
   finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
+    _kill(proc)
 
 
 def test_sigterm_saves_a_checkpoint_and_the_restart_is_bit_identical(tmp_path, reference):
@@ -375,13 +386,9 @@ def test_a_second_run_on_a_workdir_in_use_stops_at_once(tmp_path, reference):
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.startswith('ROMEO:') and len(p.stdout.rstrip('\n')) == len('ROMEO:') + 8, p.stdout
     assert proc.poll() is None  # the first run goes on
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=TIMEOUT) == stopping.EXIT_STOPPED, _tail(log)
+    stop = sigterm(proc, log)
   finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  stop = int(re.search(r'SIGTERM received: saved a checkpoint at step (\d+)', open(log).read()).group(1))
+    _kill(proc)
   expect_losses(ref, scalars(workdir), 1, stop)  # the first run's own losses, undisturbed
   assert checkpoint_steps(workdir)[-1] == stop
 
@@ -418,9 +425,7 @@ def test_a_kill_right_after_resuming_leaves_config_and_vocab_whole(tmp_path, ref
     proc.kill()
     proc.wait()
   finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
+    _kill(proc)
   new_config = pathlib.Path(config_path).read_text()
   lr = json.loads(new_config)['config']['train']['learning_rate']  # whole JSON, old or new
   assert new_config == old_config or lr == 0.002
@@ -521,9 +526,7 @@ def test_a_signal_before_the_loop_stops_cleanly(tmp_path, reference, signum, bef
     proc.send_signal(signum)
     rc = proc.wait(timeout=TIMEOUT)
   finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
+    _kill(proc)
   text = open(log).read()
   assert rc == stopping.EXIT_STOPPED, text[-3000:]
   for bad in ('Traceback', 'Segmentation', 'Fatal Python error', 'KeyboardInterrupt'):
@@ -546,13 +549,9 @@ def test_logged_losses_are_the_same_interrupted_or_not(tmp_path, reference):
                     '--config.train.log_every=20', '--config.train.steps_per_call=1')
   try:
     wait_for_log(proc, log, r'training from step 0\b')
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=TIMEOUT) == stopping.EXIT_STOPPED, _tail(log)
+    stop = sigterm(proc, log)
   finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  stop = int(re.search(r'saved a checkpoint at step (\d+)', open(log).read()).group(1))
+    _kill(proc)
   if stop >= 20:
     pytest.skip(f'the signal arrived at step {stop}, after the first log')  # a very fast machine
   rc, err = run_main(workdir, '--config.train.num_steps=40', '--config.train.checkpoint_every=1000',

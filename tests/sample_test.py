@@ -4,11 +4,14 @@ README types it) samples what the live state did; the default prompt; one-line e
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 from flax import nnx
 import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
@@ -84,3 +87,38 @@ def test_restore_errors(tmp_path):
     (empty / name).write_text((tmp_path / name).read_text())
   with pytest.raises(sample.SampleError, match='no checkpoint in'):
     sample.restore(str(empty))
+
+
+def test_a_checkpoint_removed_while_read_falls_back_to_the_latest(tmp_path, monkeypatch):
+  # A run in progress keeps its last few checkpoints; sampling from it can pick one the writer then deletes.
+  model, cfg, mesh = _make_run(tmp_path, '')
+  graphdef, state = nnx.split(model)
+  later = jax.tree.map(lambda a: a + 1.0, state)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / 'checkpoints'), keep=2)
+  ckpt.save(9, later, None, {'step': 9})
+  ckpt.close()
+  restore = ocp.CheckpointManager.restore
+  calls = []
+
+  def racing_restore(self, step, *args, **kwargs):
+    calls.append(step)
+    if len(calls) == 1:  # the writer deletes step 9 (and saves nothing newer) while we read it
+      shutil.rmtree(tmp_path / 'checkpoints' / str(step))
+      raise FileNotFoundError(f'{step}/state: gone')
+    return restore(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', racing_restore)
+  got, *_ = sample.restore(str(tmp_path))
+  assert calls == [9, 5]
+  want = nnx.state(model, nnx.Param)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), nnx.state(got, nnx.Param),
+               want)
+
+  # A step asked for by name is never swapped for another.
+  calls.clear()
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / 'checkpoints'), keep=2)
+  ckpt.save(9, later, None, {'step': 9})
+  ckpt.close()
+  with pytest.raises(FileNotFoundError):
+    sample.restore(str(tmp_path), step=9)
+  assert calls == [9]

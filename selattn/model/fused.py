@@ -158,51 +158,60 @@ def _visible(qpos, kpos):
   return jnp.min(kpos) <= jnp.max(qpos)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Forward: one program per (batch, query tile), online softmax over key tiles; G accumulates in its output block.
-
-def _fwd_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, g_ref, lse_ref, *,
-                st: _Static, n_heads: int, n_chunks: int, n_k: int):
-  bq, bk, fc = st.bq, st.bk, st.fc
-  rows = slice(None)
-  qa, qb = _load_query(q_ref, n_heads)
-  b2 = _load_b2(b2_ref, n_heads)
-  qpos = qpos_ref[...]
-  g_ref[...] = jnp.zeros(g_ref.shape, g_ref.dtype)
+def _over_key_tiles(st, n_k, qpos, kpos_ref, cos_ref, sin_ref, step, init):
+  """Folds `step(start, mask, cos, sin, carry)` over the key tiles that hold a key visible to the query tile."""
+  bk = st.bk
 
   def body(kb, carry):
     start = kb * bk
     kpos = kpos_ref[pl.ds(start, bk)]
 
     def compute(carry):
-      m, l = list(carry[0]), list(carry[1])
       cos, sin = cos_ref[pl.ds(start, bk), :], sin_ref[pl.ds(start, bk), :]
-      _, _, logits, _, cache = _keys(st, n_heads, n_chunks, qa, qb, u_ref, rows, w_ref, w2_ref, b2, start, cos, sin)
-      mask = qpos[:, None] >= kpos[None, :]
-      p, corr = [], []
-      for n in range(n_heads):
-        s = jnp.where(mask, logits[n], _MASKED)
-        m_new = jnp.maximum(m[n], jnp.max(s, axis=1))
-        corr.append(jnp.exp(m[n] - m_new))
-        p.append(jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0))
-        l[n] = l[n] * corr[n] + jnp.sum(p[n], axis=1)
-        m[n] = m_new
-
-      def values(c, carry):
-        _, g = _chunk(st, u_ref, w_ref, rows, start, c, cache)
-        for n in range(n_heads):
-          cols = (slice(None), n, pl.ds(c * fc, fc))
-          g_ref[cols] = g_ref[cols] * corr[n][:, None] + jnp.sum(p[n][:, :, None] * g, axis=1)
-        return carry
-
-      _loop(n_chunks, values, 0)
-      return tuple(m), tuple(l)
+      return step(start, qpos[:, None] >= kpos[None, :], cos, sin, carry)
 
     return jax.lax.cond(_visible(qpos, kpos), compute, lambda c: c, carry)
 
+  return jax.lax.fori_loop(0, n_k, body, init)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward: one program per (batch, query tile), online softmax over key tiles; G accumulates in its output block.
+
+def _fwd_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, g_ref, lse_ref, *,
+                st: _Static, n_heads: int, n_chunks: int, n_k: int):
+  bq, fc = st.bq, st.fc
+  rows = slice(None)
+  qa, qb = _load_query(q_ref, n_heads)
+  b2 = _load_b2(b2_ref, n_heads)
+  qpos = qpos_ref[...]
+  g_ref[...] = jnp.zeros(g_ref.shape, g_ref.dtype)
+
+  def step(start, mask, cos, sin, carry):
+    m, l = list(carry[0]), list(carry[1])
+    _, _, logits, _, cache = _keys(st, n_heads, n_chunks, qa, qb, u_ref, rows, w_ref, w2_ref, b2, start, cos, sin)
+    p, corr = [], []
+    for n in range(n_heads):
+      s = jnp.where(mask, logits[n], _MASKED)
+      m_new = jnp.maximum(m[n], jnp.max(s, axis=1))
+      corr.append(jnp.exp(m[n] - m_new))
+      p.append(jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0))
+      l[n] = l[n] * corr[n] + jnp.sum(p[n], axis=1)
+      m[n] = m_new
+
+    def values(c, carry):
+      _, g = _chunk(st, u_ref, w_ref, rows, start, c, cache)
+      for n in range(n_heads):
+        cols = (slice(None), n, pl.ds(c * fc, fc))
+        g_ref[cols] = g_ref[cols] * corr[n][:, None] + jnp.sum(p[n][:, :, None] * g, axis=1)
+      return carry
+
+    _loop(n_chunks, values, 0)
+    return tuple(m), tuple(l)
+
   init = (tuple(jnp.full((bq,), _MASKED, jnp.float32) for _ in range(n_heads)),
           tuple(jnp.zeros((bq,), jnp.float32) for _ in range(n_heads)))
-  m, l = jax.lax.fori_loop(0, n_k, body, init)
+  m, l = _over_key_tiles(st, n_k, qpos, kpos_ref, cos_ref, sin_ref, step, init)
   for n in range(n_heads):
     # A query that sees no key (only padding rows) has l = 0: G = 0 there, and its lse makes p = 0 in backward.
     l_safe = jnp.where(l[n] > 0, l[n], 1.0)
@@ -246,7 +255,7 @@ def _dh(st, n_heads, c, h, g, p, dk1, dk2, w2_ref, dgo_ref, rows):
 def _bwd_query_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, lse_ref,
                       delta_ref, dgo_ref, du_ref, dq_ref, *, st: _Static, n_heads: int, n_chunks: int, n_k: int):
   """One program per (batch, query tile): du (accumulated in its output block) and dq, looping over key tiles."""
-  bq, bk, fc = st.bq, st.bk, st.fc
+  bq, fc = st.bq, st.fc
   rows = slice(None)
   qa, qb = _load_query(q_ref, n_heads)
   b2 = _load_b2(b2_ref, n_heads)
@@ -256,34 +265,26 @@ def _bwd_query_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpo
   h2 = qa[0].shape[-1]
   du_ref[...] = jnp.zeros(du_ref.shape, du_ref.dtype)
 
-  def body(kb, carry):
-    start = kb * bk
-    kpos = kpos_ref[pl.ds(start, bk)]
+  def step(start, mask, cos, sin, carry):
+    dqa, dqb = list(carry[0]), list(carry[1])
+    kr1, kr2, logits, dp, cache = _keys(st, n_heads, n_chunks, qa, qb, u_ref, rows, w_ref, w2_ref, b2, start,
+                                        cos, sin, dgo_ref)
+    p, ds, dk1, dk2 = _tile_grads(st, n_heads, qa, qb, logits, dp, mask, lse, delta, cos, sin)
+    for n in range(n_heads):  # d(R_i q_i) = scale sum_j ds_ij R_j K_ij (ds is already scaled)
+      dqa[n] += jnp.sum(ds[n][:, :, None] * kr1[n], axis=1)
+      dqb[n] += jnp.sum(ds[n][:, :, None] * kr2[n], axis=1)
 
-    def compute(carry):
-      dqa, dqb = list(carry[0]), list(carry[1])
-      cos, sin = cos_ref[pl.ds(start, bk), :], sin_ref[pl.ds(start, bk), :]
-      mask = qpos[:, None] >= kpos[None, :]
-      kr1, kr2, logits, dp, cache = _keys(st, n_heads, n_chunks, qa, qb, u_ref, rows, w_ref, w2_ref, b2, start,
-                                          cos, sin, dgo_ref)
-      p, ds, dk1, dk2 = _tile_grads(st, n_heads, qa, qb, logits, dp, mask, lse, delta, cos, sin)
-      for n in range(n_heads):  # d(R_i q_i) = scale sum_j ds_ij R_j K_ij (ds is already scaled)
-        dqa[n] += jnp.sum(ds[n][:, :, None] * kr1[n], axis=1)
-        dqb[n] += jnp.sum(ds[n][:, :, None] * kr2[n], axis=1)
+    def hidden(c, carry):
+      h, g = _chunk(st, u_ref, w_ref, rows, start, c, cache)
+      cols = (slice(None), pl.ds(c * fc, fc))
+      du_ref[cols] += jnp.sum(_dh(st, n_heads, c, h, g, p, dk1, dk2, w2_ref, dgo_ref, rows), axis=1)
+      return carry
 
-      def hidden(c, carry):
-        h, g = _chunk(st, u_ref, w_ref, rows, start, c, cache)
-        cols = (slice(None), pl.ds(c * fc, fc))
-        du_ref[cols] += jnp.sum(_dh(st, n_heads, c, h, g, p, dk1, dk2, w2_ref, dgo_ref, rows), axis=1)
-        return carry
-
-      _loop(n_chunks, hidden, 0)
-      return tuple(dqa), tuple(dqb)
-
-    return jax.lax.cond(_visible(qpos, kpos), compute, lambda c: c, carry)
+    _loop(n_chunks, hidden, 0)
+    return tuple(dqa), tuple(dqb)
 
   zeros = tuple(jnp.zeros((bq, h2), jnp.float32) for _ in range(n_heads))
-  dqa, dqb = jax.lax.fori_loop(0, n_k, body, (zeros, zeros))
+  dqa, dqb = _over_key_tiles(st, n_k, qpos, kpos_ref, cos_ref, sin_ref, step, (zeros, zeros))
   for n in range(n_heads):
     dq_ref[:, n, 0, :] = dqa[n]
     dq_ref[:, n, 1, :] = dqb[n]
