@@ -42,9 +42,12 @@ def get_config() -> ml_collections.ConfigDict:
   m.remat = False  # rematerialise each layer in the backward pass (saves activation memory)
 
   c.data = d = ml_collections.ConfigDict()
-  d.path = ''  # UTF-8 text file to train on; '' = the embedded Shakespeare corpus
+  d.path = ''  # corpus file to train on ('chars': UTF-8 text; 'bytes': any file); '' = the embedded Shakespeare corpus
+  d.vocab = 'chars'  # 'chars' (the text's distinct characters) | 'bytes' (256 byte values; eval in bits per byte)
+  d.split = 'tail'  # 'tail' (the last val_fraction is held out) | 'enwik8' (first 90% train, next 5% val, last 5% test)
+  d.store_dir = ''  # where a file's token store goes; '' = beside it (<path>.selattn/), or ~/.cache if read-only
   d.seq_len = 299  # model context T; windows are seq_len + 1 characters
-  d.val_fraction = 0.2  # last fraction of the corpus held out (chronological split)
+  d.val_fraction = 0.2  # data.split='tail': last fraction of the corpus held out (chronological split)
   d.worker_count = 0  # grain worker processes (0 = in the main process)
   d.prefetch = 2  # batches prefetched by a background thread
 

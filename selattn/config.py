@@ -21,6 +21,8 @@ POSITIONS = ('rope', 'learned', 'none')
 INITS = ('original', 'nanogpt')
 SELECTIVE_PARTS = ('both', 'keys', 'values')
 DECAY_MASKS = ('all', 'matrices')
+VOCABS = ('chars', 'bytes')
+SPLITS = ('tail', 'enwik8')
 
 
 class ConfigError(ValueError):
@@ -150,12 +152,17 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   path: str = ''
+  vocab: str = 'chars'
+  split: str = 'tail'
+  store_dir: str = ''
   seq_len: int = 299
   val_fraction: float = 0.2
   worker_count: int = 0
   prefetch: int = 2
 
   def __post_init__(self):
+    _choice('data.vocab', self.vocab, VOCABS)
+    _choice('data.split', self.split, SPLITS)
     _positive('data.seq_len', self.seq_len)
     _check(0.0 < self.val_fraction < 1.0, f'data.val_fraction={self.val_fraction!r} must be in (0, 1)')
     _positive('data.worker_count', self.worker_count, allow_zero=True)

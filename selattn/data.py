@@ -1,11 +1,15 @@
-"""Character-level data: the corpus, its vocabulary, and the grain pipelines for training and evaluation.
+"""Data: the corpus, its vocabulary (characters or bytes), its splits, and the grain pipelines for training and
+evaluation.
 
 Shapes: B windows in a batch (the global batch, or this process's rows of it), T positions (data.seq_len).
-A window is T + 1 consecutive characters: inputs are its first T, targets its last T.
+A window is T + 1 consecutive tokens (characters, or bytes with data.vocab='bytes'): inputs are its first T,
+targets its last T. A split's tokens are a `Tokens`: an array in memory (the embedded corpus) or a slice of a
+memory-mapped token store (selattn.store), read window by window, so no process holds a large corpus in memory.
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 import dataclasses
 import functools
@@ -24,6 +28,9 @@ _EMBEDDED = 'shakespeare.txt.xz'
 # Element i of the training dataset is the global batch of step i. The range is lazy, so its length costs
 # nothing; 2**40 steps is more than any run will take.
 _NUM_BATCHES = 2**40
+VOCABS = ('chars', 'bytes')
+ENWIK8_URL = 'http://mattmahoney.net/dc/enwik8.zip'  # not fetched for you: no checksum the project could verify
+SPLITS = ('tail', 'enwik8')
 
 Batch = dict[str, np.ndarray]
 
@@ -48,6 +55,34 @@ def _load_embedded() -> str:
   return data.decode('ascii')
 
 
+def read_error(path: str, e: OSError) -> DataError:
+  """The one-line error for a corpus file that cannot be opened; a missing one that fetch knows says how to get it."""
+  if isinstance(e, FileNotFoundError):
+    from selattn.corpora import fetch  # pylint: disable=g-import-not-at-top
+    known = [name for name, src in fetch.CORPORA.items() if src.filename == os.path.basename(path)]
+    hint = f' (python -m selattn.corpora.fetch {known[0]} downloads it)' if known else ''
+    if os.path.basename(path) == 'enwik8':
+      hint = f' (download {ENWIK8_URL} and unzip it into {os.path.dirname(path) or "."}/)'
+    return DataError(f'data.path={path}: no such file{hint}')
+  if isinstance(e, IsADirectoryError):
+    return DataError(f'data.path={path} is a directory, not a text file')
+  return DataError(f'data.path={path}: cannot read it ({e.strerror})')
+
+
+def head_text(path: str, n: int) -> str:
+  """The first n characters of `path` ('' = embedded), read from its first bytes only; bytes that are not UTF-8
+  become U+FFFD (a byte-level corpus may hold any bytes)."""
+  if not path:
+    return _load_embedded()[:n]
+  try:
+    with open(path, 'rb') as f:
+      head = f.read(4 * n)
+  except OSError as e:
+    raise read_error(path, e) from None
+  # final=False: a character cut by the 4n-byte read is left out rather than replaced.
+  return codecs.getincrementaldecoder('utf-8')('replace').decode(head, final=False)[:n]
+
+
 def load_text(path: str) -> str:
   """Returns the text of the UTF-8 file `path`, or the embedded Shakespeare corpus when `path` is ''."""
   if not path:
@@ -57,13 +92,8 @@ def load_text(path: str) -> str:
   try:
     with open(path, 'rb') as f:
       data = f.read()
-  except FileNotFoundError:
-    from selattn.corpora import fetch  # pylint: disable=g-import-not-at-top
-    known = [name for name, src in fetch.CORPORA.items() if src.filename == os.path.basename(path)]
-    hint = f' (python -m selattn.corpora.fetch {known[0]} downloads it)' if known else ''
-    raise DataError(f'data.path={path}: no such file{hint}') from None
   except OSError as e:
-    raise DataError(f'data.path={path}: cannot read it ({e.strerror})') from None
+    raise read_error(path, e) from None
   if not data:
     raise DataError(f'data.path={path} is empty')
   try:
@@ -155,17 +185,158 @@ class Vocab:
       raise DataError(f'{path}: {e}') from None
 
 
+@dataclasses.dataclass(frozen=True)
+class ByteVocab:
+  """The 256 byte values of a byte-level model: token id i is byte i; any file is a corpus."""
+
+  @property
+  def size(self) -> int:
+    return 256
+
+  def encode(self, text: str) -> np.ndarray:
+    """Returns the UTF-8 bytes of `text` as token ids int32[N]."""
+    return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Returns the text of token ids int[N]; bytes that are not UTF-8 (a character cut in two) become U+FFFD."""
+    return np.asarray(ids, dtype=np.int64).astype(np.uint8).tobytes().decode('utf-8', 'replace')
+
+  def to_json(self) -> str:
+    return json.dumps({'bytes': 256})
+
+  def save(self, path: str) -> None:
+    with open(path, 'w', encoding='utf-8') as f:
+      f.write(self.to_json() + '\n')
+
+
+AnyVocab = Vocab | ByteVocab
+
+
+def vocab_from_json(s: str) -> AnyVocab:
+  """A vocabulary file's symbols: {"chars": [...]} (characters) or {"bytes": 256} (bytes)."""
+  try:
+    obj = json.loads(s)
+  except ValueError:
+    obj = None
+  if isinstance(obj, dict) and obj.get('bytes') == 256 and 'chars' not in obj:
+    return ByteVocab()
+  return Vocab.from_json(s)
+
+
+def load_vocab(path: str) -> AnyVocab:
+  """Reads a run's vocab.json (either kind)."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      s = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(f'cannot read the vocabulary {path}: {getattr(e, "strerror", None) or e}') from None
+  try:
+    return vocab_from_json(s)
+  except DataError as e:
+    raise DataError(f'{path}: {e}') from None
+
+
+def vocab_kind(vocab: AnyVocab) -> str:
+  """'bytes' or 'chars': the data.vocab value a vocabulary belongs to."""
+  return 'bytes' if isinstance(vocab, ByteVocab) else 'chars'
+
+
+def split_bounds(n: int, split: str, val_fraction: float) -> tuple[int, int]:
+  """(end of train, end of validation) in tokens for a corpus of n tokens; the test split is the rest.
+
+  'tail': the last val_fraction is validation (rounded to the nearest token) and there is no test split.
+  'enwik8': the first 90% trains, the next 5% validates, the last 5% tests: for enwik8's 100,000,000 bytes
+  exactly 90M, 5M and 5M; for other sizes the same fractions, rounded down (integer arithmetic, no float).
+  """
+  if split == 'tail':
+    if not 0.0 < val_fraction < 1.0:
+      raise DataError(f'data.val_fraction={val_fraction} must be strictly between 0 and 1')
+    # round, not int: 15000 * (1 - 0.9) is 1499.999... in floating point.
+    n_train = round(n * (1.0 - val_fraction))
+    return n_train, n
+  if split == 'enwik8':
+    return n * 9 // 10, n * 19 // 20
+  raise DataError(f'data.split={split!r} is not one of {", ".join(map(repr, SPLITS))}')
+
+
+class Tokens:
+  """Tokens [start, stop) of an in-memory array or of a memory-mapped token file: one split of a corpus.
+
+  A file-backed one maps its file on first use, in each process that uses it, and pickles as its path (grain's
+  worker processes reopen the map rather than receive a copy of the corpus).
+  """
+
+  def __init__(self, array: np.ndarray | None = None, *, path: str = '', dtype: str = 'uint8', offset: int = 0,
+               start: int = 0, stop: int | None = None):
+    self.path, self.dtype, self.offset = path, np.dtype(dtype), offset
+    self._array = None if path else np.asarray(array)
+    total = self._array.shape[0] if self._array is not None else None
+    self.start = start
+    self.stop = stop if stop is not None else total
+    if self.stop is None:
+      raise ValueError('a file-backed Tokens needs its stop')
+
+  @property
+  def array(self) -> np.ndarray:
+    """The split's tokens (a view: a file-backed split reads from disk only the pages that are touched)."""
+    if self._array is None:
+      self._array = np.memmap(self.path, dtype=self.dtype, mode='r', offset=self.offset,
+                              shape=(self.stop,))
+    return self._array[self.start:self.stop]
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def __getitem__(self, index):
+    return self.array[index]
+
+  def __array__(self, dtype=None, copy=None):
+    a = np.asarray(self.array)
+    return a if dtype is None else a.astype(dtype)
+
+  @property
+  def itemsize(self) -> int:
+    return self.array.dtype.itemsize
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    if self.path:
+      state['_array'] = None  # reopened in the receiving process: the map, not the data
+    return state
+
+
+def as_tokens(tokens) -> Tokens:
+  return tokens if isinstance(tokens, Tokens) else Tokens(np.asarray(tokens))
+
+
 @dataclasses.dataclass
 class Corpus:
-  """A tokenised text split chronologically: `train` int32[N_train] first, then the held-out `val` int32[N_val]."""
+  """A tokenised text split chronologically: `train` first, then the held-out `val`, then `test` (empty under
+  data.split='tail'). Each split is an int array or a `Tokens`; `sha256` identifies the run's data."""
 
-  vocab: Vocab
-  train: np.ndarray
-  val: np.ndarray
+  vocab: AnyVocab
+  train: np.ndarray | Tokens
+  val: np.ndarray | Tokens
+  test: np.ndarray | Tokens = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+  sha256: str = ''
+  name: str = ''  # how messages name the corpus
+
+  def split(self, name: str) -> np.ndarray | Tokens:
+    return {'train': self.train, 'val': self.val, 'test': self.test}[name]
+
+
+def tokens_sha256(vocab: AnyVocab, chunks) -> str:
+  """The identity of a run's character data: a hash of its vocabulary and its tokens as int32 (both splits)."""
+  h = hashlib.sha256(vocab.to_json().encode())
+  for c in chunks:
+    h.update(np.ascontiguousarray(c, '<i4').tobytes())
+  return h.hexdigest()
 
 
 def load_corpus(path: str, val_fraction: float, vocab: Vocab | None = None) -> Corpus:
-  """Loads and tokenises `path` ('' = embedded); `vocab` (from a resumed run) replaces the text's own."""
+  """Loads and tokenises `path` ('' = embedded) in memory; `vocab` (from a resumed run) replaces the text's own.
+
+  For the embedded corpus and tests; a file a run trains on goes through selattn.store (memory-mapped)."""
   if not 0.0 < val_fraction < 1.0:
     raise DataError(f'data.val_fraction={val_fraction} must be strictly between 0 and 1')
   text = load_text(path)
@@ -175,35 +346,55 @@ def load_corpus(path: str, val_fraction: float, vocab: Vocab | None = None) -> C
     tokens = vocab.encode(text)
   except DataError as e:
     raise DataError(f'{_name(path)}: {e} (the vocabulary of the run being resumed)') from None
-  # round, not int: 15000 * (1 - 0.9) is 1499.999... in floating point.
-  n_train = round(len(tokens) * (1.0 - val_fraction))
-  return Corpus(vocab=vocab, train=tokens[:n_train], val=tokens[n_train:])
+  n_train, _ = split_bounds(len(tokens), 'tail', val_fraction)
+  return Corpus(vocab=vocab, train=tokens[:n_train], val=tokens[n_train:], sha256=tokens_sha256(vocab, [tokens]),
+                name=_name(path))
 
 
-def check_seq_len(corpus: Corpus, seq_len: int, *, val_fraction: float, path: str) -> None:
-  """Raises DataError unless both splits hold at least one window of seq_len + 1 characters."""
+def check_seq_len(corpus: Corpus, seq_len: int, *, val_fraction: float, path: str, split: str = 'tail') -> None:
+  """Raises DataError unless both splits hold at least one window of seq_len + 1 tokens."""
   if seq_len < 1:
     raise DataError(f'data.seq_len={seq_len} must be at least 1')
-  for split, tokens in (('training', corpus.train), ('held-out', corpus.val)):
+  unit = 'bytes' if vocab_kind(corpus.vocab) == 'bytes' else 'chars'
+  how = f'data.val_fraction={val_fraction}' if split == 'tail' else f'data.split={split!r}'
+  for name, tokens in (('training', corpus.train), ('held-out', corpus.val)):
     if len(tokens) < seq_len + 1:
-      raise DataError(f'data.seq_len={seq_len} needs windows of {seq_len + 1} chars but the {split} split has '
-                      f'only {len(tokens)} (data.val_fraction={val_fraction} of {_name(path)})')
+      raise DataError(f'data.seq_len={seq_len} needs windows of {seq_len + 1} {unit} but the {name} split has '
+                      f'only {len(tokens)} ({how} of {_name(path)})')
 
 
-def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> Batch:
-  # One fancy-indexing gather for the whole batch: int32[B, T + 1].
-  w = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32, copy=False)
+def _windows(tokens: Tokens, starts: np.ndarray, seq_len: int) -> Batch:
+  # Rows of a strided view: each window is one contiguous copy, and of a memory map only its pages are read.
+  w = np.lib.stride_tricks.sliding_window_view(tokens.array, seq_len + 1)[starts].astype(np.int32, copy=False)
   return {'inputs': np.ascontiguousarray(w[:, :-1]), 'targets': np.ascontiguousarray(w[:, 1:])}
 
 
-def _random_windows(step: int, rng: np.random.Generator, *, tokens: np.ndarray, seq_len: int,
-                    batch_size: int) -> Batch:
+class WindowSource:
+  """A grain random-access data source over a split: element i is the window of T + 1 tokens starting at token i,
+  int32[T + 1]; `windows` reads many at once."""
+
+  def __init__(self, tokens, seq_len: int):
+    self.tokens, self.seq_len = as_tokens(tokens), seq_len
+
+  def __len__(self) -> int:
+    return max(len(self.tokens) - self.seq_len, 0)
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    if not 0 <= i < len(self):
+      raise IndexError(f'window {i} is outside [0, {len(self)})')
+    return self.tokens[i:i + self.seq_len + 1].astype(np.int32)
+
+  def windows(self, starts: np.ndarray) -> Batch:
+    """{'inputs', 'targets'} int32[len(starts), T] of the windows starting at `starts`."""
+    return _windows(self.tokens, starts, self.seq_len)
+
+
+def _random_windows(step: int, rng: np.random.Generator, *, source: WindowSource, batch_size: int, first: int,
+                    local: int) -> Batch:
   del step  # grain seeds `rng` from (seed, step); the step itself picks nothing.
-  return _windows(tokens, rng.integers(0, len(tokens) - seq_len, size=batch_size), seq_len)
-
-
-def _rows(batch: Batch, *, start: int, stop: int) -> Batch:
-  return {k: np.ascontiguousarray(v[start:stop]) for k, v in batch.items()}
+  # Every process draws the global batch's starts (the same on each) and reads only its own rows' windows.
+  starts = rng.integers(0, len(source), size=batch_size)
+  return source.windows(starts[first:first + local])
 
 
 def _check_processes(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -215,20 +406,22 @@ def _check_processes(global_batch_size: int, process_index: int, process_count: 
   return global_batch_size // process_count
 
 
-def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def train_dataset(tokens, *, seq_len: int, global_batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
   """Element i is this process's rows of global batch i: {'inputs', 'targets'}, int32[B_local, T] each.
 
   Global batch i is B random windows drawn with an RNG seeded by (seed, i), starting uniformly in
-  [0, len(tokens) - T - 1], and only then sliced by process: every process count sees the same global batches.
+  [0, len(tokens) - T - 1], and only then sliced by process: every process count sees the same global batches,
+  and each process reads only its own rows. `tokens`: an int array or a `Tokens` (a memory-mapped split).
   """
   local = _check_processes(global_batch_size, process_index, process_count)
-  if len(tokens) < seq_len + 1:
-    raise DataError(f'data.seq_len={seq_len} needs windows of {seq_len + 1} chars but the training tokens '
-                    f'number only {len(tokens)}')
-  draw = functools.partial(_random_windows, tokens=tokens, seq_len=seq_len, batch_size=global_batch_size)
-  rows = functools.partial(_rows, start=process_index * local, stop=(process_index + 1) * local)
-  return grain.MapDataset.range(_NUM_BATCHES).random_map(draw, seed=seed).map(rows)
+  source = WindowSource(tokens, seq_len)
+  if len(source) < 1:
+    raise DataError(f'data.seq_len={seq_len} needs windows of {seq_len + 1} tokens but the training tokens '
+                    f'number only {len(source.tokens)}')
+  draw = functools.partial(_random_windows, source=source, batch_size=global_batch_size,
+                           first=process_index * local, local=local)
+  return grain.MapDataset.range(_NUM_BATCHES).random_map(draw, seed=seed)
 
 
 def train_iterator(dataset: grain.MapDataset, *, prefetch: int, worker_count: int) -> grain.DatasetIterator:
@@ -252,20 +445,44 @@ def train_iterator(dataset: grain.MapDataset, *, prefetch: int, worker_count: in
   return iter(ds)
 
 
-def eval_batches(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, num_batches: int,
-                 process_index: int = 0, process_count: int = 1) -> list[Batch]:
+class EvalBatches(Sequence):
+  """eval_batches' batches, each read from the split when it is asked for (a large split is never all in memory)."""
+
+  def __init__(self, source: WindowSource, starts: np.ndarray, weights: np.ndarray, count: int, *,
+               global_batch_size: int, first: int, local: int):
+    self.source, self.starts, self.weights, self.count = source, starts, weights, count
+    self.global_batch_size, self.first, self.local = global_batch_size, first, local
+
+  def __len__(self) -> int:
+    return len(self.starts) // self.global_batch_size
+
+  def __getitem__(self, i: int) -> Batch:
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    rows = slice(i * self.global_batch_size + self.first, i * self.global_batch_size + self.first + self.local)
+    batch = self.source.windows(self.starts[rows])
+    real = (np.arange(len(self.starts))[rows] < self.count)[:, None]
+    batch = {k: np.where(real, v, 0).astype(np.int32) for k, v in batch.items()}  # padding rows hold zeros
+    batch['weights'] = np.ascontiguousarray(self.weights[rows])
+    return batch
+
+
+def eval_batches(tokens, *, seq_len: int, global_batch_size: int, num_batches: int, process_index: int = 0,
+                 process_count: int = 1) -> EvalBatches:
   """A fixed set of held-out batches: {'inputs', 'targets'} int32[B_local, T] and 'weights' float32[B_local, T].
 
   Window k starts at k * T, so windows do not overlap. num_batches=0 (or more windows than there are) takes all
-  of them, plus one window ending at the last character whose weights cover only the targets the full windows
-  missed: every held-out character after the first is scored exactly once. Otherwise it takes
+  of them, plus one window ending at the last token whose weights cover only the targets the full windows
+  missed: every held-out token after the first is scored exactly once. Otherwise it takes
   num_batches * B windows spread evenly over the split. Rows padding the last batch to B have weight 0.
+  A sequence: batch i is read (this process's rows only) when indexed.
   """
   local = _check_processes(global_batch_size, process_index, process_count)
-  n = len(tokens)
+  source = WindowSource(tokens, seq_len)
+  n = len(source.tokens)
   num_windows = (n - 1) // seq_len
   if num_windows < 1:
-    raise DataError(f'data.seq_len={seq_len} needs windows of {seq_len + 1} chars but the held-out tokens '
+    raise DataError(f'data.seq_len={seq_len} needs windows of {seq_len + 1} tokens but the held-out tokens '
                     f'number only {n}')
   starts = np.arange(num_windows) * seq_len
   weights = np.ones((num_windows, seq_len), np.float32)
@@ -282,11 +499,5 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, nu
 
   count = len(starts)
   pad = -count % global_batch_size
-  batch = _windows(tokens, np.pad(starts, (0, pad)), seq_len)
-  batch = {k: np.concatenate([v[:count], np.zeros((pad, seq_len), v.dtype)]) for k, v in batch.items()}
-  batch['weights'] = np.pad(weights, ((0, pad), (0, 0)))
-  first = process_index * local
-  return [
-      {k: np.ascontiguousarray(v[b + first:b + first + local]) for k, v in batch.items()}
-      for b in range(0, count + pad, global_batch_size)
-  ]
+  return EvalBatches(source, np.pad(starts, (0, pad)), np.pad(weights, ((0, pad), (0, 0))), count,
+                     global_batch_size=global_batch_size, first=process_index * local, local=local)

@@ -33,7 +33,7 @@ class SampleError(ValueError):
   """The run directory cannot be sampled from; the message is one line saying why."""
 
 
-def restore(workdir: str, step: int | None = None) -> tuple[Transformer, data_lib.Vocab, config_lib.Config, Any]:
+def restore(workdir: str, step: int | None = None) -> tuple[Transformer, data_lib.AnyVocab, config_lib.Config, Any]:
   """The model of the run in `workdir` at checkpoint `step` (default: the latest), its vocabulary, config and
   a mesh over this host's devices (data axis only), on which the model lives."""
   if not os.path.isdir(workdir):
@@ -46,7 +46,7 @@ def restore(workdir: str, step: int | None = None) -> tuple[Transformer, data_li
       saved = json.load(f)['config']
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise SampleError(f'cannot read {config_path}: {e}') from None
-  vocab = data_lib.Vocab.load(os.path.join(workdir, 'vocab.json'))
+  vocab = data_lib.load_vocab(os.path.join(workdir, 'vocab.json'))
   if saved.get('model', {}).get('vocab_size', vocab.size) != vocab.size:
     raise SampleError(f'{config_path} says vocab_size={saved["model"]["vocab_size"]} but vocab.json has '
                       f'{vocab.size} symbols')
@@ -89,7 +89,7 @@ def default_prompt(cfg: config_lib.Config) -> str:
   if cfg.train.sample_prompt:
     return cfg.train.sample_prompt
   try:
-    return generate_lib.corpus_prompt(data_lib.load_text(cfg.data.path)[:generate_lib.PROMPT_SCAN])
+    return generate_lib.corpus_prompt(data_lib.head_text(cfg.data.path, generate_lib.PROMPT_SCAN))
   except data_lib.DataError as e:
     raise SampleError(f'{e}: the default prompt comes from the run\'s corpus; give --prompt') from None
 
@@ -99,7 +99,7 @@ def _define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'Run directory written by selattn.main (config.json, checkpoints/).')
   flags.DEFINE_string('prompt', None, 'Text to continue (default: the run\'s train.sample_prompt, or the first '
                       'line of its corpus when that is empty).')
-  flags.DEFINE_integer('length', 500, 'Characters to generate.')
+  flags.DEFINE_integer('length', 500, 'Tokens to generate: characters, or bytes for a data.vocab=bytes run.')
   flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 = greedy.')
   flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest characters only (0 = all).')
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')

@@ -8,7 +8,6 @@ Orbax checkpoints (asynchronously; on SIGTERM/SIGINT too) and resumes from the l
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from selattn import metrics as metrics_lib
 from selattn import perf
 from selattn import sharding
 from selattn import stopping
+from selattn import store as store_lib
 from selattn import workdir as workdir_lib
 from selattn.model import Transformer, count_params
 
@@ -208,12 +208,17 @@ def check_same_data(workdir: str, saved: dict | None, cfg: config_lib.Config, da
                         'continue on the new text, pass --allow_data_change')
 
 
-def corpus_sha256(corpus: data_lib.Corpus) -> str:
-  """The identity of a run's data: a hash of its tokens (the whole text, both splits)."""
-  h = hashlib.sha256(corpus.vocab.to_json().encode())
-  h.update(np.ascontiguousarray(corpus.train, '<i4').tobytes())
-  h.update(np.ascontiguousarray(corpus.val, '<i4').tobytes())
-  return h.hexdigest()
+def check_same_vocab(workdir: str, vocab: data_lib.AnyVocab | None, kind: str) -> None:
+  """Refuses to resume a run of characters on bytes or the reverse (its model reads other symbols)."""
+  if vocab is not None and data_lib.vocab_kind(vocab) != kind:
+    old = data_lib.vocab_kind(vocab)
+    raise TrainingError(f'{workdir} holds a run with data.vocab={old!r} ({vocab.size} symbols in vocab.json), not '
+                        f'data.vocab={kind!r}; resume it with --config.data.vocab={old} or use a new --workdir')
+
+
+def unit(vocab: data_lib.AnyVocab) -> str:
+  """What a token is: 'byte' or 'char' (eval/bpb or eval/bpc: bits per byte or per character)."""
+  return 'byte' if data_lib.vocab_kind(vocab) == 'bytes' else 'char'
 
 
 def device_memory_limit() -> int | None:
@@ -357,15 +362,17 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
   vocab = None
   if vocab_text is not None:
     try:
-      vocab = data_lib.Vocab.from_json(vocab_text)
+      vocab = data_lib.vocab_from_json(vocab_text)
     except data_lib.DataError as e:
       raise data_lib.DataError(f'{vocab_path}: {e}') from None
   dcfg = config.data
-  corpus = data_lib.load_corpus(dcfg.path, dcfg.val_fraction, vocab)
+  check_same_vocab(workdir, vocab, dcfg.vocab)
+  corpus = store_lib.open_config(dcfg, vocab)
   cfg = config_lib.from_config(config, corpus.vocab.size)
-  data_lib.check_seq_len(corpus, cfg.data.seq_len, val_fraction=cfg.data.val_fraction, path=cfg.data.path)
+  data_lib.check_seq_len(corpus, cfg.data.seq_len, val_fraction=cfg.data.val_fraction, path=cfg.data.path,
+                         split=cfg.data.split)
   check_compatible(workdir, cfg)
-  data_sha256 = corpus_sha256(corpus)
+  data_sha256 = corpus.sha256
   if not allow_data_change:
     check_same_data(workdir, saved, cfg, data_sha256)
   mesh = sharding.make_mesh(cfg.mesh)
@@ -407,31 +414,33 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
       logging.warning('no usable checkpoint left in %s: training from scratch', ckpt.directory)
 
     steps = build_steps(cfg, mesh, graphdef, state)
-    evals = [steps.eval_batch(b) for b in data_lib.eval_batches(
+    # Read from the split at each evaluation (a large held-out split is never all in memory).
+    evals = data_lib.eval_batches(
         corpus.val, seq_len=cfg.data.seq_len, global_batch_size=t.batch_size, num_batches=t.eval_batches,
-        process_index=jax.process_index(), process_count=jax.process_count())]
+        process_index=jax.process_index(), process_count=jax.process_count())
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)  # its file is created at the first write
 
     compiled_eval = []
     # The eval samples' prompt; '' takes the first line of the corpus (selattn.sample's default too).
     prompt = t.sample_prompt or generate_lib.corpus_prompt(
-        corpus.vocab.decode(corpus.train[:generate_lib.PROMPT_SCAN]))
+        corpus.vocab.decode(np.asarray(corpus.train[:generate_lib.PROMPT_SCAN])))
 
     def evaluate(state, step, write=True):
       with jax.set_mesh(mesh):
         if not compiled_eval:
-          compiled_eval.append(steps.eval.lower(state, evals[0]).compile())
+          compiled_eval.append(steps.eval.lower(state, steps.eval_batch(evals[0])).compile())
           check_memory(compiled_eval[0], cfg, 'an eval step')
         totals = None
         for b in evals:
-          sums = compiled_eval[0](state, b)
+          sums = compiled_eval[0](state, steps.eval_batch(b))
           totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         totals = jax.device_get(totals)
       loss = float(totals['loss'] / totals['weight'])
+      bits = f'eval/bp{unit(corpus.vocab)[0]}'  # eval/bpc, or eval/bpb for bytes: loss in bits per token
       res = {'eval/loss': loss, 'eval/accuracy': float(totals['correct'] / totals['weight']),
-             'eval/bpc': loss / math.log(2)}
-      logging.info('eval at step %d: loss %.4f | accuracy %.4f | bpc %.4f (%d held-out chars)', step, loss,
-                   res['eval/accuracy'], res['eval/bpc'], int(totals['weight']))
+             bits: loss / math.log(2)}
+      logging.info('eval at step %d: loss %.4f | accuracy %.4f | %s %.4f (%d held-out %ss)', step, loss,
+                   res['eval/accuracy'], bits[5:], res[bits], int(totals['weight']), unit(corpus.vocab))
       if not write:
         return res
       writer.write_scalars(step, res)

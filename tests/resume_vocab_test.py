@@ -1,5 +1,5 @@
-"""Resuming a run on a changed corpus: the saved vocab.json decides the token ids, and a character it lacks is
-refused before anything in the workdir changes."""
+"""Resuming a run on a changed corpus: the saved vocab.json decides the token ids, and a character it lacks (or
+another vocabulary kind, bytes for characters) is refused before anything in the workdir changes."""
 
 from __future__ import annotations
 
@@ -84,3 +84,17 @@ def test_resume_on_a_corpus_lacking_a_character_keeps_the_saved_ids(first_run, t
   assert steps == [2, 4] and sorted(scalars(work)) == [1, 2, 3, 4]
   saved = data_lib.Vocab.load(os.path.join(work, 'vocab.json'))
   assert saved.chars == ''.join(sorted(set(TEXT))) and 'z' in saved.chars
+
+
+def test_resume_with_the_other_vocab_kind_is_refused(first_run):
+  # A character run resumed as bytes (or the reverse) would read other symbols: refused, the workdir untouched.
+  root, path, workdir = first_run
+  before = _snapshot(workdir)
+  events = sorted(os.listdir(workdir))
+  config = _config(path, 4)
+  config.data.vocab = 'bytes'
+  with pytest.raises(train.TrainingError) as e:
+    train.train(config, workdir)
+  assert str(e.value) == (f'{workdir} holds a run with data.vocab=\'chars\' (28 symbols in vocab.json), not '
+                          "data.vocab='bytes'; resume it with --config.data.vocab=chars or use a new --workdir")
+  assert _snapshot(workdir) == before and sorted(os.listdir(workdir)) == events
