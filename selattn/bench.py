@@ -11,6 +11,10 @@ Workloads (ISSUE targets in BENCHMARKS.md):
            with mesh.seq = all devices.
   scale    W4: GPT-2-small shape as a char model (D768 L12 N12, T1024, bf16): standard and selective factored on
            1 device, then data-parallel (and fsdp) over all devices at the same per-device batch.
+  data     the input pipeline alone, as the trainer builds it (token store, memory map, grain, --worker_count
+           worker processes): tokens/s delivered at W4's shape (global batch 48 = 12 per GPU x 4, T1024), against
+           the tokens/s W4's fastest 4-GPU step consumes (W4_HOST_TOKENS_PER_S). --data_path: the corpus (read
+           as bytes); '' = a generated 100 MB file of random bytes.
 Prints a table (ms/step, tokens/s, MFU against 790 TFLOP/s bf16, peak memory, compile time); --out writes JSON.
 `--small` shrinks every workload so it runs on a CPU in seconds (for tests).
 """
@@ -28,13 +32,20 @@ import numpy as np
 
 from selattn import perf
 
-_WORKLOAD = flags.DEFINE_enum('workload', 'seed', ['seed', 'nanogpt', 'long', 'scale', 'mlp', 'long-mlp'],
+_WORKLOAD = flags.DEFINE_enum('workload', 'seed', ['seed', 'nanogpt', 'long', 'scale', 'mlp', 'long-mlp', 'data'],
                               'Which workload.')
 _STEPS = flags.DEFINE_integer('steps', 50, 'Timed optimizer steps per variant (after warm-up).')
 _OUT = flags.DEFINE_string('out', None, 'Write the full results as JSON here.')
 _DATA = flags.DEFINE_string('data_path', '', "Corpus for the runs ('' = the embedded Shakespeare).")
 _ONLY = flags.DEFINE_list('variants', None, 'Run only these variants (names as printed).')
 _SMALL = flags.DEFINE_bool('small', False, 'Shrink every workload to CPU size (for tests).')
+_WORKERS = flags.DEFINE_list('worker_counts', ['0', '4', '8'],
+                             'data workload: the data.worker_count values to measure (0 = a prefetch thread only).')
+
+# The tokens per second W4's fastest 4-GPU configuration consumes on one host: standard attention, fsdp=4, global
+# batch 48 x 1024 tokens, 19.26 ms/step on 4 H200s (docs/bench/w4_scale_h200.json, variant standard-fsdp4).
+W4_HOST_TOKENS_PER_S = 2_551_704.86
+W4_HOST_VARIANT = 'standard-fsdp4 (docs/bench/w4_scale_h200.json)'
 
 
 def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, int]]:
@@ -133,11 +144,11 @@ def pair_flops_per_step(cfg) -> float:
 def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: str) -> dict:
   """Builds the trainer's own step and data pipeline for one variant and times `steps` optimizer steps."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from selattn import config as config_lib, data, sharding, train  # pylint: disable=g-import-not-at-top
+  from selattn import config as config_lib, data, sharding, store, train  # pylint: disable=g-import-not-at-top
   from selattn.model import count_params  # pylint: disable=g-import-not-at-top
   raw = _config(overrides)
   raw.data.path = data_path
-  corpus = data.load_corpus(raw.data.path, raw.data.val_fraction)
+  corpus = store.open_config(raw.data)
   cfg = config_lib.from_config(raw, corpus.vocab.size)
   devices = jax.devices()[:n_dev]
   mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -191,8 +202,64 @@ def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: s
   }
 
 
+def run_data(data_path: str, worker_count: int, batches: int, small: bool) -> dict:
+  """Times `batches` batches through the trainer's own input pipeline (after a warm-up) at W4's shape."""
+  import os  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from selattn import data, store  # pylint: disable=g-import-not-at-top
+  seq_len, batch = (64, 8) if small else (1024, 48)
+  with tempfile.TemporaryDirectory() as tmp:
+    if not data_path:
+      data_path = os.path.join(tmp, 'random.bin')
+      with open(data_path, 'wb') as f:  # 100 MB (1 MB with --small), enwik8's size, in 1 MB pieces
+        rng = np.random.default_rng(0)
+        for _ in range(1 if small else 100):
+          f.write(rng.integers(0, 256, 2**20, dtype=np.uint8).tobytes())
+    t0 = time.perf_counter()
+    corpus = store.open_corpus(data_path, kind='bytes', split='enwik8', store_dir=os.path.join(tmp, 'stores'))
+    prepare_s = time.perf_counter() - t0
+    ds = data.train_dataset(corpus.train, seq_len=seq_len, global_batch_size=batch, seed=0)
+    it = data.train_iterator(ds, prefetch=2, worker_count=worker_count)
+    try:
+      for _ in range(max(20, 4 * worker_count)):  # warm-up: workers started, buffers full
+        next(it)
+      t0 = time.perf_counter()
+      for _ in range(batches):
+        b = next(it)
+      dt = time.perf_counter() - t0
+    finally:
+      if hasattr(it, 'close'):
+        it.close()
+    assert b['inputs'].shape == (batch, seq_len)
+    tokens_per_s = batches * batch * seq_len / dt
+    return {'variant': f'workers{worker_count}', 'worker_count': worker_count, 'prefetch': 2, 'batch': batch,
+            'seq_len': seq_len, 'batches': batches, 'seconds': dt, 'batches_per_s': batches / dt,
+            'tokens_per_s': tokens_per_s, 'w4_tokens_per_s': W4_HOST_TOKENS_PER_S, 'w4_variant': W4_HOST_VARIANT,
+            'ratio_to_w4': tokens_per_s / W4_HOST_TOKENS_PER_S, 'corpus_bytes': os.path.getsize(data_path),
+            'prepare_s': prepare_s, 'cpu_count': os.cpu_count(),
+            'cpus_usable': len(os.sched_getaffinity(0)), 'grain': getattr(__import__('grain'), '__version__', '?')}
+
+
+def _main_data() -> None:
+  results = []
+  for w in _WORKERS.value:
+    results.append(run_data(_DATA.value, int(w), _STEPS.value, _SMALL.value))
+    if _OUT.value:
+      with open(_OUT.value, 'w') as f:
+        json.dump(results, f, indent=1)
+  r0 = results[0]
+  print(f'\ninput pipeline at batch {r0["batch"]} x T{r0["seq_len"]} ({r0["cpus_usable"]} CPUs usable), against '
+        f'W4 {W4_HOST_VARIANT}: {W4_HOST_TOKENS_PER_S:,.0f} tok/s')
+  print(f'{"variant":<12}{"batches/s":>12}{"tok/s":>14}{"x W4":>8}')
+  for r in results:
+    print(f'{r["variant"]:<12}{r["batches_per_s"]:>12.1f}{r["tokens_per_s"]:>14,.0f}{r["ratio_to_w4"]:>8.1f}')
+
+
 def main(argv):
   del argv
+  if _WORKLOAD.value == 'data':
+    _main_data()
+    return
   n_dev = jax.device_count()
   results = []
   for name, overrides, d in _variants(_WORKLOAD.value, n_dev, _SMALL.value):

@@ -28,3 +28,23 @@ def test_bench_small_seed_writes_every_variant(tmp_path):
   assert abs(fac - blk) < 1e-4 * abs(fac)
   assert results[1]['num_params'] == results[2]['num_params'] != results[0]['num_params']
   assert 'standard' in p.stdout and 'ms/step' in p.stdout  # the printed table
+
+
+def test_bench_data_times_the_input_pipeline_against_w4(tmp_path):
+  out = tmp_path / 'data.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  p = subprocess.run([sys.executable, '-m', 'selattn.bench', '--workload', 'data', '--small', '--steps', '30',
+                      '--worker_counts', '0', f'--out={out}'], cwd=REPO, env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  (r,) = json.loads(out.read_text())
+  assert r['variant'] == 'workers0' and r['batches'] == 30 and (r['batch'], r['seq_len']) == (8, 64)
+  assert r['tokens_per_s'] == r['batches'] * 8 * 64 / r['seconds']
+  assert r['ratio_to_w4'] == r['tokens_per_s'] / r['w4_tokens_per_s']
+  assert r['corpus_bytes'] == 2**20
+  # The W4 figure is the committed measurement's, not a number typed in elsewhere.
+  w4 = {v['variant']: v for v in json.loads((REPO / 'docs' / 'bench' / 'w4_scale_h200.json').read_text())}
+  assert r['w4_tokens_per_s'] == round(w4['standard-fsdp4']['tokens_per_s'], 2)
+  # ... and the fastest consumer among W4's 4-GPU (one-host) variants.
+  assert w4['standard-fsdp4']['tokens_per_s'] == max(v['tokens_per_s'] for v in w4.values() if v['devices'] == 4)
+  assert 'x W4' in p.stdout and 'workers0' in p.stdout
