@@ -14,7 +14,7 @@ Workloads (ISSUE targets in BENCHMARKS.md):
   data     the input pipeline alone, as the trainer builds it (token store, memory map, grain, --worker_count
            worker processes): tokens/s delivered at W4's shape (global batch 48 = 12 per GPU x 4, T1024), against
            the tokens/s W4's fastest 4-GPU step consumes (W4_HOST_TOKENS_PER_S). --data_path: the corpus (read
-           as bytes); '' = a generated 100 MB file of random bytes.
+           as bytes); '' = a generated file of --corpus_mb MB of random bytes (100: enwik8's size).
 Prints a table (ms/step, tokens/s, MFU against 790 TFLOP/s bf16, peak memory, compile time); --out writes JSON.
 `--small` shrinks every workload so it runs on a CPU in seconds (for tests).
 """
@@ -39,6 +39,7 @@ _OUT = flags.DEFINE_string('out', None, 'Write the full results as JSON here.')
 _DATA = flags.DEFINE_string('data_path', '', "Corpus for the runs ('' = the embedded Shakespeare).")
 _ONLY = flags.DEFINE_list('variants', None, 'Run only these variants (names as printed).')
 _SMALL = flags.DEFINE_bool('small', False, 'Shrink every workload to CPU size (for tests).')
+_CORPUS_MB = flags.DEFINE_integer('corpus_mb', 100, "data workload: size of the generated corpus when --data_path=''.")
 _WORKERS = flags.DEFINE_list('worker_counts', ['0', '4', '8'],
                              'data workload: the data.worker_count values to measure (0 = a prefetch thread only).')
 
@@ -202,7 +203,7 @@ def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: s
   }
 
 
-def run_data(data_path: str, worker_count: int, batches: int, small: bool) -> dict:
+def run_data(data_path: str, worker_count: int, batches: int, small: bool, corpus_mb: int = 100) -> dict:
   """Times `batches` batches through the trainer's own input pipeline (after a warm-up) at W4's shape."""
   import os  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
@@ -211,9 +212,9 @@ def run_data(data_path: str, worker_count: int, batches: int, small: bool) -> di
   with tempfile.TemporaryDirectory() as tmp:
     if not data_path:
       data_path = os.path.join(tmp, 'random.bin')
-      with open(data_path, 'wb') as f:  # 100 MB (1 MB with --small), enwik8's size, in 1 MB pieces
+      with open(data_path, 'wb') as f:  # corpus_mb MB (1 MB with --small), in 1 MB pieces
         rng = np.random.default_rng(0)
-        for _ in range(1 if small else 100):
+        for _ in range(1 if small else corpus_mb):
           f.write(rng.integers(0, 256, 2**20, dtype=np.uint8).tobytes())
     t0 = time.perf_counter()
     corpus = store.open_corpus(data_path, kind='bytes', split='enwik8', store_dir=os.path.join(tmp, 'stores'))
@@ -232,7 +233,7 @@ def run_data(data_path: str, worker_count: int, batches: int, small: bool) -> di
         it.close()
     assert b['inputs'].shape == (batch, seq_len)
     tokens_per_s = batches * batch * seq_len / dt
-    return {'variant': f'workers{worker_count}', 'worker_count': worker_count, 'prefetch': 2, 'batch': batch,
+    return {'variant': f'workers{worker_count}-{os.path.getsize(data_path) >> 20}MB', 'worker_count': worker_count, 'prefetch': 2, 'batch': batch,
             'seq_len': seq_len, 'batches': batches, 'seconds': dt, 'batches_per_s': batches / dt,
             'tokens_per_s': tokens_per_s, 'w4_tokens_per_s': W4_HOST_TOKENS_PER_S, 'w4_variant': W4_HOST_VARIANT,
             'ratio_to_w4': tokens_per_s / W4_HOST_TOKENS_PER_S, 'corpus_bytes': os.path.getsize(data_path),
@@ -243,16 +244,16 @@ def run_data(data_path: str, worker_count: int, batches: int, small: bool) -> di
 def _main_data() -> None:
   results = []
   for w in _WORKERS.value:
-    results.append(run_data(_DATA.value, int(w), _STEPS.value, _SMALL.value))
+    results.append(run_data(_DATA.value, int(w), _STEPS.value, _SMALL.value, _CORPUS_MB.value))
     if _OUT.value:
       with open(_OUT.value, 'w') as f:
         json.dump(results, f, indent=1)
   r0 = results[0]
   print(f'\ninput pipeline at batch {r0["batch"]} x T{r0["seq_len"]} ({r0["cpus_usable"]} CPUs usable), against '
         f'W4 {W4_HOST_VARIANT}: {W4_HOST_TOKENS_PER_S:,.0f} tok/s')
-  print(f'{"variant":<12}{"batches/s":>12}{"tok/s":>14}{"x W4":>8}')
+  print(f'{"variant":<18}{"batches/s":>12}{"tok/s":>14}{"x W4":>8}')
   for r in results:
-    print(f'{r["variant"]:<12}{r["batches_per_s"]:>12.1f}{r["tokens_per_s"]:>14,.0f}{r["ratio_to_w4"]:>8.1f}')
+    print(f'{r["variant"]:<18}{r["batches_per_s"]:>12.1f}{r["tokens_per_s"]:>14,.0f}{r["ratio_to_w4"]:>8.1f}')
 
 
 def main(argv):

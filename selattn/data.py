@@ -17,6 +17,7 @@ import hashlib
 import importlib.resources
 import json
 import lzma
+import mmap
 import os
 
 from absl import flags
@@ -29,6 +30,8 @@ _EMBEDDED = 'shakespeare.txt.xz'
 # nothing; 2**40 steps is more than any run will take.
 _NUM_BATCHES = 2**40
 VOCABS = ('chars', 'bytes')
+# A memory-mapped split larger than this has its pages unmapped after each batch read (WindowSource.windows).
+RESIDENT_LIMIT = 32 << 20
 ENWIK8_URL = 'http://mattmahoney.net/dc/enwik8.zip'  # not fetched for you: no checksum the project could verify
 SPLITS = ('tail', 'enwik8')
 
@@ -263,13 +266,15 @@ class Tokens:
   """Tokens [start, stop) of an in-memory array or of a memory-mapped token file: one split of a corpus.
 
   A file-backed one maps its file on first use, in each process that uses it, and pickles as its path (grain's
-  worker processes reopen the map rather than receive a copy of the corpus).
+  worker processes reopen the map rather than receive a copy of the corpus). The map is advised for random access
+  (no read-ahead around each window), and `release` drops its pages from the process's resident set.
   """
 
   def __init__(self, array: np.ndarray | None = None, *, path: str = '', dtype: str = 'uint8', offset: int = 0,
                start: int = 0, stop: int | None = None):
     self.path, self.dtype, self.offset = path, np.dtype(dtype), offset
     self._array = None if path else np.asarray(array)
+    self._mmap = None
     total = self._array.shape[0] if self._array is not None else None
     self.start = start
     self.stop = stop if stop is not None else total
@@ -280,12 +285,25 @@ class Tokens:
   def array(self) -> np.ndarray:
     """The split's tokens (a view: a file-backed split reads from disk only the pages that are touched)."""
     if self._array is None:
-      self._array = np.memmap(self.path, dtype=self.dtype, mode='r', offset=self.offset,
-                              shape=(self.stop,))
+      with open(self.path, 'rb') as f:
+        self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+      # Windows are read at random: the kernel's read-around (up to megabytes per fault) would map far more.
+      self._mmap.madvise(mmap.MADV_RANDOM)
+      self._array = np.frombuffer(self._mmap, dtype=self.dtype, count=self.stop, offset=self.offset)
     return self._array[self.start:self.stop]
+
+  def release(self) -> None:
+    """Unmaps the pages read so far from this process (they stay in the page cache, a minor fault away): the
+    resident memory of a long run does not grow with the corpus."""
+    if self._mmap is not None:
+      self._mmap.madvise(mmap.MADV_DONTNEED)
 
   def __len__(self) -> int:
     return self.stop - self.start
+
+  @property
+  def nbytes(self) -> int:
+    return len(self) * self.dtype.itemsize if self.path else self._array[self.start:self.stop].nbytes
 
   def __getitem__(self, index):
     return self.array[index]
@@ -294,12 +312,9 @@ class Tokens:
     a = np.asarray(self.array)
     return a if dtype is None else a.astype(dtype)
 
-  @property
-  def itemsize(self) -> int:
-    return self.array.dtype.itemsize
-
   def __getstate__(self):
     state = dict(self.__dict__)
+    state['_mmap'] = None
     if self.path:
       state['_array'] = None  # reopened in the receiving process: the map, not the data
     return state
@@ -386,7 +401,13 @@ class WindowSource:
 
   def windows(self, starts: np.ndarray) -> Batch:
     """{'inputs', 'targets'} int32[len(starts), T] of the windows starting at `starts`."""
-    return _windows(self.tokens, starts, self.seq_len)
+    batch = _windows(self.tokens, starts, self.seq_len)
+    if self.tokens.nbytes > RESIDENT_LIMIT:
+      # The kernel maps a whole large folio (up to 2 MiB of page cache) per window touched: unmapping them after
+      # each batch keeps the resident set at one batch's worth, whatever the corpus size (costing ~2 us per
+      # window to map again; a split under the limit stays mapped).
+      self.tokens.release()
+    return batch
 
 
 def _random_windows(step: int, rng: np.random.Generator, *, source: WindowSource, batch_size: int, first: int,
@@ -446,24 +467,36 @@ def train_iterator(dataset: grain.MapDataset, *, prefetch: int, worker_count: in
 
 
 class EvalBatches(Sequence):
-  """eval_batches' batches, each read from the split when it is asked for (a large split is never all in memory)."""
+  """eval_batches' batches, each computed and read when it is asked for: nothing is held per window, so a large
+  split costs no memory until a batch of it is read."""
 
-  def __init__(self, source: WindowSource, starts: np.ndarray, weights: np.ndarray, count: int, *,
-               global_batch_size: int, first: int, local: int):
-    self.source, self.starts, self.weights, self.count = source, starts, weights, count
+  def __init__(self, source: WindowSource, *, picked: int, tail: int, global_batch_size: int, first: int,
+               local: int):
+    self.source, self.picked, self.tail = source, picked, tail
     self.global_batch_size, self.first, self.local = global_batch_size, first, local
+    n, seq_len = len(source.tokens), source.seq_len
+    self.num_windows = (n - 1) // seq_len
+    self.count = picked or self.num_windows + (tail > 0)  # real rows; the rest of the last batch is padding
 
   def __len__(self) -> int:
-    return len(self.starts) // self.global_batch_size
+    return -(-self.count // self.global_batch_size)
 
   def __getitem__(self, i: int) -> Batch:
     if not 0 <= i < len(self):
       raise IndexError(i)
-    rows = slice(i * self.global_batch_size + self.first, i * self.global_batch_size + self.first + self.local)
-    batch = self.source.windows(self.starts[rows])
-    real = (np.arange(len(self.starts))[rows] < self.count)[:, None]
-    batch = {k: np.where(real, v, 0).astype(np.int32) for k, v in batch.items()}  # padding rows hold zeros
-    batch['weights'] = np.ascontiguousarray(self.weights[rows])
+    seq_len = self.source.seq_len
+    rows = np.arange(self.local) + i * self.global_batch_size + self.first
+    real = rows < self.count
+    # Window k starts at k * T; a subset takes `picked` of them evenly spaced; the tail window ends at the end.
+    k = rows * self.num_windows // self.picked if self.picked else rows
+    starts = np.where(real, k * seq_len, 0)
+    is_tail = real & (k == self.num_windows)
+    starts = np.where(is_tail, len(self.source.tokens) - 1 - seq_len, starts)
+    weights = np.repeat(real[:, None], seq_len, axis=1).astype(np.float32)
+    weights[is_tail, :seq_len - self.tail] = 0.0  # the tail window scores only the targets no full window has
+    batch = self.source.windows(starts)
+    batch = {key: np.where(real[:, None], v, 0).astype(np.int32) for key, v in batch.items()}  # padding: zeros
+    batch['weights'] = weights
     return batch
 
 
@@ -484,20 +517,8 @@ def eval_batches(tokens, *, seq_len: int, global_batch_size: int, num_batches: i
   if num_windows < 1:
     raise DataError(f'data.seq_len={seq_len} needs windows of {seq_len + 1} tokens but the held-out tokens '
                     f'number only {n}')
-  starts = np.arange(num_windows) * seq_len
-  weights = np.ones((num_windows, seq_len), np.float32)
   wanted = num_batches * global_batch_size
-  if 0 < wanted < num_windows:
-    # Evenly spaced rather than the first ones, so a short eval sees the whole split, not just its start.
-    pick = np.arange(wanted) * num_windows // wanted
-    starts, weights = starts[pick], weights[pick]
-  elif tail := n - 1 - num_windows * seq_len:
-    tail_weights = np.zeros((1, seq_len), np.float32)
-    tail_weights[0, -tail:] = 1.0
-    starts = np.append(starts, n - 1 - seq_len)
-    weights = np.concatenate([weights, tail_weights])
-
-  count = len(starts)
-  pad = -count % global_batch_size
-  return EvalBatches(source, np.pad(starts, (0, pad)), np.pad(weights, ((0, pad), (0, 0))), count,
-                     global_batch_size=global_batch_size, first=process_index * local, local=local)
+  picked = wanted if 0 < wanted < num_windows else 0
+  tail = 0 if picked else n - 1 - num_windows * seq_len
+  return EvalBatches(source, picked=picked, tail=tail, global_batch_size=global_batch_size,
+                     first=process_index * local, local=local)

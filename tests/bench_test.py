@@ -38,7 +38,7 @@ def test_bench_data_times_the_input_pipeline_against_w4(tmp_path):
                      timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
   (r,) = json.loads(out.read_text())
-  assert r['variant'] == 'workers0' and r['batches'] == 30 and (r['batch'], r['seq_len']) == (8, 64)
+  assert r['variant'] == 'workers0-1MB' and r['batches'] == 30 and (r['batch'], r['seq_len']) == (8, 64)
   assert r['tokens_per_s'] == r['batches'] * 8 * 64 / r['seconds']
   assert r['ratio_to_w4'] == r['tokens_per_s'] / r['w4_tokens_per_s']
   assert r['corpus_bytes'] == 2**20

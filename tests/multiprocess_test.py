@@ -3,6 +3,8 @@
 Every run is `python -m selattn.main` on configs/tiny.py with the seq-split selective attention (blockwise) on
 the mesh (1 data x 2 fsdp x 2 seq): parameters, optimizer state and the batch are split across the two
 processes, the K/V query split within each. The reference is one process with 4 devices on the same mesh.
+The corpus is a file read as bytes (data.vocab='bytes'), so every process reads its rows from the memory-mapped
+token store, which the first processes to start build together (one builds, the others wait for it).
   - reference: 1 process, 10 steps;                       started together with
   - first:     2 processes started with two Popen, 5 steps, checkpoint at 5;   then, together,
   - resume:    2 processes through launch/local.py, continuing the same workdir to step 10;
@@ -22,6 +24,7 @@ import pytest
 
 import mesh_check as mc
 import run_files
+from selattn import data
 
 ROOT = mc.ROOT
 REL_TOL = 1e-5
@@ -120,18 +123,22 @@ class _Runs:
   def __init__(self, tmp):
     self.tmp = str(tmp)
     self.ref_dir, self.dir, self.sample_dir = (str(tmp / d) for d in ('reference', 'run', 'sample'))
-    self.reference = _Job('reference', [_main(self.ref_dir, 15)], _env(4), self.tmp)
-    self.first = _Job('first', _two_processes(self.dir, 5), _env(2), self.tmp)
+    corpus = tmp / 'corpus.bin'
+    # Shakespeare's first 600 KB as bytes, ending in a cut character.
+    corpus.write_bytes(data.load_text('')[:600_000].encode() + 'é'.encode()[:1])
+    self.data = [f'--config.data.path={corpus}', '--config.data.vocab=bytes']
+    self.reference = _Job('reference', [_main(self.ref_dir, 15, *self.data)], _env(4), self.tmp)
+    self.first = _Job('first', _two_processes(self.dir, 5, *self.data), _env(2), self.tmp)
     self._resume = self._sample = self._single = None
 
   def _second_wave(self):
     if self._resume is None:
       self.first.wait()
       launcher = [sys.executable, 'launch/local.py', '--num_processes', '2', '--cpu_devices_per_process', '2', '--',
-                  *_main(self.dir, 10)[3:]]
+                  *_main(self.dir, 10, *self.data)[3:]]
       self._resume = _Job('resume', [launcher], _env(None), self.tmp)
-      self._sample = _Job('sample', _two_processes(self.sample_dir, 1, '--config.train.sample_length=5'), _env(2),
-                          self.tmp)
+      self._sample = _Job('sample', _two_processes(self.sample_dir, 1, '--config.train.sample_length=5', *self.data),
+                          _env(2), self.tmp)
     return self._resume, self._sample
 
   def resume(self):
@@ -141,7 +148,7 @@ class _Runs:
     """After the 2-process resume: one process (4 devices) continues the same run to step 15."""
     if self._single is None:
       self.resume().wait()
-      self._single = _Job('single', [_main(self.dir, 15)], _env(4), self.tmp)
+      self._single = _Job('single', [_main(self.dir, 15, *self.data)], _env(4), self.tmp)
     return self._single
 
   def sample(self):
@@ -222,3 +229,12 @@ def test_text_sample_with_parameters_split_across_processes(runs):
   sample = runs.sample().wait(hang_after='eval at step 1', grace_s=60)
   assert 'sample at step 1' in sample.log(0), sample.log(0)[-3000:]
   assert len(run_files.event_files(runs.sample_dir)) == 1
+
+
+def test_processes_starting_together_build_the_token_store_once(runs):
+  runs.reference.wait()
+  first = runs.first.wait()
+  logs = [runs.reference.log(), first.log(0), first.log(1)]
+  assert sum(log.count('tokenising ') for log in logs) == 1, [l[-2000:] for l in logs]
+  store_dir = os.path.join(runs.tmp, 'corpus.bin.selattn')
+  assert sorted(os.listdir(store_dir)) == ['.lock', 'bytes.json']  # a byte store maps the corpus: no copy
