@@ -1,4 +1,5 @@
-"""The evaluation command line: a run's checkpoint scored on a held-out split, in nats and bits per byte (or char).
+"""The evaluation command line: a run's checkpoint scored on a held-out split, in nats and bits per byte (and per
+character for a character model: its bits per byte are its total bits over the UTF-8 bytes of the characters).
 
   python -m selattn.evaluate --workdir runs/enwik8 --split test
   python -m selattn.evaluate --workdir runs/enwik8 --split val --step 20000 --out eval.json
@@ -83,26 +84,36 @@ def evaluate(workdir: str, *, split: str = 'test', step: int | None = None, batc
     logits = nnx.merge(graphdef, state)(batch['inputs'])
     return train_lib.cross_entropy(logits, batch['targets'], batch['weights'])
 
+  # UTF-8 bytes of each token: a character model's loss per byte is its loss over the bytes of the text it scored.
+  if data_lib.vocab_kind(vocab) == 'bytes':
+    byte_len = np.ones(vocab.size)
+  else:
+    byte_len = np.array([len(c.encode('utf-8')) for c in vocab.chars], np.float64)
   totals = None
   with jax.set_mesh(mesh):
     for b in batches:
       sums = jax.device_get(scores(state, jax.device_put(b, shard)))
       # float64 on the host: millions of tokens' nats add up exactly enough.
       sums = {k: np.float64(v) for k, v in sums.items()}
+      sums['bytes'] = float((byte_len[b['targets']] * b['weights']).sum())
       totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
   unit = train_lib.unit(vocab)
   loss = totals['loss'] / totals['weight']
+  nats = totals['loss']
   return {'workdir': workdir, 'step': step, 'split': split, 'data_path': d.path, 'data_vocab': d.vocab,
           'data_split': d.split, 'seq_len': d.seq_len, 'unit': unit, 'tokens_scored': int(totals['weight']),
-          'loss': loss, f'bits_per_{unit}': loss / math.log(2), 'accuracy': totals['correct'] / totals['weight']}
+          'bytes_scored': int(totals['bytes']), 'loss': loss, f'bits_per_{unit}': loss / math.log(2),
+          'bits_per_byte': nats / math.log(2) / totals['bytes'], 'accuracy': totals['correct'] / totals['weight']}
 
 
 def describe(r: dict) -> str:
   """The result in one line."""
   name = r['data_path'] or 'the embedded corpus'
   unit = r['unit']
+  per_char = f"{r['bits_per_char']:.4f} bits per char ({r['bytes_scored']:,} bytes) | " if unit == 'char' else ''
   return (f"{r['workdir']} step {r['step']}, {r['split']} split of {name} ({r['tokens_scored']:,} {unit}s scored): "
-          f"loss {r['loss']:.4f} nats | {r[f'bits_per_{unit}']:.4f} bits per {unit} | accuracy {r['accuracy']:.4f}")
+          f"loss {r['loss']:.4f} nats | {per_char}{r['bits_per_byte']:.4f} bits per byte | "
+          f"accuracy {r['accuracy']:.4f}")
 
 
 def _define_flags() -> None:

@@ -17,7 +17,8 @@ VOCAB_SIZE = 83  # the embedded corpus's vocabulary
 
 # (module, variant): every file in configs/ and every variant it documents.
 ALL_CONFIGS = [('base', None), ('standard', ''), ('selective', ''), ('selective', 'quick'), ('reference', ''),
-               ('nanogpt', ''), ('nanogpt', 'selective'), ('nanogpt', 'original_block,selective'), ('tiny', '')]
+               ('nanogpt', ''), ('nanogpt', 'selective'), ('nanogpt', 'original_block,selective'), ('tiny', ''),
+               ('enwik8', ''), ('enwik8', 'selective')]
 
 
 def _load(name, variant):
@@ -97,6 +98,23 @@ def test_nanogpt_config(variant, attention):
   assert (t.b1, t.b2, t.weight_decay, t.weight_decay_mask, t.grad_clip) == (0.9, 0.99, 0.1, 'matrices', 1.0)
 
 
+@pytest.mark.parametrize('variant,attention,params', [('', 'standard', 38_023_680),
+                                                      ('selective', 'selective', 44_315_136)])
+def test_enwik8_config(variant, attention, params):
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from selattn import sharding  # pylint: disable=g-import-not-at-top
+  from selattn.model import Transformer, count_params  # pylint: disable=g-import-not-at-top
+  c = config_lib.from_config(_load('enwik8', variant), 256)
+  m, d = c.model, c.data
+  # The classic 12-layer character transformer's size, byte-level, on enwik8's 90M/5M/5M protocol.
+  assert (m.attention, m.num_layers, m.d_model, m.num_heads, d.seq_len) == (attention, 12, 512, 8, 512)
+  assert (d.path, d.vocab, d.split) == ('data/enwik8', 'bytes', 'enwik8')
+  with jax.set_mesh(sharding.make_mesh(c.mesh)):
+    model = nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0)))
+  assert count_params(model) == params  # the counts README.md gives (38.0M, 44.3M)
+
+
 def test_unknown_variant_is_rejected():
   with pytest.raises(ValueError, match='nosuchvariant'):
     _load('selective', 'nosuchvariant')
@@ -123,6 +141,8 @@ def test_from_config_rejects_unknown_sections():
     ('model', 'attention', 'linear', 'model.attention'),
     ('model', 'dropout', 1.0, 'model.dropout'),
     ('data', 'val_fraction', 0.0, 'data.val_fraction'),
+    ('data', 'vocab', 'words', 'data.vocab'),
+    ('data', 'split', 'head', 'data.split'),
     ('train', 'batch_size', 0, 'train.batch_size'),
     ('train', 'log_every', 3, 'train.log_every'),  # with steps_per_call=2 below
     ('train', 'num_steps', '10', 'train.num_steps'),  # a string where an int belongs

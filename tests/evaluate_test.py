@@ -141,6 +141,7 @@ def test_cli_as_users_type_it(run):
   assert lines[0].startswith('runs/enwik8 step 4, test split of data/enwik8 (5,999 bytes scored): loss ')
   assert f"| {r['bits_per_byte']:.4f} bits per byte |" in lines[0]
   assert r['bits_per_byte'] == pytest.approx(r['loss'] / math.log(2), rel=1e-12)
+  assert r['bytes_scored'] == r['tokens_scored'] == 5_999
 
   res = _cli('selattn.evaluate', '--workdir', 'runs/none', cwd=root)
   assert res.returncode == 1 and res.stderr.strip() == 'error: --workdir=runs/none: no such directory'
@@ -163,6 +164,27 @@ def test_bad_requests_are_one_line(run, tmp_path):
     evaluate.evaluate(tail, split='test')
   assert str(e.value) == (f"{tail} was trained with data.split='tail', which has no test split; use --split val, "
                           "or train with data.split='enwik8'")
+
+
+def test_a_character_run_reports_bits_per_char_and_per_byte(tmp_path):
+  # Multi-byte characters: a character's bits are spread over its UTF-8 bytes (1 to 4 of them).
+  text = ''.join(np.random.default_rng(1).choice(list('ab é€🙂\n'), size=6_000))
+  path = tmp_path / 'utf8.txt'
+  path.write_text(text, encoding='utf-8')
+  c = _config()
+  c.data.path, c.data.vocab, c.data.split = str(path), 'chars', 'enwik8'
+  c.train.num_steps, c.train.eval_every, c.train.checkpoint_every, c.train.sample_length = 2, 2, 2, 0
+  workdir = str(tmp_path / 'run')
+  train.train(c, workdir)
+  r = evaluate.evaluate(workdir, split='test')
+  test = text[6_000 * 19 // 20:]
+  assert r['unit'] == 'char' and r['tokens_scored'] == len(test) - 1
+  assert r['bytes_scored'] == len(test[1:].encode('utf-8'))  # every scored character's bytes, counted here
+  nats = r['loss'] * r['tokens_scored']
+  assert r['bits_per_char'] == pytest.approx(r['loss'] / math.log(2), rel=1e-12)
+  assert r['bits_per_byte'] == pytest.approx(nats / math.log(2) / r['bytes_scored'], rel=1e-9)
+  assert r['bits_per_byte'] < r['bits_per_char']
+  assert ' bits per char (' in evaluate.describe(r) and ' bits per byte | ' in evaluate.describe(r)
 
 
 def test_prepare_cli(run, tmp_path):
