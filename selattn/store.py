@@ -290,10 +290,12 @@ def prepare(path: str, *, kind: str = 'chars', split: str = 'tail', val_fraction
         if reason is None:
           if meta.get('split') == split and meta.get('val_fraction') == (val_fraction if split == 'tail' else None):
             return sidecar, meta, False
-          # Same tokens, another split: only the sidecar's boundaries change.
+          # Same tokens, another split: only the sidecar's boundaries change (under the lock: write_text removes
+          # the temporary files of other writers of the same file).
           if _writable_dir(directory):
-            meta = _with_split(meta, split, val_fraction)
-            workdir_lib.write_text(sidecar, json.dumps(meta, indent=1) + '\n')
+            with _locked(directory):
+              meta = _with_split(meta, split, val_fraction)
+              workdir_lib.write_text(sidecar, json.dumps(meta, indent=1) + '\n')
             return sidecar, meta, False
           reason = f'its split is {meta.get("split")!r}, not {split!r}'
         if meta is not None:

@@ -196,13 +196,17 @@ def _data_name(path: str) -> str:
 
 
 def check_same_data(workdir: str, saved: dict | None, cfg: config_lib.Config, data_sha256: str) -> None:
-  """Refuses to resume a run on other data (another data.path, or the same file with another text)."""
+  """Refuses to resume a run on other data (another data.path or data.split, or the same file with another text)."""
   if saved is None:
     return
   old = saved['config'].get('data', {}).get('path', '')
   if os.path.normpath(old or '.') != os.path.normpath(cfg.data.path or '.'):
     raise TrainingError(f'{workdir} was trained on {_data_name(old)}, not {_data_name(cfg.data.path)}; to '
                         'continue it on other data, pass --allow_data_change')
+  old_split = saved['config'].get('data', {}).get('split', 'tail')
+  if old_split != cfg.data.split:
+    raise TrainingError(f'{workdir} was trained with data.split={old_split!r}, not {cfg.data.split!r} (other '
+                        'training and held-out tokens); to continue it so, pass --allow_data_change')
   if saved.get('data_sha256') not in (None, data_sha256):
     raise TrainingError(f'the text of {_data_name(old)} has changed since {workdir} was trained on it; to '
                         'continue on the new text, pass --allow_data_change')
@@ -321,7 +325,8 @@ def _header(cfg: config_lib.Config, num_params: int, mesh, workdir: str) -> str:
   attention = f'{m.attention} attention' + (f' ({m.impl}, {m.kv_generator} K/V)' if m.attention == 'selective' else '')
   sizes = 'x'.join(str(v) for v in dict(mesh.shape).values())
   return (f'{attention}, D{m.d_model} L{m.num_layers} N{m.num_heads}, {num_params:,} parameters, {m.dtype} | '
-          f'{_data_name(cfg.data.path)}, seq_len {cfg.data.seq_len}, batch {t.batch_size} | {t.num_steps} steps, '
+          f'{_data_name(cfg.data.path)} ({cfg.data.vocab}, split {cfg.data.split}), seq_len {cfg.data.seq_len}, '
+          f'batch {t.batch_size} | {t.num_steps} steps, '
           f'lr {t.learning_rate:g} {t.lr_schedule}, seed {t.seed} | mesh {sizes} (data x fsdp x seq x tensor) | '
           f'all keys in {os.path.join(workdir, "config.json")}')
 

@@ -98,3 +98,15 @@ def test_resume_with_the_other_vocab_kind_is_refused(first_run):
   assert str(e.value) == (f'{workdir} holds a run with data.vocab=\'chars\' (28 symbols in vocab.json), not '
                           "data.vocab='bytes'; resume it with --config.data.vocab=chars or use a new --workdir")
   assert _snapshot(workdir) == before and sorted(os.listdir(workdir)) == events
+
+
+def test_resume_with_another_split_is_refused(first_run):
+  root, path, workdir = first_run
+  before = _snapshot(workdir)
+  config = _config(path, 4)
+  config.data.split = 'enwik8'
+  with pytest.raises(train.TrainingError) as e:
+    train.train(config, workdir)
+  assert str(e.value) == (f"{workdir} was trained with data.split='tail', not 'enwik8' (other training and held-out "
+                          'tokens); to continue it so, pass --allow_data_change')
+  assert _snapshot(workdir) == before
