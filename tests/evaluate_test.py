@@ -83,7 +83,7 @@ def _reference(workdir, step, tokens):
 
 
 def test_byte_run_logs_bits_per_byte_and_samples_with_replacement_characters(run):
-  root, _, result = run
+  root, raw, result = run
   workdir = str(root / 'runs' / 'enwik8')
   assert result['eval/bpb'] == pytest.approx(result['eval/loss'] / math.log(2), rel=1e-6)
   assert 'eval/bpc' not in result
@@ -96,6 +96,13 @@ def test_byte_run_logs_bits_per_byte_and_samples_with_replacement_characters(run
   assert saved['config']['data']['vocab'] == 'bytes' and saved['vocab_size'] == 256
   # A byte model's sample is any bytes: decoded with U+FFFD where they are not UTF-8, never an exception.
   model, vocab, cfg, _ = sample.restore(workdir)
+  cwd = os.getcwd()
+  os.chdir(root)
+  try:  # selattn.sample's default prompt: the first line of the corpus, read from its first bytes only
+    first = next(line for line in raw.decode('utf-8', 'replace').splitlines() if line.strip())
+    assert sample.default_prompt(cfg) == first.rstrip()[:40] and len(first) > 40
+  finally:
+    os.chdir(cwd)
   from selattn import generate  # pylint: disable=g-import-not-at-top
   text = generate.generate(model, vocab, '<page>', 200, temperature=3.0, seed=1, max_len=cfg.data.seq_len)
   assert text.startswith('<page>') and isinstance(text, str)

@@ -171,6 +171,10 @@ def test_a_changed_corpus_is_rebuilt_never_used_stale(tmp_path, cache):
   with open(os.path.join(os.path.dirname(sidecar), 'chars.tokens'), 'r+b') as f:
     f.truncate(50)
   assert store.prepare(str(path))[2] is True
+  # prepare --verify: rebuilt although fresh, to the same checksum.
+  sha = store.prepare(str(path))[1]['sha256']
+  _, meta, built = store.prepare(str(path), rebuild=True)
+  assert built and meta['sha256'] == sha == hashlib.sha256(path.read_bytes()).hexdigest()
   # Another split: the same tokens, new boundaries in the sidecar.
   _, meta, built = store.prepare(str(path), split='enwik8')
   assert not built and meta['bounds'] == [90, 95, 100]
