@@ -273,3 +273,20 @@ def test_peak_rss_does_not_grow_with_the_corpus(tmp_path, kind, small, large):
   # Each split keeps at most RESIDENT_LIMIT mapped, plus one batch's pages: far below the extra corpus.
   (a, b) = peaks.values()
   assert abs(b - a) < 48, peaks
+
+
+def test_grain_worker_processes_read_the_memory_map(tmp_path, cache):
+  # The dataset crosses into the worker as the store's path (pickled Tokens), and the worker maps the file itself.
+  path = str(tmp_path / 'corpus.bin')
+  raw = _random_bytes(path, 100_000)
+  corpus = store.open_corpus(path, kind='bytes')
+  ds = data.train_dataset(corpus.train, seq_len=T, global_batch_size=4, seed=0)
+  it = data.train_iterator(ds, prefetch=2, worker_count=1)
+  try:
+    for i in range(3):
+      b = next(it)
+      np.testing.assert_array_equal(b['inputs'], ds[i]['inputs'])
+      for row, target in zip(b['inputs'], b['targets'][:, -1]):
+        assert raw.find(bytes(row.astype(np.uint8)) + bytes([target])) >= 0
+  finally:
+    it.close()
