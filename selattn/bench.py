@@ -233,8 +233,9 @@ def run_data(data_path: str, worker_count: int, batches: int, small: bool, corpu
         it.close()
     assert b['inputs'].shape == (batch, seq_len)
     tokens_per_s = batches * batch * seq_len / dt
-    return {'variant': f'workers{worker_count}-{os.path.getsize(data_path) >> 20}MB', 'worker_count': worker_count, 'prefetch': 2, 'batch': batch,
-            'seq_len': seq_len, 'batches': batches, 'seconds': dt, 'batches_per_s': batches / dt,
+    return {'variant': f'workers{worker_count}-{os.path.getsize(data_path) >> 20}MB', 'worker_count': worker_count,
+            'prefetch': 2, 'batch': batch, 'seq_len': seq_len, 'batches': batches, 'seconds': dt,
+            'batches_per_s': batches / dt,
             'tokens_per_s': tokens_per_s, 'w4_tokens_per_s': W4_HOST_TOKENS_PER_S, 'w4_variant': W4_HOST_VARIANT,
             'ratio_to_w4': tokens_per_s / W4_HOST_TOKENS_PER_S, 'corpus_bytes': os.path.getsize(data_path),
             'prepare_s': prepare_s, 'cpu_count': os.cpu_count(),
