@@ -238,6 +238,8 @@ ERROR_CASES = {
     'inf_rope_theta': (['--config.model.rope_theta=inf'], ['model.rope_theta=inf', 'finite']),
     # Characters within the saved vocabulary: the corpus loads, and only the recorded data.path can refuse it.
     'other_data_path': (['--config.data.path={subset}'], ['data.path=', 'subset.txt', '--allow_data_change']),
+    # A character run resumed as bytes: the model would read other symbols.
+    'other_vocab_kind': (['--config.data.vocab=bytes'], ["data.vocab='chars'", '--config.data.vocab=chars']),
     # About 2 TiB for one step (factored attention's T x T logits): refused before it runs, with the estimate.
     'step_beyond_device_memory': (['--config.data.seq_len=60000', '--config.train.num_steps=300'],
                                   ['data.seq_len=60000', 'TiB per device']),
