@@ -470,13 +470,11 @@ class EvalBatches(Sequence):
   """eval_batches' batches, each computed and read when it is asked for: nothing is held per window, so a large
   split costs no memory until a batch of it is read."""
 
-  def __init__(self, source: WindowSource, *, picked: int, tail: int, global_batch_size: int, first: int,
-               local: int):
-    self.source, self.picked, self.tail = source, picked, tail
+  def __init__(self, source: WindowSource, *, stride: int, num_windows: int, picked: int, tail: int,
+               global_batch_size: int, first: int, local: int):
+    self.source, self.stride, self.num_windows, self.picked, self.tail = source, stride, num_windows, picked, tail
     self.global_batch_size, self.first, self.local = global_batch_size, first, local
-    n, seq_len = len(source.tokens), source.seq_len
-    self.num_windows = (n - 1) // seq_len
-    self.count = picked or self.num_windows + (tail > 0)  # real rows; the rest of the last batch is padding
+    self.count = picked or num_windows + (tail > 0)  # real rows; the rest of the last batch is padding
 
   def __len__(self) -> int:
     return -(-self.count // self.global_batch_size)
@@ -484,16 +482,19 @@ class EvalBatches(Sequence):
   def __getitem__(self, i: int) -> Batch:
     if not 0 <= i < len(self):
       raise IndexError(i)
-    seq_len = self.source.seq_len
+    seq_len, stride = self.source.seq_len, self.stride
     rows = np.arange(self.local) + i * self.global_batch_size + self.first
     real = rows < self.count
-    # Window k starts at k * T; a subset takes `picked` of them evenly spaced; the tail window ends at the end.
+    # Window k starts at k * stride; a subset takes `picked` of them evenly spaced; the tail window ends at the end.
     k = rows * self.num_windows // self.picked if self.picked else rows
-    starts = np.where(real, k * seq_len, 0)
+    starts = np.where(real, k * stride, 0)
     is_tail = real & (k == self.num_windows)
     starts = np.where(is_tail, len(self.source.tokens) - 1 - seq_len, starts)
     weights = np.repeat(real[:, None], seq_len, axis=1).astype(np.float32)
-    weights[is_tail, :seq_len - self.tail] = 0.0  # the tail window scores only the targets no full window has
+    # Window 0 scores all its targets, window k > 0 its last `stride` (the earlier ones are window k - 1's), the
+    # tail window only the targets no full window has.
+    weights[real & (k > 0) & ~is_tail, :seq_len - stride] = 0.0
+    weights[is_tail, :seq_len - self.tail] = 0.0
     batch = self.source.windows(starts)
     batch = {key: np.where(real[:, None], v, 0).astype(np.int32) for key, v in batch.items()}  # padding: zeros
     batch['weights'] = weights
@@ -501,24 +502,28 @@ class EvalBatches(Sequence):
 
 
 def eval_batches(tokens, *, seq_len: int, global_batch_size: int, num_batches: int, process_index: int = 0,
-                 process_count: int = 1) -> EvalBatches:
+                 process_count: int = 1, stride: int | None = None) -> EvalBatches:
   """A fixed set of held-out batches: {'inputs', 'targets'} int32[B_local, T] and 'weights' float32[B_local, T].
 
-  Window k starts at k * T, so windows do not overlap. num_batches=0 (or more windows than there are) takes all
-  of them, plus one window ending at the last token whose weights cover only the targets the full windows
-  missed: every held-out token after the first is scored exactly once. Otherwise it takes
-  num_batches * B windows spread evenly over the split. Rows padding the last batch to B have weight 0.
+  Window k starts at k * stride (default T: windows do not overlap) and scores the targets window k - 1 did not,
+  so each target has at least T - stride tokens of context (except in the first window). num_batches=0 (or more
+  windows than there are) takes all of them, plus one window ending at the last token whose weights cover only
+  the targets the full windows missed: every held-out token after the first is scored exactly once. Otherwise it
+  takes num_batches * B windows spread evenly over the split. Rows padding the last batch to B have weight 0.
   A sequence: batch i is read (this process's rows only) when indexed.
   """
   local = _check_processes(global_batch_size, process_index, process_count)
+  stride = seq_len if stride is None else stride
+  if not 1 <= stride <= seq_len:
+    raise DataError(f'the evaluation stride {stride} must be in [1, data.seq_len={seq_len}]')
   source = WindowSource(tokens, seq_len)
   n = len(source.tokens)
-  num_windows = (n - 1) // seq_len
-  if num_windows < 1:
+  if n - 1 < seq_len:
     raise DataError(f'data.seq_len={seq_len} needs windows of {seq_len + 1} tokens but the held-out tokens '
                     f'number only {n}')
+  num_windows = (n - 1 - seq_len) // stride + 1
   wanted = num_batches * global_batch_size
   picked = wanted if 0 < wanted < num_windows else 0
-  tail = 0 if picked else n - 1 - num_windows * seq_len
-  return EvalBatches(source, picked=picked, tail=tail, global_batch_size=global_batch_size,
-                     first=process_index * local, local=local)
+  tail = 0 if picked else n - 1 - ((num_windows - 1) * stride + seq_len)
+  return EvalBatches(source, stride=stride, num_windows=num_windows, picked=picked, tail=tail,
+                     global_batch_size=global_batch_size, first=process_index * local, local=local)

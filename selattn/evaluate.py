@@ -6,8 +6,10 @@ character for a character model: its bits per byte are its total bits over the U
 
 It reads the run's config.json, vocab.json and checkpoint, never its lock: it works on a run in progress. The
 split is the run's own (data.path, data.vocab, data.split), from its token store; every token of the split after
-the first is scored once, in non-overlapping windows of data.seq_len (as the trainer's eval with
-train.eval_batches=0), so a token's context is 0 to seq_len - 1 tokens. Prints one line; --out also writes JSON.
+the first is scored once, by default in non-overlapping windows of data.seq_len (as the trainer's eval with
+train.eval_batches=0), so a token's context is 0 to seq_len - 1 tokens. --stride S < seq_len overlaps them: a
+window every S tokens scores only its last S, so each token has at least seq_len - S tokens of context (seq_len / S
+times the compute). Prints one line; --out also writes JSON.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def latest_step(workdir: str) -> int:
 
 
 def evaluate(workdir: str, *, split: str = 'test', step: int | None = None, batch_size: int | None = None,
-             num_batches: int = 0) -> dict:
-  """Scores checkpoint `step` (default: the latest) of the run in `workdir` on its `split` ('val' or 'test')."""
+             num_batches: int = 0, stride: int | None = None) -> dict:
+  """Scores checkpoint `step` (default: the latest) of the run in `workdir` on its `split` ('val' or 'test');
+  `stride`: windows every `stride` tokens, each scoring its last `stride` targets (default data.seq_len)."""
   if split not in ('val', 'test'):
     raise EvaluateError(f'--split={split} is not one of val, test')
   if not os.path.isdir(workdir):
@@ -74,8 +77,9 @@ def evaluate(workdir: str, *, split: str = 'test', step: int | None = None, batc
   n_dev = len(jax.devices())
   if batch_size % n_dev:
     raise EvaluateError(f'--batch_size={batch_size} must be a multiple of the {n_dev} devices')
+  stride = stride or d.seq_len
   batches = data_lib.eval_batches(tokens, seq_len=d.seq_len, global_batch_size=batch_size,
-                                  num_batches=num_batches)
+                                  num_batches=num_batches, stride=stride)
   graphdef, state = nnx.split(model)
   shard = sharding.batch_sharding(mesh)
 
@@ -101,7 +105,7 @@ def evaluate(workdir: str, *, split: str = 'test', step: int | None = None, batc
   loss = totals['loss'] / totals['weight']
   nats = totals['loss']
   return {'workdir': workdir, 'step': step, 'split': split, 'data_path': d.path, 'data_vocab': d.vocab,
-          'data_split': d.split, 'seq_len': d.seq_len, 'unit': unit, 'tokens_scored': int(totals['weight']),
+          'data_split': d.split, 'seq_len': d.seq_len, 'stride': stride, 'unit': unit, 'tokens_scored': int(totals['weight']),
           'bytes_scored': int(totals['bytes']), 'loss': loss, f'bits_per_{unit}': loss / math.log(2),
           'bits_per_byte': nats / math.log(2) / totals['bytes'], 'accuracy': totals['correct'] / totals['weight']}
 
@@ -111,7 +115,9 @@ def describe(r: dict) -> str:
   name = r['data_path'] or 'the embedded corpus'
   unit = r['unit']
   per_char = f"{r['bits_per_char']:.4f} bits per char ({r['bytes_scored']:,} bytes) | " if unit == 'char' else ''
-  return (f"{r['workdir']} step {r['step']}, {r['split']} split of {name} ({r['tokens_scored']:,} {unit}s scored): "
+  windows = f", stride {r['stride']}" if r['stride'] != r['seq_len'] else ''
+  return (f"{r['workdir']} step {r['step']}, {r['split']} split of {name} ({r['tokens_scored']:,} {unit}s scored"
+          f"{windows}): "
           f"loss {r['loss']:.4f} nats | {per_char}{r['bits_per_byte']:.4f} bits per byte | "
           f"accuracy {r['accuracy']:.4f}")
 
@@ -122,6 +128,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
   flags.DEFINE_integer('batch_size', None, 'Windows per batch (default: the run\'s train.batch_size).')
   flags.DEFINE_integer('batches', 0, 'Batches of windows spread over the split (0 = every window: the whole split).')
+  flags.DEFINE_integer('stride', None, 'Windows start every this many tokens and score their last `stride` targets, '
+                       'so each has at least seq_len - stride tokens of context (default: data.seq_len, no overlap).')
   flags.DEFINE_string('out', None, 'Also write the result as JSON here.')
   flags.mark_flag_as_required('workdir')
 
@@ -132,7 +140,8 @@ def main(argv):
   f = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # Orbax logs dozens of INFO lines per restore
   try:
-    result = evaluate(f.workdir, split=f.split, step=f.step, batch_size=f.batch_size, num_batches=f.batches)
+    result = evaluate(f.workdir, split=f.split, step=f.step, batch_size=f.batch_size, num_batches=f.batches,
+                      stride=f.stride)
     if f.out:
       with open(f.out, 'w') as fh:
         json.dump(result, fh, indent=1)

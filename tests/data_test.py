@@ -250,3 +250,24 @@ def test_iterator_with_worker_processes():
     assert _batches_equal(next(it), ds[1])
   finally:
     it.close()
+
+
+@pytest.mark.parametrize('n,seq_len,stride', [(1000, 7, 3), (1 + 7 + 3 * 40, 7, 3), (500, 16, 1), (300, 8, 8)])
+def test_eval_batches_with_a_stride_score_each_target_once_with_long_context(n, seq_len, stride):
+  tokens = np.arange(n, dtype=np.int32)  # token value = position
+  batches = data.eval_batches(tokens, seq_len=seq_len, global_batch_size=4, num_batches=0, stride=stride)
+  inputs = np.concatenate([b['inputs'] for b in batches])
+  targets = np.concatenate([b['targets'] for b in batches])
+  weights = np.concatenate([b['weights'] for b in batches])
+  np.testing.assert_array_equal(np.sort(targets[weights == 1]), np.arange(1, n))  # each target once
+  # Every scored target after the first window's sees at least seq_len - stride tokens before it in its window.
+  pos = np.broadcast_to(np.arange(seq_len), weights.shape)
+  first_window = inputs[:, 0] == 0
+  assert (pos[(weights == 1) & ~first_window[:, None]] >= seq_len - stride).all()
+  # Full windows start every `stride` tokens.
+  real = weights.any(axis=1)
+  starts = inputs[real, 0]
+  full = starts[starts + seq_len <= n - 1]
+  np.testing.assert_array_equal(full[:len(full) - 1], np.arange(len(full) - 1) * stride)
+  with pytest.raises(data.DataError, match='stride 9 must be in'):
+    data.eval_batches(tokens, seq_len=8, global_batch_size=4, num_batches=0, stride=9)

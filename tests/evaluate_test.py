@@ -63,13 +63,18 @@ def run(tmp_path_factory):
   return root, raw, result
 
 
-def _reference(workdir, step, tokens):
-  """(summed NLL in nats, count) of the restored model over the non-overlapping windows of `tokens` (numpy)."""
+def _reference(workdir, step, tokens, stride=T):
+  """(summed NLL in nats, count) of the restored model over `tokens` (numpy): a window every `stride` tokens, the
+  first scoring all its targets, the others their last `stride`, a last one ending at the end for the rest."""
   model = sample.restore(workdir, step)[0]
   n = len(tokens)
-  starts = list(range(0, (n - 1) // T * T, T))
+  rows, scored_to = [], 0  # (start, targets skipped); scored_to: the last target scored so far
+  for s in range(0, n - T, stride):
+    rows.append((s, 0 if s == 0 else T - stride))
+    scored_to = s + T
+  if scored_to < n - 1:
+    rows.append((n - 1 - T, T - (n - 1 - scored_to)))
   total, count = 0.0, 0
-  rows = [(s, 0) for s in starts] + ([(n - 1 - T, T - (n - 1 - len(starts) * T))] if (n - 1) % T else [])
   inputs = np.stack([tokens[s:s + T] for s, _ in rows]).astype(np.int32)
   targets = np.stack([tokens[s + 1:s + T + 1] for s, _ in rows])
   logits = np.asarray(model(jnp.asarray(inputs)), np.float64)
@@ -128,6 +133,17 @@ def test_test_split_loss_is_the_nll_of_the_files_last_5_percent(run):
   total, count = _reference(workdir, 2, ref[N * 9 // 10:N * 19 // 20])
   assert val['tokens_scored'] == count and val['loss'] == pytest.approx(total / count, rel=1e-5)
   assert val['step'] == 2 and r['step'] == 4
+  # Overlapping windows: every token still scored once, now with at least T - 8 tokens of context.
+  cwd = os.getcwd()
+  os.chdir(root)
+  try:
+    strided = evaluate.evaluate('runs/enwik8', split='test', step=4, stride=8)
+  finally:
+    os.chdir(cwd)
+  total, count = _reference(workdir, 4, ref[N * 19 // 20:], stride=8)
+  assert strided['tokens_scored'] == count == 6_000 - 1 and strided['stride'] == 8
+  assert strided['loss'] == pytest.approx(total / count, rel=1e-5)
+  assert strided['loss'] != pytest.approx(r['loss'], rel=1e-4)  # other contexts, another loss
 
 
 def _cli(*args, cwd):
