@@ -127,11 +127,8 @@ def test_child_env_assigns_devices(monkeypatch):
 
   args, fwd = launcher._parse_args(['--num_processes', '2', '--cpu_devices_per_process', '3', '--', '--workdir', 'w'])
   assert launcher._workdir(fwd) == 'w'
-  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/x'
-  try:
-    env = launcher._child_env(args, 0)
-  finally:
-    del os.environ['XLA_FLAGS']
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/x')
+  env = launcher._child_env(args, 0)
   assert (env['JAX_PLATFORMS'], env['JAX_NUM_CPU_DEVICES']) == ('cpu', '3')
   assert env['XLA_FLAGS'] == '--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=3'
 
