@@ -67,7 +67,7 @@ def subprocess_env(num_devices: int | None) -> dict[str, str]:
 class Worker:
   """A `mesh_check.py` subprocess started now; `result()` waits for its RESULT line."""
 
-  def __init__(self, args: list[str], num_devices: int, log_path: str, timeout: float = 300):
+  def __init__(self, args: list[str], num_devices: int, log_path: str, timeout: float = 600):
     self.args, self.log_path, self.timeout = args, log_path, timeout
     self._log = open(log_path, 'wb')
     self.start = time.monotonic()
