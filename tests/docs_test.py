@@ -108,7 +108,7 @@ def test_reproduce_seeds_in_miniature(tmp_path):
              EXTRA=f'--config.model.d_model=16 --config.model.num_heads=2 --config.model.num_layers=1 '
                    f'--config.data.seq_len=16 --config.train.batch_size=4 --config.train.eval_batches=1 '
                    f'--config.train.log_every=5 --config.train.sample_length=0 --config.train.warmup_steps=0 '
-                   f'--config.train.steps_per_call=1 --config.data.path={corpus}')
+                   f'--config.train.steps_per_call=1 --config.train.eval_every=5 --config.data.path={corpus}')
   r = subprocess.run(['bash', os.path.join(REPO, 'docs', 'reproduce_seeds.sh')], env=env, capture_output=True,
                      text=True, timeout=1800, check=False)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
