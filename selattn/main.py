@@ -145,6 +145,10 @@ def _drop_closed_loop_errors() -> None:
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
   sys.excepthook = lambda t, v, tb: None if echo(t, v) else excepthook(t, v, tb)
   sys.unraisablehook = lambda u: None if echo(u.exc_type, u.exc_value) else unraisablehook(u)
+  # The same echoes as asyncio's "Task exception was never retrieved" (a task, not a bare coroutine).
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  py_logging.getLogger('asyncio').addFilter(
+      lambda record: not (record.exc_info and echo(record.exc_info[0], record.exc_info[1])))
 
 
 def _fail(message: str) -> None:

@@ -5,6 +5,7 @@ checkpoints, a full disk, signals before the loop) are in workdir_cli_test.py.""
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import re
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import warnings
 
 import jax
@@ -636,3 +638,32 @@ def test_a_full_disk_stops_the_run_with_one_line(tmp_path, size_kib):
     assert intact[0] == 'no intact checkpoint' and not saved
   else:
     assert intact[0] == f'last intact checkpoint is step {saved[-1]}', (errors, saved)
+
+
+def test_orbax_echoes_of_a_reported_failure_are_dropped(monkeypatch, caplog):
+  # After a failed restore (reported in one line, the checkpoint set aside) Orbax's other reads end as unawaited
+  # coroutines or unretrieved tasks, each printing a traceback; other errors still print.
+  from selattn import main  # pylint: disable=g-import-not-at-top
+  printed = []  # what reaches the hooks the filters wrap (Python's own would print it)
+  monkeypatch.setattr(sys, 'unraisablehook', lambda u: printed.append(u.exc_value))  # restored after the test
+  monkeypatch.setattr(sys, 'excepthook', lambda t, v, tb: printed.append(v))
+  asyncio_logger = logging.getLogger('asyncio')
+  monkeypatch.setattr(asyncio_logger, 'filters', list(asyncio_logger.filters))
+  main._drop_closed_loop_errors()  # pylint: disable=protected-access
+
+  def raised(exc):
+    try:
+      raise exc
+    except Exception as e:  # pylint: disable=broad-except
+      return e
+
+  echo = raised(Exception('Encountered error while reading array index: (slice(0, 32, 1),). See full ...'))
+  other = raised(ValueError('a real bug'))
+  for exc in (echo, other):
+    sys.unraisablehook(types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=exc.__traceback__,
+                                             err_msg='Exception ignored in', object=None))
+    sys.excepthook(type(exc), exc, exc.__traceback__)
+    with caplog.at_level(logging.ERROR, logger='asyncio'):
+      asyncio_logger.error('Task exception was never retrieved', exc_info=(type(exc), exc, exc.__traceback__))
+  assert printed == [other, other]
+  assert [r.exc_info[1] for r in caplog.records] == [other]
