@@ -177,15 +177,7 @@ class Vocab:
 
   @classmethod
   def load(cls, path: str) -> Vocab:
-    try:
-      with open(path, encoding='utf-8') as f:
-        s = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-      raise DataError(f'cannot read the vocabulary {path}: {getattr(e, "strerror", None) or e}') from None
-    try:
-      return cls.from_json(s)
-    except DataError as e:
-      raise DataError(f'{path}: {e}') from None
+    return _read_vocab(path, cls.from_json)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,17 +218,22 @@ def vocab_from_json(s: str) -> AnyVocab:
   return Vocab.from_json(s)
 
 
-def load_vocab(path: str) -> AnyVocab:
-  """Reads a run's vocab.json (either kind)."""
+def _read_vocab(path: str, parse):
+  """`parse` of the vocabulary file `path`; a DataError naming the path if it cannot be read or parsed."""
   try:
     with open(path, encoding='utf-8') as f:
       s = f.read()
   except (OSError, UnicodeDecodeError) as e:
     raise DataError(f'cannot read the vocabulary {path}: {getattr(e, "strerror", None) or e}') from None
   try:
-    return vocab_from_json(s)
+    return parse(s)
   except DataError as e:
     raise DataError(f'{path}: {e}') from None
+
+
+def load_vocab(path: str) -> AnyVocab:
+  """Reads a run's vocab.json (either kind)."""
+  return _read_vocab(path, vocab_from_json)
 
 
 def vocab_kind(vocab: AnyVocab) -> str:
