@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.lr_schedule = 'constant'  # 'constant' | 'cosine' (decays to min_learning_rate at num_steps)
   t.warmup_steps = 0  # linear warmup from 0 to learning_rate
   t.min_learning_rate = 0.0  # end of the cosine decay
+  t.lr_decay_steps = 0  # cosine: the step where it reaches min_learning_rate (0 = num_steps; nanoGPT's lr_decay_iters)
   t.b1 = 0.9  # AdamW beta1
   t.b2 = 0.999  # AdamW beta2
   t.weight_decay = 1e-4  # AdamW decoupled weight decay (optax default)

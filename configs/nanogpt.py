@@ -4,7 +4,8 @@ The model is nanoGPT's GPT with bias=False: pre-LN (and a final LN), GELU, an at
 learned positions, tied input/output embeddings, normal(0.02) init with the residual projections scaled by
 1/sqrt(2L), dropout 0.2 on embeddings, attention probabilities and residual branches. 10.65M parameters on
 tinyshakespeare's 65 symbols without the position table, as nanoGPT prints. The run: AdamW lr 1e-3, betas
-(0.9, 0.99), weight decay 0.1 on matrices only, 100 warmup steps then cosine decay to 1e-4 at step 5000, gradient
+(0.9, 0.99), weight decay 0.1 on matrices only, 100 warmup steps then cosine decay to 1e-4 at step 5000 (also in a
+run stopped earlier, as nanoGPT's lr_decay_iters), gradient
 clipping at 1.0, bf16 compute. Held-out loss every 250 steps on the whole validation split (nanoGPT averages 200
 random batches), its split: the first 90% trains, the last 10% validates.
 
@@ -36,6 +37,7 @@ def get_config(variant: str = ''):
   c.data.val_fraction = 0.1
   t.batch_size, t.num_steps = 64, 5000
   t.learning_rate, t.min_learning_rate, t.lr_schedule, t.warmup_steps = 1e-3, 1e-4, 'cosine', 100
+  t.lr_decay_steps = 5000  # nanoGPT's lr_decay_iters: a shorter run (train.num_steps=2000) keeps its rates
   t.b1, t.b2, t.weight_decay, t.weight_decay_mask, t.grad_clip = 0.9, 0.99, 0.1, 'matrices', 1.0
   t.log_every, t.eval_every, t.checkpoint_every, t.eval_batches = 100, 250, 1000, 0
   t.steps_per_call = 5

@@ -29,7 +29,7 @@ SEEDS=${SEEDS:-3}
 DEVICE=${DEVICE:-H200}                 # named in the figure titles
 STEPS=${STEPS:-200000}                 # the original config's runs
 EVAL_EVERY=${EVAL_EVERY:-10000}
-NANOGPT_STEPS=${NANOGPT_STEPS:-5000}
+NANOGPT_STEPS=${NANOGPT_STEPS:-5000}        # its schedule ends at 5000 (train.lr_decay_steps) whatever this is: 2000 gives the same curve
 NANOGPT_BEST_UNTIL=${NANOGPT_BEST_UNTIL:-2000}  # nanoGPT's own benchmark: the best validation loss by step 2000
 EXTRA=${EXTRA:-}                       # flags added last to every run (the CPU miniature shrinks the models)
 

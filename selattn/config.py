@@ -178,6 +178,7 @@ class TrainConfig:
   lr_schedule: str = 'constant'
   warmup_steps: int = 0
   min_learning_rate: float = 0.0
+  lr_decay_steps: int = 0
   b1: float = 0.9
   b2: float = 0.999
   weight_decay: float = 1e-4
@@ -202,7 +203,10 @@ class TrainConfig:
     _check(not (self.flat_optimizer and self.weight_decay_mask != 'all'),
            f'train.weight_decay_mask={self.weight_decay_mask!r} needs train.flat_optimizer=False (the flat '
            'optimizer sees one vector, not the parameter shapes the mask is about)')
-    for k in ('num_steps', 'warmup_steps', 'eval_every', 'eval_batches', 'grad_clip', 'weight_decay',
+    _check(not self.lr_decay_steps or self.lr_decay_steps > self.warmup_steps,
+           f'train.lr_decay_steps={self.lr_decay_steps} must be 0 (decay to train.num_steps) or more than '
+           f'train.warmup_steps={self.warmup_steps}')
+    for k in ('num_steps', 'warmup_steps', 'lr_decay_steps', 'eval_every', 'eval_batches', 'grad_clip', 'weight_decay',
               'min_learning_rate', 'sample_length', 'profile_steps'):
       _positive(p + k, getattr(self, k), allow_zero=True)
     for k in ('batch_size', 'learning_rate', 'steps_per_call', 'log_every', 'checkpoint_every', 'keep_checkpoints'):

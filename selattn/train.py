@@ -45,9 +45,11 @@ class TrainingError(RuntimeError):
 
 
 def lr_schedule(t: config_lib.TrainConfig) -> optax.Schedule:
-  """Linear warmup to learning_rate, then constant or cosine decay to min_learning_rate at num_steps."""
+  """Linear warmup to learning_rate, then constant or cosine decay to min_learning_rate at lr_decay_steps (0: at
+  num_steps), the floor after it. A run stopped short of the horizon follows the longer run's rates."""
   if t.lr_schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(t.learning_rate, max(t.num_steps - t.warmup_steps, 1),
+    horizon = t.lr_decay_steps or t.num_steps
+    decay = optax.cosine_decay_schedule(t.learning_rate, max(horizon - t.warmup_steps, 1),
                                         alpha=t.min_learning_rate / t.learning_rate)
   else:
     decay = optax.constant_schedule(t.learning_rate)

@@ -26,14 +26,16 @@ HYPER = dict(learning_rate=0.1, warmup_steps=2, lr_schedule='cosine', num_steps=
              b1=0.8, b2=0.95, weight_decay=0.5, grad_clip=1.0)
 
 
-def np_learning_rate(k: int, *, learning_rate, warmup_steps, lr_schedule, num_steps, min_learning_rate, **_):
+def np_learning_rate(k: int, *, learning_rate, warmup_steps, lr_schedule, num_steps, min_learning_rate,
+                     lr_decay_steps=0, **_):
   """The rate of update k (k = 0 first): linear warmup from 0 over warmup_steps, then constant or a half cosine
-  from learning_rate to min_learning_rate reached at num_steps."""
+  from learning_rate to min_learning_rate reached at lr_decay_steps (num_steps when 0)."""
   if k < warmup_steps:
     return learning_rate * k / warmup_steps
   if lr_schedule == 'constant':
     return learning_rate
-  frac = min(k - warmup_steps, num_steps - warmup_steps) / (num_steps - warmup_steps)
+  end = lr_decay_steps or num_steps
+  frac = min(k - warmup_steps, end - warmup_steps) / (end - warmup_steps)
   return min_learning_rate + (learning_rate - min_learning_rate) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
@@ -44,6 +46,19 @@ def test_learning_rate_literals():
   schedule = train.lr_schedule(config_lib.TrainConfig(**h))
   np.testing.assert_allclose([float(schedule(k)) for k in (0, 1, 2, 4, 6, 9)], [0, 0.05, 0.1, 0.055, 0.01, 0.01],
                              rtol=1e-6, atol=1e-9)
+
+
+def test_a_run_stopped_before_lr_decay_steps_keeps_the_longer_schedule():
+  # nanoGPT's lr_decay_iters: 3 steps of a run whose cosine ends at step 6 take the 6-step run's rates, not a
+  # decay squeezed into 3 steps (which would reach the floor at step 3).
+  short = dict(HYPER, num_steps=3, lr_decay_steps=6)
+  assert [np_learning_rate(k, **short) for k in (2, 4, 6)] == pytest.approx([0.1, 0.055, 0.01])
+  schedule = train.lr_schedule(config_lib.TrainConfig(**short))
+  np.testing.assert_allclose([float(schedule(k)) for k in (0, 1, 2, 3, 4, 6, 9)],
+                             [0, 0.05, 0.1, 0.1 - 0.09 * 0.5 * (1 - math.cos(math.pi / 4)), 0.055, 0.01, 0.01],
+                             rtol=1e-6, atol=1e-9)
+  with pytest.raises(config_lib.ConfigError, match='lr_decay_steps=2 must be 0'):
+    config_lib.TrainConfig(**dict(short, lr_decay_steps=2))
 
 
 class NumpyAdamW:
@@ -93,8 +108,9 @@ def _grads(rng, norm):
 
 @pytest.mark.parametrize('flat,mask', [(False, 'all'), (True, 'all'), (False, 'matrices')])
 @pytest.mark.parametrize('hyper', [HYPER, dict(HYPER, lr_schedule='constant', grad_clip=0.0, warmup_steps=3),
-                                   dict(HYPER, warmup_steps=0, grad_clip=2.0, min_learning_rate=0.0)],
-                         ids=['warmup_cosine_clip', 'warmup_constant', 'cosine_clip2'])
+                                   dict(HYPER, warmup_steps=0, grad_clip=2.0, min_learning_rate=0.0),
+                                   dict(HYPER, num_steps=5, lr_decay_steps=9)],
+                         ids=['warmup_cosine_clip', 'warmup_constant', 'cosine_clip2', 'decay_past_the_end'])
 def test_make_optimizer_matches_numpy_adamw(flat, mask, hyper):
   rng = np.random.default_rng(0)
   params0 = [rng.normal(size=s) for s in _SHAPES]
