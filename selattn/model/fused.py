@@ -57,6 +57,10 @@ class Blocks:
   block_f: int = 32  # hidden units per chunk: a tile holds [block_q, block_k, block_f] of g at a time
   num_warps: int = 4
   num_stages: int = 1
+  # 'split': two backward kernels (per query tile: du, dq; per key tile: dw, dW2k, db2k), each recomputing the
+  # tiles, deterministic. 'merged': one kernel per key tile that also adds du, dq into place with atomic adds:
+  # one recompute fewer, but float sums in a varying order (not bit-reproducible run to run on a GPU).
+  backward: str = 'split'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +73,7 @@ class _Static:
   num_warps: int
   num_stages: int
   interpret: bool
+  backward: str = 'split'
 
 
 def _dot(a, b, trans_a=False, trans_b=False):
@@ -337,6 +342,61 @@ def _bwd_key_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_
   jax.lax.fori_loop(0, n_q, body, 0)
 
 
+def _bwd_merged_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, lse_ref,
+                       delta_ref, dgo_ref, du0_ref, dq0_ref, dw_ref, dw2_ref, db2_ref, du_ref, dq_ref, *,
+                       st: _Static, n_heads: int, n_chunks: int, n_q: int):
+  """One program per (batch, key tile), looping over query tiles: dw, dW2k and db2k in its own output blocks as in
+  `_bwd_key_kernel`, and du, dq (whole, per batch, zero on entry: du0/dq0 are aliased to them) by atomic adds.
+  Each tile is computed once in the backward pass, not once per backward kernel."""
+  from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (atomic adds: GPU, or interpreted)
+  del du0_ref, dq0_ref
+  bq, bk, fc = st.bq, st.bk, st.fc
+  start = pl.program_id(1) * bk
+  kpos = kpos_ref[pl.ds(start, bk)]
+  cos, sin = cos_ref[pl.ds(start, bk), :], sin_ref[pl.ds(start, bk), :]
+  b2 = _load_b2(b2_ref, n_heads)
+  for ref in (dw_ref, dw2_ref, db2_ref):
+    ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+  def body(qb_idx, carry):
+    rows = pl.ds(qb_idx * bq, bq)
+    qpos = qpos_ref[rows]
+
+    def compute(carry):
+      qa, qb = _load_query(q_ref, n_heads, rows)
+      lse = [lse_ref[n, rows] for n in range(n_heads)]
+      delta = [delta_ref[n, rows] for n in range(n_heads)]
+      mask = qpos[:, None] >= kpos[None, :]
+      kr1, kr2, logits, dp, cache = _keys(st, n_heads, n_chunks, qa, qb, u_ref, rows, w_ref, w2_ref, b2, start,
+                                          cos, sin, dgo_ref)
+      p, ds, dk1, dk2 = _tile_grads(st, n_heads, qa, qb, logits, dp, mask, lse, delta, cos, sin)
+      for n in range(n_heads):  # (scalar indices as arrays: the interpreter's atomic rule wants .shape)
+        head, half = jnp.int32(n), (jnp.int32(0), jnp.int32(1))
+        plgpu.atomic_add(dq_ref, (rows, head, half[0], slice(None)), jnp.sum(ds[n][:, :, None] * kr1[n], axis=1))
+        plgpu.atomic_add(dq_ref, (rows, head, half[1], slice(None)), jnp.sum(ds[n][:, :, None] * kr2[n], axis=1))
+        db2_ref[n, 0, :] += jnp.sum(dk1[n], axis=0)
+        db2_ref[n, 1, :] += jnp.sum(dk2[n], axis=0)
+
+      def hidden(c, carry):
+        h, g = _chunk(st, u_ref, w_ref, rows, start, c, cache)
+        cols = (slice(None), pl.ds(c * fc, fc))
+        dh = _dh(st, n_heads, c, h, g, p, dk1, dk2, w2_ref, dgo_ref, rows)
+        dw_ref[cols] += jnp.sum(dh, axis=0)
+        plgpu.atomic_add(du_ref, (rows, pl.ds(c * fc, fc)), jnp.sum(dh, axis=1))
+        g2 = g.reshape(bq * bk, fc).astype(w2_ref.dtype)
+        for n in range(n_heads):
+          dw2_ref[pl.ds(c * fc, fc), n, 0, :] += _dot(g2, dk1[n].astype(g2.dtype), trans_a=True)
+          dw2_ref[pl.ds(c * fc, fc), n, 1, :] += _dot(g2, dk2[n].astype(g2.dtype), trans_a=True)
+        return carry
+
+      _loop(n_chunks, hidden, 0)
+      return carry
+
+    return jax.lax.cond(_visible(qpos, kpos), compute, lambda c: c, carry)
+
+  jax.lax.fori_loop(0, n_q, body, 0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # pallas_call wrappers and the custom VJP, on padded arrays:
 #   q [B, Tp, N, 2, H2]  u [B, Tp, Fp]  w [B, Sp, Fp]  w2 [Fp, N, 2, H2]  b2 [N, 2, H2]  cos, sin [Sp, H2]
@@ -392,10 +452,44 @@ def _backward(st: _Static, res, dg_out):
   n_chunks, n_q, n_k = fp // st.fc, tp // st.bq, sp // st.bk
   delta = jnp.einsum('btnf,btnf->bnt', dg_out, g)  # Delta_i = dG_i . G_i per head
   args = (q, u, w, w2, b2, cos, sin, qpos, kpos, lse, delta, dg_out)
+  whole_rows = [pl.BlockSpec((None, n, tp), lambda b, i: (b, 0, 0)),
+                pl.BlockSpec((None, n, tp), lambda b, i: (b, 0, 0)),
+                pl.BlockSpec((None, tp, n, fp), lambda b, i: (b, 0, 0, 0))]
+  key_out_specs = [pl.BlockSpec((None, st.bk, fp), lambda b, i: (b, i, 0)),
+                   pl.BlockSpec((None, None, fp, n, 2, h2), lambda b, i: (b, i, 0, 0, 0, 0)),
+                   pl.BlockSpec((None, None, n, 2, h2), lambda b, i: (b, i, 0, 0, 0))]
+  key_out_shapes = [jax.ShapeDtypeStruct((bsz, sp, fp), jnp.float32),
+                    jax.ShapeDtypeStruct((bsz, n_k, fp, n, 2, h2), jnp.float32),
+                    jax.ShapeDtypeStruct((bsz, n_k, n, 2, h2), jnp.float32)]
+  key_in_specs = _common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled=False) + whole_rows
+  if st.backward == 'merged':
+    query_outs = [pl.BlockSpec((None, tp, fp), lambda b, i: (b, 0, 0)),
+                  pl.BlockSpec((None, tp, n, 2, h2), lambda b, i: (b, 0, 0, 0, 0))]
+    zeros = (jnp.zeros((bsz, tp, fp), jnp.float32), jnp.zeros((bsz, tp, n, 2, h2), jnp.float32))
+    dw, dw2, db2, du, dq = pl.pallas_call(
+        functools.partial(_bwd_merged_kernel, st=st, n_heads=n, n_chunks=n_chunks, n_q=n_q),
+        grid=(bsz, n_k), in_specs=key_in_specs + query_outs, out_specs=key_out_specs + query_outs,
+        out_shape=key_out_shapes + [jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros],
+        input_output_aliases={len(args): 3, len(args) + 1: 4},
+        compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_merged',
+    )(*args, *zeros)
+  else:
+    du, dq = _backward_query(st, args, bsz, tp, n, h2, fp, n_chunks, n_q, n_k)
+    dw, dw2, db2 = pl.pallas_call(
+        functools.partial(_bwd_key_kernel, st=st, n_heads=n, n_chunks=n_chunks, n_q=n_q),
+        grid=(bsz, n_k), in_specs=key_in_specs, out_specs=key_out_specs, out_shape=key_out_shapes,
+        compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_key',
+    )(*args)
+  return (dq.astype(q.dtype), du.astype(u.dtype), dw.astype(w.dtype), dw2.sum((0, 1)).astype(w2.dtype),
+          db2.sum((0, 1)).astype(b2.dtype), None, None, None, None)
+
+
+def _backward_query(st, args, bsz, tp, n, h2, fp, n_chunks, n_q, n_k):
+  q, u, w, w2, b2, cos, _, qpos, kpos = args[:9]
   row_specs = [pl.BlockSpec((None, n, st.bq), lambda b, i: (b, 0, i)),
                pl.BlockSpec((None, n, st.bq), lambda b, i: (b, 0, i)),
                pl.BlockSpec((None, st.bq, n, fp), lambda b, i: (b, i, 0, 0))]
-  du, dq = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_bwd_query_kernel, st=st, n_heads=n, n_chunks=n_chunks, n_k=n_k),
       grid=(bsz, n_q),
       in_specs=_common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled=True) + row_specs,
@@ -405,23 +499,6 @@ def _backward(st: _Static, res, dg_out):
                  jax.ShapeDtypeStruct((bsz, tp, n, 2, h2), jnp.float32)],
       compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_query',
   )(*args)
-  whole_rows = [pl.BlockSpec((None, n, tp), lambda b, i: (b, 0, 0)),
-                pl.BlockSpec((None, n, tp), lambda b, i: (b, 0, 0)),
-                pl.BlockSpec((None, tp, n, fp), lambda b, i: (b, 0, 0, 0))]
-  dw, dw2, db2 = pl.pallas_call(
-      functools.partial(_bwd_key_kernel, st=st, n_heads=n, n_chunks=n_chunks, n_q=n_q),
-      grid=(bsz, n_k),
-      in_specs=_common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled=False) + whole_rows,
-      out_specs=[pl.BlockSpec((None, st.bk, fp), lambda b, i: (b, i, 0)),
-                 pl.BlockSpec((None, None, fp, n, 2, h2), lambda b, i: (b, i, 0, 0, 0, 0)),
-                 pl.BlockSpec((None, None, n, 2, h2), lambda b, i: (b, i, 0, 0, 0))],
-      out_shape=[jax.ShapeDtypeStruct((bsz, sp, fp), jnp.float32),
-                 jax.ShapeDtypeStruct((bsz, n_k, fp, n, 2, h2), jnp.float32),
-                 jax.ShapeDtypeStruct((bsz, n_k, n, 2, h2), jnp.float32)],
-      compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_key',
-  )(*args)
-  return (dq.astype(q.dtype), du.astype(u.dtype), dw.astype(w.dtype), dw2.sum((0, 1)).astype(w2.dtype),
-          db2.sum((0, 1)).astype(b2.dtype), None, None, None, None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -486,7 +563,8 @@ def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Arr
   h2 = max(16, _pow2((h + 1) // 2))
   tp, sp, fp = -(-t // blocks.block_q) * blocks.block_q, -(-s // blocks.block_k) * blocks.block_k, -(-f // fc) * fc
   st = _Static(scale=1.0 / math.sqrt(h), act=act, bq=blocks.block_q, bk=blocks.block_k, fc=fc,
-               num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret)
+               num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret,
+               backward=blocks.backward)
 
   if rope_theta is not None:
     q = rope_lib.apply(q, *rope_lib.angles(q_pos, h, rope_theta))

@@ -1,0 +1,106 @@
+"""GPU: per-layer times of the fused MLP-generator kernels over tile sizes, warps and backward kernels.
+
+One selective layer at the original config's shapes (B16 T299 N2 H32, RoPE), the MLP generator at each
+kv_hidden, forward alone and forward + backward (the gradients of every input), with `blockwise` at 320x320 tiles
+as the baseline in the same process. Writes one JSON line per variant to $OUT/fused_sweep.jsonl as it goes (a
+variant that fails to compile is recorded with its error). From the repo root, on a GPU machine:
+
+  PYTHONPATH=$PWD OUT=. python docs/bench/fused_sweep.py [--quick]
+"""
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selattn.model import attention as attn_lib
+from selattn.model import fused
+
+OUT = os.environ.get('OUT', '.')
+B, T, N, H = int(os.environ.get('SWEEP_B', 16)), int(os.environ.get('SWEEP_T', 299)), 2, 32  # small: a CPU try
+D = N * H
+
+
+def inputs(f, dtype):
+  ks = jax.random.split(jax.random.key(f), 7)
+  p = {'w1': jax.random.normal(ks[0], (2 * D, f)) / np.sqrt(2 * D), 'b1': 0.1 * jax.random.normal(ks[1], (f,)),
+       'w2': jax.random.normal(ks[2], (f, 2 * D)) / np.sqrt(f), 'b2': 0.1 * jax.random.normal(ks[3], (2 * D,))}
+  q, x = jax.random.normal(ks[4], (B, T, N, H)), jax.random.normal(ks[5], (B, T, D))
+  cot = jax.random.normal(ks[6], (B, T, N, H))
+  cast = lambda t: jax.tree.map(lambda a: a.astype(dtype), t)
+  return cast(p), cast(q), cast(x), cot
+
+
+def layer(impl, blocks):
+  pos = jnp.arange(T)
+
+  def out(p, q, x):
+    if impl == 'blockwise':
+      return attn_lib.selective_blockwise(attn_lib.MlpKV, p, q, x, pos, pos, 10000.0, 320, 320)
+    return attn_lib.selective_fused(attn_lib.MlpKV, attn_lib.MlpKV.fused_params(p), q, x, pos, pos, 10000.0, blocks)
+
+  def loss(p, q, x, cot):
+    return jnp.sum(out(p, q, x).astype(jnp.float32) * cot)
+
+  return jax.jit(out), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def timed(fn, *args, iters=20):
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(times))
+
+
+def pair_flops(f):
+  """Per-pair generator work the fused kernels do for one layer, forward and backward (multiply-adds x 2): the key
+  layer once forward; backward: recomputed keys, dg = W2k dK and dW2k in each of the tile passes listed."""
+  pairs = B * T * (T + 1) / 2
+  return pairs * 2 * f * D
+
+
+def main():
+  quick = '--quick' in sys.argv
+  variants = []
+  for f in (64, 256):
+    for dt in ('float32',):
+      variants.append((f, dt, 'blockwise', None))
+      for bq, bk, fc, warps, stages, bwd in [
+          (16, 16, 32, 4, 1, 'split'), (16, 16, 32, 4, 1, 'merged'), (16, 16, 32, 8, 1, 'merged'),
+          (16, 16, 64, 4, 1, 'merged'), (16, 16, 64, 8, 1, 'merged'), (16, 16, 16, 4, 1, 'merged'),
+          (32, 16, 32, 8, 1, 'merged'), (16, 32, 32, 8, 1, 'merged'), (32, 32, 32, 8, 1, 'merged'),
+          (32, 32, 16, 8, 1, 'merged'), (16, 16, 32, 2, 1, 'merged'), (16, 16, 32, 4, 2, 'merged'),
+      ][:3 if quick else None]:
+        variants.append((f, dt, 'fused', fused.Blocks(bq, bk, fc, warps, stages, bwd)))
+  path = os.path.join(OUT, 'fused_sweep.jsonl')
+  with open(path, 'a') as fh:
+    for f, dt, impl, blocks in variants:
+      rec = {'kv_hidden': f, 'dtype': dt, 'impl': impl, 'B': B, 'T': T, 'N': N, 'H': H,
+             'blocks': None if blocks is None else blocks.__dict__, 'jax': jax.__version__,
+             'device': jax.devices()[0].device_kind}
+      try:
+        fwd, grad = layer(impl, blocks)
+        args = inputs(f, dt)
+        t0 = time.perf_counter()
+        jax.block_until_ready(grad(*args))
+        rec['compile_s'] = time.perf_counter() - t0
+        rec['fwd_ms'] = timed(fwd, *args[:3])
+        rec['fwd_bwd_ms'] = timed(grad, *args)
+        rec['key_layer_tflops'] = pair_flops(f) * 4 / (rec['fwd_bwd_ms'] * 1e-3) / 1e12
+      except Exception:  # noqa: BLE001 (a variant the compiler refuses is a result too)
+        rec['error'] = traceback.format_exc()[-1500:]
+      print(json.dumps(rec), flush=True)
+      fh.write(json.dumps(rec) + '\n')
+      fh.flush()
+
+
+if __name__ == '__main__':
+  main()
