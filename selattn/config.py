@@ -23,6 +23,7 @@ SELECTIVE_PARTS = ('both', 'keys', 'values')
 DECAY_MASKS = ('all', 'matrices')
 VOCABS = ('chars', 'bytes')
 SPLITS = ('tail', 'enwik8')
+FUSED_BACKWARDS = ('split', 'merged')
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,7 @@ class ModelConfig:
   fused_block_q: int = 16
   fused_block_k: int = 16
   fused_block_f: int = 32
+  fused_backward: str = 'split'
   remat: bool = False
   # Rows of the learned position table: data.seq_len when positions='learned', else 0 (set by from_config).
   max_len: int = 0
@@ -98,6 +100,7 @@ class ModelConfig:
     _choice(p + 'activation', self.activation, ACTIVATIONS)
     _choice(p + 'init', self.init, INITS)
     _choice(p + 'selective_parts', self.selective_parts, SELECTIVE_PARTS)
+    _choice(p + 'fused_backward', self.fused_backward, FUSED_BACKWARDS)
     for k in ('vocab_size', 'd_model', 'num_heads', 'num_layers', 'ffn_mult', 'kv_hidden', 'block_q', 'block_k'):
       _positive(p + k, getattr(self, k))
     _positive(p + 'rope_theta', self.rope_theta)

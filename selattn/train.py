@@ -36,8 +36,8 @@ from selattn import workdir as workdir_lib
 from selattn.model import Transformer, count_params
 
 # Model keys that only choose how the same function is computed: a run may resume with other values.
-EXECUTION_KEYS = ('selective_impl', 'block_q', 'block_k', 'fused_block_q', 'fused_block_k', 'fused_block_f', 'remat',
-                  'dtype', 'dropout', 'attn_dropout')
+EXECUTION_KEYS = ('selective_impl', 'block_q', 'block_k', 'fused_block_q', 'fused_block_k', 'fused_block_f',
+                  'fused_backward', 'remat', 'dtype', 'dropout', 'attn_dropout')
 
 
 class TrainingError(RuntimeError):

@@ -140,6 +140,7 @@ def test_from_config_rejects_unknown_sections():
     ('model', 'num_heads', 3, 'model.d_model'),
     ('model', 'attention', 'linear', 'model.attention'),
     ('model', 'dropout', 1.0, 'model.dropout'),
+    ('model', 'fused_backward', 'atomic', "model.fused_backward='atomic'"),
     ('data', 'val_fraction', 0.0, 'data.val_fraction'),
     ('data', 'vocab', 'words', 'data.vocab'),
     ('data', 'split', 'head', 'data.split'),

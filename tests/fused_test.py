@@ -6,6 +6,7 @@ the output and the gradients of every generator parameter, of the query and of x
 
 from __future__ import annotations
 
+import json
 import logging
 
 import jax
@@ -74,6 +75,31 @@ def test_fused_matches_materialized(rope, n, h, f, t):
   for k in ('w1', 'b1', 'w2', 'b2'):
     assert _rel(gp[k], rp[k]) <= 1e-5, k
   assert _rel(gq, rq) <= 1e-5 and _rel(gx, rx) <= 1e-5
+
+
+def _assert_matches_materialized(rope, n, h, f, t, blocks, seed):
+  p, q, x, cot = _inputs(seed, 2, t, n, h, f)
+  out, grads = _value_and_grads('fused', p, q, x, cot, rope, blocks)
+  ref_out, ref_grads = _value_and_grads('materialized', p, q, x, cot, rope)
+  assert _rel(out, ref_out) <= 1e-5
+  (gp, gq, gx), (rp, rq, rx) = grads, ref_grads
+  for k in ('w1', 'b1', 'w2', 'b2'):
+    assert _rel(gp[k], rp[k]) <= 1e-5, k
+  assert _rel(gq, rq) <= 1e-5, 'q'
+  assert _rel(gx, rx) <= 1e-5, 'x'
+
+
+# The merged backward (one kernel per key tile, du and dq added with atomic adds) on two of CASES: RoPE with F over
+# eight hidden chunks, and no RoPE with T = 21 not a multiple of the tile.
+@pytest.mark.parametrize('rope,n,h,f,t', [CASES[2], CASES[1]])
+def test_merged_backward_matches_materialized(rope, n, h, f, t):
+  _assert_matches_materialized(rope, n, h, f, t, fused_lib.Blocks(backward='merged'), 7 * n + f + t)
+
+
+def test_merged_backward_adds_many_query_tiles_into_one_key_tile():
+  # T = 37 in 16 x 16 tiles: three query and three key tiles, so the last query tile's du, dq rows take adds from
+  # all three key tile programs; F = 40 spans three hidden chunks of 16.
+  _assert_matches_materialized(True, 2, 8, 40, 37, fused_lib.Blocks(16, 16, 16, backward='merged'), 11)
 
 
 def _numpy_selective_mlp(p, q, x, rope: bool):
@@ -210,8 +236,21 @@ def test_fused_tiles_must_be_powers_of_two_from_16(bad):
     config_lib.ModelConfig(vocab_size=7, fused_block_q=bad)
 
 
+def test_a_run_may_resume_with_the_other_fused_backward(tmp_path):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from selattn import train  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  (tmp_path / 'config.json').write_text(json.dumps({'config': config_lib.from_config(c, 11).to_dict()}))
+  c.model.fused_backward = 'merged'
+  train.check_compatible(str(tmp_path), config_lib.from_config(c, 11))  # the same model, computed otherwise
+  c.model.kv_hidden += 1  # while another model is refused
+  with pytest.raises(train.TrainingError, match='model.kv_hidden'):
+    train.check_compatible(str(tmp_path), config_lib.from_config(c, 11))
+
+
 def test_sharded_meshes_give_the_single_device_result(tmp_path):
-  # 8 fake CPU devices in a subprocess: seq split (zigzag positions), seq x tensor, fsdp x tensor.
+  # 8 fake CPU devices in a subprocess: seq split (zigzag positions), seq x tensor (with either backward), fsdp x
+  # tensor.
   res = mc.Worker(['fused'], 8, str(tmp_path / 'fused.log'), timeout=600).result()
   assert set(res) == set(mc.FUSED_MESHES)
   for name, r in res.items():
@@ -220,3 +259,6 @@ def test_sharded_meshes_give_the_single_device_result(tmp_path):
     # Each device's kernel sees its own batch rows, query positions and heads: the work is split, not repeated.
     assert r['kernel_q'] == [[4 // (data * fsdp), 16, 4 // tensor, 2, 16]], (name, r['kernel_q'])
     assert r['leaves'] == 7 and r['max_rel_diff'] <= 1e-5, (name, r)
+    backward = ['selective_fused_bwd_merged'] if name.endswith('_merged') else [
+        'selective_fused_bwd_key', 'selective_fused_bwd_query']
+    assert r['kernels'] == sorted(['selective_fused_fwd'] + backward), (name, r['kernels'])

@@ -294,12 +294,16 @@ def _controls() -> dict:
   return {'gather_control': hlo_all_gather_shapes(hlo), 'mesh_errors': errors}
 
 
-FUSED_MESHES = {'data2_seq4': (2, 1, 4, 1), 'data2_seq2_tensor2': (2, 1, 2, 2), 'fsdp2_tensor4': (1, 2, 1, 4)}
+# A name ending in '_merged' runs model.fused_backward='merged' (one backward kernel, atomic adds of du and dq).
+FUSED_MESHES = {'data2_seq4': (2, 1, 4, 1), 'data2_seq2_tensor2': (2, 1, 2, 2), 'fsdp2_tensor4': (1, 2, 1, 4),
+                'data2_seq2_tensor2_merged': (2, 1, 2, 2)}
 
 
 def _fused() -> dict:
   """One selective layer with the MLP generator, `fused`, RoPE on, tokens in a zigzag order (as the trainer lays
-  them out under `seq`): output and the gradients of every parameter and of x, on each mesh and on one device."""
+  them out under `seq`): output and the gradients of every parameter and of x, on each mesh and on one device
+  (there with the split backward)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -314,7 +318,9 @@ def _fused() -> dict:
                                kv_hidden=48, d_model=d, num_heads=n)
   with nnx.use_eager_sharding(False):
     layer = attn_lib.SelectiveAttention(cfg, rngs=nnx.Rngs(3))
+    merged = attn_lib.SelectiveAttention(dataclasses.replace(cfg, fused_backward='merged'), rngs=nnx.Rngs(3))
   graphdef, params = nnx.split(layer)
+  graphdef_merged = nnx.split(merged)[0]  # the same parameters: the backward kernels are an execution choice
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
   cot = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
@@ -322,25 +328,28 @@ def _fused() -> dict:
   chunks = np.arange(t).reshape(8, t // 8)
   positions = jnp.asarray(np.concatenate([np.concatenate([chunks[i], chunks[7 - i]]) for i in range(4)]), jnp.int32)
 
-  def loss(params, x):
-    out = nnx.merge(graphdef, params)(x, positions, contiguous=False)
-    return jnp.sum(out * cot), out
+  def grad_of(graphdef):
+    def loss(params, x):
+      out = nnx.merge(graphdef, params)(x, positions, contiguous=False)
+      return jnp.sum(out * cot), out
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)
 
-  grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
-  (g_ref, gx_ref), out_ref = jax.jit(grad)(params, x)
+  (g_ref, gx_ref), out_ref = jax.jit(grad_of(graphdef))(params, x)
   ref = [np.asarray(a) for a in jax.tree.leaves((out_ref, g_ref, gx_ref))]
   res = {}
   for name, sizes in FUSED_MESHES.items():
     mesh = sharding.make_mesh(config_lib.MeshConfig(*sizes), jax.devices()[:int(np.prod(sizes))])
     with jax.set_mesh(mesh):
       xs = jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH, 'seq', None)))
-      traced = jax.jit(grad).trace(params, xs)
+      traced = jax.jit(grad_of(graphdef_merged if name.endswith('_merged') else graphdef)).trace(params, xs)
       (g, gx), out = traced.lower().compile()(params, xs)
     prims, _, _ = _walk(traced.jaxpr.jaxpr)
     got = [np.asarray(a) for a in jax.tree.leaves((out, g, gx))]
     # The shapes each device's kernels take: the padded query [b, T_local, N_local, 2, H2] of every pallas_call.
-    kernel_q = sorted({tuple(e.invars[0].aval.shape) for e in _eqns_named(traced.jaxpr.jaxpr, 'pallas_call')})
+    calls = _eqns_named(traced.jaxpr.jaxpr, 'pallas_call')
+    kernel_q = sorted({tuple(e.invars[0].aval.shape) for e in calls})
     res[name] = {'shard_map': 'shard_map' in prims, 'pallas_call': 'pallas_call' in prims, 'kernel_q': kernel_q,
+                 'kernels': sorted({e.params['name'] for e in calls}),
                  'max_rel_diff': max(float(np.abs(a - r).max() / np.abs(r).max()) for a, r in zip(got, ref)),
                  'leaves': len(got)}
     print(name, res[name], flush=True)

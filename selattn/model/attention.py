@@ -542,7 +542,8 @@ class SelectiveAttention(nnx.Module):
     if impl == 'factored':
       return _merge(selective_factored(p, q, x, positions, positions, rope_cfg, contiguous, dropout))
     if impl == 'fused':
-      blocks = fused_lib.Blocks(block_q=cfg.fused_block_q, block_k=cfg.fused_block_k, block_f=cfg.fused_block_f)
+      blocks = fused_lib.Blocks(block_q=cfg.fused_block_q, block_k=cfg.fused_block_k, block_f=cfg.fused_block_f,
+                                backward=cfg.fused_backward)
       why = fused_lib.unsupported(cfg.head_dim, blocks)
       if why is None and cfg.attn_dropout > 0:
         why = 'model.attn_dropout > 0: the kernels have no dropout mask'
