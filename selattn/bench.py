@@ -74,6 +74,8 @@ def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, i
       for dt in ('float32', 'bfloat16'):
         v = {**base, 'model.kv_hidden': hid, 'model.dtype': dt}
         out.append((f'fused-h{hid}-{dt[:4]}', {**v, 'model.selective_impl': 'fused'}, 1))
+        out.append((f'fused-merged-h{hid}-{dt[:4]}', {**v, 'model.selective_impl': 'fused',
+                                                      'model.fused_backward': 'merged'}, 1))
         out.append((f'blockwise-b320-h{hid}-{dt[:4]}', {**v, 'model.selective_impl': 'blockwise',
                                                          'model.block_q': 320, 'model.block_k': 320}, 1))
     lin = {**base, 'model.kv_generator': 'linear'}
@@ -83,6 +85,7 @@ def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, i
     base = {'model.kv_generator': 'mlp', 'model.kv_hidden': 256, 'model.d_model': 256, 'model.num_heads': 4,
             'data.seq_len': 4096, 'train.batch_size': 4, 'model.dtype': 'bfloat16', 'train.steps_per_call': 1}
     out = [('fused-1dev', {**base, 'model.selective_impl': 'fused'}, 1),
+           ('fused-merged-1dev', {**base, 'model.selective_impl': 'fused', 'model.fused_backward': 'merged'}, 1),
            ('blockwise-1dev', {**base, 'model.selective_impl': 'blockwise', 'model.block_q': 512,
                                'model.block_k': 512}, 1)]
     if n_dev > 1:
