@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.fused_block_q = 16  # fused selective (Pallas): query tile size (a power of two >= 16)
   m.fused_block_k = 16  # fused selective: key tile size (a power of two >= 16)
   m.fused_block_f = 32  # fused selective: generator hidden units per chunk (a power of two >= 16)
-  m.fused_backward = 'split'  # fused backward: 'split' (two kernels, deterministic) | 'merged' (one, atomic adds: a recompute fewer, GPU sums vary in order)
+  m.fused_backward = 'merged'  # fused backward: 'merged' (one kernel, atomic adds: a recompute fewer, GPU sums vary in order) | 'split' (two, deterministic)
   m.remat = False  # rematerialise each layer in the backward pass (saves activation memory)
 
   c.data = d = ml_collections.ConfigDict()

@@ -73,7 +73,7 @@ class ModelConfig:
   fused_block_q: int = 16
   fused_block_k: int = 16
   fused_block_f: int = 32
-  fused_backward: str = 'split'
+  fused_backward: str = 'merged'
   remat: bool = False
   # Rows of the learned position table: data.seq_len when positions='learned', else 0 (set by from_config).
   max_len: int = 0

@@ -89,11 +89,16 @@ def _assert_matches_materialized(rope, n, h, f, t, blocks, seed):
   assert _rel(gx, rx) <= 1e-5, 'x'
 
 
-# The merged backward (one kernel per key tile, du and dq added with atomic adds) on two of CASES: RoPE with F over
-# eight hidden chunks, and no RoPE with T = 21 not a multiple of the tile.
+# CASES run the default backward, merged (one kernel per key tile, du and dq added with atomic adds); the split one
+# (two kernels) on two of them: RoPE with F over eight hidden chunks, and no RoPE with T = 21 not a multiple of the
+# tile.
+def test_the_default_backward_is_merged():
+  assert fused_lib.Blocks().backward == 'merged' == config_lib.ModelConfig(vocab_size=7).fused_backward
+
+
 @pytest.mark.parametrize('rope,n,h,f,t', [CASES[2], CASES[1]])
-def test_merged_backward_matches_materialized(rope, n, h, f, t):
-  _assert_matches_materialized(rope, n, h, f, t, fused_lib.Blocks(backward='merged'), 7 * n + f + t)
+def test_split_backward_matches_materialized(rope, n, h, f, t):
+  _assert_matches_materialized(rope, n, h, f, t, fused_lib.Blocks(backward='split'), 7 * n + f + t)
 
 
 def test_merged_backward_adds_many_query_tiles_into_one_key_tile():
@@ -240,6 +245,7 @@ def test_a_run_may_resume_with_the_other_fused_backward(tmp_path):
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from selattn import train  # pylint: disable=g-import-not-at-top
   c = tiny.get_config()
+  c.model.fused_backward = 'split'
   (tmp_path / 'config.json').write_text(json.dumps({'config': config_lib.from_config(c, 11).to_dict()}))
   c.model.fused_backward = 'merged'
   train.check_compatible(str(tmp_path), config_lib.from_config(c, 11))  # the same model, computed otherwise

@@ -315,7 +315,7 @@ def _fused() -> dict:
 
   b, t, d, n = 4, 16, 32, 4
   cfg = config_lib.ModelConfig(vocab_size=VOCAB, attention='selective', selective_impl='fused', kv_generator='mlp',
-                               kv_hidden=48, d_model=d, num_heads=n)
+                               kv_hidden=48, d_model=d, num_heads=n, fused_backward='split')
   with nnx.use_eager_sharding(False):
     layer = attn_lib.SelectiveAttention(cfg, rngs=nnx.Rngs(3))
     merged = attn_lib.SelectiveAttention(dataclasses.replace(cfg, fused_backward='merged'), rngs=nnx.Rngs(3))
