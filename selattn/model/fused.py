@@ -301,61 +301,17 @@ def _bwd_query_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpo
     dq_ref[:, n, 1, :] = dqb[n]
 
 
-def _bwd_key_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, lse_ref,
-                    delta_ref, dgo_ref, dw_ref, dw2_ref, db2_ref, *, st: _Static, n_heads: int, n_chunks: int,
-                    n_q: int):
-  """One program per (batch, key tile): dw, and this tile's share of dW2k and db2k, looping over query tiles.
-  All three accumulate in the program's own output blocks."""
-  bq, bk, fc = st.bq, st.bk, st.fc
-  start = pl.program_id(1) * bk
-  kpos = kpos_ref[pl.ds(start, bk)]
-  cos, sin = cos_ref[pl.ds(start, bk), :], sin_ref[pl.ds(start, bk), :]
-  b2 = _load_b2(b2_ref, n_heads)
-  for ref in (dw_ref, dw2_ref, db2_ref):
-    ref[...] = jnp.zeros(ref.shape, ref.dtype)
-
-  def body(qb_idx, carry):
-    rows = pl.ds(qb_idx * bq, bq)
-    qpos = qpos_ref[rows]
-
-    def compute(carry):
-      qa, qb = _load_query(q_ref, n_heads, rows)
-      lse = [lse_ref[n, rows] for n in range(n_heads)]
-      delta = [delta_ref[n, rows] for n in range(n_heads)]
-      mask = qpos[:, None] >= kpos[None, :]
-      _, _, logits, dp, cache = _keys(st, n_heads, n_chunks, qa, qb, u_ref, rows, w_ref, w2_ref, b2, start, cos,
-                                      sin, dgo_ref)
-      p, _, dk1, dk2 = _tile_grads(st, n_heads, qa, qb, logits, dp, mask, lse, delta, cos, sin)
-      for n in range(n_heads):
-        db2_ref[n, 0, :] += jnp.sum(dk1[n], axis=0)
-        db2_ref[n, 1, :] += jnp.sum(dk2[n], axis=0)
-
-      def hidden(c, carry):
-        h, g = _chunk(st, u_ref, w_ref, rows, start, c, cache)
-        cols = (slice(None), pl.ds(c * fc, fc))
-        dw_ref[cols] += jnp.sum(_dh(st, n_heads, c, h, g, p, dk1, dk2, w2_ref, dgo_ref, rows), axis=0)
-        g2 = g.reshape(bq * bk, fc).astype(w2_ref.dtype)
-        for n in range(n_heads):
-          dw2_ref[pl.ds(c * fc, fc), n, 0, :] += _dot(g2, dk1[n].astype(g2.dtype), trans_a=True)
-          dw2_ref[pl.ds(c * fc, fc), n, 1, :] += _dot(g2, dk2[n].astype(g2.dtype), trans_a=True)
-        return carry
-
-      _loop(n_chunks, hidden, 0)
-      return carry
-
-    return jax.lax.cond(_visible(qpos, kpos), compute, lambda c: c, carry)
-
-  jax.lax.fori_loop(0, n_q, body, 0)
-
-
-def _bwd_merged_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, lse_ref,
-                       delta_ref, dgo_ref, du0_ref, dq0_ref, dw_ref, dw2_ref, db2_ref, du_ref, dq_ref, *,
-                       st: _Static, n_heads: int, n_chunks: int, n_q: int):
-  """One program per (batch, key tile), looping over query tiles: dw, dW2k and db2k in its own output blocks as in
-  `_bwd_key_kernel`, and du, dq (whole, per batch, zero on entry: du0/dq0 are aliased to them) by atomic adds.
-  Each tile is computed once in the backward pass, not once per backward kernel."""
-  from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (atomic adds: GPU, or interpreted)
-  del du0_ref, dq0_ref
+def _bwd_key_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, lse_ref, delta_ref,
+                    dgo_ref, *out_refs, st: _Static, n_heads: int, n_chunks: int, n_q: int, merged: bool):
+  """One program per (batch, key tile), looping over the query tiles that see it: dw, and this tile's share of
+  dW2k and db2k, all accumulated in the program's own output blocks. Merged (`out_refs` = du0, dq0, dw, dW2k,
+  db2k, du, dq; du0/dq0 are the zeros aliased to du/dq): also du and dq, whole per batch, by atomic adds, so each
+  tile is computed once in the backward pass. Split (`out_refs` = dw, dW2k, db2k): `_bwd_query_kernel` does those."""
+  if merged:
+    from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (atomic adds: GPU, or interpreted)
+    _, _, dw_ref, dw2_ref, db2_ref, du_ref, dq_ref = out_refs
+  else:
+    dw_ref, dw2_ref, db2_ref = out_refs
   bq, bk, fc = st.bq, st.bk, st.fc
   start = pl.program_id(1) * bk
   kpos = kpos_ref[pl.ds(start, bk)]
@@ -376,10 +332,11 @@ def _bwd_merged_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qp
       kr1, kr2, logits, dp, cache = _keys(st, n_heads, n_chunks, qa, qb, u_ref, rows, w_ref, w2_ref, b2, start,
                                           cos, sin, dgo_ref)
       p, ds, dk1, dk2 = _tile_grads(st, n_heads, qa, qb, logits, dp, mask, lse, delta, cos, sin)
-      for n in range(n_heads):  # (scalar indices as arrays: the interpreter's atomic rule wants .shape)
-        head, half = jnp.int32(n), (jnp.int32(0), jnp.int32(1))
-        plgpu.atomic_add(dq_ref, (rows, head, half[0], slice(None)), jnp.sum(ds[n][:, :, None] * kr1[n], axis=1))
-        plgpu.atomic_add(dq_ref, (rows, head, half[1], slice(None)), jnp.sum(ds[n][:, :, None] * kr2[n], axis=1))
+      for n in range(n_heads):
+        if merged:  # d(R_i q_i) += scale sum_j ds_ij R_j K_ij; scalar indices as arrays (the interpreter's rule)
+          head, half = jnp.int32(n), (jnp.int32(0), jnp.int32(1))
+          plgpu.atomic_add(dq_ref, (rows, head, half[0], slice(None)), jnp.sum(ds[n][:, :, None] * kr1[n], axis=1))
+          plgpu.atomic_add(dq_ref, (rows, head, half[1], slice(None)), jnp.sum(ds[n][:, :, None] * kr2[n], axis=1))
         db2_ref[n, 0, :] += jnp.sum(dk1[n], axis=0)
         db2_ref[n, 1, :] += jnp.sum(dk2[n], axis=0)
 
@@ -388,7 +345,8 @@ def _bwd_merged_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qp
         cols = (slice(None), pl.ds(c * fc, fc))
         dh = _dh(st, n_heads, c, h, g, p, dk1, dk2, w2_ref, dgo_ref, rows)
         dw_ref[cols] += jnp.sum(dh, axis=0)
-        plgpu.atomic_add(du_ref, (rows, pl.ds(c * fc, fc)), jnp.sum(dh, axis=1))
+        if merged:
+          plgpu.atomic_add(du_ref, (rows, pl.ds(c * fc, fc)), jnp.sum(dh, axis=1))
         g2 = g.reshape(bq * bk, fc).astype(w2_ref.dtype)
         for n in range(n_heads):
           dw2_ref[pl.ds(c * fc, fc), n, 0, :] += _dot(g2, dk1[n].astype(g2.dtype), trans_a=True)
@@ -473,7 +431,7 @@ def _backward(st: _Static, res, dg_out):
                   pl.BlockSpec((None, tp, n, 2, h2), lambda b, i: (b, 0, 0, 0, 0))]
     zeros = (jnp.zeros((bsz, tp, fp), jnp.float32), jnp.zeros((bsz, tp, n, 2, h2), jnp.float32))
     dw, dw2, db2, du, dq = pl.pallas_call(
-        functools.partial(_bwd_merged_kernel, st=st, n_heads=n, n_chunks=n_chunks, n_q=n_q),
+        functools.partial(_bwd_key_kernel, st=st, n_heads=n, n_chunks=n_chunks, n_q=n_q, merged=True),
         grid=(bsz, n_k), in_specs=key_in_specs + query_outs, out_specs=key_out_specs + query_outs,
         out_shape=key_out_shapes + [jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros],
         input_output_aliases={len(args): 3, len(args) + 1: 4},
@@ -482,7 +440,7 @@ def _backward(st: _Static, res, dg_out):
   else:
     du, dq = _backward_query(st, args, bsz, tp, n, h2, fp, n_chunks, n_q, n_k)
     dw, dw2, db2 = pl.pallas_call(
-        functools.partial(_bwd_key_kernel, st=st, n_heads=n, n_chunks=n_chunks, n_q=n_q),
+        functools.partial(_bwd_key_kernel, st=st, n_heads=n, n_chunks=n_chunks, n_q=n_q, merged=False),
         grid=(bsz, n_k), in_specs=key_in_specs, out_specs=key_out_specs, out_shape=key_out_shapes,
         compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_key',
     )(*args)
