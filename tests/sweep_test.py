@@ -61,7 +61,10 @@ def test_sweep_on_cpu_trains_each_seed_resumably(tmp_path):
   args = ['--config', 'configs/tiny.py', '--seeds', '2', '--workdir', str(work), '--gpus', 'none',
           '--config.train.num_steps=4', '--config.train.eval_every=2', '--config.train.checkpoint_every=4',
           '--config.train.sample_length=0', '--config.train.log_every=2']
-  r = _sweep(*args)
+  # Seed 1 runs seed 0's programs (the seed is data, not code): compiled once, through a fresh compilation cache.
+  r = _sweep(*args, env={'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
+                         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+                         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'})
   assert r.returncode == 0, r.stdout + r.stderr
   summary = json.loads((work / 'summary.json').read_text())
   assert set(summary['seeds']) == {'0', '1'} and summary['failed'] == {}
