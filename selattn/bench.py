@@ -73,18 +73,20 @@ def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, i
     for hid in (64, 256):
       for dt in ('float32', 'bfloat16'):
         v = {**base, 'model.kv_hidden': hid, 'model.dtype': dt}
-        out.append((f'fused-h{hid}-{dt[:4]}', {**v, 'model.selective_impl': 'fused'}, 1))
+        # fused-h*: the split backward (its name from before merged became the default, as in the committed JSON).
+        out.append((f'fused-h{hid}-{dt[:4]}', {**v, 'model.selective_impl': 'fused', 'model.fused_backward': 'split'},
+                    1))
         out.append((f'fused-merged-h{hid}-{dt[:4]}', {**v, 'model.selective_impl': 'fused',
                                                       'model.fused_backward': 'merged'}, 1))
         out.append((f'blockwise-b320-h{hid}-{dt[:4]}', {**v, 'model.selective_impl': 'blockwise',
                                                          'model.block_q': 320, 'model.block_k': 320}, 1))
     lin = {**base, 'model.kv_generator': 'linear'}
     out.append(('linear-factored', {**lin, 'model.selective_impl': 'factored'}, 1))
-    out.append(('linear-fused', {**lin, 'model.selective_impl': 'fused'}, 1))
+    out.append(('linear-fused', {**lin, 'model.selective_impl': 'fused', 'model.fused_backward': 'split'}, 1))
   elif workload == 'long-mlp':
     base = {'model.kv_generator': 'mlp', 'model.kv_hidden': 256, 'model.d_model': 256, 'model.num_heads': 4,
             'data.seq_len': 4096, 'train.batch_size': 4, 'model.dtype': 'bfloat16', 'train.steps_per_call': 1}
-    out = [('fused-1dev', {**base, 'model.selective_impl': 'fused'}, 1),
+    out = [('fused-1dev', {**base, 'model.selective_impl': 'fused', 'model.fused_backward': 'split'}, 1),
            ('fused-merged-1dev', {**base, 'model.selective_impl': 'fused', 'model.fused_backward': 'merged'}, 1),
            ('blockwise-1dev', {**base, 'model.selective_impl': 'blockwise', 'model.block_q': 512,
                                'model.block_k': 512}, 1)]

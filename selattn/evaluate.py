@@ -105,7 +105,8 @@ def evaluate(workdir: str, *, split: str = 'test', step: int | None = None, batc
   loss = totals['loss'] / totals['weight']
   nats = totals['loss']
   return {'workdir': workdir, 'step': step, 'split': split, 'data_path': d.path, 'data_vocab': d.vocab,
-          'data_split': d.split, 'seq_len': d.seq_len, 'stride': stride, 'unit': unit, 'tokens_scored': int(totals['weight']),
+          'data_split': d.split, 'seq_len': d.seq_len, 'stride': stride, 'unit': unit,
+          'tokens_scored': int(totals['weight']),
           'bytes_scored': int(totals['bytes']), 'loss': loss, f'bits_per_{unit}': loss / math.log(2),
           'bits_per_byte': nats / math.log(2) / totals['bytes'], 'accuracy': totals['correct'] / totals['weight']}
 

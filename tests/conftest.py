@@ -27,13 +27,3 @@ def no_mesh():
   with nnx.use_eager_sharding(False):
     yield
 
-
-# The longest files first: with one file per worker process at a time (pyproject's `--dist loadfile`), a long file
-# started last would run alone at the end.
-_LONGEST_FIRST = ('sharding_test.py', 'main_test.py', 'multiprocess_test.py', 'fused_test.py', 'block_mesh_test.py',
-                  'sweep_test.py', 'train_test.py')
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -61,8 +61,9 @@ def timed(fn, *args, iters=20):
 
 
 def pair_flops(f):
-  """Per-pair generator work the fused kernels do for one layer, forward and backward (multiply-adds x 2): the key
-  layer once forward; backward: recomputed keys, dg = W2k dK and dW2k in each of the tile passes listed."""
+  """One pass of the key layer (K_ij = W2k^T g_ij, multiply-adds x 2) over every causal pair of one layer. The
+  caller counts 4 passes, the minimum with recomputation (forward; backward: recomputed keys, dg = W2k dK, dW2k):
+  merged does 4, split 6, so for split the rate is a lower bound."""
   pairs = B * T * (T + 1) / 2
   return pairs * 2 * f * D
 

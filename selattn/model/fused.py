@@ -79,7 +79,7 @@ class _Static:
   num_warps: int
   num_stages: int
   interpret: bool
-  backward: str = 'split'
+  backward: str  # Blocks.backward
 
 
 def _dot(a, b, trans_a=False, trans_b=False):
