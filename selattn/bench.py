@@ -21,6 +21,7 @@ Prints a table (ms/step, tokens/s, MFU against 790 TFLOP/s bf16, peak memory, co
 
 from __future__ import annotations
 
+import ast
 import json
 import time
 
@@ -39,6 +40,8 @@ _OUT = flags.DEFINE_string('out', None, 'Write the full results as JSON here.')
 _DATA = flags.DEFINE_string('data_path', '', "Corpus for the runs ('' = the embedded Shakespeare).")
 _ONLY = flags.DEFINE_list('variants', None, 'Run only these variants (names as printed).')
 _SMALL = flags.DEFINE_bool('small', False, 'Shrink every workload to CPU size (for tests).')
+_SET = flags.DEFINE_list('set', None, 'Config overrides added to every variant, key=value (e.g. '
+                         'model.fused_bwd_splits=2); a variant that sets the same key keeps its own value.')
 _CORPUS_MB = flags.DEFINE_integer('corpus_mb', 100, "data workload: size of the generated corpus when --data_path=''.")
 _WORKERS = flags.DEFINE_list('worker_counts', ['0', '4', '8'],
                              'data workload: the data.worker_count values to measure (0 = a prefetch thread only).')
@@ -262,6 +265,17 @@ def _main_data() -> None:
     print(f'{r["variant"]:<18}{r["batches_per_s"]:>12.1f}{r["tokens_per_s"]:>14,.0f}{r["ratio_to_w4"]:>8.1f}')
 
 
+def _parse_set(item: str) -> tuple[str, object]:
+  """'section.key=value' -> (key, value): a Python literal when it parses as one, else the string."""
+  key, sep, value = item.partition('=')
+  if not sep or key.count('.') != 1:
+    raise app.UsageError(f'--set {item!r}: expected section.key=value')
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
+
+
 def main(argv):
   del argv
   if _WORKLOAD.value == 'data':
@@ -269,9 +283,11 @@ def main(argv):
     return
   n_dev = jax.device_count()
   results = []
+  extra = dict(_parse_set(item) for item in _SET.value or ())
   for name, overrides, d in _variants(_WORKLOAD.value, n_dev, _SMALL.value):
     if _ONLY.value and name not in _ONLY.value:
       continue
+    overrides = {**extra, **overrides}
     logging.info('running %s', name)
     try:
       results.append(run_variant(name, overrides, d, _STEPS.value, _DATA.value))

@@ -74,6 +74,9 @@ class ModelConfig:
   fused_block_k: int = 16
   fused_block_f: int = 32
   fused_backward: str = 'merged'
+  fused_heads_per_program: int = 0
+  fused_fwd_splits: int = 1
+  fused_bwd_splits: int = 1
   remat: bool = False
   # Rows of the learned position table: data.seq_len when positions='learned', else 0 (set by from_config).
   max_len: int = 0
@@ -105,6 +108,12 @@ class ModelConfig:
       _positive(p + k, getattr(self, k))
     _positive(p + 'rope_theta', self.rope_theta)
     _positive(p + 'max_len', self.max_len, allow_zero=True)
+    _positive(p + 'fused_heads_per_program', self.fused_heads_per_program, allow_zero=True)
+    for k in ('fused_fwd_splits', 'fused_bwd_splits'):
+      _positive(p + k, getattr(self, k))
+    _check(self.fused_heads_per_program == 0 or self.num_heads % self.fused_heads_per_program == 0,
+           f'model.fused_heads_per_program={self.fused_heads_per_program} does not divide '
+           f'model.num_heads={self.num_heads}')
     for k in ('dropout', 'attn_dropout'):
       _check(0.0 <= getattr(self, k) < 1.0, f'model.{k}={getattr(self, k)!r} must be in [0, 1)')
     for k in ('fused_block_q', 'fused_block_k', 'fused_block_f'):

@@ -13,7 +13,8 @@ def test_bench_small_seed_writes_every_variant(tmp_path):
   out = tmp_path / 'w1.json'
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
   p = subprocess.run([sys.executable, '-m', 'selattn.bench', '--workload', 'seed', '--small', '--steps', '10',
-                      '--variants', 'standard,selective-factored,selective-blockwise-b128', f'--out={out}'],
+                      '--variants', 'standard,selective-factored,selective-blockwise-b128', f'--out={out}',
+                      '--set', 'model.remat=True,model.block_k=32,model.fused_bwd_splits=2'],
                      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
   results = json.loads(out.read_text())
@@ -23,6 +24,9 @@ def test_bench_small_seed_writes_every_variant(tmp_path):
     assert r['ms_per_step'] > 0 and r['tokens_per_s'] > 0 and r['compile_s'] > 0
     assert 0 < r['mfu'] < 1
     assert r['seq_len'] == 64 and r['batch'] == 4
+    # --set reaches every variant, but a variant's own value wins (--small sets every variant's tiles to 16).
+    assert r['overrides']['model.remat'] is True and r['overrides']['model.fused_bwd_splits'] == 2
+    assert r['overrides']['model.block_k'] == 16
   # The same data and seed: all selective implementations train the same function; standard is another model.
   std, fac, blk = (r['final_loss'] for r in results)
   assert abs(fac - blk) < 1e-4 * abs(fac)
@@ -48,3 +52,14 @@ def test_bench_data_times_the_input_pipeline_against_w4(tmp_path):
   # ... and the fastest consumer among W4's 4-GPU (one-host) variants.
   assert w4['standard-fsdp4']['tokens_per_s'] == max(v['tokens_per_s'] for v in w4.values() if v['devices'] == 4)
   assert 'x W4' in p.stdout and 'workers0' in p.stdout
+
+
+def test_bench_set_parses_literals_and_refuses_a_malformed_item():
+  from absl import app  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from selattn import bench  # pylint: disable=g-import-not-at-top
+  assert bench._parse_set('model.fused_bwd_splits=2') == ('model.fused_bwd_splits', 2)
+  assert bench._parse_set('model.dtype=bfloat16') == ('model.dtype', 'bfloat16')
+  for bad in ('fused_bwd_splits=2', 'model.remat'):
+    with pytest.raises(app.UsageError, match='section.key=value'):
+      bench._parse_set(bad)

@@ -100,6 +100,20 @@ def test_merged_backward_adds_many_query_tiles_into_one_key_tile():
   _assert_matches_materialized(True, 2, 8, 40, 37, fused_lib.Blocks(16, 16, 16, backward='merged'), 11)
 
 
+# The parallel forms: heads in the grid, the forward's key tiles and the backward's query tiles dealt to several
+# programs (T = 53: four tiles, so three splits deal them unevenly and a split may see none of a tile's keys).
+@pytest.mark.parametrize('blocks', [
+    fused_lib.Blocks(16, 16, 16, heads_per_program=1, fwd_splits=2, bwd_splits=3),
+    fused_lib.Blocks(16, 16, 16, heads_per_program=2, fwd_splits=3, bwd_splits=2, backward='split')])
+def test_parallel_programs_match_materialized(blocks):
+  _assert_matches_materialized(True, 4, 8, 40, 53, blocks, 11)
+
+
+def test_more_heads_per_program_than_heads_takes_a_divisor():
+  # What a `tensor` split does: the model's heads_per_program counts global heads, a device holds fewer.
+  _assert_matches_materialized(False, 2, 8, 16, 19, fused_lib.Blocks(heads_per_program=4, bwd_splits=2), 5)
+
+
 def _numpy_selective_mlp(p, q, x, rope: bool):
   """The MLP generator's selective attention written out pair by pair in numpy (float64), from the definition:
   K_ij, V_ij = split(W2^T gelu(W1^T [q_i ; x_j] + b1) + b2); RoPE rotates q_i by i and K_ij by j (halves);

@@ -6,6 +6,14 @@ as the baseline in the same process. Writes one JSON line per variant to $OUT/fu
 variant that fails to compile is recorded with its error). From the repo root, on a GPU machine:
 
   PYTHONPATH=$PWD OUT=. python docs/bench/fused_sweep.py [--quick]
+
+SWEEP_SET=par sweeps the parallelism of the merged kernels instead (heads per program, forward and backward
+splits; Blocks' fields) at 8 and 4 warps. The shape and the rest come from the environment: SWEEP_B, SWEEP_T,
+SWEEP_N, SWEEP_H, SWEEP_F (comma-separated kv_hidden values), SWEEP_DTYPE, SWEEP_ITERS (timed calls per variant),
+SWEEP_BLOCKWISE=0 (no baseline). The long-context layer of `bench --workload long-mlp`, for example:
+
+  SWEEP_SET=par SWEEP_B=4 SWEEP_T=4096 SWEEP_N=4 SWEEP_H=64 SWEEP_F=256 SWEEP_DTYPE=bfloat16 SWEEP_ITERS=3 \
+    PYTHONPATH=$PWD OUT=. python docs/bench/fused_sweep.py
 """
 import json
 import os
@@ -21,8 +29,11 @@ from selattn.model import attention as attn_lib
 from selattn.model import fused
 
 OUT = os.environ.get('OUT', '.')
-B, T, N, H = int(os.environ.get('SWEEP_B', 16)), int(os.environ.get('SWEEP_T', 299)), 2, 32  # small: a CPU try
+ENV = os.environ.get
+B, T = int(ENV('SWEEP_B', 16)), int(ENV('SWEEP_T', 299))  # small ones: a CPU try
+N, H = int(ENV('SWEEP_N', 2)), int(ENV('SWEEP_H', 32))
 D = N * H
+ITERS = int(ENV('SWEEP_ITERS', 20))
 
 
 def inputs(f, dtype):
@@ -49,7 +60,7 @@ def layer(impl, blocks):
   return jax.jit(out), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def timed(fn, *args, iters=20):
+def timed(fn, *args, iters=ITERS):
   jax.block_until_ready(fn(*args))
   jax.block_until_ready(fn(*args))
   times = []
@@ -70,12 +81,20 @@ def pair_flops(f):
 
 def main():
   quick = '--quick' in sys.argv
-  configs = [(16, 16, 32, 4, 1, 'split'), (16, 16, 32, 4, 1, 'merged'), (16, 16, 32, 8, 1, 'split'),
-             (16, 16, 32, 8, 1, 'merged'), (16, 16, 64, 4, 1, 'split'), (16, 16, 64, 4, 1, 'merged'),
-             (16, 16, 64, 8, 1, 'merged'), (16, 16, 16, 4, 1, 'merged')]
-  variants = [(f, 'float32', 'blockwise', None) for f in (64, 256)]  # in order of interest: a time limit cuts the tail
+  if ENV('SWEEP_SET', 'tiles') == 'par':  # (heads per program, forward splits, backward splits, warps)
+    configs = [dict(heads_per_program=hp, fwd_splits=ks, bwd_splits=qs, num_warps=wp)
+               for hp, ks, qs, wp in [(0, 1, 1, 8), (1, 1, 1, 8), (0, 2, 2, 8), (1, 2, 2, 8), (1, 4, 4, 8),
+                                      (1, 2, 2, 4), (1, 4, 4, 4), (1, 8, 8, 8)]]
+  else:  # (block_q, block_k, block_f, warps, stages, backward)
+    configs = [dict(zip(('block_q', 'block_k', 'block_f', 'num_warps', 'num_stages', 'backward'), c)) for c in
+               [(16, 16, 32, 4, 1, 'split'), (16, 16, 32, 4, 1, 'merged'), (16, 16, 32, 8, 1, 'split'),
+                (16, 16, 32, 8, 1, 'merged'), (16, 16, 64, 4, 1, 'split'), (16, 16, 64, 4, 1, 'merged'),
+                (16, 16, 64, 8, 1, 'merged'), (16, 16, 16, 4, 1, 'merged')]]
+  hiddens, dt = [int(f) for f in ENV('SWEEP_F', '64,256').split(',')], ENV('SWEEP_DTYPE', 'float32')
+  # In order of interest: a time limit cuts the tail.
+  variants = [(f, dt, 'blockwise', None) for f in hiddens] if ENV('SWEEP_BLOCKWISE', '1') == '1' else []
   for c in configs[:3] if quick else configs:
-    variants += [(f, 'float32', 'fused', fused.Blocks(*c)) for f in (64, 256)]
+    variants += [(f, dt, 'fused', fused.Blocks(**c)) for f in hiddens]
   path = os.path.join(OUT, 'fused_sweep.jsonl')
   with open(path, 'a') as fh:
     for f, dt, impl, blocks in variants:

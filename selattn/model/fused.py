@@ -67,6 +67,14 @@ class Blocks:
   # one tile recompute fewer (1.5x faster training steps on an H200), but sums floats in a varying order, so on a
   # GPU its gradients are not bit-reproducible run to run.
   backward: str = 'merged'
+  # Parallelism beyond one program per (batch, tile): heads per program (0 = all; fewer = more programs and fewer
+  # live accumulators per program, the GELU recomputed once per head group), and the key tiles of a query tile
+  # (forward) or the query tiles of a key tile (backward key kernel) dealt round-robin to this many programs whose
+  # partial results are combined outside (forward: like flash-decoding, by their running max and sum). Under a
+  # `tensor` split a device holds fewer heads: the kernels then take the largest common divisor.
+  heads_per_program: int = 0
+  fwd_splits: int = 1
+  bwd_splits: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +88,9 @@ class _Static:
   num_stages: int
   interpret: bool
   backward: str  # Blocks.backward
+  hp: int  # heads per program
+  ks: int  # forward: programs per query tile (key tiles dealt round-robin)
+  qs: int  # backward key kernel: programs per key tile (query tiles dealt round-robin)
 
 
 def _dot(a, b, trans_a=False, trans_b=False):
@@ -169,8 +180,22 @@ def _visible(qpos, kpos):
   return jnp.min(kpos) <= jnp.max(qpos)
 
 
-def _over_key_tiles(st, n_k, qpos, kpos_ref, cos_ref, sin_ref, step, init):
-  """Folds `step(start, mask, cos, sin, carry)` over the key tiles that hold a key visible to the query tile."""
+def _dealt(n: int, split, n_splits: int, body, init):
+  """Folds `body(tile, carry)` over tiles split, split + n_splits, ... < n: one program's share of n tiles."""
+  if n_splits == 1:
+    return jax.lax.fori_loop(0, n, body, init)
+
+  def each(k, carry):
+    tile = split + k * n_splits
+    # A clamped index keeps the loads in bounds; the tile past the end is skipped.
+    return jax.lax.cond(tile < n, lambda c: body(jnp.minimum(tile, n - 1), c), lambda c: c, carry)
+
+  return jax.lax.fori_loop(0, -(-n // n_splits), each, init)
+
+
+def _over_key_tiles(st, n_k, qpos, kpos_ref, cos_ref, sin_ref, step, init, split=0, n_splits=1):
+  """Folds `step(start, mask, cos, sin, carry)` over this program's share of the key tiles that hold a key
+  visible to the query tile."""
   bk = st.bk
 
   def body(kb, carry):
@@ -183,13 +208,14 @@ def _over_key_tiles(st, n_k, qpos, kpos_ref, cos_ref, sin_ref, step, init):
 
     return jax.lax.cond(_visible(qpos, kpos), compute, lambda c: c, carry)
 
-  return jax.lax.fori_loop(0, n_k, body, init)
+  return _dealt(n_k, split, n_splits, body, init)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Forward: one program per (batch, query tile), online softmax over key tiles; G accumulates in its output block.
+# Forward: one program per (batch, query tile, head group, key split), online softmax over its key tiles; the
+# unnormalised G accumulates in its output block, beside the running max m and sum l (combined in `_forward`).
 
-def _fwd_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, g_ref, lse_ref, *,
+def _fwd_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, g_ref, m_ref, l_ref, *,
                 st: _Static, n_heads: int, n_chunks: int, n_k: int):
   bq, fc = st.bq, st.fc
   rows = slice(None)
@@ -222,12 +248,10 @@ def _fwd_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref,
 
   init = (tuple(jnp.full((bq,), _MASKED, jnp.float32) for _ in range(n_heads)),
           tuple(jnp.zeros((bq,), jnp.float32) for _ in range(n_heads)))
-  m, l = _over_key_tiles(st, n_k, qpos, kpos_ref, cos_ref, sin_ref, step, init)
+  m, l = _over_key_tiles(st, n_k, qpos, kpos_ref, cos_ref, sin_ref, step, init, pl.program_id(2) % st.ks, st.ks)
   for n in range(n_heads):
-    # A query that sees no key (only padding rows) has l = 0: G = 0 there, and its lse makes p = 0 in backward.
-    l_safe = jnp.where(l[n] > 0, l[n], 1.0)
-    lse_ref[n, :] = m[n] + jnp.log(l_safe)
-    g_ref[:, n, :] = g_ref[:, n, :] / l_safe[:, None]
+    m_ref[n, :] = m[n]
+    l_ref[n, :] = l[n]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,8 +327,8 @@ def _bwd_query_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpo
 
 def _bwd_key_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, lse_ref, delta_ref,
                     dgo_ref, *out_refs, st: _Static, n_heads: int, n_chunks: int, n_q: int, merged: bool):
-  """One program per (batch, key tile), looping over the query tiles that see it: dw, and this tile's share of
-  dW2k and db2k, all accumulated in the program's own output blocks. Merged (`out_refs` = du0, dq0, dw, dW2k,
+  """One program per (batch, key tile, head group, query split), looping over its share of the query tiles that
+  see the key tile: dw, and its share of dW2k and db2k, all accumulated in the program's own output blocks. Merged (`out_refs` = du0, dq0, dw, dW2k,
   db2k, du, dq; du0/dq0 are the zeros aliased to du/dq): also du and dq, whole per batch, by atomic adds, so each
   tile is computed once in the backward pass. Split (`out_refs` = dw, dW2k, db2k): `_bwd_query_kernel` does those."""
   if merged:
@@ -358,32 +382,32 @@ def _bwd_key_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_
 
     return jax.lax.cond(_visible(qpos, kpos), compute, lambda c: c, carry)
 
-  jax.lax.fori_loop(0, n_q, body, 0)
+  _dealt(n_q, pl.program_id(2) % st.qs, st.qs, body, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # pallas_call wrappers and the custom VJP, on padded arrays:
 #   q [B, Tp, N, 2, H2]  u [B, Tp, Fp]  w [B, Sp, Fp]  w2 [Fp, N, 2, H2]  b2 [N, 2, H2]  cos, sin [Sp, H2]
 #   qpos [Tp], kpos [Sp] (int32)  ->  G [B, Tp, N, Fp], lse [B, N, Tp]
+# Grids are (B, tiles, head groups x splits): the third index z holds head group z // splits and split z % splits.
 
-def _common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled: bool):
-  """Block specs of the shared inputs for a grid (B, tiles): query-side inputs tiled or whole."""
-  _, tp, n, _, h2 = q.shape
+def _common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled: bool, splits: int):
+  """Block specs of the shared inputs: query-side inputs tiled or whole, head-side ones of the program's group."""
+  _, tp, _, _, h2 = q.shape
   sp, fp = w.shape[1], w.shape[2]
   rows = st.bq if query_tiled else tp
-  qmap = (lambda b, i: (b, i, 0, 0, 0)) if query_tiled else (lambda b, i: (b, 0, 0, 0, 0))
-  umap = (lambda b, i: (b, i, 0)) if query_tiled else (lambda b, i: (b, 0, 0))
-  pmap = (lambda b, i: (i,)) if query_tiled else (lambda b, i: (0,))
+  tile = (lambda i: i) if query_tiled else (lambda i: 0)
+  group = lambda z: z // splits
   return [
-      pl.BlockSpec((None, rows, n, 2, h2), qmap),
-      pl.BlockSpec((None, rows, fp), umap),
-      pl.BlockSpec((None, sp, fp), lambda b, i: (b, 0, 0)),
-      pl.BlockSpec(w2.shape, lambda b, i: (0, 0, 0, 0)),
-      pl.BlockSpec(b2.shape, lambda b, i: (0, 0, 0)),
-      pl.BlockSpec(cos.shape, lambda b, i: (0, 0)),
-      pl.BlockSpec(cos.shape, lambda b, i: (0, 0)),
-      pl.BlockSpec((rows,), pmap),
-      pl.BlockSpec(kpos.shape, lambda b, i: (0,)),
+      pl.BlockSpec((None, rows, st.hp, 2, h2), lambda b, i, z: (b, tile(i), group(z), 0, 0)),
+      pl.BlockSpec((None, rows, fp), lambda b, i, z: (b, tile(i), 0)),
+      pl.BlockSpec((None, sp, fp), lambda b, i, z: (b, 0, 0)),
+      pl.BlockSpec((fp, st.hp, 2, h2), lambda b, i, z: (0, group(z), 0, 0)),
+      pl.BlockSpec((st.hp, 2, h2), lambda b, i, z: (group(z), 0, 0)),
+      pl.BlockSpec(cos.shape, lambda b, i, z: (0, 0)),
+      pl.BlockSpec(cos.shape, lambda b, i, z: (0, 0)),
+      pl.BlockSpec((rows,), lambda b, i, z: (tile(i),)),
+      pl.BlockSpec(kpos.shape, lambda b, i, z: (0,)),
   ]
 
 
@@ -397,16 +421,27 @@ def _compiler_params(st):
 def _forward(st: _Static, q, u, w, w2, b2, cos, sin, qpos, kpos):
   bsz, tp, n, _, _ = q.shape
   sp, fp = w.shape[1], w.shape[2]
-  kernel = functools.partial(_fwd_kernel, st=st, n_heads=n, n_chunks=fp // st.fc, n_k=sp // st.bk)
-  return pl.pallas_call(
-      kernel, grid=(bsz, tp // st.bq),
-      in_specs=_common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled=True),
-      out_specs=[pl.BlockSpec((None, st.bq, n, fp), lambda b, i: (b, i, 0, 0)),
-                 pl.BlockSpec((None, n, st.bq), lambda b, i: (b, 0, i))],
-      out_shape=[jax.ShapeDtypeStruct((bsz, tp, n, fp), jnp.float32),
-                 jax.ShapeDtypeStruct((bsz, n, tp), jnp.float32)],
+  ks, groups = st.ks, n // st.hp
+  kernel = functools.partial(_fwd_kernel, st=st, n_heads=st.hp, n_chunks=fp // st.fc, n_k=sp // st.bk)
+  g, m, l = pl.pallas_call(
+      kernel, grid=(bsz, tp // st.bq, groups * ks),
+      in_specs=_common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled=True, splits=ks),
+      out_specs=[pl.BlockSpec((None, None, st.bq, st.hp, fp), lambda b, i, z: (b, z % ks, i, z // ks, 0)),
+                 pl.BlockSpec((None, None, st.hp, st.bq), lambda b, i, z: (b, z % ks, z // ks, i)),
+                 pl.BlockSpec((None, None, st.hp, st.bq), lambda b, i, z: (b, z % ks, z // ks, i))],
+      out_shape=[jax.ShapeDtypeStruct((bsz, ks, tp, n, fp), jnp.float32),
+                 jax.ShapeDtypeStruct((bsz, ks, n, tp), jnp.float32),
+                 jax.ShapeDtypeStruct((bsz, ks, n, tp), jnp.float32)],
       compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_fwd',
   )(q, u, w, w2, b2, cos, sin, qpos, kpos)
+  # The splits' partial softmaxes, each relative to its own running max m_s, rescaled to the common max M.
+  m_all = jnp.max(m, axis=1)  # [B, N, Tp]
+  scale = jnp.exp(m - m_all[:, None])  # [B, ks, N, Tp]; a split that saw no key has l_s = 0 and G_s = 0
+  l_all = jnp.sum(scale * l, axis=1)
+  # A query that sees no key (only padding rows) has l = 0: G = 0 there, and its lse makes p = 0 in backward.
+  l_safe = jnp.where(l_all > 0, l_all, 1.0)
+  g = jnp.einsum('bsnt,bstnf->btnf', scale, g) / jnp.transpose(l_safe, (0, 2, 1))[..., None]
+  return g, m_all + jnp.log(l_safe)
 
 
 def _backward(st: _Static, res, dg_out):
@@ -414,25 +449,30 @@ def _backward(st: _Static, res, dg_out):
   bsz, tp, n, _, h2 = q.shape
   sp, fp = w.shape[1], w.shape[2]
   n_chunks, n_q, n_k = fp // st.fc, tp // st.bq, sp // st.bk
+  qs, groups, hp = st.qs, n // st.hp, st.hp
   delta = jnp.einsum('btnf,btnf->bnt', dg_out, g)  # Delta_i = dG_i . G_i per head
   args = (q, u, w, w2, b2, cos, sin, qpos, kpos, lse, delta, dg_out)
-  whole_rows = [pl.BlockSpec((None, n, tp), lambda b, i: (b, 0, 0)),
-                pl.BlockSpec((None, n, tp), lambda b, i: (b, 0, 0)),
-                pl.BlockSpec((None, tp, n, fp), lambda b, i: (b, 0, 0, 0))]
-  key_out_specs = [pl.BlockSpec((None, st.bk, fp), lambda b, i: (b, i, 0)),
-                   pl.BlockSpec((None, None, fp, n, 2, h2), lambda b, i: (b, i, 0, 0, 0, 0)),
-                   pl.BlockSpec((None, None, n, 2, h2), lambda b, i: (b, i, 0, 0, 0))]
-  key_out_shapes = [jax.ShapeDtypeStruct((bsz, sp, fp), jnp.float32),
-                    jax.ShapeDtypeStruct((bsz, n_k, fp, n, 2, h2), jnp.float32),
-                    jax.ShapeDtypeStruct((bsz, n_k, n, 2, h2), jnp.float32)]
-  key_in_specs = _common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled=False) + whole_rows
+  group = lambda z: z // qs
+  whole_rows = [pl.BlockSpec((None, hp, tp), lambda b, i, z: (b, group(z), 0)),
+                pl.BlockSpec((None, hp, tp), lambda b, i, z: (b, group(z), 0)),
+                pl.BlockSpec((None, tp, hp, fp), lambda b, i, z: (b, 0, group(z), 0))]
+  # Per program: dw [bk, Fp] of its head group and split, its share of dW2k and db2k (summed below).
+  key_out_specs = [pl.BlockSpec((None, None, st.bk, fp), lambda b, i, z: (b, z, i, 0)),
+                   pl.BlockSpec((None, None, None, fp, hp, 2, h2), lambda b, i, z: (b, i, z % qs, 0, group(z), 0, 0)),
+                   pl.BlockSpec((None, None, None, hp, 2, h2), lambda b, i, z: (b, i, z % qs, group(z), 0, 0))]
+  key_out_shapes = [jax.ShapeDtypeStruct((bsz, groups * qs, sp, fp), jnp.float32),
+                    jax.ShapeDtypeStruct((bsz, n_k, qs, fp, n, 2, h2), jnp.float32),
+                    jax.ShapeDtypeStruct((bsz, n_k, qs, n, 2, h2), jnp.float32)]
+  key_in_specs = _common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled=False, splits=qs) + whole_rows
+  kernel = functools.partial(_bwd_key_kernel, st=st, n_heads=hp, n_chunks=n_chunks, n_q=n_q,
+                             merged=st.backward == 'merged')
   if st.backward == 'merged':
-    query_outs = [pl.BlockSpec((None, tp, fp), lambda b, i: (b, 0, 0)),
-                  pl.BlockSpec((None, tp, n, 2, h2), lambda b, i: (b, 0, 0, 0, 0))]
+    query_outs = [pl.BlockSpec((None, tp, fp), lambda b, i, z: (b, 0, 0)),
+                  pl.BlockSpec((None, tp, hp, 2, h2), lambda b, i, z: (b, 0, group(z), 0, 0))]
     zeros = (jnp.zeros((bsz, tp, fp), jnp.float32), jnp.zeros((bsz, tp, n, 2, h2), jnp.float32))
     dw, dw2, db2, du, dq = pl.pallas_call(
-        functools.partial(_bwd_key_kernel, st=st, n_heads=n, n_chunks=n_chunks, n_q=n_q, merged=True),
-        grid=(bsz, n_k), in_specs=key_in_specs + query_outs, out_specs=key_out_specs + query_outs,
+        kernel, grid=(bsz, n_k, groups * qs), in_specs=key_in_specs + query_outs,
+        out_specs=key_out_specs + query_outs,
         out_shape=key_out_shapes + [jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros],
         input_output_aliases={len(args): 3, len(args) + 1: 4},
         compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_merged',
@@ -440,29 +480,32 @@ def _backward(st: _Static, res, dg_out):
   else:
     du, dq = _backward_query(st, args, bsz, tp, n, h2, fp, n_chunks, n_q, n_k)
     dw, dw2, db2 = pl.pallas_call(
-        functools.partial(_bwd_key_kernel, st=st, n_heads=n, n_chunks=n_chunks, n_q=n_q, merged=False),
-        grid=(bsz, n_k), in_specs=key_in_specs, out_specs=key_out_specs, out_shape=key_out_shapes,
+        kernel, grid=(bsz, n_k, groups * qs), in_specs=key_in_specs, out_specs=key_out_specs,
+        out_shape=key_out_shapes,
         compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_key',
     )(*args)
-  return (dq.astype(q.dtype), du.astype(u.dtype), dw.astype(w.dtype), dw2.sum((0, 1)).astype(w2.dtype),
-          db2.sum((0, 1)).astype(b2.dtype), None, None, None, None)
+  return (dq.astype(q.dtype), du.astype(u.dtype), dw.sum(1).astype(w.dtype), dw2.sum((0, 1, 2)).astype(w2.dtype),
+          db2.sum((0, 1, 2)).astype(b2.dtype), None, None, None, None)
 
 
 def _backward_query(st, args, bsz, tp, n, h2, fp, n_chunks, n_q, n_k):
+  """Split backward, per (batch, query tile, head group): du of the group (summed over groups) and dq."""
   q, u, w, w2, b2, cos, _, qpos, kpos = args[:9]
-  row_specs = [pl.BlockSpec((None, n, st.bq), lambda b, i: (b, 0, i)),
-               pl.BlockSpec((None, n, st.bq), lambda b, i: (b, 0, i)),
-               pl.BlockSpec((None, st.bq, n, fp), lambda b, i: (b, i, 0, 0))]
-  return pl.pallas_call(
-      functools.partial(_bwd_query_kernel, st=st, n_heads=n, n_chunks=n_chunks, n_k=n_k),
-      grid=(bsz, n_q),
-      in_specs=_common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled=True) + row_specs,
-      out_specs=[pl.BlockSpec((None, st.bq, fp), lambda b, i: (b, i, 0)),
-                 pl.BlockSpec((None, st.bq, n, 2, h2), lambda b, i: (b, i, 0, 0, 0))],
-      out_shape=[jax.ShapeDtypeStruct((bsz, tp, fp), jnp.float32),
+  hp = st.hp
+  row_specs = [pl.BlockSpec((None, hp, st.bq), lambda b, i, z: (b, z, i)),
+               pl.BlockSpec((None, hp, st.bq), lambda b, i, z: (b, z, i)),
+               pl.BlockSpec((None, st.bq, hp, fp), lambda b, i, z: (b, i, z, 0))]
+  du, dq = pl.pallas_call(
+      functools.partial(_bwd_query_kernel, st=st, n_heads=hp, n_chunks=n_chunks, n_k=n_k),
+      grid=(bsz, n_q, n // hp),
+      in_specs=_common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled=True, splits=1) + row_specs,
+      out_specs=[pl.BlockSpec((None, None, st.bq, fp), lambda b, i, z: (b, z, i, 0)),
+                 pl.BlockSpec((None, st.bq, hp, 2, h2), lambda b, i, z: (b, i, z, 0, 0))],
+      out_shape=[jax.ShapeDtypeStruct((bsz, n // hp, tp, fp), jnp.float32),
                  jax.ShapeDtypeStruct((bsz, tp, n, 2, h2), jnp.float32)],
       compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_query',
   )(*args)
+  return du.sum(1), dq
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -498,8 +541,13 @@ def _halves(x: Array, h2: int) -> Array:
   return _pad(x.reshape(*x.shape[:-1], 2, half), x.ndim, h2)
 
 
-def unsupported(head_dim: int, blocks: Blocks = Blocks()) -> str | None:
+def unsupported(head_dim: int, blocks: Blocks = Blocks(), num_heads: int | None = None) -> str | None:
   """Why the fused kernels cannot take these sizes or tiles (the caller falls back to `blockwise`), or None."""
+  for name in ('heads_per_program', 'fwd_splits', 'bwd_splits'):
+    if getattr(blocks, name) < (0 if name == 'heads_per_program' else 1):
+      return f'{name}={getattr(blocks, name)} is out of range'
+  if num_heads is not None and blocks.heads_per_program and num_heads % blocks.heads_per_program:
+    return f'heads_per_program={blocks.heads_per_program} does not divide the {num_heads} heads'
   for name in ('block_q', 'block_k', 'block_f'):
     v = getattr(blocks, name)
     if v < 1 or v & (v - 1):
@@ -528,7 +576,8 @@ def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Arr
   tp, sp, fp = -(-t // blocks.block_q) * blocks.block_q, -(-s // blocks.block_k) * blocks.block_k, -(-f // fc) * fc
   st = _Static(scale=1.0 / math.sqrt(h), act=act, bq=blocks.block_q, bk=blocks.block_k, fc=fc,
                num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret,
-               backward=blocks.backward)
+               backward=blocks.backward, hp=math.gcd(blocks.heads_per_program or n, n), ks=blocks.fwd_splits,
+               qs=blocks.bwd_splits)
 
   if rope_theta is not None:
     q = rope_lib.apply(q, *rope_lib.angles(q_pos, h, rope_theta))
