@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.fused_heads_per_program = 0  # fused: heads per kernel program (0 = all; fewer = more programs in parallel)
   m.fused_fwd_splits = 1  # fused forward: programs per query tile (its key tiles dealt among them, then combined)
   m.fused_bwd_splits = 1  # fused backward: programs per key tile (its query tiles dealt among them)
+  m.fused_layout = 'tile'  # fused: 'tile' ([bq, bk, F] arrays) | 'flat' (pair rows, sums as matmuls; merged only)
   m.remat = False  # rematerialise each layer in the backward pass (saves activation memory)
 
   c.data = d = ml_collections.ConfigDict()

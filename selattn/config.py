@@ -24,6 +24,7 @@ DECAY_MASKS = ('all', 'matrices')
 VOCABS = ('chars', 'bytes')
 SPLITS = ('tail', 'enwik8')
 FUSED_BACKWARDS = ('split', 'merged')
+FUSED_LAYOUTS = ('tile', 'flat')
 
 
 class ConfigError(ValueError):
@@ -77,6 +78,7 @@ class ModelConfig:
   fused_heads_per_program: int = 0
   fused_fwd_splits: int = 1
   fused_bwd_splits: int = 1
+  fused_layout: str = 'tile'
   remat: bool = False
   # Rows of the learned position table: data.seq_len when positions='learned', else 0 (set by from_config).
   max_len: int = 0
@@ -104,6 +106,9 @@ class ModelConfig:
     _choice(p + 'init', self.init, INITS)
     _choice(p + 'selective_parts', self.selective_parts, SELECTIVE_PARTS)
     _choice(p + 'fused_backward', self.fused_backward, FUSED_BACKWARDS)
+    _choice(p + 'fused_layout', self.fused_layout, FUSED_LAYOUTS)
+    _check(self.fused_layout != 'flat' or self.fused_backward == 'merged',
+           "model.fused_layout='flat' needs model.fused_backward='merged' (its only backward)")
     for k in ('vocab_size', 'd_model', 'num_heads', 'num_layers', 'ffn_mult', 'kv_hidden', 'block_q', 'block_k'):
       _positive(p + k, getattr(self, k))
     _positive(p + 'rope_theta', self.rope_theta)
