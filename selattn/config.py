@@ -25,6 +25,7 @@ VOCABS = ('chars', 'bytes')
 SPLITS = ('tail', 'enwik8')
 FUSED_BACKWARDS = ('split', 'merged')
 FUSED_LAYOUTS = ('tile', 'flat')
+ATTN_KERNELS = ('auto', 'flash', 'dense')
 
 
 class ConfigError(ValueError):
@@ -79,6 +80,9 @@ class ModelConfig:
   fused_fwd_splits: int = 1
   fused_bwd_splits: int = 1
   fused_layout: str = 'tile'
+  attn_kernel: str = 'auto'
+  flash_block_q: int = 64
+  flash_block_k: int = 64
   remat: bool = False
   # Rows of the learned position table: data.seq_len when positions='learned', else 0 (set by from_config).
   max_len: int = 0
@@ -109,6 +113,7 @@ class ModelConfig:
     _choice(p + 'fused_layout', self.fused_layout, FUSED_LAYOUTS)
     _check(self.fused_layout != 'flat' or self.fused_backward == 'merged',
            "model.fused_layout='flat' needs model.fused_backward='merged' (its only backward)")
+    _choice(p + 'attn_kernel', self.attn_kernel, ATTN_KERNELS)
     for k in ('vocab_size', 'd_model', 'num_heads', 'num_layers', 'ffn_mult', 'kv_hidden', 'block_q', 'block_k'):
       _positive(p + k, getattr(self, k))
     _positive(p + 'rope_theta', self.rope_theta)
@@ -121,7 +126,7 @@ class ModelConfig:
            f'model.num_heads={self.num_heads}')
     for k in ('dropout', 'attn_dropout'):
       _check(0.0 <= getattr(self, k) < 1.0, f'model.{k}={getattr(self, k)!r} must be in [0, 1)')
-    for k in ('fused_block_q', 'fused_block_k', 'fused_block_f'):
+    for k in ('fused_block_q', 'fused_block_k', 'fused_block_f', 'flash_block_q', 'flash_block_k'):
       v = getattr(self, k)
       _check(v >= 16 and v & (v - 1) == 0, f'{p}{k}={v!r} must be a power of two >= 16 (a GPU matmul tile)')
     _check(self.d_model % self.num_heads == 0,

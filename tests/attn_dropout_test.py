@@ -158,9 +158,10 @@ def test_mask_depends_on_positions_not_array_order():
 # ----------------------------------------------------------------------------------------------------------------
 # Standard attention with dropout.
 
-@pytest.mark.parametrize('rope', [True, False])
-def test_standard_attention_dropout_matches_numpy(rope):
-  cfg = _cfg(attention='standard', positions='rope' if rope else 'none', num_heads=4)
+@pytest.mark.parametrize('rope,kernel', [(True, 'auto'), (False, 'auto'), (True, 'flash')])
+def test_standard_attention_dropout_matches_numpy(rope, kernel):
+  # 'auto' on a CPU is the dense softmax; 'flash' the Pallas kernel (flash.py), interpreted.
+  cfg = _cfg(attention='standard', positions='rope' if rope else 'none', num_heads=4, attn_kernel=kernel)
   attn = attn_lib.StandardAttention(cfg, rngs=nnx.Rngs(0))
   b, t = 2, 9
   x = jax.random.normal(jax.random.key(1), (b, t, 16))
@@ -210,6 +211,10 @@ def test_selective_dropout_impls_agree_and_match_numpy(rope, parts, bias):
     for lin in (attn.wq, attn.kv.wk, attn.kv.wv):
       lin.bias[...] = jax.random.normal(jax.random.key(9), lin.bias.shape)
   graphdef, params = nnx.split(attn)
+  # The same parameters with factored's attention in the flash kernel (flash.py, interpreted here): 'factored-flash'.
+  graphdefs = {impl: graphdef for impl in IMPLS}
+  graphdefs['factored-flash'] = nnx.split(attn_lib.SelectiveAttention(dataclasses.replace(cfg, attn_kernel='flash'),
+                                                                      rngs=nnx.Rngs(3)))[0]
   b, t = 2, 11
   x = jax.random.normal(jax.random.key(4), (b, t, 16))
   w = jax.random.normal(jax.random.key(6), (b, t, 16))
@@ -218,13 +223,13 @@ def test_selective_dropout_impls_agree_and_match_numpy(rope, parts, bias):
   seed = int(jax.random.bits(key, (), jnp.uint32))
 
   def loss(params, x, impl, key):
-    out = nnx.merge(graphdef, params)(x, pos, impl=impl, dropout_key=key)
+    out = nnx.merge(graphdefs[impl], params)(x, pos, impl=impl.removesuffix('-flash'), dropout_key=key)
     return jnp.sum(jnp.sin(out) * w), out
 
   @jax.jit
   def run(params, x):
     res = {}
-    for impl in IMPLS:
+    for impl in graphdefs:
       (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, impl, key)
       res[impl] = (out, grads)
     res['nodrop'] = loss(params, x, 'factored', None)[1]
@@ -236,10 +241,10 @@ def test_selective_dropout_impls_agree_and_match_numpy(rope, parts, bias):
   ref_nodrop = _selective_reference(attn, x, rope=rope, keep=None, rate=0.3)
   assert _rel(ref_nodrop, ref) > 0.1
   assert _rel(res['nodrop'], ref_nodrop) < 1e-5
-  for impl in IMPLS:
+  for impl in graphdefs:
     assert _rel(res[impl][0], ref) < 1e-5, (impl, _rel(res[impl][0], ref))
   out0, (gp0, gx0) = res['materialized']
-  for impl in IMPLS[1:]:
+  for impl in list(graphdefs)[1:]:
     _, (gp, gx) = res[impl]
     assert _rel(gx, gx0) < 1e-5, impl
     for (path, g), (_, g0) in zip(jax.tree_util.tree_leaves_with_path(gp), jax.tree_util.tree_leaves_with_path(gp0)):

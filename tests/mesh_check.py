@@ -5,6 +5,7 @@ Multi-device work needs the fake-device count set before jax is imported, so it 
   python tests/mesh_check.py equivalence VARIANT...   # every mesh below, 10 steps each; needs 8 devices
   python tests/mesh_check.py train WORKDIR OVERRIDES_JSON  # selattn.train.train on configs/tiny.py
   python tests/mesh_check.py fused                      # fused selective attention on FUSED_MESHES vs one device
+  python tests/mesh_check.py flash                      # the flash kernel with dropout on FLASH_MESHES vs one device
 
 Each prints one line `RESULT <json>` that the tests parse. Importing this module does not import jax: the
 helpers at the top (environment, HLO and TensorBoard parsing) are plain Python.
@@ -358,6 +359,63 @@ def _fused() -> dict:
   return res
 
 
+FLASH_MESHES = {'data4': (4, 1, 1, 1), 'data2_tensor2': (2, 1, 1, 2), 'fsdp2_tensor2': (1, 2, 1, 2)}
+# The padded query [b_local, Tp, N_local, Hq] each device's flash kernels take (B 4, T 20 -> one 32-row tile, N 4,
+# H 8 -> 16; selective's augmented keys 2H = 16).
+FLASH_LOCAL = {'data4': (1, 32, 4, 16), 'data2_tensor2': (2, 32, 2, 16), 'fsdp2_tensor2': (2, 32, 2, 16)}
+
+
+def _flash() -> dict:
+  """Standard and factored selective attention with dropout and model.attn_kernel='flash' on each mesh, against
+  one device's dense path (model.attn_kernel='dense'): output and the gradients of every parameter and of x."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from selattn import config as config_lib, sharding  # pylint: disable=g-import-not-at-top
+  from selattn.model import attention as attn_lib  # pylint: disable=g-import-not-at-top
+
+  b, t, d, n = 4, 20, 32, 4
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  positions = jnp.arange(t, dtype=jnp.int32)
+  res = {}
+  for attention, cls in (('standard', attn_lib.StandardAttention), ('selective', attn_lib.SelectiveAttention)):
+    cfg = config_lib.ModelConfig(vocab_size=VOCAB, attention=attention, selective_impl='factored', d_model=d,
+                                 num_heads=n, attn_dropout=0.3, attn_kernel='dense')
+    with nnx.use_eager_sharding(False):
+      graphdef, params = nnx.split(cls(cfg, rngs=nnx.Rngs(3)))
+      graphdef_flash = nnx.split(cls(dataclasses.replace(cfg, attn_kernel='flash'), rngs=nnx.Rngs(3)))[0]
+
+    def grad_of(graphdef):
+      def loss(params, x):
+        out = nnx.merge(graphdef, params)(x, positions, dropout_key=jax.random.key(7))
+        return jnp.sum(out * cot), out
+      return jax.grad(loss, argnums=(0, 1), has_aux=True)
+
+    (g_ref, gx_ref), out_ref = jax.jit(grad_of(graphdef))(params, x)
+    ref = [np.asarray(a) for a in jax.tree.leaves((out_ref, g_ref, gx_ref))]
+    for name, sizes in FLASH_MESHES.items():
+      mesh = sharding.make_mesh(config_lib.MeshConfig(*sizes), jax.devices()[:int(np.prod(sizes))])
+      with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH, 'seq', None)))
+        traced = jax.jit(grad_of(graphdef_flash)).trace(params, xs)
+        (g, gx), out = traced.lower().compile()(params, xs)
+      prims, _, _ = _walk(traced.jaxpr.jaxpr)
+      got = [np.asarray(a) for a in jax.tree.leaves((out, g, gx))]
+      calls = _eqns_named(traced.jaxpr.jaxpr, 'pallas_call')
+      res.setdefault(name, {})[attention] = {
+          'shard_map': 'shard_map' in prims, 'pallas_call': 'pallas_call' in prims,
+          'kernel_q': sorted({tuple(e.invars[0].aval.shape) for e in calls}),
+          'max_rel_diff': max(float(np.abs(a - r).max() / np.abs(r).max()) for a, r in zip(got, ref))}
+      print(name, attention, res[name][attention], flush=True)
+  return res
+
+
 def _train(workdir: str, overrides: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
@@ -386,6 +444,8 @@ def main(argv: list[str]) -> None:
     res = _train(argv[2], json.loads(argv[3]))
   elif mode == 'fused':
     res = _fused()
+  elif mode == 'flash':
+    res = _flash()
   else:
     raise SystemExit(f'unknown mode {mode!r}')
   print('RESULT ' + json.dumps(res), flush=True)

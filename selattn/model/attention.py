@@ -11,13 +11,15 @@ so K and V are [B, T, S, N, H]. Four implementations share one parameter tree (`
     every tile rematerialised in the backward pass, so memory is O(B block_q block_k D), not O(B T S D);
   - `factored`: the identity below (linear generator only), O(B T D) memory and fused-attention speed;
   - `fused`: the literal computation in Pallas GPU kernels (selattn/model/fused.py), per-pair work on chip.
+Standard attention and `factored` share `attend`: cuDNN's fused kernel, or with attention dropout the flash kernel
+of selattn/model/flash.py (cuDNN's dropout mask is not the shared one of selattn/model/dropout.py), or XLA's dense
+softmax.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 from absl import logging
 import jax
@@ -28,8 +30,11 @@ from jaxtyping import Array, Bool, Float, Int
 
 from selattn import sharding
 from selattn.config import ModelConfig
+from selattn.model import dropout as dropout_lib
+from selattn.model import flash as flash_lib
 from selattn.model import fused as fused_lib
 from selattn.model import rope as rope_lib
+from selattn.model.dropout import AttnDropout, dropout_keep  # noqa: F401  (dropout_keep: this module's API)
 
 NEG_INF = -jnp.inf
 
@@ -84,49 +89,7 @@ def causal_mask(q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S']) -> Bool[Array, '
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Dropout on attention probabilities, with a mask that is a function of the indices.
-#
-# Weight (b, n, i, j) (batch row b, head n, query position i, key position j) is kept iff a counter-based hash of
-# (seed, b, n, i, j) is >= rate * 2^32, and kept weights are scaled by 1 / (1 - rate). Every implementation (the
-# dense [B, N, T, S] softmax, the literal [B, T, S, N, H] one, each blockwise tile, the factored form) evaluates
-# the same function on its own index ranges, so they drop the same weights without a [B, N, T, S] random array
-# that the blockwise kernel could not tile. Positions, not array indices: a permuted sequence drops the same pairs.
-
-class AttnDropout(NamedTuple):
-  """The dropout of one attention call: a uint32 seed (fresh per step and layer) and the drop rate."""
-  seed: Array
-  rate: float
-
-  @classmethod
-  def from_key(cls, key: jax.Array | None, rate: float) -> AttnDropout | None:
-    """None (no dropout) when there is no key (evaluation) or the rate is 0."""
-    if key is None or rate == 0.0:
-      return None
-    return cls(jax.random.bits(key, (), jnp.uint32), rate)
-
-  def apply(self, p: Array, b: Array, n: Array, i: Array, j: Array) -> Array:
-    """p with dropped weights zeroed and kept ones scaled; b, n, i, j broadcast against p."""
-    keep = dropout_keep(self.seed, b, n, i, j, self.rate)
-    return jnp.where(keep, p / (1.0 - self.rate), 0.0).astype(p.dtype)
-
-
-def _mix32(x: Array) -> Array:
-  """lowbias32 (C. Wellons' hash-prospector): a bijective uint32 hash with good avalanche."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x7FEB352D)
-  x = x ^ (x >> 15)
-  x = x * jnp.uint32(0x846CA68B)
-  return x ^ (x >> 16)
-
-
-def dropout_keep(seed: Array, b: Array, n: Array, i: Array, j: Array, rate: float) -> Array:
-  """Whether weight (b, n, i, j) survives dropout: hash(seed, b, n, i, j) >= rate * 2^32 (broadcast shapes)."""
-  u = lambda a: jnp.asarray(a).astype(jnp.uint32)
-  h = _mix32(u(seed) ^ _mix32(u(b)))
-  for idx in (n, i, j):  # chained: the small [B, N, T, 1] prefix is hashed once per query row
-    h = _mix32(h ^ u(idx))
-  return h >= jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
-
+# Dropout on attention probabilities: an index-hash mask (selattn/model/dropout.py) that every implementation shares.
 
 def _bn_index(batch: int, heads: int, layout: str) -> tuple[Array, Array]:
   """Batch and head index arrays shaped to broadcast in a rank-4 `layout` ('BNTS' or 'BTNS')."""
@@ -152,6 +115,11 @@ def dense_attention(q: Float[Array, 'B T N Hq'], k: Float[Array, 'B S N Hq'], v:
   return jnp.einsum('BNTS,BSNH->BTNH', p, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
+def _kernel_args(cfg: ModelConfig) -> dict:
+  """`attend`'s kernel choice and flash tiles from the config."""
+  return dict(kernel=cfg.attn_kernel, blocks=flash_lib.Blocks(block_q=cfg.flash_block_q, block_k=cfg.flash_block_k))
+
+
 def _cudnn_ok(q: Array, v: Array) -> bool:
   return (jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16)
           and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0 and v.shape[-1] <= q.shape[-1])
@@ -159,13 +127,18 @@ def _cudnn_ok(q: Array, v: Array) -> bool:
 
 def attend(q: Float[Array, 'B T N Hq'], k: Float[Array, 'B S N Hq'], v: Float[Array, 'B S N Hv'],
            q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S'], scale: float, contiguous: bool,
-           dropout: AttnDropout | None = None) -> Float[Array, 'B T N Hv']:
-  """Causal attention; cuDNN's fused kernel on GPU in bf16 when positions are 0..T-1, else `dense_attention`."""
+           dropout: AttnDropout | None = None, kernel: str = 'auto',
+           blocks: flash_lib.Blocks = flash_lib.Blocks()) -> Float[Array, 'B T N Hv']:
+  """Causal attention. `kernel` (model.attn_kernel): 'auto' runs the flash kernel (flash.py) with attention dropout
+  on GPU, cuDNN's fused kernel without (GPU, bf16, positions 0..T-1), else `dense_attention`; 'flash' the flash
+  kernel for every call (interpreted off GPU: tests); 'dense' never the flash kernel (the path before it)."""
+  if kernel == 'flash' or (kernel == 'auto' and dropout is not None and jax.default_backend() == 'gpu'):
+    why = flash_lib.unsupported(q, k, v, blocks) or _flash_mesh_unsupported(q)
+    if why is None:
+      return _flash_attend(q, k, v, q_pos, k_pos, scale, dropout, blocks)
+    _log_fallback(f'attention: the flash kernel cannot take this call ({why}): dense attention')
   if dropout is not None:
-    # cuDNN draws its own dropout mask, not this module's index-hash mask that the selective implementations
-    # share: with attention dropout the obvious [B, N, T, S] softmax runs instead.
-    if _cudnn_ok(q, v):
-      logging.info('attention dropout: dense attention instead of cuDNN (its mask is not the shared one)')
+    # cuDNN draws its own dropout mask, not this module's index-hash mask that every implementation shares.
     return dense_attention(q, k, v, q_pos, k_pos, scale, dropout)
   if contiguous and q.shape[1] == k.shape[1] and _cudnn_ok(q, v):
     hv = v.shape[-1]
@@ -177,6 +150,40 @@ def attend(q: Float[Array, 'B T N Hq'], k: Float[Array, 'B S N Hq'], v: Float[Ar
     out = jax.nn.dot_product_attention(q, k, v_pad, scale=scale, is_causal=True, implementation='cudnn')
     return out[..., :hv]
   return dense_attention(q, k, v, q_pos, k_pos, scale)
+
+
+def _flash_mesh_unsupported(q: Array) -> str | None:
+  """Why the flash kernel cannot be split over this mesh's batch and head axes, or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or math.prod(mesh.shape.values()) == 1:
+    return None
+  batch_ways = math.prod(mesh.shape[a] for a in sharding.BATCH if a in mesh.axis_names)
+  heads = mesh.shape[sharding.HEADS] if sharding.HEADS in mesh.axis_names else 1
+  if q.shape[0] % batch_ways or q.shape[2] % heads:
+    return f'batch {q.shape[0]} and {q.shape[2]} heads do not split over the mesh ({batch_ways} x {heads})'
+  return None
+
+
+def _flash_attend(q, k, v, q_pos, k_pos, scale, dropout, blocks):
+  """The flash kernel; under a mesh split by hand (a Pallas call is not partitioned by GSPMD) over batch and heads.
+
+  The dropout row hashes are computed here, in the global view, from the global batch and head indices, so each
+  device's kernel drops the weights the single-device run drops.
+  """
+  rows, rate = None, 0.0
+  if dropout is not None:
+    b_idx, n_idx = _bn_index(q.shape[0], q.shape[2], 'BNTS')
+    rows, rate = dropout_lib.row_hash(dropout.seed, b_idx[..., 0], n_idx[..., 0], q_pos[None, None, :]), dropout.rate
+  fn = functools.partial(flash_lib.attention, scale=scale, rate=rate, blocks=blocks)
+  if _mesh_size() == 1:
+    return fn(q, k, v, q_pos, k_pos, rows=rows)
+  act = P(sharding.BATCH, None, sharding.HEADS, None)
+  if rows is None:
+    return jax.shard_map(lambda q, k, v, qp, kp: fn(q, k, v, qp, kp), in_specs=(act, act, act, P(), P()),
+                         out_specs=act, check_vma=False)(q, k, v, q_pos, k_pos)
+  return jax.shard_map(lambda q, k, v, qp, kp, r: fn(q, k, v, qp, kp, rows=r),
+                       in_specs=(act, act, act, P(), P(), P(sharding.BATCH, sharding.HEADS, None)),
+                       out_specs=act, check_vma=False)(q, k, v, q_pos, k_pos, rows)
 
 
 class StandardAttention(nnx.Module):
@@ -203,7 +210,7 @@ class StandardAttention(nnx.Module):
     q, k, v = self.qkv(x, positions)
     scale = 1.0 / math.sqrt(self.cfg.head_dim)
     dropout = AttnDropout.from_key(dropout_key, self.cfg.attn_dropout)
-    return _merge(attend(q, k, v, positions, positions, scale, contiguous, dropout))
+    return _merge(attend(q, k, v, positions, positions, scale, contiguous, dropout, **_kernel_args(self.cfg)))
 
 
 class ReferenceAttention(nnx.Module):
@@ -481,8 +488,8 @@ def selective_fused(gen, p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D']
 
 
 def selective_factored(p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D'], q_pos: Int[Array, 'T'],
-                       k_pos: Int[Array, 'S'], rope_cfg, contiguous: bool, dropout: AttnDropout | None = None
-                       ) -> Float[Array, 'B T N H']:
+                       k_pos: Int[Array, 'S'], rope_cfg, contiguous: bool, dropout: AttnDropout | None = None,
+                       kernel: str = 'auto', blocks: flash_lib.Blocks = flash_lib.Blocks()) -> Float[Array, 'B T N H']:
   """Selective attention with a linear generator, computed as a standard attention.
 
   Split the kernels by input half: W_k = [A | B], W_v = [C | E]. With u_i = A q_i, k_j = B x_j, c_i = C q_i,
@@ -512,9 +519,10 @@ def selective_factored(p, q: Float[Array, 'B T N H'], x: Float[Array, 'B S D'], 
     trig = jnp.concatenate([k_cos, k_sin], axis=-1).astype(k.dtype)  # [S, H]
     k = jnp.concatenate([k, jnp.broadcast_to(trig[None, :, None, :], k.shape)], axis=-1)
   if dropout is None:
-    return attend(q, k, v, q_pos, k_pos, 1.0 / math.sqrt(h), contiguous) + c
+    return attend(q, k, v, q_pos, k_pos, 1.0 / math.sqrt(h), contiguous, kernel=kernel, blocks=blocks) + c
   ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
-  out = attend(q, k, jnp.concatenate([v, ones], axis=-1), q_pos, k_pos, 1.0 / math.sqrt(h), contiguous, dropout)
+  out = attend(q, k, jnp.concatenate([v, ones], axis=-1), q_pos, k_pos, 1.0 / math.sqrt(h), contiguous, dropout,
+               kernel, blocks)
   return out[..., :h] + out[..., h:] * c  # kappa_i [B, T, N, 1] broadcasts over c_i's head dim
 
 
@@ -540,7 +548,8 @@ class SelectiveAttention(nnx.Module):
     x = x.astype(jnp.dtype(cfg.dtype))
     rope_cfg = cfg.rope_theta if cfg.rope else None
     if impl == 'factored':
-      return _merge(selective_factored(p, q, x, positions, positions, rope_cfg, contiguous, dropout))
+      return _merge(selective_factored(p, q, x, positions, positions, rope_cfg, contiguous, dropout,
+                                       **_kernel_args(cfg)))
     if impl == 'fused':
       blocks = fused_lib.Blocks(block_q=cfg.fused_block_q, block_k=cfg.fused_block_k, block_f=cfg.fused_block_f,
                                 backward=cfg.fused_backward, heads_per_program=cfg.fused_heads_per_program,
