@@ -60,10 +60,10 @@ def _dense(q_pos, k_pos, scale, dropout):
   return lambda q, k, v: attn_lib.dense_attention(q, k, v, q_pos, k_pos, scale, dropout)
 
 
-def _flash(q_pos, k_pos, scale, seed, rate, blocks=SMALL, bn=lambda b, n: (b, n)):
+def _flash(q_pos, k_pos, scale, seed, rate, blocks=SMALL, bn=lambda b, n: (b, n), contiguous=False):
   def fn(q, k, v):
     rows = _rows(seed, q.shape[0], q.shape[2], q_pos, bn) if rate else None
-    return flash_lib.attention(q, k, v, q_pos, k_pos, scale, rows, rate, blocks, interpret=True)
+    return flash_lib.attention(q, k, v, q_pos, k_pos, scale, rows, rate, blocks, contiguous, interpret=True)
   return fn
 
 
@@ -72,14 +72,15 @@ def _flash(q_pos, k_pos, scale, seed, rate, blocks=SMALL, bn=lambda b, n: (b, n)
 CASES = [(2, 37, 3, 8, 8), (3, 1, 2, 8, 12), (2, 32, 2, 12, 13), (2, 23, 4, 16, 5)]
 
 
-@pytest.mark.parametrize('rate', [0.0, 0.3])
+# contiguous: positions 0..T-1 promised, tiles skipped by loop bounds instead of by a test of their positions.
+@pytest.mark.parametrize('rate,contiguous', [(0.0, False), (0.3, False), (0.3, True)])
 @pytest.mark.parametrize('b,t,n,hq,hv', CASES)
-def test_flash_matches_dense(b, t, n, hq, hv, rate):
+def test_flash_matches_dense(b, t, n, hq, hv, rate, contiguous):
   q, k, v, cot = _inputs(b * 100 + t, b, t, n, hq, hv)
   pos, seed, scale = jnp.arange(t), jnp.uint32(987654321), 0.4
   dropout = attn_lib.AttnDropout(seed, rate) if rate else None
   out_ref, g_ref = _value_and_grads(_dense(pos, pos, scale, dropout), q, k, v, cot)
-  out, g = _value_and_grads(_flash(pos, pos, scale, seed, rate), q, k, v, cot)
+  out, g = _value_and_grads(_flash(pos, pos, scale, seed, rate, contiguous=contiguous), q, k, v, cot)
   assert _rel(out, out_ref) < 1e-5, _rel(out, out_ref)
   for name, a, r in zip('qkv', g, g_ref):
     if t == 1 and name in 'qk':  # one key: the softmax is 1 whatever q and k are, so their gradients are 0
@@ -117,6 +118,21 @@ def test_positions_not_array_order_and_tiles_do_not_matter():
       assert _rel(a, r) < 1e-5, blocks
 
 
+def test_contiguous_loop_bounds_with_unequal_tiles():
+  """The index-bounded loops where query and key tiles differ (T = 33: 64-row query tiles over 16-key tiles reach
+  past the last key tile, so the bound is clipped), forward and gradients."""
+  b, t, n = 2, 33, 2
+  q, k, v, cot = _inputs(9, b, t, n, 8, 8)
+  pos, seed, rate = jnp.arange(t), jnp.uint32(21), 0.3
+  out_ref, g_ref = _value_and_grads(_dense(pos, pos, 0.5, attn_lib.AttnDropout(seed, rate)), q, k, v, cot)
+  for bq, bk in ((64, 16), (16, 32), (32, 16)):
+    blocks = flash_lib.Blocks(block_q=bq, block_k=bk)
+    out, g = _value_and_grads(_flash(pos, pos, 0.5, seed, rate, blocks, contiguous=True), q, k, v, cot)
+    assert _rel(out, out_ref) < 1e-5, (bq, bk)
+    for name, a, r in zip('qkv', g, g_ref):
+      assert _rel(a, r) < 1e-5, (bq, bk, name)
+
+
 def test_queries_and_keys_of_other_lengths():
   """S != T: keys at other positions than the queries (as a cache would hold), some keys seen by no query."""
   b, t, s, n = 2, 9, 21, 2
@@ -138,9 +154,10 @@ def _export_cuda(fn, *args):
       jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')])(*args)
 
 
-@pytest.mark.parametrize('rate', [0.0, 0.2])
-def test_kernels_lower_to_triton(rate):
-  """Forward and backward lower for CUDA (Triton) at the model's dtypes, T not a whole tile, Hv != Hq."""
+@pytest.mark.parametrize('rate,contiguous', [(0.0, False), (0.2, False), (0.2, True)])
+def test_kernels_lower_to_triton(rate, contiguous):
+  """Forward and backward lower for CUDA (Triton) at the model's dtypes, T not a whole tile, Hv != Hq, tiles
+  skipped by position tests or by loop bounds."""
   b, t, n, hq, hv = 2, 37, 3, 24, 25
 
   def grads(q, k, v, seed):
@@ -148,7 +165,7 @@ def test_kernels_lower_to_triton(rate):
     rows = _rows(seed, b, n, pos) if rate else None
 
     def loss(q, k, v):
-      out = flash_lib.attention(q, k, v, pos, pos, 0.2, rows, rate, interpret=False)
+      out = flash_lib.attention(q, k, v, pos, pos, 0.2, rows, rate, contiguous=contiguous, interpret=False)
       return jnp.sum(out.astype(jnp.float32))
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
@@ -237,7 +254,8 @@ def test_sharded_flash_matches_one_device(tmp_path):
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='the compiled Triton kernels need a GPU')
-@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 2e-3), (jnp.bfloat16, 2e-2)])
+# Tolerances for TF32 and bf16 matmuls (XLA's and Triton's round differently); a wrong mask is off by > 0.1.
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 5e-3), (jnp.bfloat16, 3e-2)])
 def test_gpu_kernels_match_dense(dtype, tol):
   """nanoGPT's shape (B 64, T 256, 6 heads of 64) and factored's (Hq 64, Hv 65, T 299) on a GPU, compiled."""
   for b, t, n, hq, hv in ((64, 256, 6, 64, 64), (16, 299, 2, 64, 65)):
@@ -245,8 +263,10 @@ def test_gpu_kernels_match_dense(dtype, tol):
     pos, seed, rate = jnp.arange(t), jnp.uint32(5), 0.2
     dense = lambda q, k, v: attn_lib.dense_attention(q, k, v, pos, pos, hq ** -0.5, attn_lib.AttnDropout(seed, rate))
     out_ref, g_ref = _value_and_grads(dense, q, k, v, cot)
-    flash = lambda q, k, v: flash_lib.attention(q, k, v, pos, pos, hq ** -0.5, _rows(seed, b, n, pos), rate)
-    out, g = _value_and_grads(flash, q, k, v, cot)
-    assert _rel(out, out_ref) < tol, _rel(out, out_ref)
-    for name, a, r in zip('qkv', g, g_ref):
-      assert _rel(a, r) < tol, (name, _rel(a, r))
+    for contiguous in (False, True):
+      flash = lambda q, k, v, c=contiguous: flash_lib.attention(q, k, v, pos, pos, hq ** -0.5, _rows(seed, b, n, pos),
+                                                                rate, contiguous=c)
+      out, g = _value_and_grads(flash, q, k, v, cot)
+      assert _rel(out, out_ref) < tol, (contiguous, _rel(out, out_ref))
+      for name, a, r in zip('qkv', g, g_ref):
+        assert _rel(a, r) < tol, (contiguous, name, _rel(a, r))

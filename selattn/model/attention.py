@@ -135,7 +135,7 @@ def attend(q: Float[Array, 'B T N Hq'], k: Float[Array, 'B S N Hq'], v: Float[Ar
   if kernel == 'flash' or (kernel == 'auto' and dropout is not None and jax.default_backend() == 'gpu'):
     why = flash_lib.unsupported(q, k, v, blocks) or _flash_mesh_unsupported(q)
     if why is None:
-      return _flash_attend(q, k, v, q_pos, k_pos, scale, dropout, blocks)
+      return _flash_attend(q, k, v, q_pos, k_pos, scale, dropout, blocks, contiguous)
     _log_fallback(f'attention: the flash kernel cannot take this call ({why}): dense attention')
   if dropout is not None:
     # cuDNN draws its own dropout mask, not this module's index-hash mask that every implementation shares.
@@ -164,7 +164,7 @@ def _flash_mesh_unsupported(q: Array) -> str | None:
   return None
 
 
-def _flash_attend(q, k, v, q_pos, k_pos, scale, dropout, blocks):
+def _flash_attend(q, k, v, q_pos, k_pos, scale, dropout, blocks, contiguous):
   """The flash kernel; under a mesh split by hand (a Pallas call is not partitioned by GSPMD) over batch and heads.
 
   The dropout row hashes are computed here, in the global view, from the global batch and head indices, so each
@@ -174,7 +174,7 @@ def _flash_attend(q, k, v, q_pos, k_pos, scale, dropout, blocks):
   if dropout is not None:
     b_idx, n_idx = _bn_index(q.shape[0], q.shape[2], 'BNTS')
     rows, rate = dropout_lib.row_hash(dropout.seed, b_idx[..., 0], n_idx[..., 0], q_pos[None, None, :]), dropout.rate
-  fn = functools.partial(flash_lib.attention, scale=scale, rate=rate, blocks=blocks)
+  fn = functools.partial(flash_lib.attention, scale=scale, rate=rate, blocks=blocks, contiguous=contiguous)
   if _mesh_size() == 1:
     return fn(q, k, v, q_pos, k_pos, rows=rows)
   act = P(sharding.BATCH, None, sharding.HEADS, None)

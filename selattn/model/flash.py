@@ -23,8 +23,9 @@ Backward (p recomputed from lse, the mask recomputed from the same hashes). With
   ds_ij = p_ij (dp_ij - Delta_i),  Delta_i = sum_j p_ij dp_ij = do_i . o_i     (o the dropped-out output)
   dq_i = scale sum_j ds_ij k_j,   dk_j = scale sum_i ds_ij q_i
 One kernel per key tile (dk, dv, looping over the query tiles that see it) and one per query tile (dq, looping over
-key tiles): each recomputes its tiles, no atomics, deterministic. Tiles wholly above the causal diagonal (by
-positions) are skipped.
+key tiles): each recomputes its tiles, no atomics, deterministic. Tiles wholly above the causal diagonal are
+skipped: by a test of their positions (any token order), or, when the caller says positions are 0..T-1
+(`contiguous`), by loop bounds from the tile indices.
 
 Padding. Head dims are zero-padded to powers of two >= 16 (zero columns add nothing to q . k, and give zero output
 columns, which are cut off); T and S are padded to whole tiles with query position -1 (sees no key) and key
@@ -59,6 +60,9 @@ class Blocks:
 class _Static:
   scale: float
   rate: float  # 0: no dropout (the row hashes are not read)
+  # Positions are 0..T-1 for queries and keys alike: the visible tiles are known from the tile indices, so the
+  # loops run over them alone with bounds (no per-tile test, so Triton may pipeline the loads), as jax's own mha.
+  prefix: bool
   bq: int
   bk: int
   num_warps: int
@@ -77,9 +81,17 @@ def _keep(st: _Static, rows, kpos):
   return dropout_lib.keep_from_row(rows[:, None], kpos[None, :], st.rate)
 
 
-def _fold_visible(n: int, size: int, pos_ref, other_pos, step, init, key_side: bool):
-  """Folds `step(tile_start, tile_pos, carry)` over the tiles of `pos_ref` that share a visible pair with the
-  fixed tile whose positions are `other_pos` (key tiles for a query tile, or query tiles for a key tile)."""
+def _fold_visible(st: _Static, n: int, size: int, pos_ref, other_pos, step, init, key_side: bool):
+  """Folds `step(tile_start, tile_pos, carry)` over the tiles of `pos_ref` that share a visible pair with this
+  program's tile (grid axis 0), whose positions are `other_pos`: key tiles for a query tile (`key_side`), or query
+  tiles for a key tile."""
+  if st.prefix:  # positions 0..T-1: a query tile sees the key tiles up to its last row, a key tile the query
+    # tiles from its first row on (in whole tiles: the masks inside cut the diagonal tiles)
+    own = st.bq if key_side else st.bk
+    edge = pl.program_id(0) * own
+    lo, hi = (0, jnp.minimum(jax.lax.div(edge + own + size - 1, size), n)) if key_side else (
+        jax.lax.div(edge, size), n)
+    return jax.lax.fori_loop(lo, hi, lambda idx, c: step(idx * size, pos_ref[pl.ds(idx * size, size)], c), init)
 
   def body(idx, carry):
     start = idx * size
@@ -113,7 +125,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qpos_ref, kpos_ref, rows_ref, o_ref, lse_re
 
   init = (jnp.zeros((st.bq, v_ref.shape[-1]), jnp.float32), jnp.full((st.bq,), _MASKED, jnp.float32),
           jnp.zeros((st.bq,), jnp.float32))
-  acc, m, l = _fold_visible(n_k, st.bk, kpos_ref, qpos, step, init, key_side=True)
+  acc, m, l = _fold_visible(st, n_k, st.bk, kpos_ref, qpos, step, init, key_side=True)
   # A query that sees no key (padding rows) has l = 0: output 0, and an lse that makes p = 0 in the backward.
   l_safe = jnp.where(l > 0, l, 1.0)
   o_ref[...] = (acc * (1.0 / ((1.0 - st.rate) * l_safe))[:, None]).astype(o_ref.dtype)
@@ -151,7 +163,7 @@ def _bwd_kv_kernel(q_ref, k_ref, v_ref, do_ref, qpos_ref, kpos_ref, rows_ref, ls
     return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv + _dot(pd.astype(do.dtype), do, trans_a=True)
 
   init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-  dk, dv = _fold_visible(n_q, st.bq, qpos_ref, kpos, step, init, key_side=False)
+  dk, dv = _fold_visible(st, n_q, st.bq, qpos_ref, kpos, step, init, key_side=False)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -167,7 +179,7 @@ def _bwd_q_kernel(q_ref, k_ref, v_ref, do_ref, qpos_ref, kpos_ref, rows_ref, lse
     _, ds = _tile(st, q, k, v_ref[pl.ds(start, st.bk), :], do, qpos, kpos, lse, delta, rows)
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = _fold_visible(n_k, st.bk, kpos_ref, qpos, step, jnp.zeros(q.shape, jnp.float32), key_side=True)
+  dq = _fold_visible(st, n_k, st.bk, kpos_ref, qpos, step, jnp.zeros(q.shape, jnp.float32), key_side=True)
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -283,9 +295,10 @@ def unsupported(q: Array, k: Array, v: Array, blocks: Blocks = Blocks()) -> str 
 def attention(q: Float[Array, 'B T N Hq'], k: Float[Array, 'B S N Hq'], v: Float[Array, 'B S N Hv'],
               q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S'], scale: float,
               rows: UInt32[Array, 'B N T'] | None = None, rate: float = 0.0, blocks: Blocks = Blocks(),
-              interpret: bool | None = None) -> Float[Array, 'B T N Hv']:
+              contiguous: bool = False, interpret: bool | None = None) -> Float[Array, 'B T N Hv']:
   """Causal attention by positions, with dropout at `rate` by the row hashes `rows` (dropout.row_hash of the global
-  batch row, head and query position) when given: `dense_attention`'s function, computed tile by tile."""
+  batch row, head and query position) when given: `dense_attention`'s function, computed tile by tile.
+  `contiguous`: the caller promises q_pos = k_pos = 0..T-1 (tiles are then skipped by index, not by position)."""
   b, t, n, hq = q.shape
   s, hv = k.shape[1], v.shape[-1]
   interpret = jax.default_backend() != 'gpu' if interpret is None else interpret
@@ -293,8 +306,8 @@ def attention(q: Float[Array, 'B T N Hq'], k: Float[Array, 'B S N Hq'], v: Float
   bq, bk = min(blocks.block_q, max(16, _pow2(t))), min(blocks.block_k, max(16, _pow2(s)))
   tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
   hqp, hvp = max(16, _pow2(hq)), max(16, _pow2(hv))
-  st = _Static(scale=float(scale), rate=float(rate) if rows is not None else 0.0, bq=bq, bk=bk,
-               num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret)
+  st = _Static(scale=float(scale), rate=float(rate) if rows is not None else 0.0, prefix=contiguous and t == s,
+               bq=bq, bk=bk, num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret)
   qp = _pad(_pad(q, 3, hqp), 1, tp)
   kp = _pad(_pad(k, 3, hqp), 1, sp)
   vp = _pad(_pad(v, 3, hvp), 1, sp)
