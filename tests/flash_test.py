@@ -239,6 +239,27 @@ def test_bad_kernel_configs(key, value, named):
   assert '\n' not in str(e.value)
 
 
+def test_a_run_may_resume_with_another_attn_kernel(tmp_path):
+  """The kernel choice and its tiles compute the same function with the same masks: a run started on the dense
+  path resumes on the kernel (and an old config.json without these keys reads as 'auto')."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from selattn import train  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  c.model.attn_dropout, c.model.attn_kernel = 0.1, 'dense'
+  saved = config_lib.from_config(c, 11).to_dict()
+  (tmp_path / 'config.json').write_text(json.dumps({'config': saved}))
+  c.model.attn_kernel, c.model.flash_block_q = 'flash', 32
+  train.check_compatible(str(tmp_path), config_lib.from_config(c, 11))
+  for key in ('attn_kernel', 'flash_block_q', 'flash_block_k'):
+    del saved['model'][key]
+  (tmp_path / 'config.json').write_text(json.dumps({'config': saved}))
+  train.check_compatible(str(tmp_path), config_lib.from_config(c, 11))
+  c.model.attn_dropout = 0.2  # an execution key too; another model is refused:
+  c.model.d_model *= 2
+  with pytest.raises(train.TrainingError, match='model.d_model'):
+    train.check_compatible(str(tmp_path), config_lib.from_config(c, 11))
+
+
 def test_sharded_flash_matches_one_device(tmp_path):
   """On 4 fake devices (batch over data/fsdp, heads over tensor) the kernel runs per device inside shard_map with
   the global batch and head indices' mask: standard and factored selective, output and gradients, as one device's
