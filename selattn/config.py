@@ -24,7 +24,6 @@ DECAY_MASKS = ('all', 'matrices')
 VOCABS = ('chars', 'bytes')
 SPLITS = ('tail', 'enwik8')
 FUSED_BACKWARDS = ('split', 'merged')
-FUSED_LAYOUTS = ('tile', 'flat')
 ATTN_KERNELS = ('auto', 'flash', 'dense')
 
 
@@ -79,7 +78,6 @@ class ModelConfig:
   fused_heads_per_program: int = 0
   fused_fwd_splits: int = 1
   fused_bwd_splits: int = 1
-  fused_layout: str = 'tile'
   attn_kernel: str = 'auto'
   flash_block_q: int = 64
   flash_block_k: int = 64
@@ -110,9 +108,6 @@ class ModelConfig:
     _choice(p + 'init', self.init, INITS)
     _choice(p + 'selective_parts', self.selective_parts, SELECTIVE_PARTS)
     _choice(p + 'fused_backward', self.fused_backward, FUSED_BACKWARDS)
-    _choice(p + 'fused_layout', self.fused_layout, FUSED_LAYOUTS)
-    _check(self.fused_layout != 'flat' or self.fused_backward == 'merged',
-           "model.fused_layout='flat' needs model.fused_backward='merged' (its only backward)")
     _choice(p + 'attn_kernel', self.attn_kernel, ATTN_KERNELS)
     for k in ('vocab_size', 'd_model', 'num_heads', 'num_layers', 'ffn_mult', 'kv_hidden', 'block_q', 'block_k'):
       _positive(p + k, getattr(self, k))

@@ -1,8 +1,4 @@
-"""GPU: fused kernel agreement (TF32 / bf16) against materialized at highest precision.
-
-Each layout in $LAYOUTS (default: tile,flat) with the default Blocks otherwise (the merged backward). From the
-repo root on a GPU machine: LAYOUTS=tile,flat OUT=. PYTHONPATH=$PWD python docs/bench/fused_agreement.py
-"""
+"""GPU: fused kernel agreement (TF32 / bf16) against materialized at highest precision, and per-layer timings."""
 import functools, json, os, sys, time, traceback
 import jax, jax.numpy as jnp, numpy as np
 from selattn.model import attention as A, fused
@@ -39,9 +35,7 @@ def rel(a, b):
   return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
 
 B, T, N, H = 16, 299, 2, 32
-for layout in os.environ.get('LAYOUTS', 'tile,flat').split(','):
- blocks = fused.Blocks(layout=layout)
- for F in (64, 256):
+for F in (64, 256):
   for rope in (True,):
     for dt in (('float32', 'bfloat16') if F == 64 else ('float32',)):
       try:
@@ -51,16 +45,15 @@ for layout in os.environ.get('LAYOUTS', 'tile,flat').split(','):
           ref_out = jax.jit(functools.partial(run, 'materialized', rope=rope))(p, q, x)
           _, ref_g = loss_fn('materialized', rope)(p, q, x, cot)
         cast = lambda t: jax.tree.map(lambda a: a.astype(dt), t)
-        out = jax.jit(functools.partial(run, 'fused', rope=rope, blocks=blocks))(cast(p), cast(q), cast(x))
-        _, g = loss_fn('fused', rope, blocks)(cast(p), cast(q), cast(x), cot)
+        out = jax.jit(functools.partial(run, 'fused', rope=rope))(cast(p), cast(q), cast(x))
+        _, g = loss_fn('fused', rope)(cast(p), cast(q), cast(x), cot)
         errs = {'out': rel(out, ref_out)}
         errs.update({f'd{k}': rel(g[0][k], ref_g[0][k]) for k in p})
         errs['dq'], errs['dx'] = rel(g[1], ref_g[1]), rel(g[2], ref_g[2])
-        res['checks'].append({'F': F, 'rope': rope, 'dtype': dt, 'blocks': blocks.__dict__, 'rel_err': errs})
-        print('check', layout, F, rope, dt, errs, flush=True)
+        res['checks'].append({'F': F, 'rope': rope, 'dtype': dt, 'rel_err': errs})
+        print('check', F, rope, dt, errs, flush=True)
       except Exception as e:
-        res['checks'].append({'F': F, 'rope': rope, 'dtype': dt, 'blocks': blocks.__dict__,
-                              'error': traceback.format_exc()[-3000:]})
+        res['checks'].append({'F': F, 'rope': rope, 'dtype': dt, 'error': traceback.format_exc()[-3000:]})
         print('check FAILED', F, rope, dt, traceback.format_exc()[-3000:], flush=True)
       save()
       if 'error' in res['checks'][-1] and len(res['checks']) == 1:

@@ -7,7 +7,6 @@ variant that fails to compile is recorded with its error). From the repo root, o
 
   PYTHONPATH=$PWD OUT=. python docs/bench/fused_sweep.py [--quick]
 
-SWEEP_SET=flat times Blocks.layout='flat' beside 'tile' over warps, hidden chunks and parallelism.
 SWEEP_SET=par sweeps the parallelism of the merged kernels instead (heads per program, forward and backward
 splits; Blocks' fields) at 8 and 4 warps. The shape and the rest come from the environment: SWEEP_B, SWEEP_T,
 SWEEP_N, SWEEP_H, SWEEP_F (comma-separated kv_hidden values), SWEEP_DTYPE, SWEEP_ITERS (timed calls per variant),
@@ -82,12 +81,7 @@ def pair_flops(f):
 
 def main():
   quick = '--quick' in sys.argv
-  if ENV('SWEEP_SET', 'tiles') == 'flat':  # the flat layout beside the tile one, both merged
-    configs = [dict(layout=lay, num_warps=wp, block_f=bf, heads_per_program=hp, fwd_splits=ks, bwd_splits=ks)
-               for lay, wp, bf, hp, ks in [('tile', 8, 32, 0, 1), ('flat', 8, 32, 0, 1), ('flat', 4, 32, 0, 1),
-                                           ('flat', 8, 64, 0, 1), ('flat', 8, 16, 0, 1), ('flat', 8, 32, 0, 2),
-                                           ('flat', 8, 32, 1, 1), ('flat', 4, 64, 0, 1)]]
-  elif ENV('SWEEP_SET', 'tiles') == 'par':  # (heads per program, forward splits, backward splits, warps)
+  if ENV('SWEEP_SET', 'tiles') == 'par':  # (heads per program, forward splits, backward splits, warps)
     configs = [dict(heads_per_program=hp, fwd_splits=ks, bwd_splits=qs, num_warps=wp)
                for hp, ks, qs, wp in [(0, 1, 1, 8), (1, 1, 1, 8), (0, 2, 2, 8), (1, 2, 2, 8), (1, 4, 4, 8),
                                       (1, 2, 2, 4), (1, 4, 4, 4), (1, 8, 8, 8)]]

@@ -75,9 +75,6 @@ class Blocks:
   heads_per_program: int = 0
   fwd_splits: int = 1
   bwd_splits: int = 1
-  # 'tile': [bq, bk, fc] arrays, sums over keys and queries as reductions; 'flat': pair rows [bq bk, fc], those
-  # sums as selector matmuls on the tensor cores (the section below `_bwd_key_kernel`); merged backward only.
-  layout: str = 'tile'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +91,6 @@ class _Static:
   hp: int  # heads per program
   ks: int  # forward: programs per query tile (key tiles dealt round-robin)
   qs: int  # backward key kernel: programs per key tile (query tiles dealt round-robin)
-  layout: str  # Blocks.layout
 
 
 def _dot(a, b, trans_a=False, trans_b=False):
@@ -390,209 +386,6 @@ def _bwd_key_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The flat layout (Blocks.layout='flat'): the same algebra with a tile's R pairs as the rows of 2-D arrays,
-# pair r = (query r // bk, key r % bk), never a [bq, bk, ...] array. Per-pair operands are gathered from the
-# per-query and per-key rows (u, w, q, dG, cos, sin: cached loads), and the sums over a tile's keys or queries
-# (G, du, dq, dw) are matmuls with a 0/1 selector S [bq or bk, R], so they run on the tensor cores; in float32 with
-# three TF32 passes (TF32x3), about float32's accuracy. Only the merged backward exists in this layout.
-
-def _flat_index(st):
-  """Query and key offsets of each pair row, and the selectors S_q [bq, R], S_k [bk, R] (float32 0/1)."""
-  r = jax.lax.broadcasted_iota(jnp.int32, (st.bq * st.bk,), 0)
-  qi, kj = r // st.bk, r % st.bk
-  sq = (jax.lax.broadcasted_iota(jnp.int32, (st.bq, 1), 0) == qi[None, :]).astype(jnp.float32)
-  sk = (jax.lax.broadcasted_iota(jnp.int32, (st.bk, 1), 0) == kj[None, :]).astype(jnp.float32)
-  return qi, kj, sq, sk
-
-
-def _pair_sum(st, sel, x):
-  """sel @ x: sums of pair rows x [R, k] per query or key (float32; TF32x3 on the GPU)."""
-  if st.interpret:
-    return jax.lax.dot(sel, x, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-  return jax.lax.dot(sel, x, precision=jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-                     preferred_element_type=jnp.float32)
-
-
-def _act_t(h, act):
-  """act(h) and the tanh it used (None for the identity), so the backward's act'(h) needs no second tanh."""
-  if act == 'identity':
-    return h, None
-  t = jnp.tanh(_GELU_C * (h + _GELU_A * h * h * h))
-  return 0.5 * h * (1.0 + t), t
-
-
-def _act_grad_t(h, t, act):
-  if act == 'identity':
-    return jnp.ones_like(h)
-  return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_A * h * h)
-
-
-def _flat_hidden(st, u_ref, w_ref, q_rows, k_rows, c):
-  """h, act(h) and its tanh for hidden chunk c of every pair row: [R, fc] each."""
-  cols = pl.ds(c * st.fc, st.fc)
-  h = u_ref[q_rows, cols].astype(jnp.float32) + w_ref[k_rows, cols].astype(jnp.float32)
-  return (h,) + _act_t(h, st.act)
-
-
-def _flat_keys(st, n_heads, n_chunks, qa, qb, u_ref, w_ref, w2_ref, b2, q_rows, k_rows, cos, sin, dgo_ref=None):
-  """Pass 1 over hidden chunks: rotated keys R_j K_ij (halves, per head [R, H2]), logits per head [R], with
-  `dgo_ref` also dp = dG_i . g_ij per head [R]. `cache` is (h, g, t) when there is a single chunk."""
-  fc = st.fc
-  h2 = qa[0].shape[-1]
-  rows = qa[0].shape[0]
-
-  def body(c, carry):
-    k1, k2, dp, _ = carry
-    h, g, t = _flat_hidden(st, u_ref, w_ref, q_rows, k_rows, c)
-    g2 = g.astype(w2_ref.dtype)
-    k1 = tuple(k1[n] + _dot(g2, w2_ref[pl.ds(c * fc, fc), n, 0, :]) for n in range(n_heads))
-    k2 = tuple(k2[n] + _dot(g2, w2_ref[pl.ds(c * fc, fc), n, 1, :]) for n in range(n_heads))
-    if dgo_ref is not None:
-      dp = tuple(dp[n] + jnp.sum(g * dgo_ref[q_rows, n, pl.ds(c * fc, fc)].astype(jnp.float32), axis=1)
-                 for n in range(n_heads))
-    return k1, k2, dp, ((h, g, t) if n_chunks == 1 else ())
-
-  zeros = tuple(jnp.zeros((rows, h2), jnp.float32) for _ in range(n_heads))
-  dp0 = tuple(jnp.zeros((rows,), jnp.float32) for _ in range(n_heads)) if dgo_ref is not None else ()
-  k1, k2, dp, cache = _loop(n_chunks, body, (zeros, zeros, dp0, ()))
-  kr1, kr2, logits = [], [], []
-  for n in range(n_heads):
-    a, b = k1[n] + b2[n][0][None, :], k2[n] + b2[n][1][None, :]
-    r1, r2 = a * cos - b * sin, a * sin + b * cos  # R_j K_ij, non-interleaved halves
-    kr1.append(r1)
-    kr2.append(r2)
-    logits.append(jnp.sum(qa[n] * r1 + qb[n] * r2, axis=1) * st.scale)
-  return kr1, kr2, logits, dp, cache or None
-
-
-def _flat_chunk(st, u_ref, w_ref, q_rows, k_rows, c, cache):
-  return cache if cache is not None else _flat_hidden(st, u_ref, w_ref, q_rows, k_rows, c)
-
-
-def _fwd_flat_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, g_ref, m_ref, l_ref,
-                     *, st: _Static, n_heads: int, n_chunks: int, n_k: int):
-  """`_fwd_kernel` in the flat layout: the softmax statistics per query through the selector."""
-  fc = st.fc
-  qi, kj, sq, _ = _flat_index(st)
-  qa = [q_ref[qi, n, 0, :].astype(jnp.float32) for n in range(n_heads)]
-  qb = [q_ref[qi, n, 1, :].astype(jnp.float32) for n in range(n_heads)]
-  b2 = _load_b2(b2_ref, n_heads)
-  qpos = qpos_ref[...]
-  qpos_r = qpos_ref[qi]
-  on = sq > 0
-  g_ref[...] = jnp.zeros(g_ref.shape, g_ref.dtype)
-
-  def body(kb, carry):
-    start = kb * st.bk
-    kpos = kpos_ref[pl.ds(start, st.bk)]
-
-    def compute(carry):
-      m, l = list(carry[0]), list(carry[1])
-      k_rows = start + kj
-      mask = qpos_r >= kpos_ref[k_rows]
-      cos, sin = cos_ref[k_rows, :], sin_ref[k_rows, :]
-      _, _, logits, _, cache = _flat_keys(st, n_heads, n_chunks, qa, qb, u_ref, w_ref, w2_ref, b2, qi, k_rows,
-                                          cos, sin)
-      ps, corr = [], []
-      for n in range(n_heads):
-        s = jnp.where(mask, logits[n], _MASKED)
-        m_new = jnp.maximum(m[n], jnp.max(jnp.where(on, s[None, :], _MASKED), axis=1))
-        m_rows = jnp.sum(sq * m_new[:, None], axis=0)  # each pair row's query max (one 1 per selector column)
-        p = jnp.where(mask, jnp.exp(s - m_rows), 0.0)
-        corr.append(jnp.exp(m[n] - m_new))
-        l[n] = l[n] * corr[n] + jnp.sum(sq * p[None, :], axis=1)
-        m[n] = m_new
-        ps.append(sq * p[None, :])  # [bq, R]: row i holds query i's weights
-
-      def values(c, carry):
-        _, g, _ = _flat_chunk(st, u_ref, w_ref, qi, k_rows, c, cache)
-        for n in range(n_heads):
-          cols = (slice(None), n, pl.ds(c * fc, fc))
-          g_ref[cols] = g_ref[cols] * corr[n][:, None] + _pair_sum(st, ps[n], g)
-        return carry
-
-      _loop(n_chunks, values, 0)
-      return tuple(m), tuple(l)
-
-    return jax.lax.cond(_visible(qpos, kpos), compute, lambda c: c, carry)
-
-  init = (tuple(jnp.full((st.bq,), _MASKED, jnp.float32) for _ in range(n_heads)),
-          tuple(jnp.zeros((st.bq,), jnp.float32) for _ in range(n_heads)))
-  m, l = _dealt(n_k, pl.program_id(2) % st.ks, st.ks, body, init)
-  for n in range(n_heads):
-    m_ref[n, :] = m[n]
-    l_ref[n, :] = l[n]
-
-
-def _bwd_flat_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, lse_ref, delta_ref,
-                     dgo_ref, du0_ref, dq0_ref, dw_ref, dw2_ref, db2_ref, du_ref, dq_ref, *, st: _Static,
-                     n_heads: int, n_chunks: int, n_q: int):
-  """The merged `_bwd_key_kernel` in the flat layout: sums over queries (dw) and keys (du, dq) by selector."""
-  from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (atomic adds: GPU, or interpreted)
-  del du0_ref, dq0_ref  # the zeros aliased to du and dq
-  bq, fc = st.bq, st.fc
-  qi, kj, sq, sk = _flat_index(st)
-  start = pl.program_id(1) * st.bk
-  k_rows = start + kj
-  kpos = kpos_ref[pl.ds(start, st.bk)]
-  kpos_r = kpos_ref[k_rows]
-  cos, sin = cos_ref[k_rows, :], sin_ref[k_rows, :]
-  b2 = _load_b2(b2_ref, n_heads)
-  for ref in (dw_ref, dw2_ref, db2_ref):
-    ref[...] = jnp.zeros(ref.shape, ref.dtype)
-
-  def body(qb_idx, carry):
-    row0 = qb_idx * bq
-    qpos = qpos_ref[pl.ds(row0, bq)]
-
-    def compute(carry):
-      q_rows = row0 + qi
-      qa = [q_ref[q_rows, n, 0, :].astype(jnp.float32) for n in range(n_heads)]
-      qb = [q_ref[q_rows, n, 1, :].astype(jnp.float32) for n in range(n_heads)]
-      mask = qpos_ref[q_rows] >= kpos_r
-      kr1, kr2, logits, dp, cache = _flat_keys(st, n_heads, n_chunks, qa, qb, u_ref, w_ref, w2_ref, b2, q_rows,
-                                               k_rows, cos, sin, dgo_ref)
-      p, dk1, dk2 = [], [], []
-      rows, head, half = pl.ds(row0, bq), [jnp.int32(n) for n in range(n_heads)], (jnp.int32(0), jnp.int32(1))
-      for n in range(n_heads):
-        pn = jnp.where(mask, jnp.exp(logits[n] - lse_ref[n, q_rows]), 0.0)
-        ds = (pn * (dp[n] - delta_ref[n, q_rows]) * st.scale)[:, None]
-        # s = scale a . R_j K with a = R_i q: dK = scale ds R_j^T a = scale ds [a1 cos + a2 sin ; a2 cos - a1 sin].
-        dk1.append(ds * (qa[n] * cos + qb[n] * sin))
-        dk2.append(ds * (qb[n] * cos - qa[n] * sin))
-        p.append(pn[:, None])
-        # d(R_i q_i) += scale sum_j ds_ij R_j K_ij; scalar indices as arrays (the interpreter's rule)
-        plgpu.atomic_add(dq_ref, (rows, head[n], half[0], slice(None)), _pair_sum(st, sq, ds * kr1[n]))
-        plgpu.atomic_add(dq_ref, (rows, head[n], half[1], slice(None)), _pair_sum(st, sq, ds * kr2[n]))
-        db2_ref[n, 0, :] += jnp.sum(dk1[n], axis=0)
-        db2_ref[n, 1, :] += jnp.sum(dk2[n], axis=0)
-
-      def hidden(c, carry):
-        cols = pl.ds(c * fc, fc)
-        h, g, t = _flat_chunk(st, u_ref, w_ref, q_rows, k_rows, c, cache)
-        dg = jnp.zeros(h.shape, jnp.float32)
-        for n in range(n_heads):  # dg_ij = sum_n p^n_ij dG^n_i + W2k dK_ij
-          dg += _dot(dk1[n].astype(w2_ref.dtype), w2_ref[cols, n, 0, :], trans_b=True)
-          dg += _dot(dk2[n].astype(w2_ref.dtype), w2_ref[cols, n, 1, :], trans_b=True)
-          dg += p[n] * dgo_ref[q_rows, n, cols].astype(jnp.float32)
-        dh = dg * _act_grad_t(h, t, st.act)
-        dw_ref[:, cols] += _pair_sum(st, sk, dh)
-        plgpu.atomic_add(du_ref, (rows, cols), _pair_sum(st, sq, dh))
-        g2 = g.astype(w2_ref.dtype)
-        for n in range(n_heads):
-          dw2_ref[cols, n, 0, :] += _dot(g2, dk1[n].astype(g2.dtype), trans_a=True)
-          dw2_ref[cols, n, 1, :] += _dot(g2, dk2[n].astype(g2.dtype), trans_a=True)
-        return carry
-
-      _loop(n_chunks, hidden, 0)
-      return carry
-
-    return jax.lax.cond(_visible(qpos, kpos), compute, lambda c: c, carry)
-
-  _dealt(n_q, pl.program_id(2) % st.qs, st.qs, body, 0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # pallas_call wrappers and the custom VJP, on padded arrays:
 #   q [B, Tp, N, 2, H2]  u [B, Tp, Fp]  w [B, Sp, Fp]  w2 [Fp, N, 2, H2]  b2 [N, 2, H2]  cos, sin [Sp, H2]
 #   qpos [Tp], kpos [Sp] (int32)  ->  G [B, Tp, N, Fp], lse [B, N, Tp]
@@ -629,8 +422,7 @@ def _forward(st: _Static, q, u, w, w2, b2, cos, sin, qpos, kpos):
   bsz, tp, n, _, _ = q.shape
   sp, fp = w.shape[1], w.shape[2]
   ks, groups = st.ks, n // st.hp
-  kernel = functools.partial(_fwd_flat_kernel if st.layout == 'flat' else _fwd_kernel, st=st, n_heads=st.hp,
-                             n_chunks=fp // st.fc, n_k=sp // st.bk)
+  kernel = functools.partial(_fwd_kernel, st=st, n_heads=st.hp, n_chunks=fp // st.fc, n_k=sp // st.bk)
   g, m, l = pl.pallas_call(
       kernel, grid=(bsz, tp // st.bq, groups * ks),
       in_specs=_common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled=True, splits=ks),
@@ -672,11 +464,8 @@ def _backward(st: _Static, res, dg_out):
                     jax.ShapeDtypeStruct((bsz, n_k, qs, fp, n, 2, h2), jnp.float32),
                     jax.ShapeDtypeStruct((bsz, n_k, qs, n, 2, h2), jnp.float32)]
   key_in_specs = _common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled=False, splits=qs) + whole_rows
-  if st.layout == 'flat':
-    kernel = functools.partial(_bwd_flat_kernel, st=st, n_heads=hp, n_chunks=n_chunks, n_q=n_q)
-  else:
-    kernel = functools.partial(_bwd_key_kernel, st=st, n_heads=hp, n_chunks=n_chunks, n_q=n_q,
-                               merged=st.backward == 'merged')
+  kernel = functools.partial(_bwd_key_kernel, st=st, n_heads=hp, n_chunks=n_chunks, n_q=n_q,
+                             merged=st.backward == 'merged')
   if st.backward == 'merged':
     query_outs = [pl.BlockSpec((None, tp, fp), lambda b, i, z: (b, 0, 0)),
                   pl.BlockSpec((None, tp, hp, 2, h2), lambda b, i, z: (b, 0, group(z), 0, 0))]
@@ -757,10 +546,6 @@ def unsupported(head_dim: int, blocks: Blocks = Blocks(), num_heads: int | None 
   for name in ('heads_per_program', 'fwd_splits', 'bwd_splits'):
     if getattr(blocks, name) < (0 if name == 'heads_per_program' else 1):
       return f'{name}={getattr(blocks, name)} is out of range'
-  if blocks.layout not in ('tile', 'flat'):
-    return f'layout={blocks.layout!r} is not tile or flat'
-  if blocks.layout == 'flat' and blocks.backward != 'merged':
-    return "layout='flat' has only the merged backward"
   if num_heads is not None and blocks.heads_per_program and num_heads % blocks.heads_per_program:
     return f'heads_per_program={blocks.heads_per_program} does not divide the {num_heads} heads'
   for name in ('block_q', 'block_k', 'block_f'):
@@ -785,9 +570,6 @@ def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Arr
 
   _, t, n, h = q.shape
   s, f = w.shape[1], w.shape[2]
-  why = unsupported(h, blocks)
-  if why is not None:
-    raise ValueError(f'fused selective attention cannot take these sizes or tiles: {why}')
   interpret = jax.default_backend() != 'gpu' if interpret is None else interpret
   fc = min(blocks.block_f, max(16, _pow2(f)))
   h2 = max(16, _pow2((h + 1) // 2))
@@ -795,7 +577,7 @@ def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Arr
   st = _Static(scale=1.0 / math.sqrt(h), act=act, bq=blocks.block_q, bk=blocks.block_k, fc=fc,
                num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret,
                backward=blocks.backward, hp=math.gcd(blocks.heads_per_program or n, n), ks=blocks.fwd_splits,
-               qs=blocks.bwd_splits, layout=blocks.layout)
+               qs=blocks.bwd_splits)
 
   if rope_theta is not None:
     q = rope_lib.apply(q, *rope_lib.angles(q_pos, h, rope_theta))
