@@ -158,8 +158,9 @@ class ModelConfig:
       return 'factored'
     import jax  # pylint: disable=g-import-not-at-top  (only 'auto' needs to know the backend)
     # The fused kernels are Triton kernels on GPU; elsewhere they run interpreted (tests), far slower than XLA.
-    # On an H200 they beat blockwise at kv_hidden 64 and lose at 256 (BENCHMARKS.md, the MLP generator section).
-    return 'fused' if jax.default_backend() == 'gpu' and self.kv_hidden <= 64 else 'blockwise'
+    # On an H200 they beat blockwise at its best tiles in float32 at kv_hidden 64 and 256, and in bf16 at 64; in
+    # bf16 at 256 blockwise is 1.1x faster at 60x the memory (BENCHMARKS.md, the MLP generator section).
+    return 'fused' if jax.default_backend() == 'gpu' else 'blockwise'
 
   @property
   def ffn_dim(self) -> int:
