@@ -156,9 +156,9 @@ def _export_cuda(fn, *args):
 
 @pytest.mark.parametrize('rate,contiguous', [(0.0, False), (0.2, False), (0.2, True)])
 def test_kernels_lower_to_triton(rate, contiguous):
-  """Forward and backward lower for CUDA (Triton) at the model's dtypes, T not a whole tile, Hv != Hq, tiles
-  skipped by position tests or by loop bounds."""
-  b, t, n, hq, hv = 2, 37, 3, 24, 25
+  """Forward and backward lower for CUDA (Triton) at the model's dtypes, T not a whole tile (150: padded to 192,
+  a whole-sequence block that is not a power of two), Hv != Hq, tiles skipped by position tests or loop bounds."""
+  b, t, n, hq, hv = 2, 150, 3, 24, 25
 
   def grads(q, k, v, seed):
     pos = jnp.arange(t)
