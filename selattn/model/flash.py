@@ -89,8 +89,10 @@ def _fold_visible(st: _Static, n: int, size: int, pos_ref, other_pos, step, init
     # tiles from its first row on (in whole tiles: the masks inside cut the diagonal tiles)
     own = st.bq if key_side else st.bk
     edge = pl.program_id(0) * own
-    lo, hi = (0, jnp.minimum(jax.lax.div(edge + own + size - 1, size), n)) if key_side else (
-        jax.lax.div(edge, size), n)
+    if key_side:
+      lo, hi = 0, jnp.minimum(jax.lax.div(edge + own + size - 1, size), n)
+    else:
+      lo, hi = jax.lax.div(edge, size), n
     return jax.lax.fori_loop(lo, hi, lambda idx, c: step(idx * size, pos_ref[pl.ds(idx * size, size)], c), init)
 
   def body(idx, carry):
