@@ -161,6 +161,13 @@ def _keys(st: _Static, n_heads, n_chunks, qa, qb, u_ref, rows, w_ref, w2_ref, b2
   return kr1, kr2, logits, dp, cache or None
 
 
+def _zero_chunks(st, ref, n_chunks, index, shape):
+  """Zeroes an output block one `shape` piece per hidden chunk: Triton takes only power-of-two shapes, and the
+  padded hidden width (a multiple of fc) and the heads of a program need not be powers of two."""
+  for c in range(n_chunks):
+    ref[index(pl.ds(c * st.fc, st.fc))] = jnp.zeros(shape, ref.dtype)
+
+
 def _chunk(st, u_ref, w_ref, rows, k_start, c, cache):
   return cache if cache is not None else _hidden(st, u_ref, w_ref, rows, k_start, c)
 
@@ -222,7 +229,8 @@ def _fwd_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref,
   qa, qb = _load_query(q_ref, n_heads)
   b2 = _load_b2(b2_ref, n_heads)
   qpos = qpos_ref[...]
-  g_ref[...] = jnp.zeros(g_ref.shape, g_ref.dtype)
+  for n in range(n_heads):
+    _zero_chunks(st, g_ref, n_chunks, lambda cols, n=n: (slice(None), n, cols), (bq, fc))
 
   def step(start, mask, cos, sin, carry):
     m, l = list(carry[0]), list(carry[1])
@@ -298,7 +306,7 @@ def _bwd_query_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpo
   delta = [delta_ref[n, :] for n in range(n_heads)]
   qpos = qpos_ref[...]
   h2 = qa[0].shape[-1]
-  du_ref[...] = jnp.zeros(du_ref.shape, du_ref.dtype)
+  _zero_chunks(st, du_ref, n_chunks, lambda cols: (slice(None), cols), (bq, fc))
 
   def step(start, mask, cos, sin, carry):
     dqa, dqb = list(carry[0]), list(carry[1])
@@ -328,9 +336,10 @@ def _bwd_query_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpo
 def _bwd_key_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_ref, kpos_ref, lse_ref, delta_ref,
                     dgo_ref, *out_refs, st: _Static, n_heads: int, n_chunks: int, n_q: int, merged: bool):
   """One program per (batch, key tile, head group, query split), looping over its share of the query tiles that
-  see the key tile: dw, and its share of dW2k and db2k, all accumulated in the program's own output blocks. Merged (`out_refs` = du0, dq0, dw, dW2k,
-  db2k, du, dq; du0/dq0 are the zeros aliased to du/dq): also du and dq, whole per batch, by atomic adds, so each
-  tile is computed once in the backward pass. Split (`out_refs` = dw, dW2k, db2k): `_bwd_query_kernel` does those."""
+  see the key tile: dw, and its share of dW2k and db2k, all accumulated in the program's own output blocks.
+  Merged (`out_refs` = du0, dq0, dw, dW2k, db2k, du, dq; du0/dq0 are the zeros aliased to du/dq): also du and dq,
+  whole per batch, by atomic adds, so each tile is computed once in the backward pass. Split (`out_refs` = dw,
+  dW2k, db2k): `_bwd_query_kernel` does those."""
   if merged:
     from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (atomic adds: GPU, or interpreted)
     _, _, dw_ref, dw2_ref, db2_ref, du_ref, dq_ref = out_refs
@@ -341,8 +350,12 @@ def _bwd_key_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_
   kpos = kpos_ref[pl.ds(start, bk)]
   cos, sin = cos_ref[pl.ds(start, bk), :], sin_ref[pl.ds(start, bk), :]
   b2 = _load_b2(b2_ref, n_heads)
-  for ref in (dw_ref, dw2_ref, db2_ref):
-    ref[...] = jnp.zeros(ref.shape, ref.dtype)
+  _zero_chunks(st, dw_ref, n_chunks, lambda cols: (slice(None), cols), (bk, fc))
+  for n in range(n_heads):
+    for half in (0, 1):
+      _zero_chunks(st, dw2_ref, n_chunks, lambda cols, n=n, half=half: (cols, n, half, slice(None)),
+                   (fc, dw2_ref.shape[-1]))
+      db2_ref[n, half, :] = jnp.zeros(db2_ref.shape[-1:], db2_ref.dtype)
 
   def body(qb_idx, carry):
     rows = pl.ds(qb_idx * bq, bq)
