@@ -24,6 +24,7 @@ DECAY_MASKS = ('all', 'matrices')
 VOCABS = ('chars', 'bytes')
 SPLITS = ('tail', 'enwik8')
 FUSED_BACKWARDS = ('split', 'merged')
+DROPOUT_RNGS = ('threefry', 'hash')
 ATTN_KERNELS = ('auto', 'flash', 'dense')
 
 
@@ -79,6 +80,7 @@ class ModelConfig:
   fused_fwd_splits: int = 1
   fused_bwd_splits: int = 1
   attn_kernel: str = 'auto'
+  dropout_rng: str = 'threefry'
   flash_block_q: int = 64
   flash_block_k: int = 64
   remat: bool = False
@@ -109,6 +111,7 @@ class ModelConfig:
     _choice(p + 'selective_parts', self.selective_parts, SELECTIVE_PARTS)
     _choice(p + 'fused_backward', self.fused_backward, FUSED_BACKWARDS)
     _choice(p + 'attn_kernel', self.attn_kernel, ATTN_KERNELS)
+    _choice(p + 'dropout_rng', self.dropout_rng, DROPOUT_RNGS)
     for k in ('vocab_size', 'd_model', 'num_heads', 'num_layers', 'ffn_mult', 'kv_hidden', 'block_q', 'block_k'):
       _positive(p + k, getattr(self, k))
     _positive(p + 'rope_theta', self.rope_theta)

@@ -352,3 +352,23 @@ def test_attn_dropout_refused_with_a_seq_split():
     config_lib.from_config({'model': {'attn_dropout': 0.1}, 'mesh': {'seq': 2}}, vocab_size=13)
   config_lib.from_config({'model': {'attn_dropout': 0.1}, 'mesh': {'seq': 1}}, vocab_size=13)
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embedding and residual dropout (model.dropout_rng).
+
+def test_hash_dropout_matches_numpy_and_threefry_is_unchanged():
+  from selattn.model import transformer  # pylint: disable=g-import-not-at-top
+  rate, key = 0.2, jax.random.key(7)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 50, 24)), jnp.float32)
+  got = np.asarray(jax.jit(transformer.dropout, static_argnums=(1, 3))(x, rate, key, 'hash'))
+  seed = int(jax.random.bits(key, (), jnp.uint32))
+  flat = np.arange(x.size, dtype=np.uint32).reshape(x.shape)  # row-major element index
+  keep = np_mix32(np.uint32(seed) ^ np_mix32(flat)) >= np.uint32(round(rate * 2**32))
+  np.testing.assert_allclose(got, np.where(keep, np.asarray(x) / (1 - rate), 0.0), rtol=1e-6)
+  assert abs(keep.mean() - (1 - rate)) < 0.015, keep.mean()  # 3600 draws
+  other = np.asarray(transformer.dropout(x, rate, jax.random.key(8), 'hash')) != 0
+  assert abs((keep & other).mean() - (1 - rate) ** 2) < 0.02  # another key: an independent mask
+  # The default stream is jax.random's, as in every run before the option existed.
+  ref = jnp.where(jax.random.bernoulli(key, 1 - rate, x.shape), x / (1 - rate), 0)
+  np.testing.assert_array_equal(np.asarray(transformer.dropout(x, rate, key)), np.asarray(ref))

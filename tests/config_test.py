@@ -143,6 +143,7 @@ def test_from_config_rejects_unknown_sections():
     ('model', 'fused_backward', 'atomic', "model.fused_backward='atomic'"),
     ('model', 'fused_heads_per_program', 3, 'model.fused_heads_per_program=3 does not divide'),
     ('model', 'fused_bwd_splits', 0, 'model.fused_bwd_splits'),
+    ('model', 'dropout_rng', 'philox', "model.dropout_rng='philox'"),
     ('data', 'val_fraction', 0.0, 'data.val_fraction'),
     ('data', 'vocab', 'words', 'data.vocab'),
     ('data', 'split', 'head', 'data.split'),
