@@ -162,7 +162,7 @@ class ModelConfig:
     import jax  # pylint: disable=g-import-not-at-top  (only 'auto' needs to know the backend)
     # The fused kernels are Triton kernels on GPU; elsewhere they run interpreted (tests), far slower than XLA.
     # On an H200 they beat blockwise at its best tiles in float32 at kv_hidden 64 and 256, and in bf16 at 64; in
-    # bf16 at 256 blockwise is 1.1x faster at 60x the memory (BENCHMARKS.md, the MLP generator section).
+    # bf16 at 256 blockwise is 1.1x faster with 33-38x the temporary memory (BENCHMARKS.md, the MLP generator section).
     return 'fused' if jax.default_backend() == 'gpu' else 'blockwise'
 
   @property

@@ -72,9 +72,9 @@ class Blocks:
   # (forward) or the query tiles of a key tile (backward key kernel) dealt round-robin to this many programs whose
   # partial results are combined outside (forward: like flash-decoding, by their running max and sum). Under a
   # `tensor` split a device holds fewer heads: the kernels then take the largest common divisor. On an H200 none
-  # beat the defaults by more than 0.4% per layer, at the original config or at B4 T4096 N4 (the kernels are not
-  # short of programs: docs/bench/fused_sweep_par_h200.jsonl, fused_sweep_long_h200.jsonl); one head per program
-  # was 1.2x slower (the GELU recomputed per head).
+  # beat the defaults per layer by more than 0.3% at the original config or 1.4% at B4 T4096 N4 (the kernels are
+  # not short of programs: docs/bench/fused_sweep_par_h200.jsonl, fused_sweep_long_h200.jsonl); one head per
+  # program was 1.2x slower (the GELU recomputed per head).
   heads_per_program: int = 0
   fwd_splits: int = 1
   bwd_splits: int = 1
