@@ -43,6 +43,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int, UInt32
 
 from selattn.model import dropout as dropout_lib
+from selattn.model import tiles
 
 _MASKED = -1e30  # a finite "minus infinity": exp(_MASKED - m) is 0 and _MASKED - _MASKED is not NaN
 
@@ -68,12 +69,6 @@ class _Static:
   num_warps: int
   num_stages: int
   interpret: bool
-
-
-def _dot(a, b, trans_a=False, trans_b=False):
-  """A 2-D matmul with float32 accumulation (a Triton dot)."""
-  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def _keep(st: _Static, rows, kpos):
@@ -116,14 +111,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qpos_ref, kpos_ref, rows_ref, o_ref, lse_re
     acc, m, l = carry
     k, v = k_ref[pl.ds(start, st.bk), :], v_ref[pl.ds(start, st.bk), :]
     mask = qpos[:, None] >= kpos[None, :]
-    s = jnp.where(mask, _dot(q, k, trans_b=True) * st.scale, _MASKED)
+    s = jnp.where(mask, tiles.dot(q, k, trans_b=True) * st.scale, _MASKED)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     corr = jnp.exp(m - m_new)
     p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
     l = l * corr + jnp.sum(p, axis=1)  # every visible weight, kept or dropped: softmax before dropout
     if rows is not None:
       p = jnp.where(_keep(st, rows, kpos), p, 0.0)
-    return acc * corr[:, None] + _dot(p.astype(v.dtype), v), m_new, l
+    return acc * corr[:, None] + tiles.dot(p.astype(v.dtype), v), m_new, l
 
   init = (jnp.zeros((st.bq, v_ref.shape[-1]), jnp.float32), jnp.full((st.bq,), _MASKED, jnp.float32),
           jnp.zeros((st.bq,), jnp.float32))
@@ -140,8 +135,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qpos_ref, kpos_ref, rows_ref, o_ref, lse_re
 def _tile(st: _Static, q, k, v, do, qpos, kpos, lse, delta, rows):
   """p_ij d_ij (for dv) and ds_ij scaled (for dq and dk) of one [bq, bk] tile."""
   mask = qpos[:, None] >= kpos[None, :]
-  p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * st.scale - lse[:, None]), 0.0)
-  dp = _dot(do, v, trans_b=True)
+  p = jnp.where(mask, jnp.exp(tiles.dot(q, k, trans_b=True) * st.scale - lse[:, None]), 0.0)
+  dp = tiles.dot(do, v, trans_b=True)
   pd = p
   if rows is not None:
     keep = _keep(st, rows, kpos)
@@ -162,7 +157,7 @@ def _bwd_kv_kernel(q_ref, k_ref, v_ref, do_ref, qpos_ref, kpos_ref, rows_ref, ls
     q, do = q_ref[sl, :], do_ref[sl, :]
     rows = rows_ref[sl] if st.rate > 0 else None
     pd, ds = _tile(st, q, k, v, do, qpos, kpos, lse_ref[sl], delta_ref[sl], rows)
-    return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv + _dot(pd.astype(do.dtype), do, trans_a=True)
+    return dk + tiles.dot(ds.astype(q.dtype), q, trans_a=True), dv + tiles.dot(pd.astype(do.dtype), do, trans_a=True)
 
   init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   dk, dv = _fold_visible(st, n_q, st.bq, qpos_ref, kpos, step, init, key_side=False)
@@ -179,7 +174,7 @@ def _bwd_q_kernel(q_ref, k_ref, v_ref, do_ref, qpos_ref, kpos_ref, rows_ref, lse
   def step(start, kpos, dq):
     k = k_ref[pl.ds(start, st.bk), :]
     _, ds = _tile(st, q, k, v_ref[pl.ds(start, st.bk), :], do, qpos, kpos, lse, delta, rows)
-    return dq + _dot(ds.astype(k.dtype), k)
+    return dq + tiles.dot(ds.astype(k.dtype), k)
 
   dq = _fold_visible(st, n_k, st.bk, kpos_ref, qpos, step, jnp.zeros(q.shape, jnp.float32), key_side=True)
   dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -271,15 +266,6 @@ _flash.defvjp(_flash_fwd, _backward)
 # ----------------------------------------------------------------------------------------------------------------
 # The public entry: unpadded arrays in, attention out.
 
-def _pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-def _pad(x: Array, axis: int, size: int, value=0) -> Array:
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value) if size != x.shape[axis] else x
-
 
 def unsupported(q: Array, k: Array, v: Array, blocks: Blocks = Blocks()) -> str | None:
   """Why the kernels cannot take these inputs or tiles (the caller falls back to dense attention), or None."""
@@ -305,15 +291,15 @@ def attention(q: Float[Array, 'B T N Hq'], k: Float[Array, 'B S N Hq'], v: Float
   s, hv = k.shape[1], v.shape[-1]
   interpret = jax.default_backend() != 'gpu' if interpret is None else interpret
   # Tiles no longer than the padded sequence (a T = 1 call runs one 16-row tile, not 64).
-  bq, bk = min(blocks.block_q, max(16, _pow2(t))), min(blocks.block_k, max(16, _pow2(s)))
+  bq, bk = min(blocks.block_q, max(16, tiles.pow2(t))), min(blocks.block_k, max(16, tiles.pow2(s)))
   tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
-  hqp, hvp = max(16, _pow2(hq)), max(16, _pow2(hv))
+  hqp, hvp = max(16, tiles.pow2(hq)), max(16, tiles.pow2(hv))
   st = _Static(scale=float(scale), rate=float(rate) if rows is not None else 0.0, prefix=contiguous and t == s,
                bq=bq, bk=bk, num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret)
-  qp = _pad(_pad(q, 3, hqp), 1, tp)
-  kp = _pad(_pad(k, 3, hqp), 1, sp)
-  vp = _pad(_pad(v, 3, hvp), 1, sp)
-  qpos = _pad(q_pos.astype(jnp.int32), 0, tp, -1)
-  kpos = _pad(k_pos.astype(jnp.int32), 0, sp, jnp.iinfo(jnp.int32).max)
-  rows = jnp.zeros((b, n, tp), jnp.uint32) if rows is None else _pad(rows.astype(jnp.uint32), 2, tp)
+  qp = tiles.pad(tiles.pad(q, 3, hqp), 1, tp)
+  kp = tiles.pad(tiles.pad(k, 3, hqp), 1, sp)
+  vp = tiles.pad(tiles.pad(v, 3, hvp), 1, sp)
+  qpos = tiles.pad(q_pos.astype(jnp.int32), 0, tp, -1)
+  kpos = tiles.pad(k_pos.astype(jnp.int32), 0, sp, jnp.iinfo(jnp.int32).max)
+  rows = jnp.zeros((b, n, tp), jnp.uint32) if rows is None else tiles.pad(rows.astype(jnp.uint32), 2, tp)
   return _flash(st, qp, kp, vp, qpos, kpos, rows)[:, :t, :, :hv]

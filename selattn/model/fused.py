@@ -49,6 +49,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
+from selattn.model import tiles
+
 _MASKED = -1e30  # a finite "minus infinity": exp(_MASKED - m) is 0 and _MASKED - _MASKED is not NaN
 _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
@@ -96,12 +98,6 @@ class _Static:
   qs: int  # backward key kernel: programs per key tile (query tiles dealt round-robin)
 
 
-def _dot(a, b, trans_a=False, trans_b=False):
-  """A 2-D matmul with float32 accumulation (a Triton dot; TF32 for float32 inputs, like XLA's default)."""
-  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
 def _act(h, act):
   if act == 'identity':
     return h
@@ -142,8 +138,8 @@ def _keys(st: _Static, n_heads, n_chunks, qa, qb, u_ref, rows, w_ref, w2_ref, b2
     k1, k2, dp, _ = carry
     h, g = _hidden(st, u_ref, w_ref, rows, k_start, c)
     g2 = g.reshape(bq * bk, fc).astype(w2_ref.dtype)
-    k1 = tuple(k1[n] + _dot(g2, w2_ref[pl.ds(c * fc, fc), n, 0, :]) for n in range(n_heads))
-    k2 = tuple(k2[n] + _dot(g2, w2_ref[pl.ds(c * fc, fc), n, 1, :]) for n in range(n_heads))
+    k1 = tuple(k1[n] + tiles.dot(g2, w2_ref[pl.ds(c * fc, fc), n, 0, :]) for n in range(n_heads))
+    k2 = tuple(k2[n] + tiles.dot(g2, w2_ref[pl.ds(c * fc, fc), n, 1, :]) for n in range(n_heads))
     if dgo_ref is not None:
       dp = tuple(dp[n] + jnp.sum(g * dgo_ref[rows, n, pl.ds(c * fc, fc)].astype(jnp.float32)[:, None, :], axis=2)
                  for n in range(n_heads))
@@ -290,8 +286,8 @@ def _dh(st, n_heads, c, h, g, p, dk1, dk2, w2_ref, dgo_ref, rows):
   bq, bk, fc = st.bq, st.bk, st.fc
   dg = jnp.zeros((bq * bk, fc), jnp.float32)
   for n in range(n_heads):
-    dg += _dot(dk1[n].astype(w2_ref.dtype), w2_ref[pl.ds(c * fc, fc), n, 0, :], trans_b=True)
-    dg += _dot(dk2[n].astype(w2_ref.dtype), w2_ref[pl.ds(c * fc, fc), n, 1, :], trans_b=True)
+    dg += tiles.dot(dk1[n].astype(w2_ref.dtype), w2_ref[pl.ds(c * fc, fc), n, 0, :], trans_b=True)
+    dg += tiles.dot(dk2[n].astype(w2_ref.dtype), w2_ref[pl.ds(c * fc, fc), n, 1, :], trans_b=True)
   dg = dg.reshape(bq, bk, fc)
   for n in range(n_heads):
     dg += p[n][:, :, None] * dgo_ref[rows, n, pl.ds(c * fc, fc)].astype(jnp.float32)[:, None, :]
@@ -389,8 +385,8 @@ def _bwd_key_kernel(q_ref, u_ref, w_ref, w2_ref, b2_ref, cos_ref, sin_ref, qpos_
           plgpu.atomic_add(du_ref, (rows, pl.ds(c * fc, fc)), jnp.sum(dh, axis=1))
         g2 = g.reshape(bq * bk, fc).astype(w2_ref.dtype)
         for n in range(n_heads):
-          dw2_ref[pl.ds(c * fc, fc), n, 0, :] += _dot(g2, dk1[n].astype(g2.dtype), trans_a=True)
-          dw2_ref[pl.ds(c * fc, fc), n, 1, :] += _dot(g2, dk2[n].astype(g2.dtype), trans_a=True)
+          dw2_ref[pl.ds(c * fc, fc), n, 0, :] += tiles.dot(g2, dk1[n].astype(g2.dtype), trans_a=True)
+          dw2_ref[pl.ds(c * fc, fc), n, 1, :] += tiles.dot(g2, dk2[n].astype(g2.dtype), trans_a=True)
         return carry
 
       _loop(n_chunks, hidden, 0)
@@ -540,21 +536,12 @@ _fused.defvjp(_fused_fwd, _backward)
 # ----------------------------------------------------------------------------------------------------------------
 # The public entry: unpadded arrays in, selective attention out.
 
-def _pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-def _pad(x: Array, axis: int, size: int, value=0) -> Array:
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value) if size != x.shape[axis] else x
-
 
 def _halves(x: Array, h2: int) -> Array:
   """[..., H] -> [..., 2, H2]: the RoPE halves, each zero-padded to H2 (zeros add nothing to any dot product)."""
   half = (x.shape[-1] + 1) // 2
-  x = _pad(x, x.ndim - 1, 2 * half)
-  return _pad(x.reshape(*x.shape[:-1], 2, half), x.ndim, h2)
+  x = tiles.pad(x, x.ndim - 1, 2 * half)
+  return tiles.pad(x.reshape(*x.shape[:-1], 2, half), x.ndim, h2)
 
 
 def unsupported(head_dim: int, blocks: Blocks = Blocks(), num_heads: int | None = None) -> str | None:
@@ -587,8 +574,8 @@ def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Arr
   _, t, n, h = q.shape
   s, f = w.shape[1], w.shape[2]
   interpret = jax.default_backend() != 'gpu' if interpret is None else interpret
-  fc = min(blocks.block_f, max(16, _pow2(f)))
-  h2 = max(16, _pow2((h + 1) // 2))
+  fc = min(blocks.block_f, max(16, tiles.pow2(f)))
+  h2 = max(16, tiles.pow2((h + 1) // 2))
   tp, sp, fp = -(-t // blocks.block_q) * blocks.block_q, -(-s // blocks.block_k) * blocks.block_k, -(-f // fc) * fc
   st = _Static(scale=1.0 / math.sqrt(h), act=act, bq=blocks.block_q, bk=blocks.block_k, fc=fc,
                num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret,
@@ -603,14 +590,14 @@ def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Arr
   big = jnp.iinfo(jnp.int32).max
   # Padding: queries at position -1 see no key, keys at the largest position are seen by no query, hidden units
   # with zero weights in and out have g = act(0) = 0 and add nothing, zero head-dim columns add nothing.
-  qh = _pad(_halves(q, h2), 1, tp)
-  u_p = _pad(_pad(u, 2, fp), 1, tp)
-  w_p = _pad(_pad(w, 2, fp), 1, sp)
-  w2 = _pad(_halves(w2k.reshape(f, n, h), h2), 0, fp)
+  qh = tiles.pad(_halves(q, h2), 1, tp)
+  u_p = tiles.pad(tiles.pad(u, 2, fp), 1, tp)
+  w_p = tiles.pad(tiles.pad(w, 2, fp), 1, sp)
+  w2 = tiles.pad(_halves(w2k.reshape(f, n, h), h2), 0, fp)
   b2 = _halves(b2k.reshape(n, h), h2)
-  cos, sin = (_pad(_pad(a, 1, h2), 0, sp) for a in (cos, sin))
-  qpos = _pad(q_pos.astype(jnp.int32), 0, tp, -1)
-  kpos = _pad(k_pos.astype(jnp.int32), 0, sp, big)
+  cos, sin = (tiles.pad(tiles.pad(a, 1, h2), 0, sp) for a in (cos, sin))
+  qpos = tiles.pad(q_pos.astype(jnp.int32), 0, tp, -1)
+  kpos = tiles.pad(k_pos.astype(jnp.int32), 0, sp, big)
   g = _fused(st, qh, u_p, w_p, w2, b2, cos, sin, qpos, kpos)[:, :t, :, :f]  # [B, T, N, F] float32
   out = jnp.einsum('BTNF,FNH->BTNH', g.astype(w2v.dtype), w2v.reshape(f, n, h), preferred_element_type=jnp.float32)
   return (out + b2v.reshape(1, 1, n, h).astype(jnp.float32)).astype(q.dtype)
