@@ -631,13 +631,16 @@ def test_a_full_disk_stops_the_run_with_one_line(tmp_path, size_kib):
     assert 'No space left on device' in lines[0], lines[0]
     errors.append(lines[0])
   assert runs[1].startswith('1') and runs[2].startswith('1'), out[-3000:]
-  intact = [re.search(r'(no intact checkpoint|last intact checkpoint is step \d+)', e).group(1) for e in errors]
-  assert intact[0] == intact[1], errors  # the restart says the same: where things stand
+  intact = [re.search(r'(no intact checkpoint|last intact checkpoint is step (\d+))', e) for e in errors]
   saved = sorted(int(n) for n in runs[2].split('\n', 1)[1].split('---')[0].split() if n.isdigit())
   if size_kib == 300:
-    assert intact[0] == 'no intact checkpoint' and not saved
+    assert [m.group(1) for m in intact] == ['no intact checkpoint'] * 2 and not saved, errors
   else:
-    assert intact[0] == f'last intact checkpoint is step {saved[-1]}', (errors, saved)
+    # The restart names where things stand: the last checkpoint on disk. It may be a later one than the first
+    # run's (the failed save's partial files are cleared, and the log and event files grow by varying amounts),
+    # never an earlier one.
+    steps = [int(m.group(2)) for m in intact]
+    assert steps[1] == saved[-1] and steps[0] <= steps[1], (errors, saved)
 
 
 def test_orbax_echoes_of_a_reported_failure_are_dropped(monkeypatch, caplog):
