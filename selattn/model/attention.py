@@ -154,9 +154,9 @@ def attend(q: Float[Array, 'B T N Hq'], k: Float[Array, 'B S N Hq'], v: Float[Ar
 
 def _flash_mesh_unsupported(q: Array) -> str | None:
   """Why the flash kernel cannot be split over this mesh's batch and head axes, or None."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or math.prod(mesh.shape.values()) == 1:
+  if _mesh_size() == 1:
     return None
+  mesh = jax.sharding.get_abstract_mesh()
   batch_ways = math.prod(mesh.shape[a] for a in sharding.BATCH if a in mesh.axis_names)
   heads = mesh.shape[sharding.HEADS] if sharding.HEADS in mesh.axis_names else 1
   if q.shape[0] % batch_ways or q.shape[2] % heads:

@@ -1,4 +1,5 @@
-"""Dropout on attention probabilities with a mask that is a function of the indices.
+"""Dropout masks that are functions of the indices: on attention probabilities (below), and `element_keep`, the
+embedding and residual mask of model.dropout_rng='hash'.
 
 Weight (b, n, i, j) (batch row b, head n, query position i, key position j) is kept iff a counter-based hash of
 (seed, b, n, i, j) is >= rate * 2^32, and kept weights are scaled by 1 / (1 - rate). Every implementation (the
@@ -75,3 +76,14 @@ def dropout_keep(seed: Array, b: Array, n: Array, i: Array, j: Array, rate: floa
   """Whether weight (b, n, i, j) survives dropout: hash(seed, b, n, i, j) >= rate * 2^32 (broadcast shapes)."""
   # The small [B, N, T, 1] row prefix is hashed once per query row.
   return keep_from_row(row_hash(seed, b, n, i), j, rate)
+
+
+def element_keep(seed: Array, shape: tuple[int, ...], rate: float) -> Array:
+  """Embedding/residual dropout's 'hash' mask (model.dropout_rng): element e of an array of `shape` survives iff
+  mix32(seed ^ mix32(e)) >= rate 2^32, e its row-major flat index (wrapping past 2^32 elements)."""
+  flat = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    flat = flat + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= shape[axis]
+  return mix32(_u32(seed) ^ mix32(flat)) >= threshold(rate)

@@ -185,13 +185,6 @@ def _bwd_q_kernel(q_ref, k_ref, v_ref, do_ref, qpos_ref, kpos_ref, rows_ref, lse
 #   q, k [B, Tp|Sp, N, Hq]  v [B, Sp, N, Hv]  qpos [Tp], kpos [Sp] int32  rows [B, N, Tp] uint32
 #   -> o [B, Tp, N, Hv], lse [B, N, Tp] float32
 
-def _compiler_params(st: _Static):
-  if st.interpret:
-    return None
-  from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (GPU only)
-  return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
-
-
 def _specs(q, k, v, tile: int, by_query: bool):
   """Block specs for a grid (tile, batch, head): the tiled side's rows by the tile, the other side whole."""
   _, tp, _, hq = q.shape
@@ -222,7 +215,7 @@ def _forward(st: _Static, q, k, v, qpos, kpos, rows):
       out_specs=[sp_['o'], sp_['row']],
       out_shape=[jax.ShapeDtypeStruct(q.shape[:3] + v.shape[-1:], v.dtype),
                  jax.ShapeDtypeStruct((bsz, n, tp), jnp.float32)],
-      compiler_params=_compiler_params(st), interpret=st.interpret, name='flash_attention_fwd',
+      compiler_params=tiles.compiler_params(st), interpret=st.interpret, name='flash_attention_fwd',
   )(q, k, v, qpos, kpos, rows)
 
 
@@ -238,14 +231,14 @@ def _backward(st: _Static, res, do):
       in_specs=[by_k[a] for a in ('q', 'k', 'v', 'do', 'qpos', 'kpos', 'row', 'row', 'row')],
       out_specs=[by_k['dk'], by_k['dv']],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_compiler_params(st), interpret=st.interpret, name='flash_attention_bwd_kv',
+      compiler_params=tiles.compiler_params(st), interpret=st.interpret, name='flash_attention_bwd_kv',
   )(*args)
   by_q = _specs(q, k, v, st.bq, by_query=True)
   dq = pl.pallas_call(
       functools.partial(_bwd_q_kernel, st=st, n_k=sp // st.bk), grid=(tp // st.bq, bsz, n),
       in_specs=[by_q[a] for a in ('q', 'k', 'v', 'do', 'qpos', 'kpos', 'row', 'row', 'row')],
       out_specs=by_q['dq'], out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_compiler_params(st), interpret=st.interpret, name='flash_attention_bwd_q',
+      compiler_params=tiles.compiler_params(st), interpret=st.interpret, name='flash_attention_bwd_q',
   )(*args)
   return dq, dk, dv, None, None, None
 

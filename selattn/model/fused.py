@@ -423,13 +423,6 @@ def _common_in_specs(st, q, u, w, w2, b2, cos, qpos, kpos, query_tiled: bool, sp
   ]
 
 
-def _compiler_params(st):
-  if st.interpret:
-    return None
-  from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (GPU only)
-  return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
-
-
 def _forward(st: _Static, q, u, w, w2, b2, cos, sin, qpos, kpos):
   bsz, tp, n, _, _ = q.shape
   sp, fp = w.shape[1], w.shape[2]
@@ -444,7 +437,7 @@ def _forward(st: _Static, q, u, w, w2, b2, cos, sin, qpos, kpos):
       out_shape=[jax.ShapeDtypeStruct((bsz, ks, tp, n, fp), jnp.float32),
                  jax.ShapeDtypeStruct((bsz, ks, n, tp), jnp.float32),
                  jax.ShapeDtypeStruct((bsz, ks, n, tp), jnp.float32)],
-      compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_fwd',
+      compiler_params=tiles.compiler_params(st), interpret=st.interpret, name='selective_fused_fwd',
   )(q, u, w, w2, b2, cos, sin, qpos, kpos)
   # The splits' partial softmaxes, each relative to its own running max m_s, rescaled to the common max M.
   m_all = jnp.max(m, axis=1)  # [B, N, Tp]
@@ -487,14 +480,14 @@ def _backward(st: _Static, res, dg_out):
         out_specs=key_out_specs + query_outs,
         out_shape=key_out_shapes + [jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros],
         input_output_aliases={len(args): 3, len(args) + 1: 4},
-        compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_merged',
+        compiler_params=tiles.compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_merged',
     )(*args, *zeros)
   else:
     du, dq = _backward_query(st, args, bsz, tp, n, h2, fp, n_chunks, n_q, n_k)
     dw, dw2, db2 = pl.pallas_call(
         kernel, grid=(bsz, n_k, groups * qs), in_specs=key_in_specs, out_specs=key_out_specs,
         out_shape=key_out_shapes,
-        compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_key',
+        compiler_params=tiles.compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_key',
     )(*args)
   return (dq.astype(q.dtype), du.astype(u.dtype), dw.sum(1).astype(w.dtype), dw2.sum((0, 1, 2)).astype(w2.dtype),
           db2.sum((0, 1, 2)).astype(b2.dtype), None, None, None, None)
@@ -515,7 +508,7 @@ def _backward_query(st, args, bsz, tp, n, h2, fp, n_chunks, n_q, n_k):
                  pl.BlockSpec((None, st.bq, hp, 2, h2), lambda b, i, z: (b, i, z, 0, 0))],
       out_shape=[jax.ShapeDtypeStruct((bsz, n // hp, tp, fp), jnp.float32),
                  jax.ShapeDtypeStruct((bsz, tp, n, 2, h2), jnp.float32)],
-      compiler_params=_compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_query',
+      compiler_params=tiles.compiler_params(st), interpret=st.interpret, name='selective_fused_bwd_query',
   )(*args)
   return du.sum(1), dq
 

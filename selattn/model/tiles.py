@@ -1,4 +1,5 @@
-"""What the Pallas kernels (fused.py, flash.py) share: power-of-two sizes, padding to whole tiles, 2-D matmuls."""
+"""What the Pallas kernels (fused.py, flash.py) share: power-of-two sizes, padding to whole tiles, 2-D matmuls,
+Triton launch parameters."""
 
 from __future__ import annotations
 
@@ -23,3 +24,11 @@ def pad(x: Array, axis: int, size: int, value=0) -> Array:
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, size - x.shape[axis])
   return jnp.pad(x, widths, constant_values=value) if size != x.shape[axis] else x
+
+
+def compiler_params(st):
+  """Triton's warps and pipeline stages from a kernel's static settings; None when interpreted (off GPU)."""
+  if st.interpret:
+    return None
+  from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (GPU only)
+  return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)

@@ -27,13 +27,7 @@ def dropout(x: Array, rate: float, key: jax.Array | None, rng: str = 'threefry')
   if key is None or rate == 0.0:
     return x
   if rng == 'hash':
-    flat = jnp.zeros(x.shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(x.ndim)):  # the row-major flat index, wrapping past 2^32 elements
-      flat = flat + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
-      stride *= x.shape[axis]
-    seed = jax.random.bits(key, (), jnp.uint32)
-    keep = dropout_lib.mix32(seed ^ dropout_lib.mix32(flat)) >= dropout_lib.threshold(rate)
+    keep = dropout_lib.element_keep(jax.random.bits(key, (), jnp.uint32), x.shape, rate)
   else:
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
