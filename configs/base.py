@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.attn_kernel = 'auto'  # standard/factored: 'auto' (flash kernel for attn_dropout on GPU) | 'flash' (always) | 'dense' (never)
   m.flash_block_q = 64  # flash attention kernel (Pallas): query tile size (a power of two >= 16)
   m.flash_block_k = 64  # flash attention kernel: key tile size (a power of two >= 16)
+  m.flash_num_warps = 4  # flash attention kernel: warps per program (Triton launch parameter)
+  m.flash_num_stages = 2  # flash attention kernel: software pipelining stages (Triton launch parameter)
   m.remat = False  # rematerialise each layer in the backward pass (saves activation memory)
 
   c.data = d = ml_collections.ConfigDict()

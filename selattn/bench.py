@@ -44,6 +44,8 @@ _ONLY = flags.DEFINE_list('variants', None, 'Run only these variants (names as p
 _SMALL = flags.DEFINE_bool('small', False, 'Shrink every workload to CPU size (for tests).')
 _SET = flags.DEFINE_list('set', None, 'Config overrides added to every variant, key=value (e.g. '
                          'model.fused_bwd_splits=2); a variant that sets the same key keeps its own value.')
+_PROFILE = flags.DEFINE_string('profile', None, 'Also trace each variant\'s pipelined steps with jax.profiler into '
+                                'PROFILE/<variant> and add the device time per op (per step) to the JSON.')
 _CORPUS_MB = flags.DEFINE_integer('corpus_mb', 100, "data workload: size of the generated corpus when --data_path=''.")
 _WORKERS = flags.DEFINE_list('worker_counts', ['0', '4', '8'],
                              'data workload: the data.worker_count values to measure (0 = a prefetch thread only).')
@@ -163,7 +165,8 @@ def pair_flops_per_step(cfg) -> float:
   return 3.0 * per_pair * cfg.train.batch_size * m.num_layers * t * (t + 1) / 2
 
 
-def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: str) -> dict:
+def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: str,
+                profile_dir: str | None = None) -> dict:
   """Builds the trainer's own step and data pipeline for one variant and times `steps` optimizer steps."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from selattn import config as config_lib, data, sharding, store, train  # pylint: disable=g-import-not-at-top
@@ -206,6 +209,18 @@ def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: s
       state, metrics = compiled(state, next_batches())
     jax.block_until_ready((state, metrics))
     pipelined = (time.perf_counter() - t0) / (calls * t.steps_per_call)
+    profile = None
+    if profile_dir:  # the same pipelined calls again, traced: where the device time of a step goes
+      import os  # pylint: disable=g-import-not-at-top
+      where = os.path.join(profile_dir, name)
+      jax.profiler.start_trace(where)
+      for _ in range(calls):
+        state, metrics = compiled(state, next_batches())
+      jax.block_until_ready((state, metrics))
+      jax.profiler.stop_trace()
+      profile = perf.device_op_times(where, calls * t.steps_per_call)
+      with open(os.path.join(where, 'step.hlo.txt'), 'w') as f:  # the fusions the profile names, as compiled
+        f.write(compiled.as_text())
   ms_step = 1000 * pipelined
   tokens = t.batch_size * cfg.data.seq_len
   flops = perf.flops_per_token(cfg, num_params) * tokens
@@ -222,7 +237,7 @@ def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: s
       'temp_mem_gib': (mem.temp_size_in_bytes / 2**30) if mem is not None else None,
       'pair_tflops_per_s': pair_flops_per_step(cfg) / pipelined / 1e12,
       'compile_s': compile_s, 'final_loss': float(jax.device_get(metrics['loss'])),
-      'jax': jax.__version__, 'overrides': overrides,
+      'jax': jax.__version__, 'overrides': overrides, **({'profile': profile} if profile_dir else {}),
   }
 
 
@@ -305,7 +320,7 @@ def main(argv):
     overrides = {**extra, **overrides}
     logging.info('running %s', name)
     try:
-      results.append(run_variant(name, overrides, d, _STEPS.value, _DATA.value))
+      results.append(run_variant(name, overrides, d, _STEPS.value, _DATA.value, _PROFILE.value))
     except Exception as e:  # pylint: disable=broad-except
       # One variant failing (e.g. out of memory) must not lose the others' numbers.
       logging.exception('variant %s failed', name)

@@ -83,6 +83,8 @@ class ModelConfig:
   dropout_rng: str = 'threefry'
   flash_block_q: int = 64
   flash_block_k: int = 64
+  flash_num_warps: int = 4
+  flash_num_stages: int = 2
   remat: bool = False
   # Rows of the learned position table: data.seq_len when positions='learned', else 0 (set by from_config).
   max_len: int = 0
@@ -117,8 +119,10 @@ class ModelConfig:
     _positive(p + 'rope_theta', self.rope_theta)
     _positive(p + 'max_len', self.max_len, allow_zero=True)
     _positive(p + 'fused_heads_per_program', self.fused_heads_per_program, allow_zero=True)
-    for k in ('fused_fwd_splits', 'fused_bwd_splits'):
+    for k in ('fused_fwd_splits', 'fused_bwd_splits', 'flash_num_stages'):
       _positive(p + k, getattr(self, k))
+    _check(self.flash_num_warps in (1, 2, 4, 8, 16),
+           f'model.flash_num_warps={self.flash_num_warps!r} must be 1, 2, 4, 8 or 16 (warps of a Triton program)')
     _check(self.fused_heads_per_program == 0 or self.num_heads % self.fused_heads_per_program == 0,
            f'model.fused_heads_per_program={self.fused_heads_per_program} does not divide '
            f'model.num_heads={self.num_heads}')

@@ -3,7 +3,9 @@ jax.profiler. Used by the trainer (TensorBoard scalars, `train.profile_steps`) a
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import glob
 import os
 
 from absl import logging
@@ -87,3 +89,31 @@ class ProfileWindow:
     logging.info('profiled steps %d-%d into %s (TensorBoard: the profile tab)', self._start + 1, step,
                  os.path.join(self.logdir, 'plugins', 'profile'))
     self._start, self._done = None, True
+
+
+def device_op_times(trace_dir: str, steps: int, top: int = 40) -> dict:
+  """Device time per optimizer step from a jax.profiler trace in `trace_dir` (its newest .xplane.pb): the total of
+  each timeline line of the first device plane (on a GPU: 'XLA Ops', the streams' kernels, ...) and the `top` events
+  of each line by time, in ms per step over `steps` traced steps. {} when the trace has no device plane (CPU)."""
+  files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True), key=os.path.getmtime)
+  if not files:
+    return {}
+  data = jax.profiler.ProfileData.from_file(files[-1])
+  planes = [p for p in data.planes if p.name.startswith('/device:')]
+  if not planes:
+    return {}
+  plane = min(planes, key=lambda p: p.name)
+  out = {'plane': plane.name, 'steps': steps, 'lines': {}}
+  for line in plane.lines:
+    times = collections.Counter()
+    counts = collections.Counter()
+    for ev in line.events:
+      times[ev.name] += ev.duration_ns
+      counts[ev.name] += 1
+    if not times:
+      continue
+    out['lines'][line.name] = {
+        'ms_per_step': sum(times.values()) / 1e6 / steps,
+        'top': [{'name': n[:200], 'ms_per_step': t / 1e6 / steps, 'calls_per_step': counts[n] / steps}
+                for n, t in times.most_common(top)]}
+  return out

@@ -232,7 +232,9 @@ def test_attend_falls_back_with_one_line(caplog):
 
 @pytest.mark.parametrize('key,value,named', [('attn_kernel', 'cudnn', 'model.attn_kernel'),
                                              ('flash_block_q', 48, 'model.flash_block_q'),
-                                             ('flash_block_k', 8, 'model.flash_block_k')])
+                                             ('flash_block_k', 8, 'model.flash_block_k'),
+                                             ('flash_num_warps', 3, 'model.flash_num_warps'),
+                                             ('flash_num_stages', 0, 'model.flash_num_stages')])
 def test_bad_kernel_configs(key, value, named):
   with pytest.raises(config_lib.ConfigError, match=named.replace('.', r'\.')) as e:
     config_lib.ModelConfig(vocab_size=13, **{key: value})
@@ -248,9 +250,9 @@ def test_a_run_may_resume_with_another_attn_kernel(tmp_path):
   c.model.attn_dropout, c.model.attn_kernel = 0.1, 'dense'
   saved = config_lib.from_config(c, 11).to_dict()
   (tmp_path / 'config.json').write_text(json.dumps({'config': saved}))
-  c.model.attn_kernel, c.model.flash_block_q = 'flash', 32
+  c.model.attn_kernel, c.model.flash_block_q, c.model.flash_num_warps, c.model.flash_num_stages = 'flash', 32, 8, 3
   train.check_compatible(str(tmp_path), config_lib.from_config(c, 11))
-  for key in ('attn_kernel', 'flash_block_q', 'flash_block_k'):
+  for key in ('attn_kernel', 'flash_block_q', 'flash_block_k', 'flash_num_warps', 'flash_num_stages'):
     del saved['model'][key]
   (tmp_path / 'config.json').write_text(json.dumps({'config': saved}))
   train.check_compatible(str(tmp_path), config_lib.from_config(c, 11))

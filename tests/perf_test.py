@@ -82,3 +82,32 @@ def test_no_mfu_where_the_peak_is_unknown_and_no_profile_by_default(tmp_path):
   assert sorted(scalars(str(tmp_path), 'train/step_time_ms')) == [2]
   assert scalars(str(tmp_path), 'train/mfu') == {}
   assert not (tmp_path / 'plugins').exists()
+
+
+def test_device_op_times_sums_each_op_of_the_device_plane_per_step(tmp_path):
+  """A trace written as the GPU backend writes it (a device plane of stream lines, events named by metadata): the
+  per-step time of each op and of each line; host planes are not device time."""
+  text = '''
+  planes { id: 2 name: "/host:CPU" lines { id: 9 name: "main" events { metadata_id: 1 duration_ps: 9000000000 } }
+           event_metadata { key: 1 value { id: 1 name: "python" } } }
+  planes { id: 1 name: "/device:GPU:0"
+    lines { id: 1 name: "Stream #14(Compute)"
+      events { metadata_id: 1 offset_ps: 0 duration_ps: 3000000 }
+      events { metadata_id: 2 offset_ps: 4000000 duration_ps: 1000000 }
+      events { metadata_id: 1 offset_ps: 6000000 duration_ps: 5000000 } }
+    lines { id: 2 name: "Stream #15(MemcpyH2D)" events { metadata_id: 3 duration_ps: 2000000 } }
+    event_metadata { key: 1 value { id: 1 name: "gemm" } }
+    event_metadata { key: 2 value { id: 2 name: "gelu" } }
+    event_metadata { key: 3 value { id: 3 name: "copy" } } }
+  '''
+  (tmp_path / 'plugins' / 'profile' / 'run').mkdir(parents=True)
+  (tmp_path / 'plugins' / 'profile' / 'run' / 'host.xplane.pb').write_bytes(
+      jax.profiler.ProfileData.text_proto_to_serialized_xspace(text))
+  got = perf.device_op_times(str(tmp_path), steps=2)
+  assert got['plane'] == '/device:GPU:0'
+  compute = got['lines']['Stream #14(Compute)']
+  assert compute['ms_per_step'] == pytest.approx(0.0045)
+  assert compute['top'] == [{'name': 'gemm', 'ms_per_step': pytest.approx(0.004), 'calls_per_step': 1.0},
+                            {'name': 'gelu', 'ms_per_step': pytest.approx(0.0005), 'calls_per_step': 0.5}]
+  assert got['lines']['Stream #15(MemcpyH2D)']['ms_per_step'] == pytest.approx(0.001)
+  assert perf.device_op_times(str(tmp_path / 'none'), steps=2) == {}

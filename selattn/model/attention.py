@@ -117,7 +117,9 @@ def dense_attention(q: Float[Array, 'B T N Hq'], k: Float[Array, 'B S N Hq'], v:
 
 def _kernel_args(cfg: ModelConfig) -> dict:
   """`attend`'s kernel choice and flash tiles from the config."""
-  return dict(kernel=cfg.attn_kernel, blocks=flash_lib.Blocks(block_q=cfg.flash_block_q, block_k=cfg.flash_block_k))
+  return dict(kernel=cfg.attn_kernel, blocks=flash_lib.Blocks(block_q=cfg.flash_block_q, block_k=cfg.flash_block_k,
+                                                          num_warps=cfg.flash_num_warps,
+                                                          num_stages=cfg.flash_num_stages))
 
 
 def _cudnn_ok(q: Array, v: Array) -> bool:
