@@ -611,8 +611,8 @@ def test_rope_annotations_are_checkable():
 
 
 def test_gelu_is_the_exact_gelu_with_its_derivative():
-  """The FFN's GELU (a custom VJP that keeps only x) against numpy's erf transcription, float64: the value
-  x Phi(x) and the derivative Phi(x) + x phi(x), on fresh inputs; bf16 in, bf16 gradient out."""
+  """The FFN's GELU against numpy's erf transcription, float64: the value x Phi(x) and the derivative
+  Phi(x) + x phi(x), on fresh inputs; bf16 in, bf16 gradient out."""
   from selattn.model import transformer  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(7)
   x = rng.uniform(-7, 7, 4096).astype(np.float32)
