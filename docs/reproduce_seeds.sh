@@ -11,13 +11,14 @@
 # The parts ($PARTS, space-separated):
 #   original  the original config at $STEPS steps, $SEEDS seeds each: standard, standard F=5D, selective, and the
 #             two ablations the identity makes possible (model.selective_parts=values: standard keys plus the
-#             per-query value term; =keys: the augmented keys only, values from x_j alone)
+#             per-query value term; =keys: the augmented keys only, values from x_j alone). Each sweep's seeds
+#             train stacked in one process (selattn.sweep --stack) on one GPU: the sweeps' first GPUs differ
 #   pre       the original config with pre-layer norm, standard and selective, one seed each
 #   nanogpt   configs/nanogpt.py (nanoGPT's model and recipe) standard and :selective, $SEEDS seeds each
-# The sweeps of one part run at the same time, $PER_GPU runs on each GPU (the original config's models are small
-# enough to share one); the parts run one after another. Every run resumes from its latest checkpoint: after a
-# crash or a time limit, rerun the same command. Each sweep's summary (best and last held-out loss per seed, mean,
-# std, min, max) is in its summary.json. tests/docs_test.py runs a miniature on CPU (marked slow).
+# The sweeps of one part run at the same time, the unstacked ones $PER_GPU runs on each GPU; the parts run one
+# after another. Every run resumes from its latest checkpoint: after a crash or a time limit, rerun the same
+# command. Each sweep's summary (best and last held-out loss per seed, mean, std, min, max) is in its
+# summary.json. tests/docs_test.py runs a miniature on CPU (marked slow).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -46,7 +47,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 sweeps=()  # one entry per sweep of the part: "NAME SEEDS FLAGS..."
 
 run_part() {  # PART: its sweeps at the same time, the GPU list rotated so that first seeds spread over the GPUs
-  local i=0 pids=() failed=0 gpus name seeds
+  local i=0 pids=() failed=0 gpus name seeds per_gpu
   for spec in "${sweeps[@]}"; do
     read -r -a args <<< "$spec"
     name=${args[0]} seeds=${args[1]}
@@ -58,7 +59,9 @@ run_part() {  # PART: its sweeps at the same time, the GPU list rotated so that 
     fi
     mkdir -p "$R/$1/$name"
     echo "[seeds] $1/$name: python -m selattn.sweep --workdir $R/$1/$name --seeds $seeds ${args[*]:2} ${extra[*]}"
-    python -m selattn.sweep --workdir "$R/$1/$name" --seeds "$seeds" --gpus "$gpus" --per_gpu "$PER_GPU" \
+    per_gpu=(--per_gpu "$PER_GPU")
+    [[ " ${args[*]} " == *" --stack "* ]] && per_gpu=()  # one process holds all its seeds, on its first GPU
+    python -m selattn.sweep --workdir "$R/$1/$name" --seeds "$seeds" --gpus "$gpus" "${per_gpu[@]}" \
       "${args[@]:2}" "${extra[@]}" > "$R/$1/$name/sweep.log" 2>&1 &
     pids+=($!)
     i=$((i + 1))
@@ -77,11 +80,11 @@ for part in "${parts[@]}"; do
   case $part in
     original)
       sweeps=(
-        "standard $SEEDS --config configs/standard.py $original"
-        "standard_ffn5 $SEEDS --config configs/standard.py --config.model.ffn_mult=5 $original"
-        "selective $SEEDS --config configs/selective.py $original"
-        "values_only $SEEDS --config configs/selective.py --config.model.selective_parts=values $original"
-        "keys_only $SEEDS --config configs/selective.py --config.model.selective_parts=keys $original"
+        "standard $SEEDS --config configs/standard.py $original --stack"
+        "standard_ffn5 $SEEDS --config configs/standard.py --config.model.ffn_mult=5 $original --stack"
+        "selective $SEEDS --config configs/selective.py $original --stack"
+        "values_only $SEEDS --config configs/selective.py --config.model.selective_parts=values $original --stack"
+        "keys_only $SEEDS --config configs/selective.py --config.model.selective_parts=keys $original --stack"
       )
       run_part original
       python -m selattn.plot "$R"/original/{standard,standard_ffn5,selective,values_only,keys_only} \

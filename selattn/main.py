@@ -29,6 +29,9 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of JAX proc
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (multi-process runs).')
 _ALLOW_DATA_CHANGE = flags.DEFINE_bool(
     'allow_data_change', False, 'Resume a run on another data.path (or an edited file) than it was trained on.')
+_STACK_SEEDS = flags.DEFINE_string(
+    'stack_seeds', None, 'Train these seeds (e.g. 0,1,2) in one process, stacked: seed k in WORKDIR/seed<k> with '
+    'train.seed=k, as `python -m selattn.sweep --stack` runs them (selattn/stack.py).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 _HELP = ('--help', '-h', '-help', '--helpshort', '--helpfull', '-?')
@@ -36,7 +39,7 @@ _HELP = ('--help', '-h', '-help', '--helpshort', '--helpfull', '-?')
 
 def _usage() -> str:
   lines = [__doc__.strip(), '', 'flags:']
-  for name in ('config', 'workdir', 'allow_data_change', 'coordinator_address', 'num_processes', 'process_id'):
+  for name in ('config', 'workdir', 'allow_data_change', 'stack_seeds', 'coordinator_address', 'num_processes', 'process_id'):
     flag = flags.FLAGS[name]
     lines.append(f'  --{name}: {flag.help}')
   lines.append('  --config.<section>.<key>=<value>: override one config key (sections: model, data, train, mesh; '
@@ -188,7 +191,12 @@ def main(argv):
   logging.info('JAX %s, process %d/%d, %d devices: %s', jax.__version__, jax.process_index(), jax.process_count(),
                jax.device_count(), jax.devices()[:8])
   try:
-    train.train(_CONFIG.value, _WORKDIR.value, allow_data_change=_ALLOW_DATA_CHANGE.value, stop=stop)
+    if _STACK_SEEDS.value is not None:
+      from selattn import stack  # pylint: disable=g-import-not-at-top
+      stack.train(_CONFIG.value, _WORKDIR.value, stack.parse_seeds(_STACK_SEEDS.value),
+                  allow_data_change=_ALLOW_DATA_CHANGE.value, stop=stop)
+    else:
+      train.train(_CONFIG.value, _WORKDIR.value, allow_data_change=_ALLOW_DATA_CHANGE.value, stop=stop)
   except (config_lib.ConfigError, data.DataError, train.TrainingError, workdir.WorkdirError,
           checkpoint.CheckpointError, metrics.MetricsError) as e:
     _fail(str(e))

@@ -7,6 +7,16 @@ each seed resumes from its latest checkpoint: rerun the same command after a cra
 `--config.KEY=VALUE` is passed to every seed. At the end it prints each seed's best and last held-out loss and
 their mean, std, min and max over seeds, and writes them to WORKDIR/summary.json; `python -m selattn.plot WORKDIR`
 draws the mean with a min-max band.
+
+--stack trains all the seeds in one process instead, on one device (the first GPU; several GPUs: run several
+sweeps with --first_seed): one jitted step over their states stacked on a leading axis (selattn/stack.py). A small
+model's step (the original config: ~1.2 ms on an H200) is bound by kernel launches, not FLOPs, and two processes
+on one GPU do not overlap; stacked seeds share each step's launches. Each WORKDIR/seed<k> is still an ordinary run, the
+same numbers as unstacked (init, data order, dropout, evals, samples, checkpoints, event files, train.log): the
+unstacked command resumes it, `selattn.sample` reads it. The process's own log is WORKDIR/stack.log. A rerun of
+the stacked command resumes every seed, which must stand at the same step: seeds at different steps are refused
+in one line (resume the laggards without --stack to the same step first, or continue without --stack). Any
+mesh size other than 1 and --per_gpu > 1 are refused too.
 """
 
 from __future__ import annotations
@@ -27,12 +37,23 @@ from selattn import stopping
 
 @dataclasses.dataclass
 class Job:
+  """One process: seed `seed`'s run, or with `seeds` several seeds stacked; its output goes to `log`."""
   seed: int
   workdir: str
   argv: list[str]
   proc: subprocess.Popen | None = None
   slot: str | None = None
   returncode: int | None = None
+  seeds: list[int] | None = None  # the seeds it trains (default [seed])
+  log: str | None = None  # default WORKDIR/train.log
+
+  def __post_init__(self):
+    self.seeds = self.seeds or [self.seed]
+    self.log = self.log or os.path.join(self.workdir, 'train.log')
+
+  @property
+  def name(self) -> str:
+    return f'seed {self.seed}' if len(self.seeds) == 1 else f'seeds {",".join(map(str, self.seeds))} (stacked)'
 
 
 def detect_gpus() -> list[str]:
@@ -83,12 +104,12 @@ def run_jobs(jobs: list[Job], free: list[dict[str, str] | None], poll: float = 1
         job, env = pending.pop(0), free.pop(0)
         os.makedirs(job.workdir, exist_ok=True)
         job.slot = env
-        with open(os.path.join(job.workdir, 'train.log'), 'ab') as log:
+        with open(job.log, 'ab') as log:
           job.proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT,
                                       env={**os.environ, **(env or {})})
         running.append(job)
         where = f'GPU {env["CUDA_VISIBLE_DEVICES"]}' if env else 'CPU'
-        print(f'[sweep] seed {job.seed} started on {where}: {job.workdir}', flush=True)
+        print(f'[sweep] {job.name} started on {where}: {job.workdir}', flush=True)
       if stop and not running:
         break
       time.sleep(poll)
@@ -97,13 +118,13 @@ def run_jobs(jobs: list[Job], free: list[dict[str, str] | None], poll: float = 1
           job.returncode = job.proc.returncode
           running.remove(job)
           free.append(job.slot)
-          print(f'[sweep] seed {job.seed} {_outcome(job.returncode)}', flush=True)
+          print(f'[sweep] {job.name} {_outcome(job.returncode)}', flush=True)
   finally:
     for s, h in old.items():
       signal.signal(s, h)
   if stop:
     raise SystemExit(f'error: stopped by a signal; rerun the same command to resume '
-                     f'({len(pending)} seed(s) not started)')
+                     f'({sum(len(j.seeds) for j in pending)} seed(s) not started)')
 
 
 def _outcome(returncode: int) -> str:
@@ -158,6 +179,14 @@ def build_jobs(config: str, workdir: str, seeds: list[int], overrides: list[str]
   return jobs
 
 
+def build_stacked_job(config: str, workdir: str, seeds: list[int], overrides: list[str]) -> Job:
+  """All seeds in one `python -m selattn.main --stack_seeds=...` process (selattn/stack.py), seed k still in
+  WORKDIR/seed<k> with its own train.log; the process's log is WORKDIR/stack.log."""
+  return Job(seeds[0], workdir, [sys.executable, '-m', 'selattn.main', f'--config={config}', f'--workdir={workdir}',
+                                 f'--stack_seeds={",".join(map(str, seeds))}', *overrides],
+             seeds=seeds, log=os.path.join(workdir, 'stack.log'))
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                               epilog='Other arguments must be --config.KEY=VALUE overrides, passed to every seed.')
@@ -168,6 +197,9 @@ def main(argv=None):
   p.add_argument('--gpus', default='auto', help="comma-separated GPU ids, 'auto' (CUDA_VISIBLE_DEVICES or all "
                  "nvidia-smi lists) or 'none' (CPU, one run at a time)")
   p.add_argument('--per_gpu', type=int, default=1, help='runs at a time on each GPU')
+  p.add_argument('--stack', action='store_true',
+                 help='train all seeds in one process on one device (the first GPU), their states stacked in one '
+                      'jitted step: for small models, launch-bound (selattn/stack.py)')
   p.add_argument('--best_until', type=int, default=0,
                  help='the summary\'s best eval loss is taken over steps <= this one (0 = all)')
   p.add_argument('--summarize', action='store_true', help='only summarize the seeds already run; train nothing')
@@ -179,6 +211,8 @@ def main(argv=None):
     p.error('--config.train.seed is set per run by the sweep; use --seeds and --first_seed')
   if args.seeds < 1 or args.per_gpu < 1 or args.first_seed < 0:
     p.error('--seeds and --per_gpu must be at least 1, --first_seed at least 0')
+  if args.stack and args.per_gpu > 1:
+    p.error('--stack trains every seed in one process: --per_gpu does not apply (run several sweeps to share GPUs)')
   config_file = args.config.split(':', 1)[0]
   if not os.path.isfile(config_file):
     p.error(f'--config={args.config}: no such file {config_file}')
@@ -186,19 +220,24 @@ def main(argv=None):
           else [g.strip() for g in args.gpus.split(',') if g.strip()])
 
   seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-  jobs = build_jobs(args.config, args.workdir, seeds, overrides)
+  if args.stack:
+    jobs = [build_stacked_job(args.config, args.workdir, seeds, overrides)]
+    gpus = gpus[:1]
+    where = f'GPU {gpus[0]}, stacked in one process' if gpus else 'the CPU, stacked in one process'
+  else:
+    jobs = build_jobs(args.config, args.workdir, seeds, overrides)
+    where = f'GPUs {",".join(gpus)} ({args.per_gpu} per GPU)' if gpus else 'the CPU, one at a time'
   if args.summarize and not os.path.isdir(args.workdir):
     p.error(f'--summarize: {args.workdir} is not a folder')
-  where = f'GPUs {",".join(gpus)} ({args.per_gpu} per GPU)' if gpus else 'the CPU, one at a time'
   if not args.summarize:
-    print(f'[sweep] {len(jobs)} seeds of {args.config} into {args.workdir} on {where}', flush=True)
+    print(f'[sweep] {len(seeds)} seeds of {args.config} into {args.workdir} on {where}', flush=True)
     run_jobs(jobs, slots(gpus, args.per_gpu))
 
   summary = summarize(args.workdir, seeds, args.best_until)
   summary.update(config=args.config, overrides=overrides,
-                 failed={j.seed: _last_line(os.path.join(j.workdir, 'train.log')) for j in jobs
+                 failed={k: _last_line(j.log) for j in jobs for k in j.seeds
                          if j.returncode not in (None, stopping.EXIT_FINISHED, stopping.EXIT_STOPPED)},
-                 stopped=[j.seed for j in jobs if j.returncode == stopping.EXIT_STOPPED],
+                 stopped=[k for j in jobs for k in j.seeds if j.returncode == stopping.EXIT_STOPPED],
                  missing=[k for k in seeds if k not in summary['seeds']])
   with open(os.path.join(args.workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)

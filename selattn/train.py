@@ -8,6 +8,7 @@ Orbax checkpoints (asynchronously; on SIGTERM/SIGINT too) and resumes from the l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -98,9 +99,21 @@ def positions_for(mesh, seq_len: int) -> np.ndarray | None:
   return None if n == 1 else sharding.zigzag(seq_len, n).astype(np.int32)
 
 
+def dropout_base_key(seed: int) -> jax.Array:
+  """The key a run's dropout masks derive from (folded with each step's number): from train.seed."""
+  return jax.random.key(seed + 1)
+
+
 def make_train_step(graphdef: nnx.GraphDef, cfg: config_lib.Config, positions: np.ndarray | None):
   """A pure (state, batches[K, B, T]) -> (state, metrics) doing K optimizer steps."""
-  base_key = jax.random.key(cfg.train.seed + 1)
+  keyed = make_keyed_train_step(graphdef, cfg, positions)
+  base_key = dropout_base_key(cfg.train.seed)
+  return lambda state, batches: keyed(state, batches, base_key)
+
+
+def make_keyed_train_step(graphdef: nnx.GraphDef, cfg: config_lib.Config, positions: np.ndarray | None):
+  """make_train_step's step with the dropout base key as an argument: (state, batches, base_key) -> (state,
+  metrics). selattn.stack maps it over seeds (each seed's state, batches and key)."""
   use_dropout = cfg.model.dropout > 0 or cfg.model.attn_dropout > 0
 
   def loss_fn(model, batch, key):
@@ -109,7 +122,7 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: config_lib.Config, positions: n
     sums = cross_entropy(logits, batch['targets'], jnp.ones(batch['targets'].shape, jnp.float32))
     return sums['loss'] / sums['weight']
 
-  def one_step(state, batch):
+  def one_step(state, batch, base_key):
     model, opt = nnx.merge(graphdef, state)
     key = jax.random.fold_in(base_key, opt.step[...]) if use_dropout else None
     loss, grads = nnx.value_and_grad(loss_fn)(model, batch, key)
@@ -121,9 +134,10 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: config_lib.Config, positions: n
       grad_norm = optax.tree_utils.tree_norm(grads)
     return nnx.state((model, opt)), {'loss': loss, 'grad_norm': grad_norm}
 
-  def step(state, batches):
+  def step(state, batches, base_key):
     # Unrolled, the K steps are one straight-line program (longer compile, no loop between steps).
-    state, metrics = jax.lax.scan(one_step, state, batches, unroll=cfg.train.unroll_steps)
+    state, metrics = jax.lax.scan(functools.partial(one_step, base_key=base_key), state, batches,
+                                  unroll=cfg.train.unroll_steps)
     return state, jax.tree.map(jnp.mean, metrics)
 
   return step
@@ -214,6 +228,18 @@ def check_same_data(workdir: str, saved: dict | None, cfg: config_lib.Config, da
   if saved.get('data_sha256') not in (None, data_sha256):
     raise TrainingError(f'the text of {_data_name(old)} has changed since {workdir} was trained on it; to '
                         'continue on the new text, pass --allow_data_change')
+
+
+def read_vocab(workdir: str) -> data_lib.AnyVocab | None:
+  """The workdir's vocab.json, None if there is none; a damaged one is a DataError naming it."""
+  path = os.path.join(workdir, 'vocab.json')
+  text = workdir_lib.read_text(path)
+  if text is None:
+    return None
+  try:
+    return data_lib.vocab_from_json(text)
+  except data_lib.DataError as e:
+    raise data_lib.DataError(f'{path}: {e}') from None
 
 
 def check_same_vocab(workdir: str, vocab: data_lib.AnyVocab | None, kind: str) -> None:
@@ -367,13 +393,7 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
   workdir_lib.check_is_dir(workdir)
   saved = read_saved_config(workdir)
   vocab_path = os.path.join(workdir, 'vocab.json')
-  vocab_text = workdir_lib.read_text(vocab_path)
-  vocab = None
-  if vocab_text is not None:
-    try:
-      vocab = data_lib.vocab_from_json(vocab_text)
-    except data_lib.DataError as e:
-      raise data_lib.DataError(f'{vocab_path}: {e}') from None
+  vocab = read_vocab(workdir)
   dcfg = config.data
   check_same_vocab(workdir, vocab, dcfg.vocab)
   corpus = store_lib.open_config(dcfg, vocab)

@@ -1,0 +1,206 @@
+"""Seeds stacked in one process (selattn/stack.py, `selattn.sweep --stack`): each seed's workdir holds what its
+unstacked run leaves (losses, evals, parameters, config.json, vocab.json, checkpoints); a stop and a rerun equal
+an uninterrupted run; an unstacked run resumes a stacked seed; bad input is one line that touches nothing."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from run_files import checkpoint_steps, event_files, restore_params, scalars
+from selattn import config as config_lib
+from selattn import stack
+from selattn import stopping
+from selattn import sweep
+from selattn import train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SEEDS = [0, 1]
+STEPS = 8
+TOL = 1e-5  # float32: a batched matmul may sum in another order than the unbatched one
+
+
+def _config(**train_keys):
+  """A tiny run with every part the stacked step must map per seed: dropout (embeddings, residuals, attention
+  probabilities), warmup, gradient clipping that clips (grad norms are ~1), several steps per call."""
+  c = tiny.get_config()
+  m, t = c.model, c.train
+  m.d_model, m.num_layers, m.kv_hidden = 16, 1, 16
+  m.dropout, m.attn_dropout = 0.1, 0.1
+  c.data.seq_len = 16
+  t.batch_size, t.num_steps, t.warmup_steps, t.grad_clip = 4, STEPS, 3, 0.05
+  t.steps_per_call, t.log_every, t.eval_every, t.checkpoint_every = 2, 4, 4, 4
+  t.eval_batches, t.sample_length = 2, 8
+  for k, v in train_keys.items():
+    setattr(t, k, v)
+  return c
+
+
+def _seed_config(seed, **train_keys):
+  c = _config(**train_keys)
+  c.train.seed = seed
+  return c
+
+
+def _params(workdir, step):
+  return restore_params(str(workdir), [step])[step]
+
+
+def _assert_same_run(got, want, step=STEPS, tol=TOL):
+  """Two runs' logged losses and evals, and the parameters of checkpoint `step`, agree within tol."""
+  for tag in ('train/loss', 'train/grad_norm', 'eval/loss', 'eval/accuracy', 'train/learning_rate'):
+    a, b = scalars(str(got), tag), scalars(str(want), tag)
+    assert sorted(a) == sorted(b) and a, (tag, a, b)
+    np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(b)], atol=tol, rtol=0,
+                               err_msg=f'{tag} of {got} vs {want}')
+  for x, y in zip(_params(got, step), _params(want, step), strict=True):
+    np.testing.assert_allclose(x, y, atol=tol, rtol=0)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """A stacked run of seeds 0 and 1, and each seed's unstacked run."""
+  root = tmp_path_factory.mktemp('stack')
+  stacked = root / 'stacked'
+  result = stack.train(_config(), str(stacked), SEEDS)
+  single = {}
+  for k in SEEDS:
+    single[k] = root / 'single' / f'seed{k}'
+    train.train(_seed_config(k), str(single[k]))
+  return stacked, single, result
+
+
+def test_each_stacked_seed_is_its_unstacked_run(runs):
+  stacked, single, result = runs
+  assert set(result) == set(SEEDS)
+  for k in SEEDS:
+    got = stacked / f'seed{k}'
+    _assert_same_run(got, single[k])
+    assert scalars(str(got), 'train/grad_norm')[4] > 0.05 * 5  # the clipping clips
+    saved, want = (json.loads((d / 'config.json').read_text()) for d in (got, single[k]))
+    assert saved['config']['train']['seed'] == k
+    assert saved == want  # jax version, data hash, parameter count: all as the unstacked run writes them
+    assert (got / 'vocab.json').read_text() == (single[k] / 'vocab.json').read_text()
+    assert checkpoint_steps(str(got)) == checkpoint_steps(str(single[k])) == [4, 8]
+    log = (got / 'train.log').read_text()
+    assert 'eval at step 8: loss' in log and 'sample at step 8' in log
+    assert result[k]['eval/loss'] == pytest.approx(scalars(str(single[k]), 'eval/loss')[STEPS], abs=TOL)
+  # Two seeds, two runs (a seed's own init, data and dropout), not one run twice.
+  assert scalars(str(stacked / 'seed0'))[4] != scalars(str(stacked / 'seed1'))[4]
+
+
+class _StopAt(stopping.StopSignal):
+  """SIGTERM as the loop sees it once `step` is reached (the loop polls once per call)."""
+
+  def __init__(self, polls):
+    super().__init__()
+    self._polls = polls
+
+  @property
+  def received(self):
+    self._polls -= 1
+    return 'SIGTERM' if self._polls < 0 else None
+
+  @received.setter
+  def received(self, value):
+    pass
+
+
+def test_a_stopped_stacked_run_resumes_as_if_uninterrupted(runs, tmp_path):
+  stacked = runs[0]
+  stop = _StopAt(polls=2)  # polled after steps 2 and 4, then stops after step 6 (between logs: a loss unlogged)
+  stack.train(_config(), str(tmp_path), SEEDS, stop=stop)
+  assert stop.stopped_at == 6
+  assert checkpoint_steps(str(tmp_path / 'seed0')) == [4, 6]
+  stack.train(_config(), str(tmp_path), SEEDS)
+  for k in SEEDS:
+    _assert_same_run(tmp_path / f'seed{k}', stacked / f'seed{k}', tol=0)
+
+
+def test_an_unstacked_run_resumes_a_stacked_seed_and_mismatched_steps_are_refused(runs, tmp_path):
+  single = runs[1]
+  stack.train(_config(num_steps=4), str(tmp_path), SEEDS)
+  train.train(_seed_config(1), str(tmp_path / 'seed1'))  # seed 1 alone, 4 -> 8
+  _assert_same_run(tmp_path / 'seed1', single[1])
+  # Seeds now at steps 4 and 8: refused in one line, before anything is written.
+  before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.rglob('*') if p.is_file()}
+  with pytest.raises(train.TrainingError) as e:
+    stack.train(_config(), str(tmp_path), SEEDS)
+  assert str(e.value) == (
+      'the stacked seeds stand at different steps (seed 0 at step 4, seed 1 at step 8); stacked, they train '
+      'together from one step: resume the laggards without --stack to the same step first, or train them all '
+      'without --stack')
+  after = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.rglob('*') if p.is_file()}
+  assert after == before
+  # A new seed beside trained ones stands at step 0.
+  with pytest.raises(train.TrainingError, match=r'seed 0 at step 4, seed 1 at step 8, seed 2 at step 0\)'):
+    stack.train(_config(), str(tmp_path), [0, 1, 2])
+  assert not (tmp_path / 'seed2').exists()
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('data', 2, 'stacked seeds train on one device: mesh.data=2 is not supported; drop it or train without --stack'),
+    ('tensor', 2, 'mesh.tensor=2 is not supported'),
+])
+def test_unsupported_mesh_is_refused(tmp_path, key, value, message):
+  c = _config()
+  setattr(c.mesh, key, value)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    stack.train(c, str(tmp_path / 'sw'), SEEDS)
+  assert not (tmp_path / 'sw').exists()
+
+
+@pytest.mark.parametrize('text', ['', '0,0', '-1', 'a,b'])
+def test_bad_seed_lists(text):
+  with pytest.raises(config_lib.ConfigError, match='must be distinct non-negative seeds'):
+    stack.parse_seeds(text)
+  assert stack.parse_seeds('2, 0') == [2, 0]
+
+
+def _sweep(*args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  return subprocess.run([sys.executable, '-m', 'selattn.sweep', *args], capture_output=True, text=True, cwd=REPO,
+                        check=False, env=env, timeout=300)
+
+
+def test_sweep_stack_on_cpu(tmp_path):
+  """`selattn.sweep --stack`: one process for both seeds, a summary like the unstacked sweep's, and the one-line
+  error of a seed left behind (as the CLI prints it)."""
+  work = tmp_path / 'sw'
+  args = ['--config', 'configs/tiny.py', '--seeds', '2', '--workdir', str(work), '--gpus', 'none', '--stack',
+          '--config.train.num_steps=4', '--config.train.eval_every=2', '--config.train.checkpoint_every=2',
+          '--config.train.log_every=2', '--config.train.sample_length=0', '--config.model.num_layers=1',
+          '--config.data.seq_len=16', '--config.train.batch_size=4']
+  r = _sweep(*args)
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert '[sweep] seeds 0,1 (stacked) finished' in r.stdout
+  summary = json.loads((work / 'summary.json').read_text())
+  assert set(summary['seeds']) == {'0', '1'} and summary['failed'] == {}
+  assert {s['last_step'] for s in summary['seeds'].values()} == {4}
+  assert 'training 2 stacked seeds from step 0 to 4' in (work / 'stack.log').read_text()
+  for k in SEEDS:
+    assert len(event_files(str(work / f'seed{k}'))) == 1
+    assert 'eval at step 4' in (work / f'seed{k}' / 'train.log').read_text()
+  job = sweep.build_stacked_job('configs/tiny.py', str(work), [0, 1], args[9:])
+  assert job.argv[1:] == ['-m', 'selattn.main', '--config=configs/tiny.py', f'--workdir={work}',
+                          '--stack_seeds=0,1', *args[9:]]
+  assert job.log == str(work / 'stack.log') and job.seeds == [0, 1]
+  # Seed 1 moved on alone: the stacked rerun fails in one line, reported for both seeds.
+  (work / 'seed1' / 'checkpoints' / '4').rename(work / 'seed1' / 'checkpoints' / '4.damaged')
+  r = _sweep(*args)
+  assert r.returncode == 1
+  line = r.stderr.strip().splitlines()[-1]
+  assert line.startswith('seed 1 failed: error: the stacked seeds stand at different steps (seed 0 at step 4, '
+                         'seed 1 at step 2)'), r.stderr
+  assert not (work / 'seed1' / 'checkpoints' / '4').exists()
+
+
+def test_sweep_stack_refuses_per_gpu(tmp_path):
+  r = _sweep('--config', 'configs/tiny.py', '--workdir', str(tmp_path / 'x'), '--stack', '--per_gpu', '2')
+  assert r.returncode == 2 and '--stack trains every seed in one process: --per_gpu does not apply' in r.stderr
+  assert not (tmp_path / 'x').exists()
