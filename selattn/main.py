@@ -39,7 +39,8 @@ _HELP = ('--help', '-h', '-help', '--helpshort', '--helpfull', '-?')
 
 def _usage() -> str:
   lines = [__doc__.strip(), '', 'flags:']
-  for name in ('config', 'workdir', 'allow_data_change', 'stack_seeds', 'coordinator_address', 'num_processes', 'process_id'):
+  for name in ('config', 'workdir', 'allow_data_change', 'stack_seeds', 'coordinator_address', 'num_processes',
+               'process_id'):
     flag = flags.FLAGS[name]
     lines.append(f'  --{name}: {flag.help}')
   lines.append('  --config.<section>.<key>=<value>: override one config key (sections: model, data, train, mesh; '

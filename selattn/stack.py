@@ -1,13 +1,14 @@
 """Several seeds of one config trained in one process, stacked: what `python -m selattn.sweep --stack` runs.
 
-`python -m selattn.main --config C --workdir W --stack_seeds=0,1,2` trains seed k in W/seed<k> exactly as
-`python -m selattn.main --config C --workdir W/seed<k> --config.train.seed=k` would (parameter init, data order,
-dropout keys, eval windows, checkpoints, event files, config.json, vocab.json, train.log), but in one jitted step
-over the seeds' states stacked on a leading axis (jax.vmap of train.py's step). A tiny model's step is bound by
-kernel launches, not FLOPs: stacked seeds share each step's launches. Each seed's workdir is an ordinary run: the unstacked
-command resumes it, `selattn.sample` reads it. Rerunning the stacked command resumes every seed; they must stand
-at the same step (else one line says which do not; resume the laggards unstacked to that step, or train them all
-without --stack). One device only (mesh sizes 1; on several GPUs the sweep gives the process the first). The
+`python -m selattn.main --config C --workdir W --stack_seeds=0,1,2` trains seed k in W/seed<k> as
+`python -m selattn.main --config C --workdir W/seed<k> --config.train.seed=k` would (train.seed is set per seed):
+the same parameter init, data order, dropout keys, eval windows, checkpoints, event files, config.json, vocab.json
+and train.log lines, the numbers equal up to float summation order; but in one jitted step over the seeds' states
+stacked on a leading axis (jax.vmap of train.py's step). A tiny model's step is bound by kernel launches, not
+FLOPs: stacked seeds share each step's launches. Each seed's workdir is an ordinary run: the unstacked command
+resumes it, `selattn.sample` reads it. Rerunning the stacked command resumes every seed; they must stand at the
+same step (else one line says which do not, and how to bring them level: the sweep without --stack up to the
+leaders' step). One device only (mesh sizes 1; on several GPUs the sweep gives the process the first). The
 process's own log (every seed's lines) goes to stdout; each seed's lines also go to W/seed<k>/train.log. Speed
 scalars: train/step_time_ms is the stacked step's time, train/mfu the whole process's; train/tokens_per_second
 counts each seed's own tokens.
@@ -73,10 +74,13 @@ def _describe_steps(steps: dict[int, int | None]) -> str:
 
 
 def _check_same_step(steps: dict[int, int | None]) -> None:
+  """Stacked seeds train from one step; a seed left behind (a kill between two seeds' saves, a seed added to a
+  sweep) is refused with the commands that bring it level."""
   if len(set(s or 0 for s in steps.values())) > 1:
-    raise TrainingError(f'the stacked seeds stand at different steps ({_describe_steps(steps)}); stacked, they '
-                        'train together from one step: resume the laggards without --stack to the same step first, '
-                        'or train them all without --stack')
+    top = max(s or 0 for s in steps.values())
+    raise TrainingError(f'the stacked seeds stand at different steps ({_describe_steps(steps)}): bring them to step '
+                        f'{top} by rerunning the sweep without --stack and with --config.train.num_steps={top}, then '
+                        'rerun it with --stack')
 
 
 def _check_mesh(mesh_cfg) -> None:
@@ -212,8 +216,9 @@ def _train(runs: list[_Seed], cfg, corpus, mesh, workdir: str, stop) -> dict[int
         r.data_iter = new_iterator()
         r.log.warning('no usable checkpoint left in %s: training from scratch', r.ckpt.directory)
       states.append(state)
-    logging.info('run: %s seeds %s stacked | seed %d\'s run: %s', len(runs), ','.join(map(str, seeds)),
-                 runs[0].seed, train_lib._header(cfg, num_params, mesh, runs[0].workdir))  # pylint: disable=protected-access
+    first = train_lib._header(cfg, num_params, mesh, runs[0].workdir)  # pylint: disable=protected-access
+    logging.info('run: %d seeds %s stacked | seed %d\'s run: %s', len(runs), ','.join(map(str, seeds)),
+                 runs[0].seed, first)
     # A damaged checkpoint set aside may have left a seed behind the others.
     _check_same_step({r.seed: r.step for r in runs})
     step = runs[0].step

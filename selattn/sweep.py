@@ -14,9 +14,9 @@ model's step (the original config: ~1.2 ms on an H200) is bound by kernel launch
 on one GPU do not overlap; stacked seeds share each step's launches. Each WORKDIR/seed<k> is still an ordinary run, the
 same numbers as unstacked (init, data order, dropout, evals, samples, checkpoints, event files, train.log): the
 unstacked command resumes it, `selattn.sample` reads it. The process's own log is WORKDIR/stack.log. A rerun of
-the stacked command resumes every seed, which must stand at the same step: seeds at different steps are refused
-in one line (resume the laggards without --stack to the same step first, or continue without --stack). Any
-mesh size other than 1 and --per_gpu > 1 are refused too.
+the stacked command resumes every seed, which must stand at the same step: seeds at different steps (a kill
+between two seeds' saves, a seed added) are refused in one line saying how to bring them level (this command
+without --stack, up to the leaders' step). Mesh sizes other than 1 and --per_gpu > 1 are refused too.
 """
 
 from __future__ import annotations

@@ -132,13 +132,16 @@ def test_an_unstacked_run_resumes_a_stacked_seed_and_mismatched_steps_are_refuse
   with pytest.raises(train.TrainingError) as e:
     stack.train(_config(), str(tmp_path), SEEDS)
   assert str(e.value) == (
-      'the stacked seeds stand at different steps (seed 0 at step 4, seed 1 at step 8); stacked, they train '
-      'together from one step: resume the laggards without --stack to the same step first, or train them all '
-      'without --stack')
+      'the stacked seeds stand at different steps (seed 0 at step 4, seed 1 at step 8): bring them to step 8 by '
+      'rerunning the sweep without --stack and with --config.train.num_steps=8, then rerun it with --stack')
   after = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.rglob('*') if p.is_file()}
   assert after == before
+  # As the error says: the laggard unstacked up to the leader's step, then stacked again (nothing left to train).
+  train.train(_seed_config(0), str(tmp_path / 'seed0'))
+  result = stack.train(_config(), str(tmp_path), SEEDS)
+  assert result[1]['eval/loss'] == scalars(str(tmp_path / 'seed1'), 'eval/loss')[STEPS]
   # A new seed beside trained ones stands at step 0.
-  with pytest.raises(train.TrainingError, match=r'seed 0 at step 4, seed 1 at step 8, seed 2 at step 0\)'):
+  with pytest.raises(train.TrainingError, match=r'seed 0 at step 8, seed 1 at step 8, seed 2 at step 0\)'):
     stack.train(_config(), str(tmp_path), [0, 1, 2])
   assert not (tmp_path / 'seed2').exists()
 
@@ -186,6 +189,8 @@ def test_sweep_stack_on_cpu(tmp_path):
   for k in SEEDS:
     assert len(event_files(str(work / f'seed{k}'))) == 1
     assert 'eval at step 4' in (work / f'seed{k}' / 'train.log').read_text()
+  sweep.main(['--config', 'configs/tiny.py', '--seeds', '2', '--workdir', str(work), '--summarize', '--stack'])
+  assert json.loads((work / 'summary.json').read_text())['seeds'] == summary['seeds']
   job = sweep.build_stacked_job('configs/tiny.py', str(work), [0, 1], args[9:])
   assert job.argv[1:] == ['-m', 'selattn.main', '--config=configs/tiny.py', f'--workdir={work}',
                           '--stack_seeds=0,1', *args[9:]]
