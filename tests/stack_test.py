@@ -5,8 +5,10 @@ an uninterrupted run; an unstacked run resumes a stacked seed; bad input is one 
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -209,3 +211,34 @@ def test_sweep_stack_refuses_per_gpu(tmp_path):
   r = _sweep('--config', 'configs/tiny.py', '--workdir', str(tmp_path / 'x'), '--stack', '--per_gpu', '2')
   assert r.returncode == 2 and '--stack trains every seed in one process: --per_gpu does not apply' in r.stderr
   assert not (tmp_path / 'x').exists()
+
+
+def test_sigterm_saves_every_seed_and_the_rerun_resumes_them(tmp_path):
+  """The command line: SIGTERM mid-run saves each seed at one step and exits 75 (resumable); the rerun resumes both."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  work = tmp_path / 'sw'
+  argv = [sys.executable, '-m', 'selattn.main', '--config', 'configs/tiny.py', f'--workdir={work}',
+          '--stack_seeds=0,1', '--config.train.sample_length=0', '--config.model.num_layers=1',
+          '--config.data.seq_len=16', '--config.train.batch_size=4', '--config.train.checkpoint_every=1000000']
+  log = tmp_path / 'stack.log'
+  with open(log, 'w') as f:
+    proc = subprocess.Popen([*argv, '--config.train.num_steps=1000000'], stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                            env=env)
+  deadline = time.time() + 120
+  while 'step 20/' not in log.read_text() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == stopping.EXIT_STOPPED, log.read_text()[-2000:]
+  steps = [checkpoint_steps(str(work / f'seed{k}')) for k in SEEDS]
+  assert steps[0] == steps[1] and len(steps[0]) == 1 and steps[0][0] >= 20, steps
+  stopped = steps[0][0]
+  for k in SEEDS:
+    assert f'SIGTERM received: saved a checkpoint at step {stopped}' in (work / f'seed{k}' / 'train.log').read_text()
+  r = subprocess.run([*argv, f'--config.train.num_steps={stopped + 2}'], capture_output=True, text=True, cwd=REPO,
+                     env=env, timeout=120, check=False)
+  assert r.returncode == 0, r.stderr[-2000:]
+  for k in SEEDS:
+    text = (work / f'seed{k}' / 'train.log').read_text()
+    assert f'at step {stopped}' in text.split('resumed from')[-1].splitlines()[0]
+    assert checkpoint_steps(str(work / f'seed{k}')) == [stopped, stopped + 2]
