@@ -16,6 +16,7 @@ import pytest
 from configs import tiny
 from run_files import checkpoint_steps, event_files, restore_params, scalars
 from selattn import config as config_lib
+from selattn import plot
 from selattn import stack
 from selattn import stopping
 from selattn import sweep
@@ -84,6 +85,7 @@ def test_each_stacked_seed_is_its_unstacked_run(runs):
     got = stacked / f'seed{k}'
     _assert_same_run(got, single[k])
     assert scalars(str(got), 'train/grad_norm')[4] > 0.05 * 5  # the clipping clips
+    assert set(plot.read_scalars(str(got))) == set(plot.read_scalars(str(single[k])))  # every tag, speed's too
     saved, want = (json.loads((d / 'config.json').read_text()) for d in (got, single[k]))
     assert saved['config']['train']['seed'] == k
     assert saved == want  # jax version, data hash, parameter count: all as the unstacked run writes them
