@@ -4,8 +4,8 @@
 `python -m selattn.main --config C --workdir W/seed<k> --config.train.seed=k` would (train.seed is set per seed):
 the same parameter init, data order, dropout keys, eval windows, checkpoints, event files, config.json, vocab.json
 and train.log lines, the numbers equal up to float summation order; but in one jitted step over the seeds' states
-stacked on a leading axis (jax.vmap of train.py's step). A tiny model's step is bound by kernel launches, not
-FLOPs: stacked seeds share each step's launches. Each seed's workdir is an ordinary run: the unstacked command
+stacked on a leading axis (jax.vmap of train.py's step). A tiny model does little arithmetic per kernel (the
+original config: 1.2% MFU): stacked seeds share each step's kernels. Each seed's workdir is an ordinary run: the unstacked command
 resumes it, `selattn.sample` reads it. Rerunning the stacked command resumes every seed; they must stand at the
 same step (else one line says which do not, and how to bring them level: the sweep without --stack up to the
 leaders' step). One device only (mesh sizes 1; on several GPUs the sweep gives the process the first). The
