@@ -192,6 +192,7 @@ class _Recorder(logging.Handler):
       self.events.append(('compile', kwargs.get('fun_name', '?')))
 
 
+@pytest.mark.usefixtures('no_compilation_cache')  # a program from conftest's cache would not show as a compile
 def test_the_loop_never_recompiles(tmp_path, monkeypatch):
   traces = []
   make_train_step = train.make_train_step
