@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import mesh_check as mc
 from selattn import config as config_lib
 from selattn import data as data_lib
 from selattn import generate
@@ -196,7 +197,9 @@ print(len(text), text.startswith('ROMEO:'))
 
 
 def test_generate_under_a_sharded_mesh():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  # mesh_check's worker environment: 8 fake devices, and the backend's optimisation level 0 that conftest.py gives
+  # the tests in-process (this environment used to drop it, and compiled with LLVM's full passes).
+  env = mc.subprocess_env(8)
   res = subprocess.run([sys.executable, '-c', _MESH_SCRIPT], capture_output=True, text=True, env=env, timeout=120,
                        check=False)
   assert res.returncode == 0 and res.stdout.split() == ['36', 'True'], res.stderr[-2000:]
