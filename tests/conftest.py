@@ -9,8 +9,12 @@ import tempfile
 # is mostly compiles (a third less time on 2 cores). Partitioning, fusion and collectives are XLA's, not LLVM's,
 # so what the tests check is compiled the same way; subprocesses the tests start inherit the flag. Set before jax
 # initialises its backend.
-if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
+# Likewise its fusions emitted by the LLVM IR emitters instead of the MLIR fusion emitters: which ops fuse is still
+# XLA's decision, only the code emitted for a fusion differs, and it compiles in about half the time (measured on
+# four of mesh_check.py's equivalence programs, created, compiled and run: 23.8 -> 14.7 CPU-s).
+for _flag in ('--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false'):
+  if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
