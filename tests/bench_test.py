@@ -16,7 +16,7 @@ def test_bench_small_seed_writes_every_variant(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
   p = subprocess.run([sys.executable, '-m', 'selattn.bench', '--workload', 'seed', '--small', '--steps', '10',
                       '--variants', 'standard,selective-factored,selective-blockwise-b128', f'--out={out}',
-                      '--set', 'model.block_k=32,model.fused_bwd_splits=2'],
+                      '--set', 'model.block_k=32,model.fused_bwd_splits=2', f'--profile={tmp_path / "prof"}'],
                      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
   results = json.loads(out.read_text())
@@ -34,6 +34,11 @@ def test_bench_small_seed_writes_every_variant(tmp_path):
   assert abs(fac - blk) < 1e-4 * abs(fac)
   assert results[1]['num_params'] == results[2]['num_params'] != results[0]['num_params']
   assert 'standard' in p.stdout and 'ms/step' in p.stdout  # the printed table
+  # --profile: a trace and the compiled HLO per variant; a CPU trace has no device plane, so no op times.
+  for r in results:
+    assert r['profile'] == {}
+    assert 'HloModule' in (tmp_path / 'prof' / r['variant'] / 'step.hlo.txt').read_text()
+    assert list((tmp_path / 'prof' / r['variant']).glob('plugins/profile/*/*.xplane.pb'))
 
 
 def test_bench_data_times_the_input_pipeline_against_w4(tmp_path):
