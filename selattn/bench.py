@@ -2,7 +2,8 @@
 
 Workloads (ISSUE targets in BENCHMARKS.md):
   seed     W1: the original config (D64 L4 N2, context 299, batch 16, float32): standard, selective factored,
-           blockwise and materialized (the literal form, the original's computation, as the baseline).
+           blockwise and materialized (the literal form, the original's computation, as the baseline); and
+           -stack3, three seeds in one step as `selattn.sweep --stack` trains them (ms/step: the stacked step).
   nanogpt  W2: nanoGPT's shakespeare-char config (6L 6H 384d, ctx 256, batch 64, bf16): standard, selective, with
            attention dropout in XLA's dense softmax and in the flash kernel; standard without attention dropout.
   long     W3: selective blockwise at B4 T4096 D256 N4 on 1 device, then with mesh.seq = all devices.
@@ -73,6 +74,9 @@ def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, i
       out.append((f'selective-blockwise-b{block}', {**base, 'model.selective_impl': 'blockwise',
                                                     'model.block_q': block, 'model.block_k': block}, 1))
     out.append(('selective-materialized', {**base, 'model.selective_impl': 'materialized'}, 1))
+    # Seeds stacked in one step (selattn.sweep --stack): 'stack' seeds' states vmapped; ms/step is the stacked step.
+    out.append(('standard-stack3', {**base, 'model.attention': 'standard', 'stack': 3}, 1))
+    out.append(('selective-factored-stack3', {**base, 'model.selective_impl': 'factored', 'stack': 3}, 1))
   elif workload == 'mlp':
     base = {'model.num_layers': 4, 'train.steps_per_call': 10, 'train.flat_optimizer': True,
             'model.kv_generator': 'mlp'}
@@ -142,7 +146,7 @@ def _config(overrides: dict):
   from configs import base, nanogpt  # pylint: disable=g-import-not-at-top
   cfg = nanogpt.get_config() if overrides.get('config') == 'nanogpt' else base.get_config()
   for key, value in overrides.items():
-    if key == 'config':
+    if key in ('config', 'stack'):  # the bench's own keys, not config keys
       continue
     section, name = key.split('.')
     cfg[section][name] = value
@@ -171,6 +175,7 @@ def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: s
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from selattn import config as config_lib, data, sharding, store, train  # pylint: disable=g-import-not-at-top
   from selattn.model import count_params  # pylint: disable=g-import-not-at-top
+  stack = int(overrides.get('stack', 0))
   raw = _config(overrides)
   raw.data.path = data_path
   corpus = store.open_config(raw.data)
@@ -182,16 +187,40 @@ def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: s
   num_params = count_params(nnx.merge(graphdef, state)[0])
   t = cfg.train
   fns = train.build_steps(cfg, mesh, graphdef, state)
-  it = data.train_iterator(data.train_dataset(corpus.train, seq_len=cfg.data.seq_len, global_batch_size=t.batch_size,
-                                              seed=0), prefetch=2, worker_count=0)
+  its = [data.train_iterator(data.train_dataset(corpus.train, seq_len=cfg.data.seq_len,
+                                                global_batch_size=t.batch_size, seed=k), prefetch=2, worker_count=0)
+         for k in range(max(stack, 1))]
 
   def next_batches():
-    return fns.train_batches([next(it) for _ in range(t.steps_per_call)])
+    return fns.train_batches([next(its[0]) for _ in range(t.steps_per_call)])
+
+  if stack:  # as selattn.stack builds it: seed k's state, batches and dropout key on a leading axis
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    if mesh.size != 1:
+      raise ValueError('stacked seeds train on one device')
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    states = [train.create_state(dataclasses.replace(cfg, train=dataclasses.replace(t, seed=k)), mesh)[1]
+              for k in range(stack)]
+    state = jax.device_put(jax.tree.map(lambda *xs: jnp.stack(xs), *states), rep)
+    keys = jax.device_put(jnp.stack([train.dropout_base_key(k) for k in range(stack)]), rep)
+    with jax.set_mesh(mesh):
+      keyed = jax.jit(jax.vmap(train.make_keyed_train_step(graphdef, cfg, None)), in_shardings=(rep, rep, rep),
+                      out_shardings=(rep, None), donate_argnums=0)
+
+    def next_batches():  # pylint: disable=function-redefined
+      per_seed = [[next(it) for _ in range(t.steps_per_call)] for it in its]
+      return jax.device_put({k: np.stack([np.stack([b[k] for b in bs]) for bs in per_seed])
+                             for k in per_seed[0][0]}, rep)
 
   with jax.set_mesh(mesh):
     batches = next_batches()
     t0 = time.perf_counter()
-    compiled = fns.train.lower(state, batches).compile()
+    if stack:
+      compiled_keyed = keyed.lower(state, batches, keys).compile()
+      compiled = lambda s, b: compiled_keyed(s, b, keys)  # pylint: disable=unnecessary-lambda-assignment
+    else:
+      compiled = fns.train.lower(state, batches).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(2):  # warm-up
       state, metrics = compiled(state, next_batches())
@@ -220,12 +249,12 @@ def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: s
       jax.profiler.stop_trace()
       profile = perf.device_op_times(where, calls * t.steps_per_call)
       with open(os.path.join(where, 'step.hlo.txt'), 'w') as f:  # the fusions the profile names, as compiled
-        f.write(compiled.as_text())
+        f.write((compiled_keyed if stack else compiled).as_text())
   ms_step = 1000 * pipelined
-  tokens = t.batch_size * cfg.data.seq_len
+  tokens = t.batch_size * cfg.data.seq_len * max(stack, 1)  # a stacked step trains every seed's batch
   flops = perf.flops_per_token(cfg, num_params) * tokens
   stats = devices[0].memory_stats() or {}
-  mem = compiled.memory_analysis()
+  mem = (compiled_keyed if stack else compiled).memory_analysis()
   return {
       'variant': name, 'devices': n_dev, 'device_kind': devices[0].device_kind, 'num_params': num_params,
       'batch': t.batch_size, 'seq_len': cfg.data.seq_len, 'dtype': cfg.model.dtype,
@@ -235,8 +264,10 @@ def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: s
       # the table prints temp_mem_gib, the compiled step's own temporary memory.
       'peak_mem_gib': stats.get('peak_bytes_in_use', 0) / 2**30,
       'temp_mem_gib': (mem.temp_size_in_bytes / 2**30) if mem is not None else None,
-      'pair_tflops_per_s': pair_flops_per_step(cfg) / pipelined / 1e12,
-      'compile_s': compile_s, 'final_loss': float(jax.device_get(metrics['loss'])),
+      'pair_tflops_per_s': pair_flops_per_step(cfg) * max(stack, 1) / pipelined / 1e12,
+      'compile_s': compile_s, 'final_loss': float(np.mean(jax.device_get(metrics['loss']))),  # over stacked seeds
+      'final_losses': np.atleast_1d(jax.device_get(metrics['loss'])).tolist(),
+      'seeds': max(stack, 1), 'ms_per_seed_step': ms_step / max(stack, 1),
       'jax': jax.__version__, 'overrides': overrides, **({'profile': profile} if profile_dir else {}),
   }
 

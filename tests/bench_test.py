@@ -41,6 +41,25 @@ def test_bench_small_seed_writes_every_variant(tmp_path):
     assert list((tmp_path / 'prof' / r['variant']).glob('plugins/profile/*/*.xplane.pb'))
 
 
+def test_bench_stacked_seeds_train_each_seed_as_its_own_run(tmp_path):
+  """The seed workload's -stack3 variants (selattn.sweep --stack's step): seed 0 of the stack trains what the
+  unstacked variant trains (the same init, batches and steps), and a stacked step counts every seed's tokens."""
+  out = tmp_path / 'stack.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  p = subprocess.run([sys.executable, '-m', 'selattn.bench', '--workload', 'seed', '--small', '--steps', '10',
+                      '--variants', 'standard,standard-stack3', f'--out={out}'],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  one, stacked = json.loads(out.read_text())
+  assert (one['seeds'], stacked['seeds']) == (1, 3)
+  assert len(stacked['final_losses']) == 3 and len(set(stacked['final_losses'])) == 3  # three different runs
+  assert abs(stacked['final_losses'][0] - one['final_loss']) < 1e-5 * abs(one['final_loss'])
+  for r in (one, stacked):
+    tokens = r['seeds'] * r['batch'] * r['seq_len']
+    assert abs(r['tokens_per_s'] - tokens / (r['ms_per_step'] / 1000)) < 1e-6 * r['tokens_per_s']
+    assert abs(r['ms_per_seed_step'] - r['ms_per_step'] / r['seeds']) < 1e-9
+
+
 def test_bench_data_times_the_input_pipeline_against_w4(tmp_path):
   out = tmp_path / 'data.json'
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
