@@ -35,8 +35,9 @@ def dropout(x: Array, rate: float, key: jax.Array | None, rng: str = 'threefry')
 
 def gelu(x: Array) -> Array:
   """The exact (erf) GELU x Phi(x), nanoGPT's nn.GELU() (jax's default is the tanh approximation). Its erf is
-  compute-bound on a GPU: a custom VJP that saved only x and recomputed erf in the backward pass made nanoGPT's
-  step 0.3 ms slower on an H200 (docs/bench/w2_gelu_vjp_h200.json), so autodiff keeps erf's intermediates."""
+  compute-bound on a GPU: a custom VJP that saved only x and recomputed erf in the backward pass made the GELU
+  kernels of nanoGPT's step slower on an H200 (90 and 77 us a layer against 82 and 62; BENCHMARKS.md, W2), so
+  autodiff keeps erf's intermediates."""
   return jax.nn.gelu(x, approximate=False)
 
 
