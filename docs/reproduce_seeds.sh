@@ -60,7 +60,9 @@ run_part() {  # PART: its sweeps at the same time, the GPU list rotated so that 
     mkdir -p "$R/$1/$name"
     echo "[seeds] $1/$name: python -m selattn.sweep --workdir $R/$1/$name --seeds $seeds ${args[*]:2} ${extra[*]}"
     per_gpu=(--per_gpu "$PER_GPU")
-    [[ " ${args[*]} " == *" --stack "* ]] && per_gpu=()  # one process holds all its seeds, on its first GPU
+    # A stacked sweep: one process holding all its seeds, on the sweep's first GPU (sweep --stack would deal the
+    # seeds over every GPU it is given, one process per GPU).
+    [[ " ${args[*]} " == *" --stack "* ]] && per_gpu=() && gpus=${gpus%%,*}
     python -m selattn.sweep --workdir "$R/$1/$name" --seeds "$seeds" --gpus "$gpus" "${per_gpu[@]}" \
       "${args[@]:2}" "${extra[@]}" > "$R/$1/$name/sweep.log" 2>&1 &
     pids+=($!)

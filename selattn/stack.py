@@ -1,17 +1,17 @@
 """Several seeds of one config trained in one process, stacked: what `python -m selattn.sweep --stack` runs.
 
-`python -m selattn.main --config C --workdir W --stack_seeds=0,1,2` trains seed k in W/seed<k> as
-`python -m selattn.main --config C --workdir W/seed<k> --config.train.seed=k` would (train.seed is set per seed):
-the same parameter init, data order, dropout keys, eval windows, checkpoints, event files, config.json, vocab.json
-and train.log lines, the numbers equal up to float summation order; but in one jitted step over the seeds' states
+`python -m selattn.main --config C --workdir W --stack_seeds=0,1,2` trains seed k in W/seed<k> as `python -m
+selattn.main --config C --workdir W/seed<k> --config.train.seed=k` would (train.seed is set per seed): the same
+parameter init, data order, dropout keys, eval windows, checkpoints, event files, config.json, vocab.json and
+train.log lines, the numbers equal up to float summation order; but in one jitted step over the seeds' states
 stacked on a leading axis (jax.vmap of train.py's step). A tiny model does little arithmetic per kernel (the
-original config: 1.2% MFU): stacked seeds share each step's kernels. Each seed's workdir is an ordinary run: the unstacked command
-resumes it, `selattn.sample` reads it. Rerunning the stacked command resumes every seed; they must stand at the
-same step (else one line says which do not, and how to bring them level: the sweep without --stack up to the
-leaders' step). One device only (mesh sizes 1; on several GPUs the sweep gives the process the first). The
-process's own log (every seed's lines) goes to stdout; each seed's lines also go to W/seed<k>/train.log. Speed
-scalars: train/step_time_ms is the stacked step's time, train/mfu the whole process's; train/tokens_per_second
-counts each seed's own tokens.
+original config: 1.2% MFU): stacked seeds share each step's kernels. Each seed's workdir is an ordinary run: the
+unstacked command resumes it, `selattn.sample` reads it. Rerunning the stacked command resumes every seed; they
+must stand at the same step (else one line says which do not, and how to bring them level: the sweep without
+--stack up to the leaders' step). One device per process (mesh sizes 1; `selattn.sweep --stack` starts one per GPU,
+each with its share of the seeds). The process's own log (every seed's lines) goes to stdout; each seed's lines
+also go to W/seed<k>/train.log. Speed scalars: train/step_time_ms is the stacked step's time, train/mfu the whole
+process's; train/tokens_per_second counts each seed's own tokens.
 """
 
 from __future__ import annotations

@@ -8,13 +8,14 @@ each seed resumes from its latest checkpoint: rerun the same command after a cra
 their mean, std, min and max over seeds, and writes them to WORKDIR/summary.json; `python -m selattn.plot WORKDIR`
 draws the mean with a min-max band.
 
---stack trains all the seeds in one process instead, on one device (the first GPU; several GPUs: run several
-sweeps with --first_seed): one jitted step over their states stacked on a leading axis (selattn/stack.py). A small
-model's step (the original config: ~1.2 ms on an H200) is bound by kernel launches, not FLOPs, and two processes
-on one GPU do not overlap; stacked seeds share each step's launches. Each WORKDIR/seed<k> is still an ordinary run, the
+--stack trains the seeds stacked instead: one process per GPU (the seeds dealt round-robin over --gpus; without a
+GPU, one process), each one jitted step over its seeds' states stacked on a leading axis (selattn/stack.py). A
+small model does little arithmetic per kernel (the original config: 1.2% MFU on an H200), and two processes on
+one GPU took turns in our runs; stacked seeds share each step's kernels. Each WORKDIR/seed<k> is still an ordinary run, the
 same numbers as unstacked (init, data order, dropout, evals, samples, checkpoints, event files, train.log): the
-unstacked command resumes it, `selattn.sample` reads it. The process's own log is WORKDIR/stack.log. A rerun of
-the stacked command resumes every seed, which must stand at the same step: seeds at different steps (a kill
+unstacked command resumes it, `selattn.sample` reads it. A process's own log is WORKDIR/stack.log (with several
+GPUs, WORKDIR/stack-<its seeds>.log). A rerun of the same stacked command resumes every seed; the seeds of one
+process must stand at the same step: seeds at different steps (a kill
 between two seeds' saves, a seed added) are refused in one line saying how to bring them level (this command
 without --stack, up to the leaders' step). Mesh sizes other than 1 and --per_gpu > 1 are refused too.
 """
@@ -179,12 +180,22 @@ def build_jobs(config: str, workdir: str, seeds: list[int], overrides: list[str]
   return jobs
 
 
-def build_stacked_job(config: str, workdir: str, seeds: list[int], overrides: list[str]) -> Job:
-  """All seeds in one `python -m selattn.main --stack_seeds=...` process (selattn/stack.py), seed k still in
-  WORKDIR/seed<k> with its own train.log; the process's log is WORKDIR/stack.log."""
+def build_stacked_job(config: str, workdir: str, seeds: list[int], overrides: list[str], log: str = 'stack.log'
+                      ) -> Job:
+  """These seeds in one `python -m selattn.main --stack_seeds=...` process (selattn/stack.py), seed k still in
+  WORKDIR/seed<k> with its own train.log; the process's log is WORKDIR/<log>."""
   return Job(seeds[0], workdir, [sys.executable, '-m', 'selattn.main', f'--config={config}', f'--workdir={workdir}',
                                  f'--stack_seeds={",".join(map(str, seeds))}', *overrides],
-             seeds=seeds, log=os.path.join(workdir, 'stack.log'))
+             seeds=seeds, log=os.path.join(workdir, log))
+
+
+def build_stacked_jobs(config: str, workdir: str, seeds: list[int], overrides: list[str], n_gpus: int) -> list[Job]:
+  """One stacked process per GPU (at most one per seed), the seeds dealt round-robin: the same dealing on every
+  rerun with the same GPU count. One process (no GPU, or one) logs to stack.log, several to stack-<seeds>.log."""
+  n = max(1, min(n_gpus, len(seeds)))
+  groups = [seeds[i::n] for i in range(n)]
+  return [build_stacked_job(config, workdir, g, overrides,
+                            'stack.log' if n == 1 else f'stack-{"-".join(map(str, g))}.log') for g in groups]
 
 
 def main(argv=None):
@@ -198,8 +209,8 @@ def main(argv=None):
                  "nvidia-smi lists) or 'none' (CPU, one run at a time)")
   p.add_argument('--per_gpu', type=int, default=1, help='runs at a time on each GPU')
   p.add_argument('--stack', action='store_true',
-                 help='train all seeds in one process on one device (the first GPU), their states stacked in one '
-                      'jitted step: for small models, launch-bound (selattn/stack.py)')
+                 help='train the seeds stacked, one process per GPU (seeds dealt round-robin), each one jitted '
+                      'step over its seeds\' states: for small models (selattn/stack.py)')
   p.add_argument('--best_until', type=int, default=0,
                  help='the summary\'s best eval loss is taken over steps <= this one (0 = all)')
   p.add_argument('--summarize', action='store_true', help='only summarize the seeds already run; train nothing')
@@ -212,7 +223,7 @@ def main(argv=None):
   if args.seeds < 1 or args.per_gpu < 1 or args.first_seed < 0:
     p.error('--seeds and --per_gpu must be at least 1, --first_seed at least 0')
   if args.stack and args.per_gpu > 1:
-    p.error('--stack trains every seed in one process: --per_gpu does not apply (run several sweeps to share GPUs)')
+    p.error('--stack trains one process per GPU: --per_gpu does not apply (run several sweeps to share GPUs)')
   config_file = args.config.split(':', 1)[0]
   if not os.path.isfile(config_file):
     p.error(f'--config={args.config}: no such file {config_file}')
@@ -221,9 +232,10 @@ def main(argv=None):
 
   seeds = list(range(args.first_seed, args.first_seed + args.seeds))
   if args.stack:
-    jobs = [build_stacked_job(args.config, args.workdir, seeds, overrides)]
-    gpus = gpus[:1]
-    where = f'GPU {gpus[0]}, stacked in one process' if gpus else 'the CPU, stacked in one process'
+    jobs = build_stacked_jobs(args.config, args.workdir, seeds, overrides, len(gpus))
+    gpus = gpus[:len(jobs)]
+    where = (f'GPU{"s" if len(gpus) > 1 else ""} {",".join(gpus)}, stacked: one process per GPU' if gpus
+             else 'the CPU, stacked in one process')
   else:
     jobs = build_jobs(args.config, args.workdir, seeds, overrides)
     where = f'GPUs {",".join(gpus)} ({args.per_gpu} per GPU)' if gpus else 'the CPU, one at a time'

@@ -209,9 +209,35 @@ def test_sweep_stack_on_cpu(tmp_path):
   assert not (work / 'seed1' / 'checkpoints' / '4').exists()
 
 
+def test_stacked_jobs_deal_the_seeds_over_the_gpus():
+  deal = lambda n, seeds: [(j.seeds, os.path.basename(j.log)) for j in  # pylint: disable=unnecessary-lambda-assignment
+                           sweep.build_stacked_jobs('c.py', 'w', seeds, [], n)]
+  assert deal(0, [0, 1, 2]) == deal(1, [0, 1, 2]) == [([0, 1, 2], 'stack.log')]
+  assert deal(2, [0, 1, 2]) == [([0, 2], 'stack-0-2.log'), ([1], 'stack-1.log')]
+  assert deal(4, [3, 4]) == [([3], 'stack-3.log'), ([4], 'stack-4.log')]  # no process without a seed
+
+
+def test_sweep_stack_on_two_gpus_runs_one_process_per_gpu(tmp_path):
+  """--gpus 0,1 (CUDA_VISIBLE_DEVICES per process; JAX_PLATFORMS=cpu here): seeds 0 and 2 stacked on GPU 0, seed 1
+  on GPU 1, at the same time; one summary over the three."""
+  work = tmp_path / 'sw'
+  r = _sweep('--config', 'configs/tiny.py', '--seeds', '3', '--workdir', str(work), '--gpus', '0,1', '--stack',
+             '--config.train.num_steps=4', '--config.train.eval_every=2', '--config.train.checkpoint_every=2',
+             '--config.train.log_every=2', '--config.train.sample_length=0', '--config.model.num_layers=1',
+             '--config.data.seq_len=16', '--config.train.batch_size=4')
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert '[sweep] seeds 0,2 (stacked) started on GPU 0' in r.stdout
+  assert '[sweep] seed 1 started on GPU 1' in r.stdout
+  assert 'training 2 stacked seeds from step 0 to 4' in (work / 'stack-0-2.log').read_text()
+  assert 'training 1 stacked seeds from step 0 to 4' in (work / 'stack-1.log').read_text()
+  summary = json.loads((work / 'summary.json').read_text())
+  assert {k: s['last_step'] for k, s in summary['seeds'].items()} == {'0': 4, '1': 4, '2': 4}
+  assert summary['failed'] == {}
+
+
 def test_sweep_stack_refuses_per_gpu(tmp_path):
   r = _sweep('--config', 'configs/tiny.py', '--workdir', str(tmp_path / 'x'), '--stack', '--per_gpu', '2')
-  assert r.returncode == 2 and '--stack trains every seed in one process: --per_gpu does not apply' in r.stderr
+  assert r.returncode == 2 and '--stack trains one process per GPU: --per_gpu does not apply' in r.stderr
   assert not (tmp_path / 'x').exists()
 
 
