@@ -24,6 +24,11 @@ MLP_STEPS=${MLP_STEPS:-3000}              # section 4: the MLP K/V generator aga
 MLP_EVAL=${MLP_EVAL:-1000}
 EXTRA=${EXTRA:-}                          # flags added last to every run (the CPU miniature shrinks the model)
 
+PYTHON=${PYTHON:-python}  # the interpreter selattn is installed for (e.g. PYTHON=python3 where there is no python)
+"$PYTHON" -c "import selattn.main" 2>/dev/null || {
+  echo "[reproduce] $PYTHON cannot import selattn.main: set PYTHON to the interpreter of its environment" >&2
+  exit 2
+}
 R=$DEST/runs
 read -r -a extra <<< "$EXTRA"
 
@@ -35,7 +40,7 @@ train() {  # NAME FLAGS...: one run of selattn.main into $R/NAME, its log in $R/
   set -- "$@" --config.train.flat_optimizer=False --workdir "$R/$name" "${extra[@]}"
   mkdir -p "$R/$name"
   echo "[reproduce] $name: python -m selattn.main $*"
-  python -m selattn.main "$@" >> "$R/$name/train.log" 2>&1 \
+  "$PYTHON" -m selattn.main "$@" >> "$R/$name/train.log" 2>&1 \
     || { echo "[reproduce] $name failed; the end of $R/$name/train.log:" >&2; tail -n 20 "$R/$name/train.log" >&2; return 1; }
 }
 
@@ -86,13 +91,13 @@ else
   (( failed == 0 )) || { echo '[reproduce] a run failed (its log tail is above)' >&2; exit 1; }
 fi
 
-python -m selattn.plot "$R"/original_200k/{standard,standard_ffn5,selective,reference} --smoothing 0.95 \
+"$PYTHON" -m selattn.plot "$R"/original_200k/{standard,standard_ffn5,selective,reference} --smoothing 0.95 \
   --labels 'standard (192k params),standard F=5D (225k),selective (225k),reference (208k)' \
   --title "original config, $((STEPS / 1000))k steps, one $DEVICE each" --out "$DEST/original_200k.png"
-python -m selattn.plot "$R"/original_200k/selective "$R"/identity_and_mlp/sel_blockwise --max_step "$BLOCKWISE_STEPS" \
+"$PYTHON" -m selattn.plot "$R"/original_200k/selective "$R"/identity_and_mlp/sel_blockwise --max_step "$BLOCKWISE_STEPS" \
   --tags train/loss,eval/loss --labels 'factored (the identity),blockwise (literal [q_i;x_j] tiles)' \
   --title "selective, original config: two computations of one function ($DEVICE)" \
   --out "$DEST/identity_blockwise_vs_factored.png"
-python -m selattn.plot "$R"/identity_and_mlp/{sel_linear_3k,sel_mlp} --tags train/loss,eval/loss \
+"$PYTHON" -m selattn.plot "$R"/identity_and_mlp/{sel_linear_3k,sel_mlp} --tags train/loss,eval/loss \
   --labels 'linear generator (224.7k params),mlp generator kv_hidden=64 (225.5k)' \
   --title "selective K/V generator, original config, $MLP_STEPS steps ($DEVICE)" --out "$DEST/mlp_vs_linear.png"

@@ -34,6 +34,11 @@ NANOGPT_STEPS=${NANOGPT_STEPS:-5000}        # its schedule ends at 5000 (train.l
 NANOGPT_BEST_UNTIL=${NANOGPT_BEST_UNTIL:-2000}  # nanoGPT's own benchmark: the best validation loss by step 2000
 EXTRA=${EXTRA:-}                       # flags added last to every run (the CPU miniature shrinks the models)
 
+PYTHON=${PYTHON:-python}  # the interpreter selattn is installed for (e.g. PYTHON=python3 where there is no python)
+"$PYTHON" -c "import selattn.main" 2>/dev/null || {
+  echo "[seeds] $PYTHON cannot import selattn.main: set PYTHON to the interpreter of its environment" >&2
+  exit 2
+}
 R=$DEST/runs/seeds
 read -r -a extra <<< "$EXTRA"
 read -r -a parts <<< "$PARTS"
@@ -63,7 +68,7 @@ run_part() {  # PART: its sweeps at the same time, the GPU list rotated so that 
     # A stacked sweep: one process holding all its seeds, on the sweep's first GPU (sweep --stack would deal the
     # seeds over every GPU it is given, one process per GPU).
     [[ " ${args[*]} " == *" --stack "* ]] && per_gpu=() && gpus=${gpus%%,*}
-    python -m selattn.sweep --workdir "$R/$1/$name" --seeds "$seeds" --gpus "$gpus" "${per_gpu[@]}" \
+    "$PYTHON" -m selattn.sweep --workdir "$R/$1/$name" --seeds "$seeds" --gpus "$gpus" "${per_gpu[@]}" \
       "${args[@]:2}" "${extra[@]}" > "$R/$1/$name/sweep.log" 2>&1 &
     pids+=($!)
     i=$((i + 1))
@@ -89,7 +94,7 @@ for part in "${parts[@]}"; do
         "keys_only $SEEDS --config configs/selective.py --config.model.selective_parts=keys $original --stack"
       )
       run_part original
-      python -m selattn.plot "$R"/original/{standard,standard_ffn5,selective,values_only,keys_only} \
+      "$PYTHON" -m selattn.plot "$R"/original/{standard,standard_ffn5,selective,values_only,keys_only} \
         --smoothing 0.95 --tags train/loss,eval/loss \
         --labels 'standard,standard F=5D,selective,values only (standard keys + C q_i),keys only (V from x_j)' \
         --title "original config, $((STEPS / 1000))k steps, $SEEDS seeds (mean, min-max), $DEVICE" \
@@ -101,7 +106,7 @@ for part in "${parts[@]}"; do
         "selective 1 --config configs/selective.py --config.model.norm=pre $original"
       )
       run_part pre
-      python -m selattn.plot "$R"/pre/{standard,selective} --smoothing 0.95 --tags train/loss,eval/loss \
+      "$PYTHON" -m selattn.plot "$R"/pre/{standard,selective} --smoothing 0.95 --tags train/loss,eval/loss \
         --labels 'standard (pre-LN),selective (pre-LN)' \
         --title "original config with pre-layer norm, $((STEPS / 1000))k steps, $DEVICE" --out "$DEST/seeds_pre.png"
       ;;
@@ -112,7 +117,7 @@ for part in "${parts[@]}"; do
         "selective $SEEDS --config configs/nanogpt.py:selective $nano"
       )
       run_part nanogpt
-      python -m selattn.plot "$R"/nanogpt/{standard,selective} --tags train/loss,eval/loss \
+      "$PYTHON" -m selattn.plot "$R"/nanogpt/{standard,selective} --tags train/loss,eval/loss \
         --labels 'standard (nanoGPT block),selective (same block)' \
         --title "nanoGPT shakespeare-char, $SEEDS seeds (mean, min-max), $DEVICE" --out "$DEST/seeds_nanogpt.png"
       ;;

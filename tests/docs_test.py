@@ -75,7 +75,8 @@ def test_no_pointers_to_files_users_lack():
 @pytest.mark.slow
 def test_reproduce_results_in_miniature(tmp_path):
   pytest.importorskip('matplotlib')
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, DEST=str(tmp_path), DEVICE='CPU', STEPS='20',
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, PYTHON=sys.executable, DEST=str(tmp_path), DEVICE='CPU',
+             STEPS='20',
              EVAL_EVERY='10', BLOCKWISE_STEPS='20', BLOCKWISE_EVAL='10', CHECK_STEPS='20', MLP_STEPS='20',
              MLP_EVAL='10',
              EXTRA='--config.model.d_model=16 --config.data.seq_len=32 --config.model.block_q=16 '
@@ -103,7 +104,8 @@ def test_reproduce_seeds_in_miniature(tmp_path):
   pytest.importorskip('matplotlib')
   corpus = tmp_path / 'tiny.txt'
   corpus.write_text('To be, or not to be, that is the question:\n' * 200)
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, DEST=str(tmp_path), DEVICE='CPU', GPUS='none',
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, PYTHON=sys.executable, DEST=str(tmp_path), DEVICE='CPU',
+             GPUS='none',
              SEEDS='2', STEPS='10', EVAL_EVERY='5', NANOGPT_STEPS='10', NANOGPT_BEST_UNTIL='5',
              EXTRA=f'--config.model.d_model=16 --config.model.num_heads=2 --config.model.num_layers=1 '
                    f'--config.data.seq_len=16 --config.train.batch_size=4 --config.train.eval_batches=1 '
@@ -120,3 +122,14 @@ def test_reproduce_seeds_in_miniature(tmp_path):
       assert len(summary['seeds']) == (1 if part == 'pre' else 2), (part, name, summary)
   for png in ('seeds_original.png', 'seeds_pre.png', 'seeds_nanogpt.png'):
     assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
+
+
+@pytest.mark.parametrize('script', ['docs/reproduce_results.sh', 'docs/reproduce_seeds.sh'])
+def test_reproduce_scripts_stop_at_once_on_an_interpreter_without_selattn(script, tmp_path):
+  """A machine whose `python` is not selattn's environment (a GPU host with only python3): one line, exit 2,
+  before any run starts or any folder is made."""
+  r = subprocess.run(['bash', script], cwd=REPO, capture_output=True, text=True, timeout=60,
+                     env=dict(os.environ, PYTHON=sys.executable + '-missing', DEST=str(tmp_path / 'dest')))
+  assert r.returncode == 2, r.stdout + r.stderr
+  assert r.stderr.count('\n') == 1 and 'cannot import selattn.main: set PYTHON' in r.stderr
+  assert not (tmp_path / 'dest').exists()
