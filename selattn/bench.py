@@ -191,9 +191,10 @@ def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: s
                                                 global_batch_size=t.batch_size, seed=k), prefetch=2, worker_count=0)
          for k in range(max(stack, 1))]
 
-  def next_batches():
+  def unstacked_batches():
     return fns.train_batches([next(its[0]) for _ in range(t.steps_per_call)])
 
+  next_batches = unstacked_batches
   if stack:  # as selattn.stack builds it: seed k's state, batches and dropout key on a leading axis
     import dataclasses  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -208,10 +209,12 @@ def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: s
       keyed = jax.jit(jax.vmap(train.make_keyed_train_step(graphdef, cfg, None)), in_shardings=(rep, rep, rep),
                       out_shardings=(rep, None), donate_argnums=0)
 
-    def next_batches():  # pylint: disable=function-redefined
+    def stacked_batches():
       per_seed = [[next(it) for _ in range(t.steps_per_call)] for it in its]
       return jax.device_put({k: np.stack([np.stack([b[k] for b in bs]) for bs in per_seed])
                              for k in per_seed[0][0]}, rep)
+
+    next_batches = stacked_batches
 
   with jax.set_mesh(mesh):
     batches = next_batches()

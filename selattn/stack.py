@@ -166,7 +166,6 @@ def train(config, workdir: str, seeds: list[int], *, allow_data_change: bool = F
   sharding.check_fits(cfg, mesh)
   # Before anything is written: seeds at different steps are refused as they are on disk.
   _check_same_step({r.seed: (checkpoint_steps(r.workdir) or [None])[-1] for r in runs})
-  t = cfg.train
 
   own_stop = stop is None
   if own_stop:
@@ -324,7 +323,6 @@ def _loop(runs: list[_Seed], cfg, mesh, train_step, take, state, keys, rep, step
           record_run, speed: perf.Speed) -> dict[int, dict[str, float]]:
   """train.py's loop over stacked seeds: the same steps, logs, evals and checkpoints for each seed."""
   t = cfg.train
-  schedule = train_lib.lr_schedule(t)
   result = {}
   tokens_per_step = t.batch_size * cfg.data.seq_len
 
@@ -351,8 +349,7 @@ def _loop(runs: list[_Seed], cfg, mesh, train_step, take, state, keys, rep, step
   train_lib.check_memory(compiled, cfg, f'the stacked train step ({len(runs)} seeds)')
   record_run()
   pending = []
-  window_start, window_steps = time.perf_counter(), 0
-  run_start, run_start_step = time.perf_counter(), step
+  progress = train_lib.Progress(t, step, tokens_per_step)
 
   def flush() -> None:
     got = jax.device_get([m for _, m in pending])
@@ -389,7 +386,7 @@ def _loop(runs: list[_Seed], cfg, mesh, train_step, take, state, keys, rep, step
       step += t.steps_per_call
       speed.profile.after(step, state)
       pending.append((step, metrics))
-      window_steps += t.steps_per_call
+      progress.steps += t.steps_per_call
       last = step >= t.num_steps
       for r in runs:
         r.ckpt.poll()
@@ -399,11 +396,8 @@ def _loop(runs: list[_Seed], cfg, mesh, train_step, take, state, keys, rep, step
         batches = next_batches()
       if step % t.log_every == 0 or last:
         flush()
-        dt = time.perf_counter() - window_start
-        lr = float(schedule(step - 1))
-        rate = window_steps * tokens_per_step / dt
-        eta = (t.num_steps - step) * (time.perf_counter() - run_start) / max(step - run_start_step, 1)
-        scalars = speed.scalars(window_steps, dt)
+        dt, lr, rate, eta = progress.line(step)
+        scalars = speed.scalars(progress.steps, dt)
         if 'train/mfu' in scalars:
           scalars['train/mfu'] *= len(runs)  # the process's: every seed's FLOPs in the step's time
         losses = []
@@ -412,31 +406,21 @@ def _loop(runs: list[_Seed], cfg, mesh, train_step, take, state, keys, rep, step
           r.unlogged.clear()
           losses.append(f'seed {r.seed} {loss:.4f}')
           r.log.info('step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | %.2f ms/step | ETA %s',
-                     step, t.num_steps, loss, lr, r.grad_norm, f'{rate:,.0f}', 1000 * dt / window_steps,
-                     train_lib._fmt_time(eta))  # pylint: disable=protected-access
+                     step, t.num_steps, loss, lr, r.grad_norm, f'{rate:,.0f}', 1000 * dt / progress.steps, eta)
           r.writer.write_scalars(step, {'train/loss': loss, 'train/learning_rate': lr,
                                         'train/grad_norm': r.grad_norm, 'train/tokens_per_second': rate,
                                         **scalars})
         logging.info('step %d/%d | loss %s | lr %.2e | %s tok/s per seed | %.2f ms/step | ETA %s', step,
-                     t.num_steps, ' | '.join(losses), lr, f'{rate:,.0f}', 1000 * dt / window_steps,
-                     train_lib._fmt_time(eta))  # pylint: disable=protected-access
-        window_start, window_steps = time.perf_counter(), 0
+                     t.num_steps, ' | '.join(losses), lr, f'{rate:,.0f}', 1000 * dt / progress.steps, eta)
+        progress.restart()
       if (t.eval_every and step % t.eval_every == 0) or last:
         result = evaluate(state, step)
-        window_start = time.perf_counter()
+        progress.start = time.perf_counter()  # eval time is not training time
       if save:
         flush()
         for i, r in enumerate(runs):
-          seed_state = take(state, i)
-          finite, sums = jax.device_get(ckpt_lib.fingerprint(seed_state))
-          if not finite:
-            raise TrainingError(f'seed {r.seed}: the parameters are not finite after step {step}: stopping; '
-                                f'{kept()}')
-          r.ckpt.check_space()
-          r.writer.flush()
-          r.ckpt.save(step, seed_state, r.data_iter, {
-              'step': step, 'model': dataclasses.asdict(cfg.model), 'checksum': ckpt_lib.checksum(sums),
-              'unlogged_losses': [float(v) for v in r.unlogged]})
+          train_lib.save_checkpoint(r.ckpt, r.writer, step, take(state, i), r.data_iter, cfg.model, r.unlogged,
+                                    kept, who=f'seed {r.seed}: ')
         if not last and not stopping_now:
           batches = next_batches()
       if stopping_now:

@@ -349,6 +349,44 @@ def build_steps(cfg: config_lib.Config, mesh, graphdef: nnx.GraphDef, state: nnx
   return Steps(train=train_step, eval=eval_step, shard=shard, stacked=stacked, perm=perm)
 
 
+@dataclasses.dataclass
+class Progress:
+  """A log line's timing: the window since the last log (its optimizer steps and seconds) and the run's ETA."""
+  t: config_lib.TrainConfig
+  step: int  # the step the run (re)started at
+  tokens_per_step: int
+
+  def __post_init__(self):
+    self.schedule = lr_schedule(self.t)
+    self.run_start = time.perf_counter()
+    self.restart()
+
+  def restart(self) -> None:
+    self.start, self.steps = time.perf_counter(), 0
+
+  def line(self, step: int) -> tuple[float, float, float, str]:
+    """(seconds of the window, learning rate of the last step, tokens/s, ETA) at `step`."""
+    dt = time.perf_counter() - self.start
+    eta = (self.t.num_steps - step) * (time.perf_counter() - self.run_start) / max(step - self.step, 1)
+    return dt, float(self.schedule(step - 1)), self.steps * self.tokens_per_step / dt, _fmt_time(eta)
+
+
+def save_checkpoint(ckpt: ckpt_lib.Checkpointer, writer: metrics_lib.MetricWriter, step: int, state, data_iter,
+                    model_cfg, unlogged: list, kept, who: str = '') -> None:
+  """Saves a run's checkpoint at `step`: refused if a parameter is not finite (a finite loss and gradient can still
+  give non-finite parameters: an update that overflows), after everything logged up to `step` reaches the event
+  file (after a kill the resumed run logs from step + 1 on, so nothing logged before it may be lost with the
+  process's buffers). `kept()` says which checkpoint survives; `who` prefixes the error (a stacked seed)."""
+  finite, sums = jax.device_get(ckpt_lib.fingerprint(state))
+  if not finite:
+    raise TrainingError(f'{who}the parameters are not finite after step {step}: stopping; {kept()}')
+  ckpt.check_space()
+  writer.flush()
+  ckpt.save(step, state, data_iter, {
+      'step': step, 'model': dataclasses.asdict(model_cfg), 'checksum': ckpt_lib.checksum(sums),
+      'unlogged_losses': [float(v) for v in unlogged]})
+
+
 def _header(cfg: config_lib.Config, num_params: int, mesh, workdir: str) -> str:
   """The run in one line (every key is in WORKDIR/config.json)."""
   m, t = cfg.model, cfg.train
@@ -528,7 +566,6 @@ def _loop(cfg, mesh, steps: Steps, state, step: int, unlogged: list, data_iter, 
           speed: perf.Speed) -> dict[str, float]:
   """The training loop from `step` to train.num_steps (or a stop signal); returns the last eval metrics."""
   t = cfg.train
-  schedule = lr_schedule(t)
   result: dict[str, float] = {}
   tokens_per_step = t.batch_size * cfg.data.seq_len
 
@@ -552,8 +589,7 @@ def _loop(cfg, mesh, steps: Steps, state, step: int, unlogged: list, data_iter, 
   check_memory(compiled, cfg)
   record_run()
   pending = []  # (step, metrics) of dispatched calls not yet read: read at log and checkpoint steps only
-  window_start, window_steps = time.perf_counter(), 0
-  run_start, run_start_step = time.perf_counter(), step
+  progress = Progress(t, step, tokens_per_step)
   grad_norm = float('nan')
 
   def flush() -> None:
@@ -587,7 +623,7 @@ def _loop(cfg, mesh, steps: Steps, state, step: int, unlogged: list, data_iter, 
       step += t.steps_per_call
       speed.profile.after(step, state)
       pending.append((step, metrics))
-      window_steps += t.steps_per_call
+      progress.steps += t.steps_per_call
       last = step >= t.num_steps
       ckpt.poll()  # a failed asynchronous save stops the run now, not at the next save
       # One read of the flag per step: a signal arriving later in this step is handled at the next one.
@@ -599,35 +635,21 @@ def _loop(cfg, mesh, steps: Steps, state, step: int, unlogged: list, data_iter, 
         batches = next_batches()
       if step % t.log_every == 0 or last:
         flush()
-        dt = time.perf_counter() - window_start
-        lr = float(schedule(step - 1))
-        rate = window_steps * tokens_per_step / dt
-        eta = (t.num_steps - step) * (time.perf_counter() - run_start) / max(step - run_start_step, 1)
+        dt, lr, rate, eta = progress.line(step)
         # The mean over every step since the last log, whichever run computed them (see `unlogged_losses`).
         loss = float(np.mean(unlogged))
         unlogged.clear()
         logging.info('step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | %.2f ms/step | ETA %s',
-                     step, t.num_steps, loss, lr, grad_norm, f'{rate:,.0f}', 1000 * dt / window_steps,
-                     _fmt_time(eta))
+                     step, t.num_steps, loss, lr, grad_norm, f'{rate:,.0f}', 1000 * dt / progress.steps, eta)
         writer.write_scalars(step, {'train/loss': loss, 'train/learning_rate': lr, 'train/grad_norm': grad_norm,
-                                    'train/tokens_per_second': rate, **speed.scalars(window_steps, dt)})
-        window_start, window_steps = time.perf_counter(), 0
+                                    'train/tokens_per_second': rate, **speed.scalars(progress.steps, dt)})
+        progress.restart()
       if (t.eval_every and step % t.eval_every == 0) or last:
         result = evaluate(state, step)
-        window_start = time.perf_counter()  # eval time is not training time
+        progress.start = time.perf_counter()  # eval time is not training time
       if save:
         flush()
-        finite, sums = jax.device_get(ckpt_lib.fingerprint(state))
-        # A finite loss and gradient can still give non-finite parameters (an update that overflows).
-        if not finite:
-          raise TrainingError(f'the parameters are not finite after step {step}: stopping; {kept()}')
-        ckpt.check_space()
-        # Everything logged up to this step reaches the event file before the checkpoint exists: after a kill the
-        # resumed run logs from step + 1 on, so nothing logged before it may be lost with the process's buffers.
-        writer.flush()
-        ckpt.save(step, state, data_iter, {
-            'step': step, 'model': dataclasses.asdict(cfg.model), 'checksum': ckpt_lib.checksum(sums),
-            'unlogged_losses': [float(v) for v in unlogged]})
+        save_checkpoint(ckpt, writer, step, state, data_iter, cfg.model, unlogged, kept)
         if not last and not stopping_now:
           batches = next_batches()
       if stopping_now:
