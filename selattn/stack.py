@@ -17,9 +17,7 @@ process's; train/tokens_per_second counts each seed's own tokens.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging as py_logging
-import math
 import os
 import time
 
@@ -197,23 +195,8 @@ def _train(runs: list[_Seed], cfg, corpus, mesh, workdir: str, stop) -> dict[int
       r.log.info('run: %s', header)
       r.log.info('stacked with seeds %s in one process (selattn.sweep --stack): its log is the sweep\'s '
                  'stack log', ','.join(map(str, seeds)))
-
-      def new_iterator(r=r):
-        ds = data_lib.train_dataset(corpus.train, seq_len=cfg.data.seq_len, global_batch_size=t.batch_size,
-                                    seed=r.seed)
-        return data_lib.train_iterator(ds, prefetch=cfg.data.prefetch, worker_count=cfg.data.worker_count)
-
-      r.data_iter = new_iterator()
       r.ckpt = ckpt_lib.Checkpointer(os.path.join(r.workdir, 'checkpoints'), keep=t.keep_checkpoints)
-      had_checkpoints = bool(r.ckpt.manager.all_steps())
-      restored = r.ckpt.restore_latest(ckpt_lib.abstract(state), r.data_iter)
-      if restored is not None:
-        r.step, state, meta = restored
-        r.unlogged = [np.float32(v) for v in meta.get('unlogged_losses', [])]
-        r.log.info('resumed from %s at step %d', r.ckpt.directory, r.step)
-      elif had_checkpoints:
-        r.data_iter = new_iterator()
-        r.log.warning('no usable checkpoint left in %s: training from scratch', r.ckpt.directory)
+      r.step, state, r.unlogged, r.data_iter = train_lib.resume(r.ckpt, state, corpus, r.cfg, r.log)
       states.append(state)
     first = train_lib._header(cfg, num_params, mesh, runs[0].workdir)  # pylint: disable=protected-access
     logging.info('run: %d seeds %s stacked | seed %d\'s run: %s', len(runs), ','.join(map(str, seeds)),
@@ -243,7 +226,6 @@ def _train(runs: list[_Seed], cfg, corpus, mesh, workdir: str, stop) -> dict[int
       r.writer = metrics_lib.MetricWriter(r.workdir)
     prompt = t.sample_prompt or generate_lib.corpus_prompt(
         corpus.vocab.decode(np.asarray(corpus.train[:generate_lib.PROMPT_SCAN])))
-    unit = train_lib.unit(corpus.vocab)
     compiled_eval = []
 
     def evaluate(state, step, write=True):
@@ -257,21 +239,13 @@ def _train(runs: list[_Seed], cfg, corpus, mesh, workdir: str, stop) -> dict[int
           totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         totals = jax.device_get(totals)
       out = {}
-      bits = f'eval/bp{unit[0]}'
       for i, r in enumerate(runs):
-        loss = float(totals['loss'][i] / totals['weight'][i])
-        res = {'eval/loss': loss, 'eval/accuracy': float(totals['correct'][i] / totals['weight'][i]),
-               bits: loss / math.log(2)}
-        r.log.info('eval at step %d: loss %.4f | accuracy %.4f | %s %.4f (%d held-out %ss)', step, loss,
-                   res['eval/accuracy'], bits[5:], res[bits], int(totals['weight'][i]), unit)
+        res = train_lib.eval_scalars({k: v[i] for k, v in totals.items()}, corpus.vocab, step, r.log)
         out[r.seed] = res
         if write:
           r.writer.write_scalars(step, res)
           if t.sample_length:
-            model = nnx.merge(graphdef, take(state, i))[0]
-            with jax.set_mesh(mesh):
-              text = generate_lib.generate(model, corpus.vocab, prompt, t.sample_length, temperature=1.0, top_k=0,
-                                           seed=step, max_len=cfg.data.seq_len)
+            text = train_lib.sample(nnx.merge(graphdef, take(state, i))[0], corpus, prompt, cfg, step, mesh)
             r.writer.write_texts(step, {'sample': text})
             r.log.info('sample at step %d:\n%s', step, text)
       logging.info('eval at step %d: loss %s', step, ' | '.join(f'seed {k} {v["eval/loss"]:.4f}'
@@ -287,9 +261,8 @@ def _train(runs: list[_Seed], cfg, corpus, mesh, workdir: str, stop) -> dict[int
     def record_run():
       for r in runs:
         workdir_lib.write_text(os.path.join(r.workdir, 'vocab.json'), corpus.vocab.to_json() + '\n')
-        workdir_lib.write_text(os.path.join(r.workdir, 'config.json'), json.dumps(
-            {'config': r.cfg.to_dict(), 'num_params': num_params, 'vocab_size': corpus.vocab.size,
-             'data_sha256': corpus.sha256, 'jax_version': jax.__version__}, indent=2) + '\n')
+        workdir_lib.write_text(os.path.join(r.workdir, 'config.json'), train_lib.run_record(r.cfg, num_params,
+                                                                                            corpus))
         r.ckpt.check_space()
 
     speed = perf.Speed(cfg, num_params, workdir, step + t.steps_per_call, t.profile_steps)

@@ -349,6 +349,54 @@ def build_steps(cfg: config_lib.Config, mesh, graphdef: nnx.GraphDef, state: nnx
   return Steps(train=train_step, eval=eval_step, shard=shard, stacked=stacked, perm=perm)
 
 
+def train_batches(corpus: data_lib.Corpus, cfg: config_lib.Config):
+  """The run's training batches: the data order of train.seed, this process's rows of each global batch."""
+  t = cfg.train
+  ds = data_lib.train_dataset(corpus.train, seq_len=cfg.data.seq_len, global_batch_size=t.batch_size, seed=t.seed,
+                              process_index=jax.process_index(), process_count=jax.process_count())
+  return data_lib.train_iterator(ds, prefetch=cfg.data.prefetch, worker_count=cfg.data.worker_count)
+
+
+def resume(ckpt: ckpt_lib.Checkpointer, state, corpus: data_lib.Corpus, cfg: config_lib.Config, log=logging):
+  """(step, state, unlogged losses, data iterator) from the latest usable checkpoint, or (0, state, [], a fresh
+  iterator) without one; `log` says which (a stacked seed's own log, or absl's)."""
+  data_iter = train_batches(corpus, cfg)
+  had_checkpoints = bool(ckpt.manager.all_steps())
+  restored = ckpt.restore_latest(ckpt_lib.abstract(state), data_iter)
+  if restored is not None:
+    step, state, meta = restored
+    log.info('resumed from %s at step %d', ckpt.directory, step)
+    # The losses since the last log: the next logged train/loss averages them too, as an uninterrupted run's.
+    return step, state, [np.float32(v) for v in meta.get('unlogged_losses', [])], data_iter
+  if had_checkpoints:
+    data_iter = train_batches(corpus, cfg)  # a failed restore may have moved it
+    log.warning('no usable checkpoint left in %s: training from scratch', ckpt.directory)
+  return 0, state, [], data_iter
+
+
+def eval_scalars(totals: dict, vocab: data_lib.AnyVocab, step: int, log=logging) -> dict[str, float]:
+  """One run's held-out sums (loss, correct, weight) -> its eval scalars, logged in one line."""
+  loss = float(totals['loss'] / totals['weight'])
+  bits = f'eval/bp{unit(vocab)[0]}'  # eval/bpc, or eval/bpb for bytes: loss in bits per token
+  res = {'eval/loss': loss, 'eval/accuracy': float(totals['correct'] / totals['weight']), bits: loss / math.log(2)}
+  log.info('eval at step %d: loss %.4f | accuracy %.4f | %s %.4f (%d held-out %ss)', step, loss,
+           res['eval/accuracy'], bits[5:], res[bits], int(totals['weight']), unit(vocab))
+  return res
+
+
+def sample(model, corpus: data_lib.Corpus, prompt: str, cfg: config_lib.Config, step: int, mesh) -> str:
+  """The eval sample at `step`: train.sample_length characters from `prompt` at temperature 1."""
+  with jax.set_mesh(mesh):
+    return generate_lib.generate(model, corpus.vocab, prompt, cfg.train.sample_length, temperature=1.0, top_k=0,
+                                 seed=step, max_len=cfg.data.seq_len)
+
+
+def run_record(cfg: config_lib.Config, num_params: int, corpus: data_lib.Corpus) -> str:
+  """WORKDIR/config.json's text: every key of the run, its size, vocabulary, data and jax version."""
+  return json.dumps({'config': cfg.to_dict(), 'num_params': num_params, 'vocab_size': corpus.vocab.size,
+                     'data_sha256': corpus.sha256, 'jax_version': jax.__version__}, indent=2) + '\n'
+
+
 @dataclasses.dataclass
 class Progress:
   """A log line's timing: the window since the last log (its optimizer steps and seconds) and the run's ETA."""
@@ -439,9 +487,8 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
   data_lib.check_seq_len(corpus, cfg.data.seq_len, val_fraction=cfg.data.val_fraction, path=cfg.data.path,
                          split=cfg.data.split)
   check_compatible(workdir, cfg)
-  data_sha256 = corpus.sha256
   if not allow_data_change:
-    check_same_data(workdir, saved, cfg, data_sha256)
+    check_same_data(workdir, saved, cfg, corpus.sha256)
   mesh = sharding.make_mesh(cfg.mesh)
   sharding.check_fits(cfg, mesh)
   t = cfg.train
@@ -460,25 +507,8 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
     num_params = count_params(nnx.merge(graphdef, state)[0])
     logging.info('run: %s', _header(cfg, num_params, mesh, workdir))
 
-    def new_iterator():
-      ds = data_lib.train_dataset(corpus.train, seq_len=cfg.data.seq_len, global_batch_size=t.batch_size,
-                                  seed=t.seed, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-      return data_lib.train_iterator(ds, prefetch=cfg.data.prefetch, worker_count=cfg.data.worker_count)
-
-    data_iter = new_iterator()
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints)
-    step, unlogged = 0, []
-    had_checkpoints = bool(ckpt.manager.all_steps())
-    restored = ckpt.restore_latest(ckpt_lib.abstract(state), data_iter)
-    if restored is not None:
-      step, state, meta = restored[0], restored[1], restored[2]
-      # The losses since the last log: the next logged train/loss averages them too, as an uninterrupted run's.
-      unlogged = [np.float32(v) for v in meta.get('unlogged_losses', [])]
-      logging.info('resumed from %s at step %d', ckpt.directory, step)
-    elif had_checkpoints:
-      data_iter = new_iterator()  # a failed restore may have moved it
-      logging.warning('no usable checkpoint left in %s: training from scratch', ckpt.directory)
+    step, state, unlogged, data_iter = resume(ckpt, state, corpus, cfg)
 
     steps = build_steps(cfg, mesh, graphdef, state)
     # Read from the split at each evaluation (a large held-out split is never all in memory).
@@ -502,21 +532,13 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
           sums = compiled_eval[0](state, steps.eval_batch(b))
           totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         totals = jax.device_get(totals)
-      loss = float(totals['loss'] / totals['weight'])
-      bits = f'eval/bp{unit(corpus.vocab)[0]}'  # eval/bpc, or eval/bpb for bytes: loss in bits per token
-      res = {'eval/loss': loss, 'eval/accuracy': float(totals['correct'] / totals['weight']),
-             bits: loss / math.log(2)}
-      logging.info('eval at step %d: loss %.4f | accuracy %.4f | %s %.4f (%d held-out %ss)', step, loss,
-                   res['eval/accuracy'], bits[5:], res[bits], int(totals['weight']), unit(corpus.vocab))
+      res = eval_scalars(totals, corpus.vocab, step)
       if not write:
         return res
       writer.write_scalars(step, res)
       if t.sample_length:
         # Every process runs the (jitted, globally sharded) generation; only process 0 writes it.
-        model = nnx.merge(graphdef, state)[0]
-        with jax.set_mesh(mesh):
-          text = generate_lib.generate(model, corpus.vocab, prompt, t.sample_length, temperature=1.0, top_k=0,
-                                       seed=step, max_len=cfg.data.seq_len)
+        text = sample(nnx.merge(graphdef, state)[0], corpus, prompt, cfg, step, mesh)
         writer.write_texts(step, {'sample': text})
         if is_main:
           logging.info('sample at step %d:\n%s', step, text)
@@ -532,9 +554,7 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
       if is_main:
         # Written only when they change, atomically: a kill at any moment leaves the old or the new file.
         workdir_lib.write_text(vocab_path, corpus.vocab.to_json() + '\n')
-        workdir_lib.write_text(os.path.join(workdir, 'config.json'), json.dumps(
-            {'config': cfg.to_dict(), 'num_params': num_params, 'vocab_size': corpus.vocab.size,
-             'data_sha256': data_sha256, 'jax_version': jax.__version__}, indent=2) + '\n')
+        workdir_lib.write_text(os.path.join(workdir, 'config.json'), run_record(cfg, num_params, corpus))
       ckpt.check_space()
 
     # Step time and MFU scalars; a jax.profiler window from the second call on, traced by process 0 only.

@@ -11,14 +11,19 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+def _bench(*args: str) -> subprocess.CompletedProcess:
+  """`python -m selattn.bench ARGS` on the CPU from the repo root; fails the test with its stderr if it fails."""
+  p = subprocess.run([sys.executable, '-m', 'selattn.bench', *args], cwd=REPO, capture_output=True, text=True,
+                     env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO)), timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return p
+
+
 def test_bench_small_seed_writes_every_variant(tmp_path):
   out = tmp_path / 'w1.json'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  p = subprocess.run([sys.executable, '-m', 'selattn.bench', '--workload', 'seed', '--small', '--steps', '10',
-                      '--variants', 'standard,selective-factored,selective-blockwise-b128', f'--out={out}',
-                      '--set', 'model.block_k=32,model.fused_bwd_splits=2', f'--profile={tmp_path / "prof"}'],
-                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert p.returncode == 0, p.stderr[-3000:]
+  p = _bench('--workload', 'seed', '--small', '--steps', '10',
+             '--variants', 'standard,selective-factored,selective-blockwise-b128', f'--out={out}',
+             '--set', 'model.block_k=32,model.fused_bwd_splits=2', f'--profile={tmp_path / "prof"}')
   results = json.loads(out.read_text())
   assert [r['variant'] for r in results] == ['standard', 'selective-factored', 'selective-blockwise-b128']
   for r in results:
@@ -45,11 +50,7 @@ def test_bench_stacked_seeds_train_each_seed_as_its_own_run(tmp_path):
   """The seed workload's -stack3 variants (selattn.sweep --stack's step): seed 0 of the stack trains what the
   unstacked variant trains (the same init, batches and steps), and a stacked step counts every seed's tokens."""
   out = tmp_path / 'stack.json'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  p = subprocess.run([sys.executable, '-m', 'selattn.bench', '--workload', 'seed', '--small', '--steps', '10',
-                      '--variants', 'standard,standard-stack3', f'--out={out}'],
-                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert p.returncode == 0, p.stderr[-3000:]
+  _bench('--workload', 'seed', '--small', '--steps', '10', '--variants', 'standard,standard-stack3', f'--out={out}')
   one, stacked = json.loads(out.read_text())
   assert (one['seeds'], stacked['seeds']) == (1, 3)
   assert len(stacked['final_losses']) == 3 and len(set(stacked['final_losses'])) == 3  # three different runs
@@ -62,11 +63,7 @@ def test_bench_stacked_seeds_train_each_seed_as_its_own_run(tmp_path):
 
 def test_bench_data_times_the_input_pipeline_against_w4(tmp_path):
   out = tmp_path / 'data.json'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  p = subprocess.run([sys.executable, '-m', 'selattn.bench', '--workload', 'data', '--small', '--steps', '30',
-                      '--worker_counts', '0', f'--out={out}'], cwd=REPO, env=env, capture_output=True, text=True,
-                     timeout=300)
-  assert p.returncode == 0, p.stderr[-3000:]
+  p = _bench('--workload', 'data', '--small', '--steps', '30', '--worker_counts', '0', f'--out={out}')
   (r,) = json.loads(out.read_text())
   assert r['variant'] == 'workers0-1MB' and r['batches'] == 30 and (r['batch'], r['seq_len']) == (8, 64)
   assert r['tokens_per_s'] == r['batches'] * 8 * 64 / r['seconds']
@@ -103,11 +100,7 @@ def test_bench_nanogpt_flash_trains_as_the_dense_path(tmp_path):
   """W2's flash variant runs the trainer's step through the kernel (interpreted here) and, with the same seed and
   so the same dropout masks, ends at the dense path's loss."""
   out = tmp_path / 'w2.json'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  p = subprocess.run([sys.executable, '-m', 'selattn.bench', '--workload', 'nanogpt', '--small', '--steps', '5',
-                      '--variants', 'standard,standard-flash', f'--out={out}'],
-                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert p.returncode == 0, p.stderr[-3000:]
+  _bench('--workload', 'nanogpt', '--small', '--steps', '5', '--variants', 'standard,standard-flash', f'--out={out}')
   dense, flash = json.loads(out.read_text())
   assert (dense['variant'], flash['variant']) == ('standard', 'standard-flash')
   assert 'error' not in dense and 'error' not in flash
