@@ -36,13 +36,14 @@ def get_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params and softmax statistics stay float32)
   m.block_q = 128  # blockwise selective: query tile size
   m.block_k = 128  # blockwise selective: key tile size
-  m.fused_block_q = 16  # fused selective (Pallas): query tile size (a power of two >= 16)
-  m.fused_block_k = 16  # fused selective: key tile size (a power of two >= 16)
+  m.fused_block_q = 16  # fused selective (Pallas): query tile size (a power of two; block_q * block_k >= 16)
+  m.fused_block_k = 16  # fused selective: key tile size (a power of two)
   m.fused_block_f = 32  # fused selective: generator hidden units per chunk (a power of two >= 16)
   m.fused_backward = 'merged'  # fused backward: 'merged' (one kernel, atomic adds: a recompute fewer, GPU sums vary in order) | 'split' (two, deterministic)
   m.fused_heads_per_program = 0  # fused: heads per kernel program (0 = all; fewer = more programs in parallel)
   m.fused_fwd_splits = 1  # fused forward: programs per query tile (its key tiles dealt among them, then combined)
   m.fused_bwd_splits = 1  # fused backward: programs per key tile (its query tiles dealt among them)
+  m.fused_num_warps = 8  # fused kernels: warps per program (Triton launch parameter)
   m.dropout_rng = 'threefry'  # embedding/residual dropout masks: 'threefry' (jax.random) | 'hash' (an index hash: faster on GPU, another stream)
   m.attn_kernel = 'auto'  # standard/factored: 'auto' (flash kernel for attn_dropout on GPU) | 'flash' (always) | 'dense' (never)
   m.flash_block_q = 64  # flash attention kernel (Pallas): query tile size (a power of two >= 16)

@@ -79,6 +79,7 @@ class ModelConfig:
   fused_heads_per_program: int = 0
   fused_fwd_splits: int = 1
   fused_bwd_splits: int = 1
+  fused_num_warps: int = 8
   attn_kernel: str = 'auto'
   dropout_rng: str = 'threefry'
   flash_block_q: int = 64
@@ -121,6 +122,8 @@ class ModelConfig:
     _positive(p + 'fused_heads_per_program', self.fused_heads_per_program, allow_zero=True)
     for k in ('fused_fwd_splits', 'fused_bwd_splits', 'flash_num_stages'):
       _positive(p + k, getattr(self, k))
+    _check(self.fused_num_warps in (1, 2, 4, 8, 16),
+           f'model.fused_num_warps={self.fused_num_warps!r} must be 1, 2, 4, 8 or 16 (warps of a Triton program)')
     _check(self.flash_num_warps in (1, 2, 4, 8, 16),
            f'model.flash_num_warps={self.flash_num_warps!r} must be 1, 2, 4, 8 or 16 (warps of a Triton program)')
     _check(self.fused_heads_per_program == 0 or self.num_heads % self.fused_heads_per_program == 0,
@@ -128,9 +131,15 @@ class ModelConfig:
            f'model.num_heads={self.num_heads}')
     for k in ('dropout', 'attn_dropout'):
       _check(0.0 <= getattr(self, k) < 1.0, f'model.{k}={getattr(self, k)!r} must be in [0, 1)')
-    for k in ('fused_block_q', 'fused_block_k', 'fused_block_f', 'flash_block_q', 'flash_block_k'):
+    for k in ('fused_block_f', 'flash_block_q', 'flash_block_k'):
       v = getattr(self, k)
       _check(v >= 16 and v & (v - 1) == 0, f'{p}{k}={v!r} must be a power of two >= 16 (a GPU matmul tile)')
+    for k in ('fused_block_q', 'fused_block_k'):
+      v = getattr(self, k)
+      _check(v >= 1 and v & (v - 1) == 0, f'{p}{k}={v!r} must be a power of two')
+    _check(self.fused_block_q * self.fused_block_k >= 16,
+           f'{p}fused_block_q * {p}fused_block_k = {self.fused_block_q * self.fused_block_k} must be >= 16 (the '
+           "pairs of a tile are a GPU matmul's rows)")
     _check(self.d_model % self.num_heads == 0,
            f'model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}')
     _check(self.positions != 'learned' or self.max_len > 0,

@@ -555,7 +555,8 @@ class SelectiveAttention(nnx.Module):
     if impl == 'fused':
       blocks = fused_lib.Blocks(block_q=cfg.fused_block_q, block_k=cfg.fused_block_k, block_f=cfg.fused_block_f,
                                 backward=cfg.fused_backward, heads_per_program=cfg.fused_heads_per_program,
-                                fwd_splits=cfg.fused_fwd_splits, bwd_splits=cfg.fused_bwd_splits)
+                                fwd_splits=cfg.fused_fwd_splits, bwd_splits=cfg.fused_bwd_splits,
+                                num_warps=cfg.fused_num_warps)
       why = fused_lib.unsupported(cfg.head_dim, blocks, cfg.num_heads)
       if why is None and cfg.attn_dropout > 0:
         why = 'model.attn_dropout > 0: the kernels have no dropout mask'
