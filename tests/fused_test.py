@@ -263,10 +263,37 @@ def test_auto_picks_fused_for_the_mlp_generator_on_gpu(monkeypatch):
   assert config_lib.ModelConfig(vocab_size=7).impl == 'factored'  # the linear generator keeps the identity
 
 
-@pytest.mark.parametrize('bad', [8, 24])
-def test_fused_tiles_must_be_powers_of_two_from_16(bad):
-  with pytest.raises(config_lib.ConfigError, match='model.fused_block_q'):
-    config_lib.ModelConfig(vocab_size=7, fused_block_q=bad)
+@pytest.mark.parametrize('tiles,named', [
+    (dict(fused_block_q=24), 'model.fused_block_q=24 must be a power of two'),
+    (dict(fused_block_k=3), 'model.fused_block_k=3 must be a power of two'),
+    (dict(fused_block_q=1, fused_block_k=8), r'model.fused_block_q \* model.fused_block_k = 8 must be >= 16'),
+    (dict(fused_block_f=8), 'model.fused_block_f=8 must be a power of two >= 16'),
+    (dict(fused_num_warps=3), 'model.fused_num_warps=3 must be 1, 2, 4, 8 or 16')])
+def test_fused_tiles_are_powers_of_two_with_16_pairs(tiles, named):
+  with pytest.raises(config_lib.ConfigError, match=named):
+    config_lib.ModelConfig(vocab_size=7, **tiles)
+  config_lib.ModelConfig(vocab_size=7, fused_block_q=1, fused_block_k=16)  # tall tiles: 16 pairs
+
+
+def test_the_config_reaches_the_kernels(monkeypatch):
+  # Every fused_* key of the model config arrives in the kernels' Blocks (seen where `unsupported` vets them).
+  seen = []
+  monkeypatch.setattr(fused_lib, 'unsupported', lambda h, blocks, n: seen.append(blocks) or 'stopped here')
+  keys = dict(fused_block_q=2, fused_block_k=32, fused_block_f=64, fused_num_warps=4, fused_backward='split',
+              fused_heads_per_program=1, fused_fwd_splits=3, fused_bwd_splits=5)
+  cfg = config_lib.ModelConfig(vocab_size=7, attention='selective', kv_generator='mlp', kv_hidden=8, d_model=16,
+                               num_heads=2, selective_impl='fused', **keys)
+  layer = attn_lib.SelectiveAttention(cfg, rngs=nnx.Rngs(0))
+  layer(jnp.ones((1, 3, 16)), jnp.arange(3))
+  assert seen == [fused_lib.Blocks(block_q=2, block_k=32, block_f=64, num_warps=4, backward='split',
+                                   heads_per_program=1, fwd_splits=3, bwd_splits=5)]
+
+
+# Tall tiles (few queries by many keys): one query per tile, and two with the backward's query tiles dealt to two
+# programs (T = 37: 37 and 19 query tiles, 2 key tiles).
+@pytest.mark.parametrize('blocks', [fused_lib.Blocks(1, 32, 16), fused_lib.Blocks(2, 32, 16, bwd_splits=2)])
+def test_tall_tiles_match_materialized(blocks):
+  _assert_matches_materialized(True, 2, 8, 40, 37, blocks, 13)
 
 
 def test_a_run_may_resume_with_the_other_fused_backward(tmp_path):
