@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.sample_length = 200  # characters in the text sample written at each eval
   t.sample_prompt = ''  # prompt of that sample ('' = the first line of the corpus, up to 40 characters)
   t.profile_steps = 0  # steps traced by jax.profiler (from the 2nd call) into WORKDIR/plugins/profile; 0 = off
+  t.xla_options = ''  # XLA options for this run's steps, 'xla_name=value,...' (e.g. xla_gpu_enable_triton_gemm=false)
 
   c.mesh = s = ml_collections.ConfigDict()
   s.data = -1  # data-parallel axis size (-1 = all devices left over)

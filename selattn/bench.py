@@ -207,7 +207,7 @@ def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: s
     keys = jax.device_put(jnp.stack([train.dropout_base_key(k) for k in range(stack)]), rep)
     with jax.set_mesh(mesh):
       keyed = jax.jit(jax.vmap(train.make_keyed_train_step(graphdef, cfg, None)), in_shardings=(rep, rep, rep),
-                      out_shardings=(rep, None), donate_argnums=0)
+                      out_shardings=(rep, None), donate_argnums=0, compiler_options=train.compiler_options(cfg))
 
     def stacked_batches():
       per_seed = [[next(it) for _ in range(t.steps_per_call)] for it in its]

@@ -229,6 +229,7 @@ class TrainConfig:
   sample_length: int = 200
   sample_prompt: str = ''
   profile_steps: int = 0
+  xla_options: str = ''
 
   def __post_init__(self):
     p = 'train.'
@@ -251,6 +252,31 @@ class TrainConfig:
       v = getattr(self, k)
       _check(v % self.steps_per_call == 0,
              f'train.{k}={v} must be a multiple of train.steps_per_call={self.steps_per_call}')
+    xla_compile_options(self.xla_options)  # the format; train.compiler_options asks XLA about the names
+
+
+def xla_compile_options(text: str) -> dict[str, Any]:
+  """train.xla_options, 'xla_name=value,...', as jax.jit's compiler_options (true/false as bools, numbers as
+  numbers): XLA's debug options for this run's steps only, where XLA_FLAGS would set them for the process."""
+  options: dict[str, Any] = {}
+  for item in (s.strip() for s in text.split(',')):
+    if not item:
+      continue
+    name, _, value = (part.strip() for part in item.partition('='))
+    _check(name.startswith('xla_') and value != '',
+           f'train.xla_options: {item!r} is not xla_<name>=<value> (e.g. xla_gpu_enable_triton_gemm=false)')
+    if value.lower() in ('true', 'false'):
+      options[name] = value.lower() == 'true'
+      continue
+    for kind in (int, float):
+      try:
+        options[name] = kind(value)
+        break
+      except ValueError:
+        pass
+    else:
+      options[name] = value
+  return options
 
 
 @dataclasses.dataclass(frozen=True)

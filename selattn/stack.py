@@ -162,6 +162,7 @@ def train(config, workdir: str, seeds: list[int], *, allow_data_change: bool = F
   _check_mesh(cfg.mesh)
   mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
   sharding.check_fits(cfg, mesh)
+  train_lib.compiler_options(cfg)
   # Before anything is written: seeds at different steps are refused as they are on disk.
   _check_same_step({r.seed: (checkpoint_steps(r.workdir) or [None])[-1] for r in runs})
 
@@ -214,10 +215,12 @@ def _train(runs: list[_Seed], cfg, corpus, mesh, workdir: str, stop) -> dict[int
     perm = train_lib.positions_for(mesh, cfg.data.seq_len)
     keys = jnp.stack([train_lib.dropout_base_key(k) for k in seeds])
     with jax.set_mesh(mesh):
+      options = train_lib.compiler_options(cfg)
       train_step = jax.jit(jax.vmap(train_lib.make_keyed_train_step(graphdef, cfg, perm)),
-                           in_shardings=(rep, rep, rep), out_shardings=(rep, None), donate_argnums=0)
+                           in_shardings=(rep, rep, rep), out_shardings=(rep, None), donate_argnums=0,
+                           compiler_options=options)
       eval_step = jax.jit(jax.vmap(train_lib.make_eval_step(graphdef, perm), in_axes=(0, None)),
-                          in_shardings=(rep, rep))
+                          in_shardings=(rep, rep), compiler_options=options)
       # Seed i's state as an unstacked run holds it (its shardings): what is saved, sampled from, fingerprinted.
       take = jax.jit(lambda s, i: jax.tree.map(lambda x: x[i], s), out_shardings=single_sh)
     evals = data_lib.eval_batches(corpus.val, seq_len=cfg.data.seq_len, global_batch_size=t.batch_size,

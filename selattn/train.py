@@ -336,6 +336,19 @@ class Steps:
     return _device_batch({k: np.stack([b[k] for b in batches]) for k in batches[0]}, self.stacked, self.perm)
 
 
+def compiler_options(cfg: config_lib.Config) -> dict | None:
+  """train.xla_options for jax.jit (None when there are none); a name XLA does not know is a TrainingError, found
+  by compiling a trivial function with them, before the run touches its workdir."""
+  options = config_lib.xla_compile_options(cfg.train.xla_options)
+  if not options:
+    return None
+  try:
+    jax.jit(lambda: 0, compiler_options=options).lower().compile()
+  except Exception as e:  # pylint: disable=broad-except (XLA's error type differs across jax versions)
+    raise TrainingError(f'train.xla_options={cfg.train.xla_options!r}: {str(e).splitlines()[0]}') from None
+  return options
+
+
 def build_steps(cfg: config_lib.Config, mesh, graphdef: nnx.GraphDef, state: nnx.State) -> Steps:
   """jits the train and eval steps with the state's and the batches' shardings on `mesh`."""
   perm = positions_for(mesh, cfg.data.seq_len)
@@ -343,9 +356,10 @@ def build_steps(cfg: config_lib.Config, mesh, graphdef: nnx.GraphDef, state: nnx
   stacked = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *shard.spec))
   state_sh = sharding.state_shardings(state, mesh)
   with jax.set_mesh(mesh):
+    options = compiler_options(cfg)
     train_step = jax.jit(make_train_step(graphdef, cfg, perm), in_shardings=(state_sh, stacked),
-                         out_shardings=(state_sh, None), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef, perm), in_shardings=(state_sh, shard))
+                         out_shardings=(state_sh, None), donate_argnums=0, compiler_options=options)
+    eval_step = jax.jit(make_eval_step(graphdef, perm), in_shardings=(state_sh, shard), compiler_options=options)
   return Steps(train=train_step, eval=eval_step, shard=shard, stacked=stacked, perm=perm)
 
 
@@ -491,6 +505,7 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
     check_same_data(workdir, saved, cfg, corpus.sha256)
   mesh = sharding.make_mesh(cfg.mesh)
   sharding.check_fits(cfg, mesh)
+  compiler_options(cfg)
   t = cfg.train
   is_main = jax.process_index() == 0
 

@@ -319,3 +319,44 @@ def test_flat_optimizer_trains_exactly_like_the_per_array_update(grad_clip, unro
     # Float rounding only: one step moves ~3e-3. Adam divides by sqrt(v): where a gradient is near zero, rounding
     # differences grow to a few percent of a step (5.6e-5 seen, unoptimised XLA).
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.xla_options: XLA options for this run's jitted steps.
+
+def test_xla_options_parse():
+  parse = config_lib.xla_compile_options
+  assert parse('') == {}
+  assert parse('xla_a=true, xla_b=FALSE,xla_c=3,xla_d=0.5,xla_e=fast,') == {
+      'xla_a': True, 'xla_b': False, 'xla_c': 3, 'xla_d': 0.5, 'xla_e': 'fast'}
+
+
+@pytest.mark.parametrize('bad', ['gpu_enable_triton_gemm=false', 'xla_gpu_enable_triton_gemm', 'xla_a='])
+def test_xla_options_of_another_form_are_refused_in_one_line(bad):
+  c = tiny_config()
+  c.train.xla_options = bad
+  with pytest.raises(config_lib.ConfigError, match='train.xla_options: .* is not xla_<name>=<value>') as e:
+    config_lib.from_config(c, 65)
+  assert '\n' not in str(e.value)
+
+
+def test_an_xla_option_xla_does_not_know_stops_before_the_workdir_is_touched(tmp_path):
+  c = tiny_config(num_steps=2, xla_options='xla_no_such_option=1')
+  with pytest.raises(train.TrainingError, match=r"train.xla_options='xla_no_such_option=1': .*xla_no_such_option"):
+    train.train(c, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+def test_xla_options_reach_the_jitted_steps(tmp_path, monkeypatch):
+  seen = []
+  jit = jax.jit
+
+  def spy(fn, **kwargs):
+    seen.append(kwargs.get('compiler_options'))
+    return jit(fn, **kwargs)
+
+  monkeypatch.setattr(jax, 'jit', spy)
+  # A GPU option: accepted by XLA:CPU, where it changes nothing.
+  train.train(tiny_config(num_steps=2, xla_options='xla_gpu_enable_triton_gemm=false'), str(tmp_path))
+  # The name check, then the train and eval steps.
+  assert seen.count({'xla_gpu_enable_triton_gemm': False}) >= 3, seen
