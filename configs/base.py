@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.fused_fwd_splits = 1  # fused forward: programs per query tile (its key tiles dealt among them, then combined)
   m.fused_bwd_splits = 1  # fused backward: programs per key tile (its query tiles dealt among them)
   m.fused_num_warps = 8  # fused kernels: warps per program (Triton launch parameter)
+  m.fused_num_stages = 1  # fused kernels: Triton pipeline stages of their loops' loads
   m.dropout_rng = 'threefry'  # embedding/residual dropout masks: 'threefry' (jax.random) | 'hash' (an index hash: faster on GPU, another stream)
   m.attn_kernel = 'auto'  # standard/factored: 'auto' (flash kernel for attn_dropout on GPU) | 'flash' (always) | 'dense' (never)
   m.flash_block_q = 64  # flash attention kernel (Pallas): query tile size (a power of two >= 16)

@@ -80,6 +80,7 @@ class ModelConfig:
   fused_fwd_splits: int = 1
   fused_bwd_splits: int = 1
   fused_num_warps: int = 8
+  fused_num_stages: int = 1
   attn_kernel: str = 'auto'
   dropout_rng: str = 'threefry'
   flash_block_q: int = 64
@@ -120,7 +121,7 @@ class ModelConfig:
     _positive(p + 'rope_theta', self.rope_theta)
     _positive(p + 'max_len', self.max_len, allow_zero=True)
     _positive(p + 'fused_heads_per_program', self.fused_heads_per_program, allow_zero=True)
-    for k in ('fused_fwd_splits', 'fused_bwd_splits', 'flash_num_stages'):
+    for k in ('fused_fwd_splits', 'fused_bwd_splits', 'fused_num_stages', 'flash_num_stages'):
       _positive(p + k, getattr(self, k))
     _check(self.fused_num_warps in (1, 2, 4, 8, 16),
            f'model.fused_num_warps={self.fused_num_warps!r} must be 1, 2, 4, 8 or 16 (warps of a Triton program)')
