@@ -7,9 +7,9 @@ variant that fails to compile is recorded with its error). From the repo root, o
 
   PYTHONPATH=$PWD OUT=. python docs/bench/fused_sweep.py [--quick]
 
-SWEEP_SET=stages sweeps the Triton pipeline stages (1-3) at 8 and 4 warps. SWEEP_SET=tall sweeps tall tiles
-(1-4 queries by 32-128 keys, the backward's query tiles dealt to several programs); both run every form at the
-first kv_hidden before the next. SWEEP_SET=par sweeps the parallelism of the merged kernels instead (heads per
+SWEEP_SET=stages sweeps the Triton pipeline stages (1-3) at 8 and 4 warps; SWEEP_SET=shapes tiles of 256-1024
+pairs by 16 or 32 hidden units (8 warps); SWEEP_SET=tall tall tiles (1-4 queries by 32-128 keys, the backward's
+query tiles dealt to several programs). These three run every form at the first kv_hidden before the next. SWEEP_SET=par sweeps the parallelism of the merged kernels instead (heads per
 program, forward and backward splits; Blocks' fields) at 8 and 4 warps. The shape and the rest come from the
 environment: SWEEP_B, SWEEP_T, SWEEP_N, SWEEP_H, SWEEP_F (comma-separated kv_hidden values), SWEEP_DTYPE,
 SWEEP_ITERS (timed calls per variant), SWEEP_BLOCKWISE=0 (no baseline). The long-context layer of
@@ -90,6 +90,9 @@ def main():
                                       (1, 2, 2, 4), (1, 4, 4, 4), (1, 8, 8, 8)]]
   elif ENV('SWEEP_SET') == 'stages':  # Triton pipeline stages of the loops' loads (warps, stages)
     configs = [dict(num_warps=w, num_stages=st) for w, st in [(8, 1), (8, 2), (8, 3), (4, 2), (4, 3)]]
+  elif ENV('SWEEP_SET') == 'shapes':  # more pairs a tile, fewer hidden units a chunk (block_q, block_k, block_f)
+    configs = [dict(block_q=q, block_k=k, block_f=f) for q, k, f in
+               [(16, 16, 32), (16, 16, 16), (32, 16, 16), (16, 32, 16), (32, 32, 16), (32, 16, 32), (16, 32, 32)]]
   elif ENV('SWEEP_SET') == 'tall':  # few queries by many keys: (block_q, block_k, block_f, warps, bwd_splits)
     configs = [dict(zip(('block_q', 'block_k', 'block_f', 'num_warps', 'bwd_splits'), c)) for c in
                [(16, 16, 32, 8, 1), (1, 64, 32, 8, 4), (1, 64, 32, 4, 4), (1, 32, 32, 4, 4), (2, 32, 32, 8, 2),
@@ -102,7 +105,7 @@ def main():
   hiddens, dt = [int(f) for f in ENV('SWEEP_F', '64,256').split(',')], ENV('SWEEP_DTYPE', 'float32')
   # In order of interest: a time limit cuts the tail.
   variants = [(f, dt, 'blockwise', None) for f in hiddens] if ENV('SWEEP_BLOCKWISE', '1') == '1' else []
-  if ENV('SWEEP_SET') in ('tall', 'stages'):  # each form at the first kv_hidden, then the next (a time limit cuts it)
+  if ENV('SWEEP_SET') in ('tall', 'stages', 'shapes'):  # each form at one kv_hidden, then the next
     variants += [(f, dt, 'fused', fused.Blocks(**c)) for f in hiddens for c in configs]
   else:
     for c in configs[:3] if quick else configs:
