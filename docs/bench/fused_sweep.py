@@ -11,8 +11,9 @@ SWEEP_SET=stages sweeps the Triton pipeline stages (1-3) at 8 and 4 warps; SWEEP
 pairs by 16 or 32 hidden units (8 warps); SWEEP_SET=tall tall tiles (1-4 queries by 32-128 keys, the backward's
 query tiles dealt to several programs). These three run every form at the first kv_hidden before the next.
 SWEEP_SET=par sweeps the parallelism of the merged kernels instead (heads per program, forward and backward
-splits; Blocks' fields) at 8 and 4 warps. The shape and the rest come from the environment: SWEEP_B, SWEEP_T, SWEEP_N, SWEEP_H, SWEEP_F (comma-separated kv_hidden values), SWEEP_DTYPE,
-SWEEP_ITERS (timed calls per variant), SWEEP_BLOCKWISE=0 (no baseline). The long-context layer of
+splits; Blocks' fields) at 8 and 4 warps. The shape and the rest come from the environment: SWEEP_B, SWEEP_T,
+SWEEP_N, SWEEP_H, SWEEP_F (comma-separated kv_hidden values), SWEEP_DTYPE, SWEEP_ITERS (timed calls per
+variant), SWEEP_BLOCKWISE=0 (no baseline). The long-context layer of
 `bench --workload long-mlp`, for example:
 
   SWEEP_SET=par SWEEP_B=4 SWEEP_T=4096 SWEEP_N=4 SWEEP_H=64 SWEEP_F=256 SWEEP_DTYPE=bfloat16 SWEEP_ITERS=3 \
