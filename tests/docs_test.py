@@ -1,13 +1,18 @@
-"""The docs name only files the repository has, and docs/reproduce_results.sh (the commands behind RESULTS.md's
-figures) runs: in miniature on CPU, marked slow."""
+"""The docs name only files the repository has, their commands only flags, config keys and config files that
+exist and only runs that another of their commands writes, and docs/reproduce_results.sh (the commands behind
+RESULTS.md's figures) runs: in miniature on CPU, marked slow."""
 
+import importlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
 import pytest
+
+from configs import base
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,6 +75,126 @@ def test_no_pointers_to_files_users_lack():
       with open(path, encoding='utf-8', errors='replace') as fh:
         hits += [f'{f}: {line.strip()}' for line in fh if pattern.search(line)]
   assert not [h for h in hits if not h.startswith('tests/docs_test.py')], hits
+
+
+# The docs a user types commands from. BENCHMARKS.md and RESULTS.md also name keys of past commits, on purpose.
+COMMAND_DOCS = ('README.md', 'launch/README.md')
+SECTIONS = ('model', 'data', 'train', 'mesh')
+
+
+def config_keys_named(text: str) -> set[str]:
+  """Every `--config.<section>.<key>`, `<section>.{a, b}` list and `<section>.<key>` in backticks of a text."""
+  found = set(re.findall(r'--config\.(\w+\.\w+)', text))
+  text = re.sub(r'```.*?```', '', text, flags=re.S)  # inline spans only, from here
+  for section, body in re.findall(rf'\b({"|".join(SECTIONS)})\.\{{([^{{}}]*)\}}', text):
+    found |= {f'{section}.{k.strip()}' for k in body.split(',') if not k.strip().startswith('<')}
+  for span in re.findall(r'`([^`]+)`', text):
+    found |= {f'{s}.{k}' for s, k in re.findall(rf'(?<![\w.-])({"|".join(SECTIONS)})\.(\w+)\b(?![.(])', span)
+              if k != 'py'}
+  return found
+
+
+def commands(text: str) -> list[list[str]]:
+  """The commands of a text, as words: each line of its bash blocks (continuations joined, comments dropped,
+  `&&` chains split) and each inline `python ...` in backticks, but templates (`<...>`)."""
+  lines = []
+  for block in re.findall(r'```bash\n(.*?)```', text, re.S):
+    lines += block.replace('\\\n', ' ').splitlines()
+  lines += re.findall(r'`(python3? [^`]+)`', re.sub(r'```.*?```', '', text, flags=re.S))
+  out = []
+  for line in lines:
+    for part in re.sub(r'(^|\s)#.*', '', line).split('&&'):
+      if part.strip() and '<' not in part:  # `--config <the job's config>` is a template, not a command
+        out.append(shlex.split(part))
+  return out
+
+
+def cli_flags(module: str) -> set[str]:
+  """The flags a project command line defines (absl or argparse), read from its source."""
+  path = os.path.join(REPO, module) if module.endswith('.py') else os.path.join(REPO, *module.split('.')) + '.py'
+  with open(path, encoding='utf-8') as f:
+    src = f.read()
+  names = re.findall(r"DEFINE_\w+\(\s*'(\w+)'", src) + re.findall(r"add_argument\(\s*'--(\w+)'", src)
+  return {f'--{n}' for n in names}
+
+
+def _check_args(program: str, args: list[str]) -> list[str]:
+  """The flags of one command line that `program` does not define, and its --config that does not load."""
+  problems, known = [], cli_flags(program)
+  for i, a in enumerate(args):
+    flag = a.split('=')[0]
+    if a.startswith('--config.'):
+      if '--config' not in known:
+        problems.append(f'{program} {a}: takes no config overrides')
+    elif a.startswith('--') and flag not in known:
+      problems.append(f'{program} {flag}: no such flag')
+    elif flag == '--config' and ('=' in a or i + 1 < len(args)):
+      spec = a.split('=', 1)[1] if '=' in a else args[i + 1]
+      file, _, variant = spec.partition(':')
+      if not os.path.isfile(os.path.join(REPO, file)):
+        problems.append(f'{program} --config {spec}: no such file')
+        continue
+      try:
+        importlib.import_module(file[:-3].replace('/', '.')).get_config(variant)
+      except (ValueError, TypeError) as e:
+        problems.append(f'{program} --config {spec}: {e}')
+  return problems
+
+
+def check_commands(text: str) -> list[str]:
+  """What is wrong with a doc's commands: a module or flag that does not exist, a config file or variant that does
+  not load, or a run read (sample, evaluate, plot) that no command of the doc writes (--workdir)."""
+  problems, written, read = [], set(re.findall(r'--workdir[ =](runs/[\w./-]+)', text)), []
+  for words in commands(text):
+    if words[:2] == ['python', '-m'] and words[2:3] and words[2].startswith('selattn.'):
+      program, args = words[2], words[3:]
+      path = os.path.join(REPO, *program.split('.')) + '.py'
+    elif words[:1] == ['python'] and words[1:2] and words[1].startswith('launch/'):
+      program, args = words[1], words[2:]
+      path = os.path.join(REPO, program)
+    else:
+      continue
+    if not os.path.isfile(path):
+      problems.append(f'{program}: no such module')
+      continue
+    if program == 'launch/local.py' and '--' in args:  # what follows `--` goes to selattn.main
+      problems += [f'{program} -- {p}' for p in _check_args('selattn.main', args[args.index('--') + 1:])]
+      args = args[:args.index('--')]
+    problems += _check_args(program, args)
+    if program in ('selattn.sample', 'selattn.evaluate') and '--workdir' in args[:-1]:
+      read.append(args[args.index('--workdir') + 1])
+    elif program == 'selattn.plot':
+      read += [a for j, a in enumerate(args) if not a.startswith('--') and (j == 0 or not args[j - 1].startswith('--'))]
+  problems += [f'{run} is read but no command writes it' for run in read if run.startswith('runs/') and
+               run not in written]
+  return problems
+
+
+def test_check_commands_finds_what_a_user_would_trip_on():
+  text = """```bash
+python -m selattn.main --config configs/tiny.py --workdir runs/a --config.train.num_steps=10 \\
+  --config.train.nope=1   # a comment --not_a_flag
+python -m selattn.sample --workdir runs/a --lenght 5 && python -m selattn.plot runs/a runs/b --out x.png
+python -m selattn.nothing --x 1
+python launch/local.py --num_processes 2 -- --config configs/selective.py:bad --workdir runs/c --bogus
+```
+Then `python -m selattn.evaluate --workdir runs/c --split val` and `model.{d_model, nope}`, `mesh.fsdp`, `data.py`."""
+  assert check_commands(text) == [
+      'selattn.sample --lenght: no such flag', 'selattn.nothing: no such module',
+      "launch/local.py -- selattn.main --config configs/selective.py:bad: unknown config variant 'bad' (known: quick)",
+      'launch/local.py -- selattn.main --bogus: no such flag', 'runs/b is read but no command writes it']
+  keys = {f'{s}.{k}' for s in SECTIONS for k in base.get_config()[s]}
+  assert config_keys_named(text) - keys == {'train.nope', 'model.nope'}
+  assert {'train.num_steps', 'model.d_model', 'mesh.fsdp'} <= config_keys_named(text)
+
+
+@pytest.mark.parametrize('doc', COMMAND_DOCS)
+def test_doc_commands_name_flags_keys_configs_and_runs_that_exist(doc):
+  with open(os.path.join(REPO, doc), encoding='utf-8') as f:
+    text = f.read()
+  keys = {f'{s}.{k}' for s in SECTIONS for k in base.get_config()[s]}
+  assert not config_keys_named(text) - keys, sorted(config_keys_named(text) - keys)
+  assert not check_commands(text), check_commands(text)
 
 
 @pytest.mark.slow
