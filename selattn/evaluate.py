@@ -57,6 +57,11 @@ def evaluate(workdir: str, *, split: str = 'test', step: int | None = None, batc
     raise EvaluateError(f'--split={split} is not one of val, test')
   if not os.path.isdir(workdir):
     raise EvaluateError(f'--workdir={workdir}: no such directory')
+  # 0 and negatives are refused, not read as "the default": --stride 0 would silently score without overlap.
+  if batch_size is not None and batch_size < 1:
+    raise EvaluateError(f'--batch_size={batch_size} must be positive')
+  if num_batches < 0:
+    raise EvaluateError(f'--batches={num_batches} must be 0 (the whole split) or more')
   saved = train_lib.read_saved_config(workdir) or {}
   data_split = saved.get('config', {}).get('data', {}).get('split', 'tail')
   if split == 'test' and data_split == 'tail':
@@ -73,11 +78,13 @@ def evaluate(workdir: str, *, split: str = 'test', step: int | None = None, batc
     raise EvaluateError(f'the text of data.path={d.path!r} has changed since {workdir} was trained on it: its '
                         'held-out split would not be the one the run held out')
   tokens = corpus.split(split)
-  batch_size = batch_size or cfg.train.batch_size
+  batch_size = cfg.train.batch_size if batch_size is None else batch_size
   n_dev = len(jax.devices())
   if batch_size % n_dev:
     raise EvaluateError(f'--batch_size={batch_size} must be a multiple of the {n_dev} devices')
-  stride = stride or d.seq_len
+  stride = d.seq_len if stride is None else stride
+  if not 1 <= stride <= d.seq_len:
+    raise EvaluateError(f'--stride={stride} must be in [1, data.seq_len={d.seq_len}]')
   batches = data_lib.eval_batches(tokens, seq_len=d.seq_len, global_batch_size=batch_size,
                                   num_batches=num_batches, stride=stride)
   graphdef, state = nnx.split(model)

@@ -170,8 +170,9 @@ def test_cli_as_users_type_it(run):
   assert res.returncode == 1 and res.stderr.strip() == 'error: --workdir=runs/none: no such directory'
 
 
-def test_bad_requests_are_one_line(run, tmp_path):
+def test_bad_requests_are_one_line(run, tmp_path, monkeypatch):
   root, _, _ = run
+  monkeypatch.chdir(root)  # data.path='data/enwik8' is relative
   workdir = str(root / 'runs' / 'enwik8')
   with pytest.raises(sample.SampleError, match=r'^no checkpoint at step 3 in .* \(it has steps \[2, 4\]\)$'):
     evaluate.evaluate(workdir, step=3)
@@ -187,6 +188,13 @@ def test_bad_requests_are_one_line(run, tmp_path):
     evaluate.evaluate(tail, split='test')
   assert str(e.value) == (f"{tail} was trained with data.split='tail', which has no test split; use --split val, "
                           "or train with data.split='enwik8'")
+  # Zero is not "the default": --stride 0 once scored silently without overlap.
+  for kwargs, message in [({'stride': 0}, r'^--stride=0 must be in \[1, data.seq_len=32\]$'),
+                          ({'stride': 33}, r'^--stride=33 must be in \[1, data.seq_len=32\]$'),
+                          ({'batch_size': 0}, r'^--batch_size=0 must be positive$'),
+                          ({'num_batches': -1}, r'^--batches=-1 must be 0 \(the whole split\) or more$')]:
+    with pytest.raises(evaluate.EvaluateError, match=message):
+      evaluate.evaluate(workdir, **kwargs)
 
 
 def test_a_character_run_reports_bits_per_char_and_per_byte(tmp_path):
