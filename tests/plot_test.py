@@ -57,6 +57,17 @@ def test_cli_writes_png_and_rejects_bad_input(tmp_path):
   assert not (tmp_path / 'x.png').exists()
 
 
+def test_a_run_before_its_first_eval_draws_without_warnings(tmp_path):
+  # A run in progress, as users plot it: train/loss only, the default tags ask for eval/* too.
+  w = metrics.MetricWriter(str(tmp_path / 'runs' / 'quick'))
+  for step in (100, 200):
+    w.write_scalars(step, {'train/loss': 3.0 - step / 100})
+  w.close()
+  r = _run_cli('runs/quick', '--out', 'curves.png', cwd=tmp_path)
+  assert (r.returncode, r.stdout, r.stderr) == (0, 'wrote curves.png\n', '')
+  assert (tmp_path / 'curves.png').read_bytes()[:4] == b'\x89PNG'
+
+
 def test_without_matplotlib_one_line(tmp_path):
   _write_run(tmp_path / 'std', 0.0)
   # A None entry in sys.modules makes `import matplotlib` fail as it does where it is not installed.
