@@ -98,7 +98,7 @@ def plot(run_dirs: list[str], out: str, tags=('train/loss', 'eval/loss', 'eval/a
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8)
-    else:  # a run before its first eval has no eval/* yet (or a mistyped tag): say so, not an empty legend and a warning
+    else:  # a run before its first eval has no eval/* yet (or a tag is mistyped): say so, not an empty legend box
       ax.text(0.5, 0.5, f'no {tag} in these runs', ha='center', va='center', transform=ax.transAxes, color='gray')
   if title:
     fig.suptitle(title)
