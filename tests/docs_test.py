@@ -77,6 +77,14 @@ def test_no_pointers_to_files_users_lack():
   assert not [h for h in hits if not h.startswith('tests/docs_test.py')], hits
 
 
+def test_readme_layout_names_every_module():
+  with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+    layout = f.read().split('## Layout', 1)[1].split('\n## ', 1)[0]
+  modules = {os.path.basename(f) for f in _repo_files() if f.startswith('selattn/') and f.endswith('.py')}
+  assert 'main.py' in modules
+  assert not {m for m in modules - {'__init__.py'} if f'`{m}`' not in layout}, layout
+
+
 # The docs a user types commands from. BENCHMARKS.md and RESULTS.md also name keys of past commits, on purpose.
 COMMAND_DOCS = ('README.md', 'launch/README.md')
 SECTIONS = ('model', 'data', 'train', 'mesh')
