@@ -32,7 +32,7 @@ PYTHON=${PYTHON:-python}  # the interpreter selattn is installed for (e.g. PYTHO
 R=$DEST/runs
 read -r -a extra <<< "$EXTRA"
 
-train() {  # NAME FLAGS...: one run of selattn.main into $R/NAME, its log in $R/NAME/train.log
+train() {  # NAME FLAGS...: one run of selattn.main into $R/NAME (its log: $R/NAME/train.log, its output: output.log)
   local name=$1
   shift
   # The runs of 2026-11-27 predate train.flat_optimizer (the original's configs now turn it on): the same
@@ -40,8 +40,9 @@ train() {  # NAME FLAGS...: one run of selattn.main into $R/NAME, its log in $R/
   set -- "$@" --config.train.flat_optimizer=False --workdir "$R/$name" "${extra[@]}"
   mkdir -p "$R/$name"
   echo "[reproduce] $name: python -m selattn.main $*"
-  "$PYTHON" -m selattn.main "$@" >> "$R/$name/train.log" 2>&1 \
-    || { echo "[reproduce] $name failed; the end of $R/$name/train.log:" >&2; tail -n 20 "$R/$name/train.log" >&2; return 1; }
+  # The run writes its log lines to train.log itself; its console (them again, and a crash's traceback) goes here.
+  "$PYTHON" -m selattn.main "$@" >> "$R/$name/output.log" 2>&1 \
+    || { echo "[reproduce] $name failed; the end of $R/$name/output.log:" >&2; tail -n 20 "$R/$name/output.log" >&2; return 1; }
 }
 
 checkpoint_under_every_impl() {  # a factored run, then its last checkpoint evaluated by blockwise and materialized

@@ -33,6 +33,7 @@ from selattn import data as data_lib
 from selattn import generate as generate_lib
 from selattn import metrics as metrics_lib
 from selattn import perf
+from selattn import runlog
 from selattn import sharding
 from selattn import stopping
 from selattn import store as store_lib
@@ -95,8 +96,7 @@ class _SeedLog:
     self.logger = py_logging.getLogger(f'selattn.stack.seed{seed}.{id(self)}')
     self.logger.propagate = False
     self.logger.setLevel(py_logging.INFO)
-    self.handler = py_logging.FileHandler(path, mode='a', delay=True)
-    self.handler.setFormatter(logging.PythonFormatter())
+    self.handler = runlog.FileHandler(path)  # as an unstacked run's train.log: appended, flushed per line
     self.logger.addHandler(self.handler)
 
   def info(self, msg, *args):

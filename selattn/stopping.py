@@ -32,6 +32,7 @@ class StopSignal:
     self._old_wakeup = None
     self._pipe = None
     self._exit_lock = threading.Lock()
+    self.on_exit = []  # called with an early exit's line before it exits (train.py's: it goes to train.log too)
 
   def loop_started(self) -> None:
     """From now on a signal only sets the flag: the loop saves a checkpoint and stops at the next step."""
@@ -86,7 +87,13 @@ class StopSignal:
     if not self.exit_early or self._loop_running:
       return
     with self._exit_lock:
-      sys.stderr.write(f'stopped: {name} received before training started, nothing new to save; rerun the same '
-                       'command to resume\n')
+      line = (f'stopped: {name} received before training started, nothing new to save; rerun the same command to '
+              'resume')
+      sys.stderr.write(line + '\n')
       sys.stderr.flush()
+      for f in list(self.on_exit):
+        try:
+          f(line)
+        except Exception:  # pylint: disable=broad-except  (the line is on stderr: exit as promised)
+          pass
       os._exit(EXIT_STOPPED)  # pylint: disable=protected-access  (no unwinding through XLA, see above)

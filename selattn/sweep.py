@@ -1,7 +1,9 @@
 """One config over several seeds: `python -m selattn.sweep --config configs/nanogpt.py --seeds 3 --workdir runs/x`.
 
 Seed k trains in its own workdir WORKDIR/seed<k> with --config.train.seed=k (parameter init, data order and
-dropout), through `python -m selattn.main`, its output in WORKDIR/seed<k>/train.log. Runs go one per GPU
+dropout), through `python -m selattn.main`, which logs to WORKDIR/seed<k>/train.log (each line once) as every run
+does; the process's console (those lines again, and whatever is not a log line: a crash's traceback, XLA's own
+messages) goes to WORKDIR/seed<k>/output.log, which a failed seed's message names. Runs go one per GPU
 (CUDA_VISIBLE_DEVICES), --per_gpu at a time on each; without a GPU they run one after another. Like every run,
 each seed resumes from its latest checkpoint: rerun the same command after a crash or to raise num_steps. Any
 `--config.KEY=VALUE` is passed to every seed. At the end it prints each seed's best and last held-out loss and
@@ -38,7 +40,7 @@ from selattn import stopping
 
 @dataclasses.dataclass
 class Job:
-  """One process: seed `seed`'s run, or with `seeds` several seeds stacked; its output goes to `log`."""
+  """One process: seed `seed`'s run, or with `seeds` several seeds stacked; its stdout and stderr go to `log`."""
   seed: int
   workdir: str
   argv: list[str]
@@ -46,11 +48,11 @@ class Job:
   slot: str | None = None
   returncode: int | None = None
   seeds: list[int] | None = None  # the seeds it trains (default [seed])
-  log: str | None = None  # default WORKDIR/train.log
+  log: str | None = None  # default WORKDIR/output.log (the run itself writes WORKDIR/train.log)
 
   def __post_init__(self):
     self.seeds = self.seeds or [self.seed]
-    self.log = self.log or os.path.join(self.workdir, 'train.log')
+    self.log = self.log or os.path.join(self.workdir, 'output.log')
 
   @property
   def name(self) -> str:
@@ -264,8 +266,10 @@ def main(argv=None):
             f'min {s["min"]:.4f} max {s["max"]:.4f}')
   print(f'wrote {os.path.join(args.workdir, "summary.json")}')
   if summary['failed']:
+    output = {k: j.log for j in jobs for k in j.seeds}
     for k, line in summary['failed'].items():
-      print(f'seed {k} failed: {line}', file=sys.stderr)
+      # The last line says what (an `error:` line, a traceback's end); the file holds the whole story.
+      print(f'seed {k} failed: {line} (its output: {output[k]})', file=sys.stderr)
     sys.exit(1)
 
 

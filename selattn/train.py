@@ -30,6 +30,7 @@ from selattn import data as data_lib
 from selattn import generate as generate_lib
 from selattn import metrics as metrics_lib
 from selattn import perf
+from selattn import runlog
 from selattn import sharding
 from selattn import stopping
 from selattn import store as store_lib
@@ -492,7 +493,6 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
   workdir = os.path.abspath(workdir)
   workdir_lib.check_is_dir(workdir)
   saved = read_saved_config(workdir)
-  vocab_path = os.path.join(workdir, 'vocab.json')
   vocab = read_vocab(workdir)
   dcfg = config.data
   check_same_vocab(workdir, vocab, dcfg.vocab)
@@ -506,16 +506,43 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
   mesh = sharding.make_mesh(cfg.mesh)
   sharding.check_fits(cfg, mesh)
   compiler_options(cfg)
-  t = cfg.train
-  is_main = jax.process_index() == 0
 
   # Nothing above wrote anything: a refused start leaves the workdir as it was.
-  lock = _take_lock(workdir, is_main)
+  lock = _take_lock(workdir, jax.process_index() == 0)
   own_stop = stop is None
   if own_stop:
     stop = stopping.StopSignal()
     if jax.process_count() == 1:
       stop.__enter__()
+  log = None
+  try:
+    # The lock holder's lines, from here on, also go to WORKDIR/train.log (a run refused above never wrote there).
+    if lock is not None:
+      log = runlog.RunLog(workdir)
+      stop.on_exit.append(log.warning)  # a signal before the loop: its line too
+    return _run(cfg, corpus, mesh, workdir, stop)
+  except Exception as e:  # pylint: disable=broad-except  (recorded, then raised on)
+    if log is not None:
+      log.error(e)
+    raise
+  finally:
+    try:
+      if own_stop:
+        stop.__exit__(None, None, None)
+      if log is not None:
+        stop.on_exit.remove(log.warning)
+        log.close()
+    finally:
+      if lock is not None:
+        lock.release()
+
+
+def _run(cfg: config_lib.Config, corpus: data_lib.Corpus, mesh, workdir: str,
+         stop: stopping.StopSignal) -> dict[str, float]:
+  """train's run once the workdir is locked: state, resume, compiled steps, the loop; closes what it opened."""
+  t = cfg.train
+  is_main = jax.process_index() == 0
+  vocab_path = os.path.join(workdir, 'vocab.json')
   ckpt = writer = None
   try:
     graphdef, state = create_state(cfg, mesh)
@@ -590,10 +617,6 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
     finally:
       if writer is not None:
         writer.close()
-      if own_stop:
-        stop.__exit__(None, None, None)
-      if lock is not None:
-        lock.release()
 
 
 def _loop(cfg, mesh, steps: Steps, state, step: int, unlogged: list, data_iter, ckpt: ckpt_lib.Checkpointer,

@@ -28,6 +28,7 @@ from configs import tiny
 from run_files import checkpoint_steps, event_files, new_event_files, restore_params, scalars
 from selattn import stopping
 from selattn import train
+from selattn import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT = 180  # seconds for any one command: a hang fails the test instead of blocking the suite
@@ -111,13 +112,27 @@ def _tail(path, n=30):
     return ''.join(f.readlines()[-n:])
 
 
-def tree_hash(path):
-  """A hash of every file's relative path and contents under `path` (but the lock file: who last held it)."""
+def train_log(workdir) -> str:
+  """WORKDIR/train.log's text, '' if there is none."""
+  path = pathlib.Path(workdir, 'train.log')
+  return path.read_text() if path.exists() else ''
+
+
+def appended(before: str, workdir) -> str:
+  """What a start added to train.log: it appends, and never rewrites what was there."""
+  now = train_log(workdir)
+  assert now.startswith(before), (before[-2000:], now[-2000:])
+  return now[len(before):]
+
+
+def tree_hash(path, skip=('lock',)):
+  """A hash of every file's relative path and contents under `path` (but the lock file: who last held it; and the
+  other top-level names in `skip`)."""
   h = hashlib.sha256()
   for root, dirs, files in os.walk(path):
     dirs.sort()
     for name in sorted(files) + [d + '/' for d in dirs]:
-      if root == str(path) and name == 'lock':
+      if root == str(path) and name in skip:
         continue
       full = os.path.join(root, name)
       h.update(os.path.relpath(full, path).encode() + b'\0')
@@ -265,14 +280,18 @@ def test_bad_input_is_a_one_line_error(case, tmp_path, reference):
   flags = [f.format(**files) for f in flags]
   workdir = str(tmp_path / 'run')
   shutil.copytree(reference[0], workdir)  # a real run, with checkpoints
-  before = tree_hash(workdir)
+  before, log = tree_hash(workdir, skip=('lock', 'train.log')), train_log(workdir)
 
   rc, err = run_main(workdir, *flags)
   assert rc != 0
   assert 'Traceback' not in err, err[-3000:]
   # One sentence (that may name the workdir and a corpus beside it).
-  assert_one_error_line(err, *expected, limit=200 + 2 * len(workdir))
-  assert tree_hash(workdir) == before
+  line = assert_one_error_line(err, *expected, limit=200 + 2 * len(workdir))
+  assert tree_hash(workdir, skip=('lock', 'train.log')) == before
+  # A start refused before it locked the workdir writes no log; one refused after (the memory estimate) logs
+  # its attempt, and the error last.
+  added = appended(log, workdir)
+  assert added == '' or added.splitlines()[-1].endswith('] ' + line), added[-2000:]
 
 
 def assert_one_error_line(err, *expected, limit=250):
@@ -315,6 +334,8 @@ def test_nan_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, refere
   m = re.search(r'last good checkpoint \(step (\d+)\)', msg)
   assert m and int(m.group(1)) == saved[-1], (msg, saved)
   assert ckpt_dir in msg
+  assert re.match(r'E\d{4} .*\] ', train_log(workdir).splitlines()[-1]), train_log(workdir)[-2000:]
+  assert train_log(workdir).splitlines()[-1].endswith('] ' + msg)  # the log ends as stderr does
   for s, h in before.items():  # the checkpoints from before are untouched
     assert tree_hash(os.path.join(ckpt_dir, str(s))) == h
   # The new checkpoints (and the one resumed from) hold finite params.
@@ -409,14 +430,15 @@ def test_rerunning_a_finished_run_writes_nothing(tmp_path, reference):
   workdir = str(tmp_path / 'run')
   shutil.copytree(reference[0], workdir)
   files = {name: _stat(os.path.join(workdir, name)) for name in ('config.json', 'vocab.json')}
-  before, events = tree_hash(workdir), event_files(workdir)
+  before, events, log = tree_hash(workdir, skip=('lock', 'train.log')), event_files(workdir), train_log(workdir)
   # The reference's exact config: nothing to train, nothing that changed.
   rc, err = run_main(workdir, f'--config.train.num_steps={REFERENCE_STEPS}', '--config.train.checkpoint_every=10')
   assert rc == 0, err[-3000:]
   assert 'nothing to train' in err
   assert event_files(workdir) == events  # no new event file, so no second eval entry at the last step
   assert {name: _stat(os.path.join(workdir, name)) for name in files} == files  # not even rewritten in place
-  assert tree_hash(workdir) == before
+  assert tree_hash(workdir, skip=('lock', 'train.log')) == before
+  assert 'nothing to train' in appended(log, workdir)  # but for the lines the rerun logged
 
 
 def test_a_kill_right_after_resuming_leaves_config_and_vocab_whole(tmp_path, reference):
@@ -454,6 +476,39 @@ def test_a_symlinked_config_json_is_refused_and_its_target_untouched(tmp_path, r
   assert rc == 1
   assert_one_error_line(err, 'config.json', 'symbolic link')
   assert outside.read_bytes() == before
+
+
+def test_train_log_keeps_the_runs_lines_and_each_resume_appends(tmp_path):
+  """WORKDIR/train.log: the lines stderr shows (absl's format), each once; a resumed run adds its own after them."""
+  workdir = str(tmp_path / 'run')
+  rc, err = run_main(workdir, '--config.train.num_steps=3', '--config.train.eval_every=3')
+  assert rc == 0, err[-3000:]
+  first = train_log(workdir)
+  for line in ('step 1/3 |', 'step 2/3 |', 'step 3/3 |', 'eval at step 3: loss', 'training from step 0 to 3'):
+    assert len(re.findall(rf'^I\d{{4}} .*\] {re.escape(line)}', first, re.MULTILINE)) == 1, (line, first)
+  assert set(first.splitlines()) <= set(err.splitlines())  # stderr's very lines
+  rc, err = run_main(workdir, '--config.train.num_steps=5')
+  assert rc == 0, err[-3000:]
+  added = appended(first, workdir)  # the first run's lines kept as they were
+  lines = added.splitlines()
+  resumed = [i for i, l in enumerate(lines) if re.search(r'\] resumed from .* at step 3$', l)]
+  steps = [i for i, l in enumerate(lines) if re.search(r'\] step [45]/5 \|', l)]
+  assert len(resumed) == 1 and len(steps) == 2 and resumed[0] < steps[0] < steps[1], added
+  assert 'step 1/3' not in added and set(lines) <= set(err.splitlines())
+
+
+def test_a_run_refused_by_the_lock_leaves_train_log_as_it_was(tmp_path, reference):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference[0], workdir)
+  rc, err = run_main(workdir, f'--config.train.num_steps={REFERENCE_STEPS}', '--config.train.checkpoint_every=10')
+  assert rc == 0, err[-3000:]
+  before = pathlib.Path(workdir, 'train.log').read_bytes()
+  assert b'nothing to train' in before  # the rerun holding the lock logged there
+  with workdir_lib.Lock(workdir):  # a live run holds the workdir
+    rc, err = run_main(workdir, f'--config.train.num_steps={REFERENCE_STEPS + 10}')
+  assert rc == stopping.EXIT_FAILED
+  assert_one_error_line(err, workdir, 'in use')
+  assert pathlib.Path(workdir, 'train.log').read_bytes() == before
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -564,8 +619,12 @@ def test_a_signal_before_the_loop_stops_cleanly(tmp_path, reference, signum, bef
   name = signal.Signals(signum).name
   if f'{name} received before training started' in text:
     assert tree_hash(os.path.join(workdir, 'checkpoints')) == checkpoints
+    # The line printed on the way out is the last of the run's log too.
+    assert re.search(rf'^W\d{{4}} .*\] stopped: {name} received before training started',
+                     train_log(workdir).splitlines()[-1]), train_log(workdir)[-2000:]
   else:  # the machine was quick: the loop had started, and saved a checkpoint
     assert f'{name} received: saved a checkpoint' in text, text[-3000:]
+    assert f'{name} received: saved a checkpoint' in train_log(workdir), train_log(workdir)[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -193,6 +193,11 @@ def test_two_processes_give_the_losses_of_one(runs):
   for i in range(2):
     assert re.search(rf'process {i}/2, 4 devices', first.log(i)), first.log(i)[-2000:]
   assert 'process 0/1, 4 devices' in runs.reference.log()
+  # Process 0 alone keeps the run's train.log (it holds the workdir); process 1 logs the same steps to its stderr.
+  log = pathlib.Path(runs.dir, 'train.log').read_text()
+  for s in range(1, 6):
+    line = f'] step {s}/5 |'
+    assert log.count(line) == 1 and line in first.log(1), (line, log[-2000:])
   files = run_files.event_files(runs.dir)
   assert len(files) == 1, files
   _check_same(_losses(files), run_files.scalars(runs.ref_dir), range(1, 6))

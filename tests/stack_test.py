@@ -189,10 +189,16 @@ def test_sweep_stack_on_cpu(tmp_path):
   summary = json.loads((work / 'summary.json').read_text())
   assert set(summary['seeds']) == {'0', '1'} and summary['failed'] == {}
   assert {s['last_step'] for s in summary['seeds'].values()} == {4}
-  assert 'training 2 stacked seeds from step 0 to 4' in (work / 'stack.log').read_text()
+  stack_log = (work / 'stack.log').read_text()
+  assert 'training 2 stacked seeds from step 0 to 4' in stack_log
+  assert stack_log.count('] step 4/4 | loss seed 0 ') == 1  # the process's own lines, once
   for k in SEEDS:
     assert len(event_files(str(work / f'seed{k}'))) == 1
-    assert 'eval at step 4' in (work / f'seed{k}' / 'train.log').read_text()
+    log = (work / f'seed{k}' / 'train.log').read_text()
+    for line in ('] step 2/4 | loss', '] step 4/4 | loss', '] eval at step 4: loss', '] training from step 0 to 4'):
+      assert log.count(line) == 1, (k, line, log)  # each seed's lines once, none of the process's
+    assert 'stacked seeds' not in log.replace('stacked with seeds', '')
+  assert not (work / 'train.log').exists() and not (work / 'output.log').exists()  # the stacked process: stack.log
   sweep.main(['--config', 'configs/tiny.py', '--seeds', '2', '--workdir', str(work), '--summarize', '--stack'])
   assert json.loads((work / 'summary.json').read_text())['seeds'] == summary['seeds']
   job = sweep.build_stacked_job('configs/tiny.py', str(work), [0, 1], args[9:])

@@ -4,6 +4,7 @@ selattn.plot."""
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -50,7 +51,7 @@ def test_run_jobs_keeps_one_run_per_slot(tmp_path):
     assert len(live) <= 2 and len(set(live)) == len(live), spans
   assert {r[1] for r in rows} == {'4', '6'}
   assert [j.returncode for j in jobs] == [0, 0, 0, 1, 75]
-  assert all((tmp_path / f'seed{k}' / 'train.log').exists() for k in range(5))
+  assert all((tmp_path / f'seed{k}' / 'output.log').exists() for k in range(5))  # each job's stdout and stderr
   # 75: a run stopped by a signal after saving (selattn.stopping.EXIT_STOPPED) is resumable, not failed.
   assert [sweep._outcome(j.returncode) for j in jobs[3:]] == [
       'failed (1)', 'stopped (75): resumable, rerun the same command']
@@ -78,8 +79,11 @@ def test_sweep_on_cpu_trains_each_seed_resumably(tmp_path):
   assert abs(summary['last_eval_loss']['mean'] - sum(losses) / 2) < 1e-12
   assert 'last eval loss over 2 seeds: mean' in r.stdout
   # Each seed ran `python -m selattn.main` with its own workdir and seed, a command that resumes when rerun.
-  log = (work / 'seed1' / 'train.log').read_text()
-  assert 'eval at step 4' in log
+  # Its log, written by the run itself, holds each line once; its console output (the same lines) is apart.
+  for k in (0, 1):
+    log, output = ((work / f'seed{k}' / name).read_text() for name in ('train.log', 'output.log'))
+    for line in ('] step 2/4 |', '] step 4/4 |', '] eval at step 2: loss', '] eval at step 4: loss'):
+      assert log.count(line) == 1 and output.count(line) == 1, (k, line, log)
   jobs = sweep.build_jobs('configs/tiny.py', str(work), [0, 1], args[8:])
   assert jobs[1].argv[1:] == ['-m', 'selattn.main', '--config=configs/tiny.py', f'--workdir={work}/seed1',
                               '--config.train.seed=1', *args[8:]]
@@ -100,8 +104,27 @@ def test_a_failing_seed_is_reported_in_one_line(tmp_path):
   r = _sweep('--config', 'configs/tiny.py', '--seeds', '1', '--workdir', str(tmp_path / 'bad'), '--gpus', 'none',
              '--config.model.d_model=33')
   assert r.returncode == 1
+  output = tmp_path / 'bad' / 'seed0' / 'output.log'
   assert r.stderr.strip().splitlines()[-1] == (
-      'seed 0 failed: error: model.d_model=33 is not divisible by model.num_heads=2')
+      f'seed 0 failed: error: model.d_model=33 is not divisible by model.num_heads=2 (its output: {output})')
+  assert 'error: model.d_model=33' in output.read_text()
+
+
+def test_a_seed_that_crashes_at_start_leaves_its_traceback_where_the_sweep_says(tmp_path):
+  """A child that dies before logging anything (here jax cannot start its backend): the traceback is in the file
+  the sweep's message names, in the seed's folder."""
+  r = _sweep('--config', 'configs/tiny.py', '--seeds', '1', '--workdir', str(tmp_path / 'sw'), '--gpus', 'none',
+             env={'JAX_PLATFORMS': 'no_such_platform'})
+  assert r.returncode == 1
+  last = r.stderr.strip().splitlines()[-1]
+  m = re.fullmatch(r'seed 0 failed: (.+) \(its output: (.+)\)', last)
+  assert m, r.stderr
+  named = pathlib.Path(m.group(2))
+  assert named.parent == tmp_path / 'sw' / 'seed0'
+  text = named.read_text()
+  assert 'Traceback (most recent call last)' in text and 'no_such_platform' in text, text
+  assert text.strip().splitlines()[-1] == m.group(1)
+  assert not (tmp_path / 'sw' / 'seed0' / 'train.log').exists()  # the run never held the workdir
 
 
 @pytest.mark.parametrize('args,message', [
