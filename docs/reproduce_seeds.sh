@@ -79,7 +79,7 @@ run_part() {  # PART: its sweeps at the same time, the GPU list rotated so that 
     echo "[seeds] $1/${args[0]}:"
     tail -n 8 "$R/$1/${args[0]}/sweep.log"
   done
-  ((failed == 0)) || { echo "[seeds] a sweep of part $1 failed (its sweep.log says why and names the file holding the failed run's output)" >&2; exit 1; }
+  ((failed == 0)) || { echo "[seeds] a sweep of part $1 failed (its sweep.log says why, naming the failed run's output file)" >&2; exit 1; }
 }
 
 original="--config.train.num_steps=$STEPS --config.train.eval_every=$EVAL_EVERY"

@@ -23,7 +23,8 @@ from selattn import stopping
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/selective.py[:variant].',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, TensorBoard events, config.json.')
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                                'Run directory: checkpoints, TensorBoard events, config.json, train.log.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of JAX processes (multi-process runs).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (multi-process runs).')
