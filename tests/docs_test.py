@@ -98,7 +98,7 @@ def config_keys_named(text: str) -> set[str]:
     found |= {f'{section}.{k.strip()}' for k in body.split(',') if not k.strip().startswith('<')}
   for span in re.findall(r'`([^`]+)`', text):
     found |= {f'{s}.{k}' for s, k in re.findall(rf'(?<![\w.-])({"|".join(SECTIONS)})\.(\w+)\b(?![.(])', span)
-              if k != 'py'}
+              if k not in ('py', 'log')}  # file names: configs/base.py, train.log
   return found
 
 
