@@ -451,15 +451,16 @@ def save_checkpoint(ckpt: ckpt_lib.Checkpointer, writer: metrics_lib.MetricWrite
 
 
 def _header(cfg: config_lib.Config, num_params: int, mesh, workdir: str) -> str:
-  """The run in one line (every key is in WORKDIR/config.json)."""
+  """The run in one line (every key is in WORKDIR/config.json); each start's, in train.log, names its devices."""
   m, t = cfg.model, cfg.train
   attention = f'{m.attention} attention' + (f' ({m.impl}, {m.kv_generator} K/V)' if m.attention == 'selective' else '')
   sizes = 'x'.join(str(v) for v in dict(mesh.shape).values())
+  devices = f'{mesh.devices.size} x {mesh.devices.flat[0].device_kind}'
   return (f'{attention}, D{m.d_model} L{m.num_layers} N{m.num_heads}, {num_params:,} parameters, {m.dtype} | '
           f'{_data_name(cfg.data.path)} ({cfg.data.vocab}, split {cfg.data.split}), seq_len {cfg.data.seq_len}, '
           f'batch {t.batch_size} | {t.num_steps} steps, '
-          f'lr {t.learning_rate:g} {t.lr_schedule}, seed {t.seed} | mesh {sizes} (data x fsdp x seq x tensor) | '
-          f'all keys in {os.path.join(workdir, "config.json")}')
+          f'lr {t.learning_rate:g} {t.lr_schedule}, seed {t.seed} | mesh {sizes} (data x fsdp x seq x tensor) on '
+          f'{devices}, JAX {jax.__version__} | all keys in {os.path.join(workdir, "config.json")}')
 
 
 def _take_lock(workdir: str, is_main: bool) -> workdir_lib.Lock | None:

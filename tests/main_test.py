@@ -490,6 +490,8 @@ def test_train_log_keeps_the_runs_lines_and_each_resume_appends(tmp_path):
   for line in ('step 1/3 |', 'step 2/3 |', 'step 3/3 |', 'eval at step 3: loss', 'training from step 0 to 3'):
     assert len(re.findall(rf'^I\d{{4}} .*\] {re.escape(line)}', first, re.MULTILINE)) == 1, (line, first)
   assert set(first.splitlines()) <= set(err.splitlines())  # stderr's very lines
+  # Each start begins with the run's header, naming the devices it ran on (a resume may run on others).
+  assert re.search(r'\] run: .* on \d+ x cpu, JAX \d', first.splitlines()[0]), first
   rc, err = run_main(workdir, '--config.train.num_steps=5')
   assert rc == 0, err[-3000:]
   added = appended(first, workdir)  # the first run's lines kept as they were
@@ -498,6 +500,7 @@ def test_train_log_keeps_the_runs_lines_and_each_resume_appends(tmp_path):
   steps = [i for i, l in enumerate(lines) if re.search(r'\] step [45]/5 \|', l)]
   assert len(resumed) == 1 and len(steps) == 2 and resumed[0] < steps[0] < steps[1], added
   assert 'step 1/3' not in added and set(lines) <= set(err.splitlines())
+  assert re.search(r'\] run: .* on \d+ x cpu, JAX \d', lines[0]), added
 
 
 def test_a_run_refused_by_the_lock_leaves_train_log_as_it_was(tmp_path, reference):
