@@ -169,7 +169,8 @@ def _fail(message: str) -> None:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:  # a stray word (a flag missing its --, a value split by a space) must not start a long run
+    _fail(f'unexpected arguments: {" ".join(argv[1:])} (every setting is a --flag or --config.<key>=<value>)')
   import logging as py_logging  # pylint: disable=g-import-not-at-top
   quiet = _QuietLibraries()
   py_logging.getLogger('absl').addFilter(quiet)

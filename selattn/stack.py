@@ -147,6 +147,8 @@ def train(config, workdir: str, seeds: list[int], *, allow_data_change: bool = F
                             'other symbols; train them without --stack')
       vocab, vocab_from = v, wd
     runs.append(_Seed(k, wd, None, train_lib.read_saved_config(wd)))
+    if not allow_data_change:
+      train_lib.check_same_data(wd, runs[-1].saved, config.data)
   corpus = store_lib.open_config(config.data, vocab)
   for r in runs:
     c = config.copy_and_resolve_references()
@@ -158,7 +160,7 @@ def train(config, workdir: str, seeds: list[int], *, allow_data_change: bool = F
   for r in runs:
     train_lib.check_compatible(r.workdir, r.cfg)
     if not allow_data_change:
-      train_lib.check_same_data(r.workdir, r.saved, r.cfg, corpus.sha256)
+      train_lib.check_same_data(r.workdir, r.saved, r.cfg.data, corpus.sha256)
   _check_mesh(cfg.mesh)
   mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
   sharding.check_fits(cfg, mesh)
@@ -402,9 +404,11 @@ def _loop(runs: list[_Seed], cfg, mesh, train_step, take, state, keys, rep, step
       if stopping_now:
         for r in runs:
           r.ckpt.wait()
-          r.log.warning('%s received: saved a checkpoint at step %d and stopping', stopping_now, step)
+          r.log.warning('%s received: saved a checkpoint at step %d and stopping; rerun the same command to '
+                        'resume', stopping_now, step)
         stop.stopped_at = step
-        logging.warning('%s received: saved every seed\'s checkpoint at step %d and stopping', stopping_now, step)
+        logging.warning('%s received: saved every seed\'s checkpoint at step %d and stopping; rerun the same '
+                        'command to resume', stopping_now, step)
         break
     jax.block_until_ready(state)
   except jax.errors.JaxRuntimeError as e:

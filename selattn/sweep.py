@@ -231,6 +231,11 @@ def main(argv=None):
     p.error(f'--config={args.config}: no such file {config_file}')
   gpus = (detect_gpus() if args.gpus == 'auto' else [] if args.gpus == 'none'
           else [g.strip() for g in args.gpus.split(',') if g.strip()])
+  if gpus and args.gpus != 'auto' and not detect_gpus():
+    # Not refused: nvidia-smi may be missing where GPUs are not (some containers). But say where the runs go.
+    print(f'[sweep] warning: --gpus {args.gpus}, but nvidia-smi shows no GPU here: each run gets its '
+          'CUDA_VISIBLE_DEVICES and trains on the devices JAX finds (--gpus none: one run at a time on the CPU)',
+          file=sys.stderr, flush=True)
 
   seeds = list(range(args.first_seed, args.first_seed + args.seeds))
   if args.stack:

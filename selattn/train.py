@@ -214,19 +214,21 @@ def _data_name(path: str) -> str:
   return f'data.path={path!r}' + (' (the embedded corpus)' if not path else '')
 
 
-def check_same_data(workdir: str, saved: dict | None, cfg: config_lib.Config, data_sha256: str) -> None:
-  """Refuses to resume a run on other data (another data.path or data.split, or the same file with another text)."""
+def check_same_data(workdir: str, saved: dict | None, data_cfg, data_sha256: str | None = None) -> None:
+  """Refuses to resume a run on other data (another data.path or data.split, or the same file with another text).
+  `data_cfg`: the data section (the command line's or the checked one); without `data_sha256` the text is not
+  compared, so the path and split are checked before the corpus is read (whose vocabulary error would hide them)."""
   if saved is None:
     return
   old = saved['config'].get('data', {}).get('path', '')
-  if os.path.normpath(old or '.') != os.path.normpath(cfg.data.path or '.'):
-    raise TrainingError(f'{workdir} was trained on {_data_name(old)}, not {_data_name(cfg.data.path)}; to '
+  if os.path.normpath(old or '.') != os.path.normpath(data_cfg.path or '.'):
+    raise TrainingError(f'{workdir} was trained on {_data_name(old)}, not {_data_name(data_cfg.path)}; to '
                         'continue it on other data, pass --allow_data_change')
   old_split = saved['config'].get('data', {}).get('split', 'tail')
-  if old_split != cfg.data.split:
-    raise TrainingError(f'{workdir} was trained with data.split={old_split!r}, not {cfg.data.split!r} (other '
+  if old_split != data_cfg.split:
+    raise TrainingError(f'{workdir} was trained with data.split={old_split!r}, not {data_cfg.split!r} (other '
                         'training and held-out tokens); to continue it so, pass --allow_data_change')
-  if saved.get('data_sha256') not in (None, data_sha256):
+  if data_sha256 is not None and saved.get('data_sha256') not in (None, data_sha256):
     raise TrainingError(f'the text of {_data_name(old)} has changed since {workdir} was trained on it; to '
                         'continue on the new text, pass --allow_data_change')
 
@@ -496,6 +498,8 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
   saved = read_saved_config(workdir)
   vocab = read_vocab(workdir)
   dcfg = config.data
+  if not allow_data_change:
+    check_same_data(workdir, saved, dcfg)
   check_same_vocab(workdir, vocab, dcfg.vocab)
   corpus = store_lib.open_config(dcfg, vocab)
   cfg = config_lib.from_config(config, corpus.vocab.size)
@@ -503,7 +507,7 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
                          split=cfg.data.split)
   check_compatible(workdir, cfg)
   if not allow_data_change:
-    check_same_data(workdir, saved, cfg, corpus.sha256)
+    check_same_data(workdir, saved, cfg.data, corpus.sha256)
   mesh = sharding.make_mesh(cfg.mesh)
   sharding.check_fits(cfg, mesh)
   compiler_options(cfg)
@@ -714,7 +718,8 @@ def _loop(cfg, mesh, steps: Steps, state, step: int, unlogged: list, data_iter, 
       if stopping_now:
         ckpt.wait()
         stop.stopped_at = step
-        logging.warning('%s received: saved a checkpoint at step %d and stopping', stopping_now, step)
+        logging.warning('%s received: saved a checkpoint at step %d and stopping; rerun the same command to '
+                        'resume', stopping_now, step)
         break
     jax.block_until_ready(state)  # before exiting: a peer process may still be in a collective with us
   except jax.errors.JaxRuntimeError as e:

@@ -190,7 +190,8 @@ def test_sigterm_saves_a_checkpoint_and_the_restart_is_bit_identical(tmp_path, r
   assert _signal_at_step(workdir, log, 15, signal.SIGTERM, checkpoint_every=1000) == stopping.EXIT_STOPPED, \
       _tail(log)
   text = open(log).read()
-  m = re.search(r'SIGTERM received: saved a checkpoint at step (\d+)', text)
+  m = re.search(r'SIGTERM received: saved a checkpoint at step (\d+) and stopping; rerun the same command to '
+                r'resume', text)
   assert m, _tail(log)
   stop = int(m.group(1))
   assert stop >= 15
@@ -355,6 +356,15 @@ def test_help_exits_0_and_names_the_config_keys():
   assert p.returncode == 0, p.stderr[-3000:]
   for s in ('--config.', 'configs/base.py', '--workdir', '--allow_data_change', 'Exit status'):
     assert s in p.stdout, s
+
+
+def test_a_stray_argument_is_a_one_line_error_before_anything_starts(tmp_path):
+  # A word absl does not read as a flag's value (a typo, a boolean flag given one) was ignored: a long run started.
+  workdir = tmp_path / 'run'
+  rc, err = run_main(str(workdir), 'extra_arg')
+  assert rc == 1
+  assert assert_one_error_line(err, 'unexpected arguments: extra_arg', '--config.<key>=<value>')
+  assert not workdir.exists()
 
 
 def test_an_absolute_config_path_works_from_another_directory(tmp_path):

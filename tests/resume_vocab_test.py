@@ -61,8 +61,8 @@ def test_resume_on_a_corpus_with_a_new_character_is_refused(first_run, tmp_path,
   _rewrite(new_path, change(TEXT))
   before = _snapshot(workdir)
   events = sorted(os.listdir(workdir))
-  with pytest.raises(data_lib.DataError) as e:
-    train.train(_config(new_path, 4), workdir)
+  with pytest.raises(data_lib.DataError) as e:  # other data allowed: the vocabulary is what refuses it
+    train.train(_config(new_path, 4), workdir, allow_data_change=True)
   msg = str(e.value)
   assert repr(char) in msg and 'vocabulary' in msg and new_path in msg and '\n' not in msg, msg
   assert _snapshot(workdir) == before  # vocab.json, config.json and the checkpoints untouched
@@ -110,3 +110,16 @@ def test_resume_with_another_split_is_refused(first_run):
   assert str(e.value) == (f"{workdir} was trained with data.split='tail', not 'enwik8' (other training and held-out "
                           'tokens); to continue it so, pass --allow_data_change')
   assert _snapshot(workdir) == before
+
+
+def test_resume_on_another_path_names_the_path_before_reading_it(first_run, tmp_path):
+  # The embedded corpus has characters this run's vocabulary lacks: the path is the mistake, and the message says
+  # so (not the vocabulary error reading that corpus would give).
+  root, path, workdir = first_run
+  before = _snapshot(workdir)
+  events = sorted(os.listdir(workdir))
+  with pytest.raises(train.TrainingError) as e:
+    train.train(_config('', 4), workdir)
+  assert str(e.value) == (f"{workdir} was trained on data.path={path!r}, not data.path='' (the embedded corpus); "
+                          'to continue it on other data, pass --allow_data_change')
+  assert _snapshot(workdir) == before and sorted(os.listdir(workdir)) == events

@@ -234,6 +234,8 @@ def test_sweep_stack_on_two_gpus_runs_one_process_per_gpu(tmp_path):
   assert r.returncode == 0, r.stdout + r.stderr
   assert '[sweep] seeds 0,2 (stacked) started on GPU 0' in r.stdout
   assert '[sweep] seed 1 started on GPU 1' in r.stdout
+  if not sweep.detect_gpus():  # a machine without GPUs is told where the runs go
+    assert '[sweep] warning: --gpus 0,1, but nvidia-smi shows no GPU here' in r.stderr
   assert 'training 2 stacked seeds from step 0 to 4' in (work / 'stack-0-2.log').read_text()
   assert 'training 1 stacked seeds from step 0 to 4' in (work / 'stack-1.log').read_text()
   summary = json.loads((work / 'summary.json').read_text())
