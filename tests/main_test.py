@@ -245,10 +245,13 @@ def _corpus(tmp_path, name, content: bytes):
 
 ERROR_CASES = {
     # id: (flags, with {file} standing for the test corpora below; substrings the error line must contain)
-    'missing_corpus': (['--config.data.path=/nonexistent.txt'], ['/nonexistent.txt', 'no such file']),
-    'empty_corpus': (['--config.data.path={empty}'], ['data.path', 'empty']),
-    'not_utf8': (['--config.data.path={latin1}'], ['data.path', 'UTF-8']),
-    'seq_len_longer_than_held_out': (['--config.data.path={short}'], ['data.seq_len=32', 'held-out']),
+    # Another corpus for this run: allowed explicitly, so that the corpus itself is what refuses the start.
+    'missing_corpus': (['--config.data.path=/nonexistent.txt', '--allow_data_change'],
+                       ['/nonexistent.txt', 'no such file']),
+    'empty_corpus': (['--config.data.path={empty}', '--allow_data_change'], ['data.path', 'is empty']),
+    'not_utf8': (['--config.data.path={latin1}', '--allow_data_change'], ['data.path', 'UTF-8']),
+    'seq_len_longer_than_held_out': (['--config.data.path={short}', '--allow_data_change'],
+                                     ['data.seq_len=32', 'held-out']),
     'unknown_key': (['--config.model.nonexistent=1'], ['nonexistent']),
     'bad_value': (['--config.model.num_heads=3'], ['model.d_model', 'model.num_heads']),
     'other_model': (['--config.model.d_model=64'], ['model.d_model', '32', '64']),
