@@ -123,10 +123,9 @@ class ModelConfig:
     _positive(p + 'fused_heads_per_program', self.fused_heads_per_program, allow_zero=True)
     for k in ('fused_fwd_splits', 'fused_bwd_splits', 'fused_num_stages', 'flash_num_stages'):
       _positive(p + k, getattr(self, k))
-    _check(self.fused_num_warps in (1, 2, 4, 8, 16),
-           f'model.fused_num_warps={self.fused_num_warps!r} must be 1, 2, 4, 8 or 16 (warps of a Triton program)')
-    _check(self.flash_num_warps in (1, 2, 4, 8, 16),
-           f'model.flash_num_warps={self.flash_num_warps!r} must be 1, 2, 4, 8 or 16 (warps of a Triton program)')
+    for k in ('fused_num_warps', 'flash_num_warps'):
+      _check(getattr(self, k) in (1, 2, 4, 8, 16),
+             f'model.{k}={getattr(self, k)!r} must be 1, 2, 4, 8 or 16 (warps of a Triton program)')
     _check(self.fused_heads_per_program == 0 or self.num_heads % self.fused_heads_per_program == 0,
            f'model.fused_heads_per_program={self.fused_heads_per_program} does not divide '
            f'model.num_heads={self.num_heads}')

@@ -160,7 +160,7 @@ def train(config, workdir: str, seeds: list[int], *, allow_data_change: bool = F
   for r in runs:
     train_lib.check_compatible(r.workdir, r.cfg)
     if not allow_data_change:
-      train_lib.check_same_data(r.workdir, r.saved, r.cfg.data, corpus.sha256)
+      train_lib.check_same_text(r.workdir, r.saved, corpus.sha256)
   _check_mesh(cfg.mesh)
   mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
   sharding.check_fits(cfg, mesh)

@@ -214,10 +214,9 @@ def _data_name(path: str) -> str:
   return f'data.path={path!r}' + (' (the embedded corpus)' if not path else '')
 
 
-def check_same_data(workdir: str, saved: dict | None, data_cfg, data_sha256: str | None = None) -> None:
-  """Refuses to resume a run on other data (another data.path or data.split, or the same file with another text).
-  `data_cfg`: the data section (the command line's or the checked one); without `data_sha256` the text is not
-  compared, so the path and split are checked before the corpus is read (whose vocabulary error would hide them)."""
+def check_same_data(workdir: str, saved: dict | None, data_cfg) -> None:
+  """Refuses to resume a run on other data: another data.path or data.split (`data_cfg`, the command line's data
+  section). Checked before the corpus is read, whose vocabulary error would hide the real mistake."""
   if saved is None:
     return
   old = saved['config'].get('data', {}).get('path', '')
@@ -228,7 +227,12 @@ def check_same_data(workdir: str, saved: dict | None, data_cfg, data_sha256: str
   if old_split != data_cfg.split:
     raise TrainingError(f'{workdir} was trained with data.split={old_split!r}, not {data_cfg.split!r} (other '
                         'training and held-out tokens); to continue it so, pass --allow_data_change')
-  if data_sha256 is not None and saved.get('data_sha256') not in (None, data_sha256):
+
+
+def check_same_text(workdir: str, saved: dict | None, data_sha256: str) -> None:
+  """Refuses to resume a run on the same data.path holding another text (after check_same_data, once it is read)."""
+  if saved is not None and saved.get('data_sha256') not in (None, data_sha256):
+    old = saved['config'].get('data', {}).get('path', '')
     raise TrainingError(f'the text of {_data_name(old)} has changed since {workdir} was trained on it; to '
                         'continue on the new text, pass --allow_data_change')
 
@@ -340,16 +344,21 @@ class Steps:
 
 
 def compiler_options(cfg: config_lib.Config) -> dict | None:
-  """train.xla_options for jax.jit (None when there are none); a name XLA does not know is a TrainingError, found
-  by compiling a trivial function with them, before the run touches its workdir."""
+  """train.xla_options for jax.jit (None when there are none); a name XLA does not know is a TrainingError (the
+  trainers ask once before the run touches its workdir)."""
   options = config_lib.xla_compile_options(cfg.train.xla_options)
-  if not options:
-    return None
+  if options:
+    _check_xla_options(cfg.train.xla_options)
+  return options or None
+
+
+@functools.lru_cache(maxsize=None)
+def _check_xla_options(text: str) -> None:
+  """Compiles a trivial function with these options: XLA names an option it does not know. Once per text."""
   try:
-    jax.jit(lambda: 0, compiler_options=options).lower().compile()
+    jax.jit(lambda: 0, compiler_options=config_lib.xla_compile_options(text)).lower().compile()
   except Exception as e:  # pylint: disable=broad-except (XLA's error type differs across jax versions)
-    raise TrainingError(f'train.xla_options={cfg.train.xla_options!r}: {str(e).splitlines()[0]}') from None
-  return options
+    raise TrainingError(f'train.xla_options={text!r}: {str(e).splitlines()[0]}') from None
 
 
 def build_steps(cfg: config_lib.Config, mesh, graphdef: nnx.GraphDef, state: nnx.State) -> Steps:
@@ -507,7 +516,7 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
                          split=cfg.data.split)
   check_compatible(workdir, cfg)
   if not allow_data_change:
-    check_same_data(workdir, saved, cfg.data, corpus.sha256)
+    check_same_text(workdir, saved, corpus.sha256)
   mesh = sharding.make_mesh(cfg.mesh)
   sharding.check_fits(cfg, mesh)
   compiler_options(cfg)

@@ -356,6 +356,7 @@ def test_xla_options_reach_the_jitted_steps(tmp_path, monkeypatch):
     return jit(fn, **kwargs)
 
   monkeypatch.setattr(jax, 'jit', spy)
+  train._check_xla_options.cache_clear()  # pylint: disable=protected-access  (the name check is once per text)
   # A GPU option: accepted by XLA:CPU, where it changes nothing.
   train.train(tiny_config(num_steps=2, xla_options='xla_gpu_enable_triton_gemm=false'), str(tmp_path))
   # The name check, then the train and eval steps.
