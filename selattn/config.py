@@ -17,6 +17,7 @@ DTYPES = ('float32', 'bfloat16')
 LR_SCHEDULES = ('constant', 'cosine')
 NORMS = ('post', 'pre')
 ACTIVATIONS = ('relu', 'gelu')
+GELU_IMPLS = ('jax', 'erf32', 'poly32')
 POSITIONS = ('rope', 'learned', 'none')
 INITS = ('original', 'nanogpt')
 SELECTIVE_PARTS = ('both', 'keys', 'values')
@@ -61,6 +62,7 @@ class ModelConfig:
   norm: str = 'post'
   attn_out_proj: bool = False
   activation: str = 'relu'
+  gelu_impl: str = 'jax'
   linear_bias: bool = False
   norm_bias: bool = True
   head_bias: bool = True
@@ -111,6 +113,7 @@ class ModelConfig:
     _choice(p + 'dtype', self.dtype, DTYPES)
     _choice(p + 'norm', self.norm, NORMS)
     _choice(p + 'activation', self.activation, ACTIVATIONS)
+    _choice(p + 'gelu_impl', self.gelu_impl, GELU_IMPLS)
     _choice(p + 'init', self.init, INITS)
     _choice(p + 'selective_parts', self.selective_parts, SELECTIVE_PARTS)
     _choice(p + 'fused_backward', self.fused_backward, FUSED_BACKWARDS)

@@ -34,15 +34,59 @@ def dropout(x: Array, rate: float, key: jax.Array | None, rng: str = 'threefry')
 
 
 def gelu(x: Array) -> Array:
-  """The exact (erf) GELU x Phi(x), nanoGPT's nn.GELU() (jax's default is the tanh approximation). Its erf is
+  """The exact (erf) GELU x Phi(x), nanoGPT's nn.GELU() (jax's default is the tanh approximation), in x's dtype:
+  with bf16 inputs each of its few ops rounds to bf16 (model.gelu_impl='jax', the default). Its erf is
   compute-bound on a GPU: a custom VJP that saved only x and recomputed erf in the backward pass made the GELU
   kernels of nanoGPT's step slower on an H200 (90 and 77 us a layer against 82 and 62; BENCHMARKS.md, W2), so
   autodiff keeps erf's intermediates."""
   return jax.nn.gelu(x, approximate=False)
 
 
+def gelu_erf32(x: Array) -> Array:
+  """The exact GELU computed in float32 (lax.erf) and rounded once to x's dtype (model.gelu_impl='erf32')."""
+  return jax.nn.gelu(x.astype(jnp.promote_types(x.dtype, jnp.float32)), approximate=False).astype(x.dtype)
+
+
+# Numerical Recipes' erfcc (a Chebyshev fit): erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z / 2), z >= 0, with
+# relative error below 1.2e-7 everywhere, so the tails keep float32 accuracy too.
+_ERFC = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398, 1.48851587,
+         -0.82215223, 0.17087277)
+
+
+def _gelu_poly_parts(x: Array) -> tuple[Array, Array]:
+  """(x, Phi(x)) in float32 (float64 for float64 x)."""
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  z = jnp.abs(xf) * (1 / math.sqrt(2))
+  t = 1 / (1 + 0.5 * z)
+  poly = _ERFC[-1]
+  for a in _ERFC[-2::-1]:
+    poly = a + t * poly
+  tail = 0.5 * t * jnp.exp(poly - z * z)  # Phi(-|x|) = erfc(|x| / sqrt 2) / 2
+  return xf, jnp.where(xf >= 0, 1 - tail, tail)
+
+
+@jax.custom_jvp
+def gelu_poly32(x: Array) -> Array:
+  """The exact GELU with erf from Numerical Recipes' erfcc (one exp and one division, relative error < 1.2e-7),
+  computed in float32 and rounded once to x's dtype (model.gelu_impl='poly32'). Its derivative is the exact form
+  Phi(x) + x phi(x) (custom JVP), not the derivative of the fit."""
+  xf, cdf = _gelu_poly_parts(x)
+  return (xf * cdf).astype(x.dtype)
+
+
+@gelu_poly32.defjvp
+def _gelu_poly32_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  xf, cdf = _gelu_poly_parts(x)
+  slope = cdf + xf * jnp.exp(-0.5 * xf * xf) * (1 / math.sqrt(2 * math.pi))
+  return (xf * cdf).astype(x.dtype), (slope * dx.astype(slope.dtype)).astype(dx.dtype)
+
+
+GELUS = {'jax': gelu, 'erf32': gelu_erf32, 'poly32': gelu_poly32}
+
+
 def activation(cfg: ModelConfig):
-  return jax.nn.relu if cfg.activation == 'relu' else gelu
+  return jax.nn.relu if cfg.activation == 'relu' else GELUS[cfg.gelu_impl]
 
 
 def embedding_init(cfg: ModelConfig) -> nnx.Initializer:
