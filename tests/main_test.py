@@ -1,7 +1,8 @@
 """The command line, `python -m selattn.main`, in subprocesses: SIGTERM and SIGKILL followed by a restart give the
 losses of an uninterrupted run, bad inputs are one-line errors that leave the checkpoints alone, and a NaN stops
-the run naming the step and the last good checkpoint. The workdir's guarantees (one writer, atomic files, verified
-checkpoints, a full disk, signals before the loop) are in workdir_cli_test.py."""
+the run naming the step and the last good checkpoint; and the workdir's guarantees through the command line (one
+writer, atomic files, verified checkpoints, a full disk, signals before the loop), whose in-process side is
+workdir_test.py."""
 
 import hashlib
 import json
