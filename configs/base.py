@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.norm = 'post'  # 'post' (the original: x = LN(x + f(x))) | 'pre' (x = x + f(LN(x)), a final LN before the logits)
   m.attn_out_proj = False  # a Linear(D, D) on the attention output (the original has none)
   m.activation = 'relu'  # FFN activation: 'relu' (the original) | 'gelu' (exact, erf: nanoGPT's nn.GELU)
-  m.gelu_impl = 'jax'  # exact GELU's arithmetic: 'jax' (in the input dtype) | 'erf32' | 'poly32' (float32, one rounding)
+  m.gelu_impl = 'auto'  # exact GELU's arithmetic: 'poly32' under bf16, else 'jax' | 'jax' | 'erf32' | 'poly32'
   m.linear_bias = False  # biases in the attention (Q, K/V generator, output) and FFN Linears (the original: none)
   m.norm_bias = True  # LayerNorm bias (nanoGPT's bias=False: none)
   m.head_bias = True  # bias of the logits Linear (the original has one; nanoGPT none)

@@ -17,7 +17,7 @@ DTYPES = ('float32', 'bfloat16')
 LR_SCHEDULES = ('constant', 'cosine')
 NORMS = ('post', 'pre')
 ACTIVATIONS = ('relu', 'gelu')
-GELU_IMPLS = ('jax', 'erf32', 'poly32')
+GELU_IMPLS = ('auto', 'jax', 'erf32', 'poly32')
 POSITIONS = ('rope', 'learned', 'none')
 INITS = ('original', 'nanogpt')
 SELECTIVE_PARTS = ('both', 'keys', 'values')
@@ -62,7 +62,7 @@ class ModelConfig:
   norm: str = 'post'
   attn_out_proj: bool = False
   activation: str = 'relu'
-  gelu_impl: str = 'jax'
+  gelu_impl: str = 'auto'
   linear_bias: bool = False
   norm_bias: bool = True
   head_bias: bool = True

@@ -96,6 +96,9 @@ def test_nanogpt_config(variant, attention):
   assert t.batch_size == 64 and t.num_steps == 5000 and t.eval_every == 250
   assert (t.learning_rate, t.warmup_steps, t.lr_schedule, t.min_learning_rate) == (1e-3, 100, 'cosine', 1e-4)
   assert (t.b1, t.b2, t.weight_decay, t.weight_decay_mask, t.grad_clip) == (0.9, 0.99, 0.1, 'matrices', 1.0)
+  # The W2 speed settings (the model is the same function).
+  assert (m.dropout_rng, m.flash_num_stages, m.gelu_impl) == ('hash', 3, 'auto')
+  assert t.xla_options == 'xla_gpu_enable_triton_gemm=false'
 
 
 @pytest.mark.parametrize('variant,attention,params', [('', 'standard', 38_023_680),

@@ -634,8 +634,10 @@ def test_gelu_is_the_exact_gelu_with_its_derivative(impl):
   want_b = c * (lambda v: 0.5 * (1 + erf(v / math.sqrt(2))) + v * np.exp(-0.5 * v ** 2) / math.sqrt(2 * math.pi))(
       np.asarray(xb, np.float64))
   np.testing.assert_allclose(np.asarray(gb, np.float32), want_b, rtol=1e-2, atol=1e-2)
-  if impl == 'jax':
-    assert transformer.activation(ModelConfig(vocab_size=5, activation='gelu')) is transformer.gelu
+  if impl == 'jax':  # 'auto': poly32 under bf16 compute, jax's own under float32
+    for dtype, want_fn in (('float32', transformer.gelu), ('bfloat16', transformer.gelu_poly32)):
+      assert transformer.activation(ModelConfig(vocab_size=5, activation='gelu', dtype=dtype)) is want_fn, dtype
+    assert transformer.activation(ModelConfig(vocab_size=5, activation='relu', dtype='bfloat16')) is jax.nn.relu
   else:  # float32 arithmetic, one rounding: the bf16 value is the exact one rounded (but for near-ties; jax's
     # bf16 GELU, which rounds each op, matches on about 56% of these inputs)
     xb64 = np.asarray(xb, np.float64)
