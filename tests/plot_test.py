@@ -75,3 +75,45 @@ def test_without_matplotlib_one_line(tmp_path):
           "runpy.run_module('selattn.plot', run_name='__main__')")
   r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path, check=False)
   assert (r.returncode, r.stderr) == (1, "error: drawing needs matplotlib: pip install -e '.[plots]'\n")
+
+
+def test_what_is_drawn_mean_band_smoothing_and_max_step(tmp_path, monkeypatch):
+  """The drawn numbers, read back from the figure: a sweep folder's mean line and min-max band over the seeds at
+  the steps all of them have, each seed's train/* smoothed before the band (eval/* never), steps past --max_step
+  left out; a single run: its own curve and no band. Expected values written out by hand."""
+  train = {0: {100: 4.0, 200: 2.0, 300: 1.0, 400: 9.0}, 1: {100: 6.0, 200: 6.0, 300: 3.0, 400: 9.0}}
+  evals = {0: {100: 3.0, 200: 2.0, 300: 1.0}, 1: {100: 3.5, 200: 1.0, 300: 2.0}}
+  for k in (0, 1):
+    w = metrics.MetricWriter(str(tmp_path / 'sw' / f'seed{k}'))
+    for step, v in train[k].items():
+      w.write_scalars(step, {'train/loss': v, **({'eval/loss': evals[k][step]} if step in evals[k] else {})})
+    w.close()
+  w = metrics.MetricWriter(str(tmp_path / 'one'))
+  w.write_scalars(100, {'train/loss': 5.0, 'eval/loss': 4.0})
+  w.write_scalars(300, {'train/loss': 7.0, 'eval/loss': 3.0})
+  w.close()
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  figures = []
+  subplots = plt.subplots
+  monkeypatch.setattr(plt, 'subplots', lambda *a, **k: figures.append(subplots(*a, **k)) or figures[-1])
+  plot.plot([str(tmp_path / 'sw'), str(tmp_path / 'one')], str(tmp_path / 'x.png'), tags=('train/loss', 'eval/loss'),
+            smoothing=0.5, max_step=300)
+  fig, axes = figures[0]
+  train_ax, eval_ax = axes[0]
+  # EMA 0.5 per seed over steps 100-300 (step 400 is past max_step): seed 0 4, 3, 2; seed 1 6, 6, 4.5.
+  want = {train_ax: ([100, 200, 300], [5.0, 4.5, 3.25], [4.0, 3.0, 2.0], [6.0, 6.0, 4.5]),
+          eval_ax: ([100, 200, 300], [3.25, 1.5, 1.5], [3.0, 1.0, 1.0], [3.5, 2.0, 2.0])}
+  for ax, (steps, mean, lo, hi) in want.items():
+    sweep_line, single_line = ax.lines
+    assert sweep_line.get_label() == 'sw (2 seeds)' and single_line.get_label() == 'one'
+    assert list(sweep_line.get_xdata()) == steps
+    assert list(sweep_line.get_ydata()) == pytest.approx(mean)
+    (band,) = ax.collections  # the sweep's band only: one run has none
+    for s, l, h in zip(steps, lo, hi):
+      ys = {float(y) for x, y in band.get_paths()[0].vertices if x == s}
+      assert sorted(ys) == pytest.approx([l, h]), (ax.get_title(), s, ys)
+  assert list(train_ax.lines[1].get_ydata()) == pytest.approx([5.0, 6.0])  # EMA 0.5 of 5, 7
+  assert list(eval_ax.lines[1].get_ydata()) == pytest.approx([4.0, 3.0])  # raw
+  plt.close(fig)

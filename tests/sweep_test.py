@@ -170,3 +170,77 @@ def test_plot_reads_a_sweep_folder_as_seeds(tmp_path):
   assert mean == pytest.approx([3.0, (2.0 + 2.4 + 2.3) / 3])
   assert lo == pytest.approx([2.8, 2.0]) and hi == pytest.approx([3.2, 2.4])
   assert plot.seed_runs(str(tmp_path / 'sw' / 'seed0')) == [str(tmp_path / 'sw' / 'seed0')]  # a plain run
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The summary's numbers, on event files written here (no training): every figure against a hand computation.
+
+# seed -> {step: eval/loss}. Seed 2's best is a tie (steps 200 and 300): the earlier step is the best. Seed 3 is
+# still running (no step 300). Seed 0 exists but is outside --first_seed 1 --seeds 4; seed 4 has no evals yet.
+_EVALS = {0: {100: 0.5, 200: 0.1, 300: 0.2},
+          1: {100: 2.0, 200: 1.5, 300: 1.3},
+          2: {100: 2.2, 200: 1.6, 300: 1.6},
+          3: {100: 2.1, 200: 1.4}}
+
+
+def _sweep_folder(root):
+  for k, values in _EVALS.items():
+    _write(root / f'seed{k}', values)
+  (root / 'seed4').mkdir()
+  return root
+
+
+def _mean_std(values):
+  """The sample mean and standard deviation (n - 1), written out."""
+  mean = sum(values) / len(values)
+  return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+@pytest.mark.parametrize('best_until', [0, 200])
+def test_summary_statistics_over_seeds(tmp_path, capsys, best_until):
+  work = _sweep_folder(tmp_path / 'sw')
+  argv = ['--config', str(ROOT / 'configs' / 'tiny.py'), '--workdir', str(work), '--first_seed', '1', '--seeds', '4',
+          '--summarize']
+  sweep.main(argv + (['--best_until', str(best_until)] if best_until else []))
+  summary = json.loads((work / 'summary.json').read_text())
+  # Best (up to step 200, or at any step) and last of seeds 1-3, by hand from _EVALS.
+  best = {1: (1.5, 200) if best_until else (1.3, 300), 2: (1.6, 200), 3: (1.4, 200)}
+  last = {1: (1.3, 300), 2: (1.6, 300), 3: (1.4, 200)}
+  assert set(summary['seeds']) == {'1', '2', '3'}  # seed 0 is not in this sweep; seed 4 has no eval yet
+  assert summary['missing'] == [4] and summary['failed'] == {} and summary['stopped'] == []
+  for k in (1, 2, 3):
+    got = summary['seeds'][str(k)]
+    assert (got['best_eval_loss'], got['best_step']) == pytest.approx(best[k]), k
+    assert (got['last_eval_loss'], got['last_step']) == pytest.approx(last[k]), k
+  for key, table in (('best_eval_loss', best), ('last_eval_loss', last)):
+    values = [table[k][0] for k in (1, 2, 3)]
+    mean, std = _mean_std(values)
+    assert summary[key] == pytest.approx({'mean': mean, 'std': std, 'min': min(values), 'max': max(values)}), key
+  out = capsys.readouterr().out
+  until = ' up to step 200' if best_until else ''
+  assert f'seed 1: best eval/loss{until} {best[1][0]:.4f} (step {best[1][1]}), last 1.3000 (step 300)\n' in out
+  mean, std = _mean_std([1.3, 1.6, 1.4])
+  assert f'last eval loss over 3 seeds: mean {mean:.4f} std {std:.4f} min 1.3000 max 1.6000\n' in out
+
+
+def test_the_summary_names_failed_and_stopped_seeds(tmp_path, monkeypatch, capsys):
+  """The seeds' exit codes as run_jobs leaves them: 75 is stopped (resumable), anything else but 0 failed."""
+  work = _sweep_folder(tmp_path / 'sw')
+  codes = {1: 0, 2: 75, 3: 1}
+
+  def fake_run_jobs(jobs, free):
+    assert free == [None]  # --gpus none: one CPU slot
+    for job in jobs:
+      job.returncode = codes[job.seed]
+      pathlib.Path(job.log).write_text(f'line one\nerror: seed {job.seed} broke\n\n')
+
+  monkeypatch.setattr(sweep, 'run_jobs', fake_run_jobs)
+  with pytest.raises(SystemExit) as e:
+    sweep.main(['--config', str(ROOT / 'configs' / 'tiny.py'), '--workdir', str(work), '--first_seed', '1',
+                '--seeds', '3', '--gpus', 'none'])
+  assert e.value.code == 1
+  summary = json.loads((work / 'summary.json').read_text())
+  assert summary['failed'] == {'3': 'error: seed 3 broke'} and summary['stopped'] == [2]
+  assert summary['missing'] == [] and set(summary['seeds']) == {'1', '2', '3'}
+  err = capsys.readouterr().err
+  assert err.strip().splitlines()[-1] == f'seed 3 failed: error: seed 3 broke (its output: {work}/seed3/output.log)'
