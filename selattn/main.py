@@ -29,7 +29,8 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of JAX processes (multi-process runs).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (multi-process runs).')
 _ALLOW_DATA_CHANGE = flags.DEFINE_bool(
-    'allow_data_change', False, 'Resume a run on another data.path (or an edited file) than it was trained on.')
+    'allow_data_change', False, 'Resume a run on other data than it was trained on: another data.path, data.split or '
+    'data.val_fraction, or an edited file.')
 _STACK_SEEDS = flags.DEFINE_string(
     'stack_seeds', None, 'Train these seeds (e.g. 0,1,2) in one process, stacked: seed k in WORKDIR/seed<k> with '
     'train.seed=k, as `python -m selattn.sweep --stack` runs them (selattn/stack.py).')

@@ -215,18 +215,26 @@ def _data_name(path: str) -> str:
 
 
 def check_same_data(workdir: str, saved: dict | None, data_cfg) -> None:
-  """Refuses to resume a run on other data: another data.path or data.split (`data_cfg`, the command line's data
-  section). Checked before the corpus is read, whose vocabulary error would hide the real mistake."""
+  """Refuses to resume a run on other data: another data.path, data.split or (the 'tail' split's) data.val_fraction
+  (`data_cfg`, the command line's data section). Checked before the corpus is read, whose vocabulary error would
+  hide the real mistake."""
   if saved is None:
     return
-  old = saved['config'].get('data', {}).get('path', '')
+  data = saved['config'].get('data', {})
+  old = data.get('path', '')
   if os.path.normpath(old or '.') != os.path.normpath(data_cfg.path or '.'):
     raise TrainingError(f'{workdir} was trained on {_data_name(old)}, not {_data_name(data_cfg.path)}; to '
                         'continue it on other data, pass --allow_data_change')
-  old_split = saved['config'].get('data', {}).get('split', 'tail')
+  old_split = data.get('split', 'tail')
   if old_split != data_cfg.split:
     raise TrainingError(f'{workdir} was trained with data.split={old_split!r}, not {data_cfg.split!r} (other '
                         'training and held-out tokens); to continue it so, pass --allow_data_change')
+  # The 'tail' split holds out the last val_fraction: another fraction moves tokens between training and held-out.
+  old_fraction = data.get('val_fraction', data_cfg.val_fraction)
+  if data_cfg.split == 'tail' and old_fraction != data_cfg.val_fraction:
+    raise TrainingError(f'{workdir} was trained with data.val_fraction={old_fraction!r}, not '
+                        f'{data_cfg.val_fraction!r} (other training and held-out tokens); to continue it so, pass '
+                        '--allow_data_change')
 
 
 def check_same_text(workdir: str, saved: dict | None, data_sha256: str) -> None:

@@ -3,7 +3,9 @@ another vocabulary kind, bytes for characters) is refused before anything in the
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from configs import tiny
 from run_files import checkpoint_steps, scalars
 from selattn import data as data_lib
+from selattn import stack
 from selattn import train
 
 TEXT = 'the quick brown fox jumps over the lazy dog. ' * 40  # 1800 chars, 28 symbols
@@ -123,3 +126,101 @@ def test_resume_on_another_path_names_the_path_before_reading_it(first_run, tmp_
   assert str(e.value) == (f"{workdir} was trained on data.path={path!r}, not data.path='' (the embedded corpus); "
                           'to continue it on other data, pass --allow_data_change')
   assert _snapshot(workdir) == before and sorted(os.listdir(workdir)) == events
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# check_same_data (path, split, the tail split's val_fraction) and check_same_text (the text's sha256), directly.
+
+def _saved(**data):
+  return {'config': {'data': data}, 'data_sha256': 'abc'}
+
+
+def _data(path='corpus.txt', split='tail', val_fraction=0.2):
+  c = tiny.get_config().data
+  c.path, c.split, c.val_fraction = path, split, val_fraction
+  return c
+
+
+def test_check_same_data_compares_each_key():
+  saved = _saved(path='data/corpus.txt', split='tail', val_fraction=0.2)
+  train.check_same_data('w', None, _data(path='other.txt'))  # a new run: nothing to compare
+  train.check_same_data('w', saved, _data(path='./data//corpus.txt'))  # the same path, spelled otherwise
+  train.check_same_data('w', {'config': {'data': {'path': 'data/corpus.txt'}}}, _data(path='data/corpus.txt'))  # an
+  # older config.json without split or val_fraction: the defaults of its time, 'tail' and any fraction
+  for data, words in [(_data(path='data/other.txt'), "was trained on data.path='data/corpus.txt', not "
+                                                     "data.path='data/other.txt'"),
+                      (_data(path=''), "not data.path='' (the embedded corpus)"),
+                      (_data(path='data/corpus.txt', split='enwik8'), "data.split='tail', not 'enwik8'"),
+                      (_data(path='data/corpus.txt', val_fraction=0.1), 'data.val_fraction=0.2, not 0.1')]:
+    with pytest.raises(train.TrainingError, match=re.escape(words)) as e:
+      train.check_same_data('w', saved, data)
+    assert str(e.value).startswith('w ') and str(e.value).endswith('pass --allow_data_change')
+  with pytest.raises(train.TrainingError, match=re.escape("data.split='tail', not 'enwik8'")):  # as 'tail' then
+    train.check_same_data('w', {'config': {'data': {'path': 'c'}}}, _data(path='c', split='enwik8'))
+  # The enwik8 split ignores val_fraction (its 90/5/5 bounds are fixed).
+  train.check_same_data('w', _saved(path='e', split='enwik8', val_fraction=0.2),
+                        _data(path='e', split='enwik8', val_fraction=0.1))
+
+
+def test_check_same_text_compares_the_sha():
+  train.check_same_text('w', None, 'def')
+  train.check_same_text('w', _saved(path='c.txt'), 'abc')
+  train.check_same_text('w', {'config': {'data': {'path': 'c.txt'}}}, 'def')  # an older run: no sha recorded
+  with pytest.raises(train.TrainingError) as e:
+    train.check_same_text('w', _saved(path='c.txt'), 'def')
+  assert str(e.value) == ("the text of data.path='c.txt' has changed since w was trained on it; to continue on the "
+                          'new text, pass --allow_data_change')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The same checks through both trainers, before anything in the workdir changes.
+
+def _moved_run(first_run, tmp_path, stacked):
+  """A copy of the first run whose corpus is at tmp_path/corpus.txt (config.json rewritten to say so): the run
+  itself, or a sweep folder holding it as seed 0. Returns (path, workdir given to the trainer, run folder)."""
+  _, path, workdir = first_run
+  new_path = str(tmp_path / 'corpus.txt')
+  shutil.copy(path, new_path)
+  top = tmp_path / 'sw' if stacked else tmp_path / 'run'
+  run = top / 'seed0' if stacked else top
+  shutil.copytree(workdir, run)
+  saved = json.loads((run / 'config.json').read_text())
+  saved['config']['data']['path'] = new_path
+  (run / 'config.json').write_text(json.dumps(saved, indent=2) + '\n')
+  return new_path, str(top), str(run)
+
+
+def _start(stacked, config, workdir, **kwargs):
+  if stacked:
+    return stack.train(config, workdir, [0], **kwargs)
+  return train.train(config, workdir, **kwargs)
+
+
+@pytest.mark.parametrize('stacked', [False, True], ids=['unstacked', 'stacked'])
+def test_an_edited_training_file_is_refused(first_run, tmp_path, stacked):
+  new_path, workdir, run = _moved_run(first_run, tmp_path, stacked)
+  _rewrite(new_path, TEXT.replace('quick', 'kciuq'))  # the same symbols, another text
+  before = _snapshot(run)
+  files = sorted(os.listdir(run))
+  with pytest.raises(train.TrainingError) as e:
+    _start(stacked, _config(new_path, 4), workdir)
+  assert str(e.value) == (f'the text of data.path={new_path!r} has changed since {run} was trained on it; to '
+                          'continue on the new text, pass --allow_data_change')
+  assert _snapshot(run) == before and sorted(os.listdir(run)) == files
+
+
+@pytest.mark.parametrize('stacked', [False, True], ids=['unstacked', 'stacked'])
+@pytest.mark.parametrize('key,value,words', [
+    ('path', '', "not data.path='' (the embedded corpus)"),
+    ('split', 'enwik8', "data.split='tail', not 'enwik8'"),
+    ('val_fraction', 0.3, 'data.val_fraction=0.2, not 0.3')])
+def test_other_data_is_refused(first_run, tmp_path, stacked, key, value, words):
+  new_path, workdir, run = _moved_run(first_run, tmp_path, stacked)
+  before = _snapshot(run)
+  files = sorted(os.listdir(run))
+  config = _config(new_path, 4)
+  setattr(config.data, key, value)
+  with pytest.raises(train.TrainingError, match=re.escape(words)) as e:
+    _start(stacked, config, workdir)
+  assert str(e.value).startswith(f'{run} was trained ')
+  assert _snapshot(run) == before and sorted(os.listdir(run)) == files

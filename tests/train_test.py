@@ -327,8 +327,11 @@ def test_flat_optimizer_trains_exactly_like_the_per_array_update(grad_clip, unro
 def test_xla_options_parse():
   parse = config_lib.xla_compile_options
   assert parse('') == {}
-  assert parse('xla_a=true, xla_b=FALSE,xla_c=3,xla_d=0.5,xla_e=fast,') == {
-      'xla_a': True, 'xla_b': False, 'xla_c': 3, 'xla_d': 0.5, 'xla_e': 'fast'}
+  got = parse('xla_a=true, xla_b=FALSE,xla_c=3,xla_d=0.5,xla_e=fast,')
+  assert got == {'xla_a': True, 'xla_b': False, 'xla_c': 3, 'xla_d': 0.5, 'xla_e': 'fast'}
+  # 3 == 3.0 in Python, but XLA refuses 3.0 for an int option ("'4' is not a valid int32 value"): the types too.
+  assert [type(got[k]) for k in sorted(got)] == [bool, bool, int, float, str]
+  assert parse('xla_dump_hlo_pass_re=a=b') == {'xla_dump_hlo_pass_re': 'a=b'}  # split at the first '=' only
 
 
 @pytest.mark.parametrize('bad', ['gpu_enable_triton_gemm=false', 'xla_gpu_enable_triton_gemm', 'xla_a='])
@@ -340,10 +343,15 @@ def test_xla_options_of_another_form_are_refused_in_one_line(bad):
   assert '\n' not in str(e.value)
 
 
-def test_an_xla_option_xla_does_not_know_stops_before_the_workdir_is_touched(tmp_path):
+@pytest.mark.parametrize('stacked', [False, True])
+def test_an_xla_option_xla_does_not_know_stops_before_the_workdir_is_touched(tmp_path, stacked):
+  from selattn import stack  # pylint: disable=g-import-not-at-top
   c = tiny_config(num_steps=2, xla_options='xla_no_such_option=1')
   with pytest.raises(train.TrainingError, match=r"train.xla_options='xla_no_such_option=1': .*xla_no_such_option"):
-    train.train(c, str(tmp_path))
+    if stacked:
+      stack.train(c, str(tmp_path), [0, 1])
+    else:
+      train.train(c, str(tmp_path))
   assert os.listdir(tmp_path) == []
 
 
@@ -361,3 +369,26 @@ def test_xla_options_reach_the_jitted_steps(tmp_path, monkeypatch):
   train.train(tiny_config(num_steps=2, xla_options='xla_gpu_enable_triton_gemm=false'), str(tmp_path))
   # The name check, then the train and eval steps.
   assert seen.count({'xla_gpu_enable_triton_gemm': False}) >= 3, seen
+
+
+def test_xla_options_reach_the_stacked_train_and_eval_steps(tmp_path, monkeypatch):
+  """selattn/stack.py jits its own vmapped steps: the options reach both (the train step donates its state, the
+  eval step takes (state, batch) shardings and donates nothing)."""
+  from selattn import stack  # pylint: disable=g-import-not-at-top
+  options = {'xla_gpu_enable_triton_gemm': False}
+  seen = []
+  jit = jax.jit
+
+  def spy(fn, **kwargs):
+    seen.append(kwargs)
+    return jit(fn, **kwargs)
+
+  monkeypatch.setattr(jax, 'jit', spy)
+  c = tiny_config(num_steps=1, eval_batches=1, xla_options='xla_gpu_enable_triton_gemm=false')
+  c.model.num_layers, c.data.seq_len, c.train.batch_size = 1, 16, 4
+  stack.train(c, str(tmp_path), [0])
+  steps = [k for k in seen if 'in_shardings' in k]
+  trains = [k for k in steps if 'donate_argnums' in k]
+  evals = [k for k in steps if 'donate_argnums' not in k]
+  assert len(trains) == len(evals) == 1, seen
+  assert trains[0]['compiler_options'] == evals[0]['compiler_options'] == options
