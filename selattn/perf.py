@@ -40,10 +40,11 @@ class Speed:
   """What the trainer measures besides the losses: step time and MFU of each log window, and the profile window
   (`profile_steps` traced from `first_step` on; 0 = none)."""
 
-  def __init__(self, cfg, num_params: int, logdir: str, first_step: int, profile_steps: int):
+  def __init__(self, cfg, num_params: int, logdir: str, first_step: int, profile_steps: int, num_devices: int):
     self.flops_per_step = flops_per_token(cfg, num_params) * cfg.train.batch_size * cfg.data.seq_len
     peak = peak_flops(jax.devices()[0].device_kind)
-    self.total_peak = peak * jax.device_count() if peak else None  # MFU only where the peak is known
+    # The devices the step runs on (its mesh), not all those the process sees: a stacked run uses one of them.
+    self.total_peak = peak * num_devices if peak else None  # MFU only where the peak is known
     self.profile = ProfileWindow(logdir, first_step, profile_steps)
 
   def scalars(self, steps: int, seconds: float) -> dict[str, float]:

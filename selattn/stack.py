@@ -270,7 +270,7 @@ def _train(runs: list[_Seed], cfg, corpus, mesh, workdir: str, stop) -> dict[int
                                                                                             corpus))
         r.ckpt.check_space()
 
-    speed = perf.Speed(cfg, num_params, workdir, step + t.steps_per_call, t.profile_steps)
+    speed = perf.Speed(cfg, num_params, workdir, step + t.steps_per_call, t.profile_steps, mesh.size)
     return _loop(runs, cfg, mesh, train_step, take, state, keys, rep, step, evaluate, stop, record_run, speed)
   except (metrics_lib.MetricsError, workdir_lib.WorkdirError) as e:
     kept = '; '.join(r.ckpt.describe_intact() for r in runs if r.ckpt is not None)

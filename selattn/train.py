@@ -622,7 +622,8 @@ def _run(cfg: config_lib.Config, corpus: data_lib.Corpus, mesh, workdir: str,
       ckpt.check_space()
 
     # Step time and MFU scalars; a jax.profiler window from the second call on, traced by process 0 only.
-    speed = perf.Speed(cfg, num_params, workdir, step + t.steps_per_call, t.profile_steps if is_main else 0)
+    speed = perf.Speed(cfg, num_params, workdir, step + t.steps_per_call, t.profile_steps if is_main else 0,
+                       mesh.size)
     return _loop(cfg, mesh, steps, state, step, unlogged, data_iter, ckpt, writer, evaluate, stop, record_run,
                  speed)
   except (metrics_lib.MetricsError, workdir_lib.WorkdirError) as e:

@@ -81,3 +81,31 @@ def test_the_error_ending_a_run_is_its_last_line(tmp_path):
   assert re.match(r'E\d{4} .* runlog_test\.py:\d+\] error: the disk is full\nE\d{4} .*\] error: a bug\n'
                   r'Traceback \(most recent call last\):\n', text), text
   assert text.rstrip().endswith('ValueError: a bug')
+
+
+def test_a_short_write_is_finished(tmp_path, info_level, monkeypatch):
+  """os.write may write less than asked (a signal, a filling disk): the rest of the line follows, not a cut line."""
+  write = os.write
+  monkeypatch.setattr(os, 'write', lambda fd, data: write(fd, bytes(data[:5])))  # at most 5 bytes a call
+  log = runlog.RunLog(str(tmp_path))
+  logging.info('a line longer than five bytes, %d', 42)
+  logging.info('and the next one')
+  log.close()
+  lines = (tmp_path / 'train.log').read_text().splitlines()
+  assert [l.split('] ', 1)[1] for l in lines] == ['a line longer than five bytes, 42', 'and the next one'], lines
+
+
+def test_a_run_in_process_stops_writing_its_log_when_it_returns(tmp_path, info_level):
+  """train.train (in a notebook, or the tests' many runs in one process): the log's handler leaves with the run, so
+  what is logged after it, another run's lines included, never reaches its train.log."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from selattn import train  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  c.model.num_layers, c.data.seq_len, c.train.batch_size = 1, 16, 4
+  c.train.num_steps, c.train.log_every, c.train.eval_batches, c.train.sample_length = 1, 1, 1, 0
+  handlers = list(py_logging.getLogger().handlers)
+  train.train(c, str(tmp_path / 'a'))
+  assert py_logging.getLogger().handlers == handlers
+  logging.info('after the run')
+  text = (tmp_path / 'a' / 'train.log').read_text()
+  assert '] step 1/1 | loss' in text and 'after the run' not in text

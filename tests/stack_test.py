@@ -5,17 +5,20 @@ an uninterrupted run; an unstacked run resumes a stacked seed; bad input is one 
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from configs import tiny
 from run_files import checkpoint_steps, event_files, restore_params, scalars
 from selattn import config as config_lib
+from selattn import perf
 from selattn import plot
 from selattn import stack
 from selattn import stopping
@@ -67,14 +70,20 @@ def _assert_same_run(got, want, step=STEPS, tol=TOL):
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  """A stacked run of seeds 0 and 1, and each seed's unstacked run."""
+  """A stacked run of seeds 1 and 0 (in that order), and each seed's unstacked run."""
   root = tmp_path_factory.mktemp('stack')
   stacked = root / 'stacked'
-  result = stack.train(_config(), str(stacked), SEEDS)
-  single = {}
-  for k in SEEDS:
-    single[k] = root / 'single' / f'seed{k}'
-    train.train(_seed_config(k), str(single[k]))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setitem(perf.PEAK_FLOPS, 'cpu', 1e9)  # a known peak: train/mfu is written
+    with pytest.MonkeyPatch.context() as four:
+      # The process sees 4 devices; the stacked step runs on one of them, whose peak its MFU is measured against.
+      four.setattr(jax, 'device_count', lambda *args: 4)
+      # Listed in reverse: seed k at stack position i must get seed k's dropout key and data, not position i's.
+      result = stack.train(_config(), str(stacked), SEEDS[::-1])
+    single = {}
+    for k in SEEDS:
+      single[k] = root / 'single' / f'seed{k}'
+      train.train(_seed_config(k), str(single[k]))
   return stacked, single, result
 
 
@@ -87,6 +96,12 @@ def test_each_stacked_seed_is_its_unstacked_run(runs):
     assert scalars(str(got), 'train/grad_norm')[4] > 0.05 * 5  # the clipping clips
     assert set(plot.read_scalars(str(got))) == set(plot.read_scalars(str(single[k])))  # every tag, speed's too
     saved, want = (json.loads((d / 'config.json').read_text()) for d in (got, single[k]))
+    # MFU: the FLOPs of every stacked seed's tokens over one device's peak (1e9 above).
+    rate, mfu = scalars(str(got), 'train/tokens_per_second'), scalars(str(got), 'train/mfu')
+    flops = perf.flops_per_token(config_lib.from_config(_seed_config(k), saved['vocab_size']), saved['num_params'])
+    assert sorted(mfu) == sorted(rate) == [4, 8]
+    for s in rate:
+      assert mfu[s] == pytest.approx(flops * rate[s] * len(SEEDS) / 1e9, rel=1e-4), (s, mfu, rate)
     assert saved['config']['train']['seed'] == k
     assert saved == want  # jax version, data hash, parameter count: all as the unstacked run writes them
     assert (got / 'vocab.json').read_text() == (single[k] / 'vocab.json').read_text()
@@ -192,6 +207,10 @@ def test_sweep_stack_on_cpu(tmp_path):
   stack_log = (work / 'stack.log').read_text()
   assert 'training 2 stacked seeds from step 0 to 4' in stack_log
   assert stack_log.count('] step 4/4 | loss seed 0 ') == 1  # the process's own lines, once
+  # No seed's own line (those go to seed<k>/train.log only): 'loss 4.1', not the process's 'loss seed 0 4.1 | ...'.
+  for pattern in (r'\] step \d+/4 \| loss \d', r'\] eval at step \d+: loss \d', r'\] training from step',
+                  r'\] stacked with seeds'):
+    assert not re.search(pattern, stack_log), (pattern, stack_log)
   for k in SEEDS:
     assert len(event_files(str(work / f'seed{k}'))) == 1
     log = (work / f'seed{k}' / 'train.log').read_text()
