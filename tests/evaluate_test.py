@@ -197,9 +197,28 @@ def test_bad_requests_are_one_line(run, tmp_path, monkeypatch):
       evaluate.evaluate(workdir, **kwargs)
 
 
+def test_an_edited_corpus_is_refused(run, tmp_path, monkeypatch):
+  # The same path, another text (one byte changed): its held-out split is not the one the run held out.
+  root, raw, _ = run
+  shutil.copytree(root / 'runs', tmp_path / 'runs')
+  os.makedirs(tmp_path / 'data')
+  edited = bytearray(raw)
+  edited[-10] ^= 1
+  (tmp_path / 'data' / 'enwik8').write_bytes(bytes(edited))
+  monkeypatch.chdir(tmp_path)  # data.path='data/enwik8' is relative
+  with pytest.raises(evaluate.EvaluateError) as e:
+    evaluate.evaluate('runs/enwik8', split='test')
+  assert str(e.value) == ("the text of data.path='data/enwik8' has changed since runs/enwik8 was trained on it: its "
+                          'held-out split would not be the one the run held out')
+
+
 def test_a_character_run_reports_bits_per_char_and_per_byte(tmp_path):
   # Multi-byte characters: a character's bits are spread over its UTF-8 bytes (1 to 4 of them).
-  text = ''.join(np.random.default_rng(1).choice(list('ab é€🙂\n'), size=6_000))
+  chars = list(np.random.default_rng(1).choice(list('ab é€🙂\n'), size=6_000))
+  # The test split's first character (never a target) 4 bytes, its last 1: counting the inputs' bytes instead of
+  # the targets' would be 3 bytes off.
+  chars[6_000 * 19 // 20], chars[-1] = '🙂', 'a'
+  text = ''.join(chars)
   path = tmp_path / 'utf8.txt'
   path.write_text(text, encoding='utf-8')
   c = _config()

@@ -87,6 +87,12 @@ def test_restore_errors(tmp_path):
     (empty / name).write_text((tmp_path / name).read_text())
   with pytest.raises(sample.SampleError, match='no checkpoint in'):
     sample.restore(str(empty))
+  # A vocab.json that is not the run's (one symbol fewer): named in one line, not a shape error from Orbax.
+  data_lib.Vocab(VOCAB.chars[1:]).save(str(tmp_path / 'vocab.json'))
+  with pytest.raises(sample.SampleError) as e:
+    sample.restore(str(tmp_path))
+  assert str(e.value) == (f'{tmp_path}/config.json says vocab_size={VOCAB.size} but vocab.json has {VOCAB.size - 1} '
+                          'symbols')
 
 
 def test_a_checkpoint_removed_while_read_falls_back_to_the_latest(tmp_path, monkeypatch):
