@@ -71,6 +71,18 @@ class FileHandler(py_logging.Handler):
       super().close()
 
 
+def error_record(e: Exception) -> py_logging.LogRecord:
+  """The exception ending a run as a log record: selattn's own errors as their one-line message, anything else
+  with its traceback; logged where it was raised."""
+  tb = e.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  filename, line = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else (__file__, 0)
+  ours = type(e).__module__.startswith('selattn.')
+  return py_logging.LogRecord('absl', py_logging.ERROR, filename, line, 'error: %s', (e,),
+                              None if ours else (type(e), e, e.__traceback__))
+
+
 class RunLog:
   """WORKDIR/train.log receiving every line logged (through the root logger, as absl's stderr handler) until
   `close`; open it only while holding the workdir's lock (a run refused by the lock never writes it)."""
@@ -80,22 +92,14 @@ class RunLog:
     py_logging.getLogger().addHandler(self.handler)
 
   def error(self, e: Exception) -> None:
-    """The exception ending the run, in the file only (main.py prints its `error:` line on stderr): selattn's own
-    errors as their one-line message, anything else with its traceback. Logged where it was raised."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-      tb = tb.tb_next
-    where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else (__file__, 0)
-    ours = type(e).__module__.startswith('selattn.')
-    self._file_only(py_logging.ERROR, where, 'error: %s', e, None if ours else (type(e), e, e.__traceback__))
+    """The exception ending the run, in the file only (main.py prints its `error:` line on stderr)."""
+    self.handler.handle(error_record(e))
 
   def warning(self, line: str) -> None:
     """A line printed on stderr outside logging (stopping.py's, on a signal before the loop), in the file only."""
     caller = sys._getframe(1)  # pylint: disable=protected-access
-    self._file_only(py_logging.WARNING, (caller.f_code.co_filename, caller.f_lineno), '%s', line)
-
-  def _file_only(self, level: int, where: tuple[str, int], msg: str, arg, exc_info=None) -> None:
-    self.handler.handle(py_logging.LogRecord('absl', level, *where, msg, (arg,), exc_info))
+    self.handler.handle(py_logging.LogRecord('absl', py_logging.WARNING, caller.f_code.co_filename, caller.f_lineno,
+                                             '%s', (line,), None))
 
   def close(self) -> None:
     py_logging.getLogger().removeHandler(self.handler)

@@ -105,6 +105,10 @@ class _SeedLog:
   def warning(self, msg, *args):
     self.logger.warning(msg, *args, stacklevel=2)
 
+  def error(self, e: Exception) -> None:
+    """The exception ending the run, as an unstacked run's train.log ends (runlog.RunLog.error)."""
+    self.handler.handle(runlog.error_record(e))
+
   def close(self):
     self.logger.removeHandler(self.handler)
     self.handler.close()
@@ -175,13 +179,28 @@ def train(config, workdir: str, seeds: list[int], *, allow_data_change: bool = F
   try:
     for r in runs:
       r.lock = train_lib._take_lock(r.workdir, True)  # pylint: disable=protected-access
-    return _train(runs, cfg, corpus, mesh, workdir, stop)
-  finally:
-    if own_stop:
-      stop.__exit__(None, None, None)
+    # As an unstacked run's train.log (train.train): from the lock on, with a signal's line and the ending error.
     for r in runs:
-      if r.lock is not None:
-        r.lock.release()
+      r.log = _SeedLog(os.path.join(r.workdir, 'train.log'), r.seed)
+      stop.on_exit.append(r.log.warning)
+    return _train(runs, cfg, corpus, mesh, workdir, stop)
+  except Exception as e:  # pylint: disable=broad-except  (recorded, then raised on)
+    for r in runs:
+      if r.log is not None:
+        r.log.error(e)
+    raise
+  finally:
+    try:
+      if own_stop:
+        stop.__exit__(None, None, None)
+      for r in runs:
+        if r.log is not None:
+          stop.on_exit.remove(r.log.warning)
+          r.log.close()
+    finally:
+      for r in runs:
+        if r.lock is not None:
+          r.lock.release()
 
 
 def _train(runs: list[_Seed], cfg, corpus, mesh, workdir: str, stop) -> dict[int, dict[str, float]]:
@@ -190,7 +209,6 @@ def _train(runs: list[_Seed], cfg, corpus, mesh, workdir: str, stop) -> dict[int
   try:
     states, graphdef = [], None
     for r in runs:
-      r.log = _SeedLog(os.path.join(r.workdir, 'train.log'), r.seed)
       g, state = train_lib.create_state(r.cfg, mesh)
       if graphdef is None:
         graphdef, num_params = g, count_params(nnx.merge(g, state)[0])
@@ -291,8 +309,6 @@ def _train(runs: list[_Seed], cfg, corpus, mesh, workdir: str, stop) -> dict[int
       finally:
         if r.writer is not None:
           r.writer.close()
-        if r.log is not None:
-          r.log.close()
     if errors:
       raise errors[0]
 

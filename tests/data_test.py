@@ -215,6 +215,20 @@ def test_eval_batches_subset_and_processes():
         np.testing.assert_array_equal(np.concatenate([parts[0][i][k], parts[1][i][k]]), b[k])
 
 
+def test_eval_batches_asking_for_every_window_get_the_whole_split():
+  # 1000 tokens, windows of 7: 142 full windows (targets 1-994) and 5 targets left for the tail window.
+  tokens = np.arange(1000, dtype=np.int32)
+  for num_batches, want_batches, whole in ((71, 72, True), (70, 70, False), (72, 72, True)):
+    batches = data.eval_batches(tokens, seq_len=7, global_batch_size=2, num_batches=num_batches)
+    assert len(batches) == want_batches, num_batches
+    weights = np.concatenate([b['weights'] for b in batches])
+    scored = np.sort(np.concatenate([b['targets'] for b in batches])[weights == 1])
+    if whole:  # 71 batches of 2 ask for every full window (72: more): the tail's targets too, each once
+      np.testing.assert_array_equal(scored, np.arange(1, 1000))
+    else:  # fewer: whole windows only, spread over the split
+      assert len(scored) == 140 * 7 and len(set(scored)) == len(scored) and weights.all()
+
+
 def test_iterator_checkpoint_through_orbax(tmp_path):
   tokens = np.random.default_rng(0).integers(0, 83, 5_000).astype(np.int32)
   ds = data.train_dataset(tokens, seq_len=32, global_batch_size=8, seed=0)

@@ -165,6 +165,30 @@ def test_an_unstacked_run_resumes_a_stacked_seed_and_mismatched_steps_are_refuse
   assert not (tmp_path / 'seed2').exists()
 
 
+class _EarlyExitLine(stopping.StopSignal):
+  """Calls the early-exit callbacks with a line when the loop starts, as a signal before the loop would (without
+  exiting): the line a seed's train.log gets then."""
+
+  def loop_started(self):
+    super().loop_started()
+    for f in self.on_exit:
+      f('stopped: a line printed on stderr')
+
+
+def test_each_seed_log_ends_with_the_error_that_ended_the_run(tmp_path):
+  """A NaN stops the stacked run: each seed's train.log ends with the error line, as an unstacked run's does."""
+  c = _config(num_steps=20, learning_rate=1e30, steps_per_call=1, log_every=1, warmup_steps=0)
+  c.model.dropout = c.model.attn_dropout = 0.0
+  stop = _EarlyExitLine()
+  with pytest.raises(train.TrainingError, match='the loss is not finite') as e:
+    stack.train(c, str(tmp_path), SEEDS, stop=stop)
+  assert stop.on_exit == []  # the seeds' callbacks leave with the run
+  for k in SEEDS:
+    lines = (tmp_path / f'seed{k}' / 'train.log').read_text().splitlines()
+    assert re.fullmatch(r'E\d{4} .* stack\.py:\d+\] error: ' + re.escape(str(e.value)), lines[-1]), lines[-3:]
+    assert sum(l.startswith('W') and l.endswith('] stopped: a line printed on stderr') for l in lines) == 1, lines
+
+
 @pytest.mark.parametrize('key,value,message', [
     ('data', 2, 'stacked seeds train on one device: mesh.data=2 is not supported; drop it or train without --stack'),
     ('tensor', 2, 'mesh.tensor=2 is not supported'),
