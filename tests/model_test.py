@@ -647,3 +647,24 @@ def test_gelu_is_the_exact_gelu_with_its_derivative(impl):
     got_b = np.asarray(gelu(xb), np.float32)
     assert np.mean(got_b == exact_b) > 0.999
     np.testing.assert_allclose(got_b, exact_b, rtol=2 ** -7, atol=0)
+
+
+def test_a_run_may_resume_with_another_gelu_impl(tmp_path):
+  """model.gelu_impl is the same function's arithmetic (an execution key, like dtype): a run started with 'jax'
+  resumes with 'auto' (and an older config.json without the key reads as 'auto'); another activation is refused."""
+  import json  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from selattn import config as config_lib  # pylint: disable=g-import-not-at-top
+  from selattn import train  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  c.model.activation, c.model.gelu_impl = 'gelu', 'jax'
+  saved = config_lib.from_config(c, 11).to_dict()
+  (tmp_path / 'config.json').write_text(json.dumps({'config': saved}))
+  c.model.gelu_impl = 'auto'
+  train.check_compatible(str(tmp_path), config_lib.from_config(c, 11))
+  del saved['model']['gelu_impl']
+  (tmp_path / 'config.json').write_text(json.dumps({'config': saved}))
+  train.check_compatible(str(tmp_path), config_lib.from_config(c, 11))
+  c.model.activation = 'relu'
+  with pytest.raises(train.TrainingError, match='model.activation'):
+    train.check_compatible(str(tmp_path), config_lib.from_config(c, 11))
