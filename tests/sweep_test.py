@@ -33,6 +33,8 @@ def test_detect_gpus_reads_cuda_visible_devices(monkeypatch):
   assert sweep.detect_gpus() == ['1', '3']
   monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
   assert sweep.detect_gpus() == []
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '-1')  # CUDA's way of hiding every GPU
+  assert sweep.detect_gpus() == []
 
 
 def test_run_jobs_keeps_one_run_per_slot(tmp_path):
@@ -55,6 +57,14 @@ def test_run_jobs_keeps_one_run_per_slot(tmp_path):
   # 75: a run stopped by a signal after saving (selattn.stopping.EXIT_STOPPED) is resumable, not failed.
   assert [sweep._outcome(j.returncode) for j in jobs[3:]] == [
       'failed (1)', 'stopped (75): resumable, rerun the same command']
+
+
+def test_a_rerun_appends_to_the_seeds_output_log(tmp_path):
+  """A rerun (a resume) adds its console output after the first start's: the crash that made you rerun stays."""
+  for start in ('first', 'second'):
+    job = sweep.Job(0, str(tmp_path / 'seed0'), [sys.executable, '-c', f'print("{start} start")'])
+    sweep.run_jobs([job], [None], poll=0.05)
+  assert (tmp_path / 'seed0' / 'output.log').read_text() == 'first start\nsecond start\n'
 
 
 def test_sweep_on_cpu_trains_each_seed_resumably(tmp_path):

@@ -392,3 +392,25 @@ def test_xla_options_reach_the_stacked_train_and_eval_steps(tmp_path, monkeypatc
   evals = [k for k in steps if 'donate_argnums' not in k]
   assert len(trains) == len(evals) == 1, seen
   assert trains[0]['compiler_options'] == evals[0]['compiler_options'] == options
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A log line's timing (train.Progress), on a clock set by hand.
+
+def test_progress_line_of_a_resumed_run(monkeypatch):
+  clock = [100.0]
+  monkeypatch.setattr(train.time, 'perf_counter', lambda: clock[0])
+  t = config_lib.TrainConfig(num_steps=3700, learning_rate=0.1, warmup_steps=100, lr_schedule='constant')
+  progress = train.Progress(t, step=40, tokens_per_step=10)  # resumed at step 40
+  clock[0] += 20.0  # 20 steps in 20 s: 1 s a step since the resume
+  progress.steps += 20
+  dt, lr, rate, eta = progress.line(60)
+  assert dt == 20.0 and rate == 20 * 10 / 20.0
+  assert lr == pytest.approx(0.1 * 59 / 100)  # step 60's update is update 59 of the warmup
+  assert eta == '1h00m'  # 3640 steps left at 1 s each (not 1/3 s: the 40 steps before the resume took no time here)
+  progress.restart()
+  clock[0] += 60.0
+  progress.steps += 940
+  dt, _, rate, eta = progress.line(1000)
+  assert (dt, rate) == (60.0, 940 * 10 / 60.0)  # the window since the last log only
+  assert eta == '3m45s'  # 2700 steps left at 80 s / 960 steps
