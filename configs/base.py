@@ -40,14 +40,14 @@ def get_config() -> ml_collections.ConfigDict:
   m.fused_block_q = 16  # fused selective (Pallas): query tile size (a power of two; block_q * block_k >= 16)
   m.fused_block_k = 16  # fused selective: key tile size (a power of two)
   m.fused_block_f = 32  # fused selective: generator hidden units per chunk (a power of two >= 16)
-  m.fused_backward = 'merged'  # fused backward: 'merged' (one kernel, atomic adds: a recompute fewer, GPU sums vary in order) | 'split' (two, deterministic)
+  m.fused_backward = 'merged'  # 'merged' (1 kernel, atomic adds: faster, sum order varies) | 'split' (2, deterministic)
   m.fused_heads_per_program = 0  # fused: heads per kernel program (0 = all; fewer = more programs in parallel)
   m.fused_fwd_splits = 1  # fused forward: programs per query tile (its key tiles dealt among them, then combined)
   m.fused_bwd_splits = 1  # fused backward: programs per key tile (its query tiles dealt among them)
   m.fused_num_warps = 8  # fused kernels: warps per program (Triton launch parameter)
   m.fused_num_stages = 1  # fused kernels: Triton pipeline stages of their loops' loads
-  m.dropout_rng = 'threefry'  # embedding/residual dropout masks: 'threefry' (jax.random) | 'hash' (an index hash: faster on GPU, another stream)
-  m.attn_kernel = 'auto'  # standard/factored: 'auto' (flash kernel for attn_dropout on GPU) | 'flash' (always) | 'dense' (never)
+  m.dropout_rng = 'threefry'  # dropout masks: 'threefry' (jax.random) | 'hash' (index hash: faster on GPU, other masks)
+  m.attn_kernel = 'auto'  # standard/factored: 'auto' (flash kernel for attn_dropout on GPU) | 'flash' | 'dense'
   m.flash_block_q = 64  # flash attention kernel (Pallas): query tile size (a power of two >= 16)
   m.flash_block_k = 64  # flash attention kernel: key tile size (a power of two >= 16)
   m.flash_num_warps = 4  # flash attention kernel: warps per program (Triton launch parameter)
@@ -78,9 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.weight_decay = 1e-4  # AdamW decoupled weight decay (optax default)
   t.weight_decay_mask = 'all'  # decayed: 'all' parameters (optax) | 'matrices' (ndim >= 2, embeddings too: nanoGPT)
   t.grad_clip = 0.0  # clip the global gradient norm to this (0 = off)
-  t.flat_optimizer = False  # AdamW on one concatenated vector: fewer kernels, ~5% faster for tiny models (needs mesh.fsdp = mesh.tensor = 1)
+  t.flat_optimizer = False  # AdamW on one concatenated vector: ~5% faster for tiny models (mesh.fsdp = mesh.tensor = 1)
   t.steps_per_call = 10  # optimizer steps fused in one jitted call (amortises launch overhead; divides the *_every)
-  t.unroll_steps = False  # unroll those steps into straight-line code (compiles ~5x longer; a few % faster for tiny models)
+  t.unroll_steps = False  # unroll those steps into straight-line code (compiles ~5x longer; a few % faster if tiny)
   t.log_every = 100  # log and write train scalars every this many steps
   t.eval_every = 5000  # evaluate (and write a text sample) every this many steps (0 = only at the end)
   t.eval_batches = 0  # held-out batches per eval (fixed, deterministic windows); 0 = the whole held-out split

@@ -3,11 +3,11 @@
 The model is nanoGPT's GPT with bias=False: pre-LN (and a final LN), GELU, an attention output projection,
 learned positions, tied input/output embeddings, normal(0.02) init with the residual projections scaled by
 1/sqrt(2L), dropout 0.2 on embeddings, attention probabilities and residual branches. 10.65M parameters on
-tinyshakespeare's 65 symbols without the position table, as nanoGPT prints. The run: AdamW lr 1e-3, betas
-(0.9, 0.99), weight decay 0.1 on matrices only, 100 warmup steps then cosine decay to 1e-4 at step 5000 (also in a
-run stopped earlier, as nanoGPT's lr_decay_iters), gradient
-clipping at 1.0, bf16 compute (the exact GELU in float32, rounded once: model.gelu_impl='auto'). Held-out loss every 250 steps on the whole validation split (nanoGPT averages 200
-random batches), its split: the first 90% trains, the last 10% validates.
+tinyshakespeare's 65 symbols without the position table, as nanoGPT prints. The run: AdamW lr 1e-3, betas (0.9,
+0.99), weight decay 0.1 on matrices only, 100 warmup steps then cosine decay to 1e-4 at step 5000 (also in a run
+stopped earlier, as nanoGPT's lr_decay_iters), gradient clipping at 1.0, bf16 compute (the exact GELU in float32,
+rounded once: model.gelu_impl='auto'). Held-out loss every 250 steps on the whole validation split (nanoGPT averages
+200 random batches), its split: the first 90% trains, the last 10% validates.
 
 The corpus is not shipped. data.path is where `python -m selattn.corpora.fetch tinyshakespeare` writes it
 (data/tinyshakespeare.txt, relative to where you run; 1,115,394 characters); fetch it once from the repo root:

@@ -137,8 +137,8 @@ def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, i
   if small:
     shrink = {'model.d_model': 32, 'model.num_heads': 2, 'model.num_layers': 2, 'data.seq_len': 64,
               'model.block_q': 16, 'model.block_k': 16}
-    out = [(n, {**o, **shrink, 'train.batch_size': 4 * d, **({'model.kv_hidden': 16} if 'model.kv_hidden' in o else {})},
-            d) for n, o, d in out]
+    kv = lambda o: {'model.kv_hidden': 16} if 'model.kv_hidden' in o else {}
+    out = [(n, {**o, **shrink, 'train.batch_size': 4 * d, **kv(o)}, d) for n, o, d in out]
   return out
 
 

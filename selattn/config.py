@@ -43,7 +43,8 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-  _check(value >= 0 if allow_zero else value > 0, f'{name}={value!r} must be {"non-negative" if allow_zero else "positive"}')
+  _check(value >= 0 if allow_zero else value > 0,
+         f'{name}={value!r} must be {"non-negative" if allow_zero else "positive"}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -186,7 +186,8 @@ def main(argv):
     stop.__enter__()
   # Imported here so that `--help` and flag errors are quick.
   import jax  # pylint: disable=g-import-not-at-top
-  from selattn import checkpoint, config as config_lib, data, metrics, train, workdir  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from selattn import checkpoint, config as config_lib, data, metrics, train, workdir
 
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -111,7 +111,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('runs', nargs='+', help='run directories holding TensorBoard event files, or sweep folders')
   p.add_argument('--out', required=True, help='PNG to write')
-  p.add_argument('--tags', default='train/loss,eval/loss,eval/accuracy', help='comma-separated scalar tags, one panel each')
+  p.add_argument('--tags', default='train/loss,eval/loss,eval/accuracy',
+                 help='comma-separated scalar tags, one panel each')
   p.add_argument('--labels', default='', help='comma-separated curve names (default: the run folder names)')
   p.add_argument('--smoothing', type=float, default=0.0, help='EMA weight in [0, 1) for train/* curves')
   p.add_argument('--title', default='', help='figure title')

@@ -11,9 +11,9 @@ their mean, std, min and max over seeds, and writes them to WORKDIR/summary.json
 draws the mean with a min-max band.
 
 --stack trains the seeds stacked instead: one process per GPU (the seeds dealt round-robin over --gpus; without a
-GPU, one process), each one jitted step over its seeds' states stacked on a leading axis (selattn/stack.py). A
-small model does little arithmetic per kernel (the original config: 1.2% MFU on an H200), and two processes on
-one GPU took turns in our runs; stacked seeds share each step's kernels. Each WORKDIR/seed<k> is still an ordinary run, the
+GPU, one process), each one jitted step over its seeds' states stacked on a leading axis (selattn/stack.py). A small
+model does little arithmetic per kernel (the original config: 1.2% MFU on an H200), and two processes on one GPU
+took turns in our runs; stacked seeds share each step's kernels. Each WORKDIR/seed<k> is still an ordinary run, the
 same numbers as unstacked (init, data order, dropout, evals, samples, checkpoints, event files, train.log): the
 unstacked command resumes it, `selattn.sample` reads it. A process's own log is WORKDIR/stack.log (with several
 GPUs, WORKDIR/stack-<its seeds>.log). A rerun of the same stacked command resumes every seed; the seeds of one

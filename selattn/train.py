@@ -1,8 +1,9 @@
 """Training: one pure jitted step over the split (model, optimizer) state, evaluation, and the loop.
 
-The loop never syncs with the device between log steps: the host builds the next batches while the device
-runs the current step, and metrics are read only at log and checkpoint steps. It logs progress with an ETA, evaluates on fixed held-out windows, writes TensorBoard scalars and a text sample, saves
-Orbax checkpoints (asynchronously; on SIGTERM/SIGINT too) and resumes from the latest one on start.
+The loop never syncs with the device between log steps: the host builds the next batches while the device runs the
+current step, and metrics are read only at log and checkpoint steps. It logs progress with an ETA, evaluates on
+fixed held-out windows, writes TensorBoard scalars and a text sample, saves Orbax checkpoints (asynchronously; on
+SIGTERM/SIGINT too) and resumes from the latest one on start.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A stand-in for selattn.main that launch_test.py starts through launch/local.py.
 
-It takes the flags the launcher adds, joins the multi-process JAX job on CPU and sums an array that is sharded
-over every process's devices (jax's default CPU collectives, gloo, carry the all-reduce). `--fail_process` and `--wait_for_signal` exercise the launcher's failure and
-signal paths.
+It takes the flags the launcher adds, joins the multi-process JAX job on CPU and sums an array that is sharded over
+every process's devices (jax's default CPU collectives, gloo, carry the all-reduce). `--fail_process` and
+`--wait_for_signal` exercise the launcher's failure and signal paths.
 """
 
 import argparse
