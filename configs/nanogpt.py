@@ -32,9 +32,10 @@ def get_config(variant: str = ''):
       'pre', 'gelu', 'learned', True, True, 'nanogpt')
   m.linear_bias, m.norm_bias, m.head_bias = False, False, False
   m.dropout, m.attn_dropout = 0.2, 0.2
-  # Speed, not the model (BENCHMARKS.md, W2: 4.90 ms a step on an H200 against 5.25 without the last two): dropout
-  # masks from an index hash (another random stream than jax.random's), 3 pipeline stages in the flash kernel,
-  # and cuBLAS for every matmul (XLA's Triton matmul fusions off, for this run's steps only).
+  # Speed, not the model (BENCHMARKS.md, W2: 4.87 ms a step on an H200 against 5.56 without these three and with
+  # jax's bf16 GELU instead of model.gelu_impl='auto'): dropout masks from an index hash (another random stream
+  # than jax.random's), 3 pipeline stages in the flash kernel, and cuBLAS for every matmul (XLA's Triton matmul
+  # fusions off, for this run's steps only).
   m.dropout_rng, m.flash_num_stages = 'hash', 3
   t.xla_options = 'xla_gpu_enable_triton_gemm=false'
   c.data.path = 'data/tinyshakespeare.txt'  # written by `python -m selattn.corpora.fetch tinyshakespeare`

@@ -190,17 +190,8 @@ def train(config, workdir: str, seeds: list[int], *, allow_data_change: bool = F
         r.log.error(e)
     raise
   finally:
-    try:
-      if own_stop:
-        stop.__exit__(None, None, None)
-      for r in runs:
-        if r.log is not None:
-          stop.on_exit.remove(r.log.warning)
-          r.log.close()
-    finally:
-      for r in runs:
-        if r.lock is not None:
-          r.lock.release()
+    train_lib.close_run(stop, own_stop, [r.log for r in runs if r.log is not None],
+                        [r.lock for r in runs if r.lock is not None])
 
 
 def _train(runs: list[_Seed], cfg, corpus, mesh, workdir: str, stop) -> dict[int, dict[str, float]]:

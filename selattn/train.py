@@ -550,15 +550,21 @@ def train(config, workdir: str, *, allow_data_change: bool = False,
       log.error(e)
     raise
   finally:
-    try:
-      if own_stop:
-        stop.__exit__(None, None, None)
-      if log is not None:
-        stop.on_exit.remove(log.warning)
-        log.close()
-    finally:
-      if lock is not None:
-        lock.release()
+    close_run(stop, own_stop, [log] if log is not None else [], [lock] if lock is not None else [])
+
+
+def close_run(stop: stopping.StopSignal, own_stop: bool, logs: list, locks: list) -> None:
+  """What train and stack.train open around a run, closed: the stop signal they own, their run logs (off the stop's
+  early-exit hooks), then the workdir locks, released even if closing the rest failed."""
+  try:
+    if own_stop:
+      stop.__exit__(None, None, None)
+    for log in logs:
+      stop.on_exit.remove(log.warning)
+      log.close()
+  finally:
+    for lock in locks:
+      lock.release()
 
 
 def _run(cfg: config_lib.Config, corpus: data_lib.Corpus, mesh, workdir: str,
