@@ -216,6 +216,19 @@ def _data_name(path: str) -> str:
   return f'data.path={path!r}' + (' (the embedded corpus)' if not path else '')
 
 
+def _same_path(old: str, new: str) -> bool:
+  """Whether two data.path values name the same corpus: the same text after normalizing, or (an absolute path
+  against a relative one, or another spelling through a link) the same existing file seen from here."""
+  if not old or not new:
+    return old == new  # '' is the embedded corpus
+  if os.path.normpath(old) == os.path.normpath(new):
+    return True
+  try:
+    return os.path.samefile(old, new)
+  except OSError:  # either is missing from here: only the spelling could have matched
+    return False
+
+
 def check_same_data(workdir: str, saved: dict | None, data_cfg) -> None:
   """Refuses to resume a run on other data: another data.path, data.split or (the 'tail' split's) data.val_fraction
   (`data_cfg`, the command line's data section). Checked before the corpus is read, whose vocabulary error would
@@ -224,7 +237,7 @@ def check_same_data(workdir: str, saved: dict | None, data_cfg) -> None:
     return
   data = saved['config'].get('data', {})
   old = data.get('path', '')
-  if os.path.normpath(old or '.') != os.path.normpath(data_cfg.path or '.'):
+  if not _same_path(old, data_cfg.path):
     raise TrainingError(f'{workdir} was trained on {_data_name(old)}, not {_data_name(data_cfg.path)}; to '
                         'continue it on other data, pass --allow_data_change')
   old_split = data.get('split', 'tail')

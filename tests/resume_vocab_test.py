@@ -162,6 +162,26 @@ def test_check_same_data_compares_each_key():
                         _data(path='e', split='enwik8', val_fraction=0.1))
 
 
+def test_check_same_data_takes_the_same_file_by_another_path(tmp_path, monkeypatch):
+  # A run started with a relative data.path resumes with the absolute path of the same file (or through a link);
+  # a path to another file with the same name, or to a missing file, is still refused.
+  (tmp_path / 'data').mkdir()
+  (tmp_path / 'data' / 'corpus.txt').write_text('abc')
+  (tmp_path / 'other').mkdir()
+  (tmp_path / 'other' / 'corpus.txt').write_text('abc')
+  os.symlink(tmp_path / 'data', tmp_path / 'link')
+  monkeypatch.chdir(tmp_path)
+  saved = _saved(path='data/corpus.txt', split='tail', val_fraction=0.2)
+  train.check_same_data('w', saved, _data(path=str(tmp_path / 'data' / 'corpus.txt')))
+  train.check_same_data('w', saved, _data(path='link/corpus.txt'))
+  train.check_same_data('w', _saved(path=str(tmp_path / 'data' / 'corpus.txt')), _data(path='data/corpus.txt'))
+  for path in ('other/corpus.txt', str(tmp_path / 'missing.txt'), ''):
+    with pytest.raises(train.TrainingError, match='was trained on'):
+      train.check_same_data('w', saved, _data(path=path))
+  with pytest.raises(train.TrainingError, match=re.escape("not data.path='data/corpus.txt'")):
+    train.check_same_data('w', _saved(path=''), _data(path='data/corpus.txt'))
+
+
 def test_check_same_text_compares_the_sha():
   train.check_same_text('w', None, 'def')
   train.check_same_text('w', _saved(path='c.txt'), 'abc')
