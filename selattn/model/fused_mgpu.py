@@ -1,0 +1,376 @@
+"""Prototype: the fused forward (fused.py's `_forward`) as a Mosaic GPU kernel for Hopper, forward only.
+
+Not used by the model yet: compared against fused.py's Triton forward by docs/bench/fused_mgpu_check.py on a GPU.
+
+Formulation ("query rows"). A program takes 64 queries (the rows of every register array: one wgmma M tile per
+warpgroup) and a block of keys, one key at a time, so no array is 3-D and no reduction crosses rows:
+  h_j = U + 1 w_j^T              [64, F]: U the tile's u rows, w_j broadcast down the rows (a column vector)
+  g_j = gelu(h_j)                [64, F] float32, cast to bfloat16 as the wgmma's A operand (from registers)
+  [K_j | Ks_j] = g_j [W2k_n | W2s_n] + [b_n | bs_n]   per head n, one wgmma of N = 4 H2 (B from shared memory);
+       W2s_n is W2k_n with its RoPE halves swapped, so Ks_j = swap(K_j) and R_j K_j = K_j o c_j + Ks_j o s_j with
+       c_j = [cos_j, cos_j], s_j = [-sin_j, sin_j] (the key's rotation without moving columns between threads)
+  s^n_j = scale * rowsum(a_n o (K_j o c_j + Ks_j o s_j))   [64]: a_n = R_i q_i of head n
+  online softmax per row over the keys (m, l per head), G^n = G^n * corr^n + p^n_j o g_j     (elementwise)
+Hidden units run in chunks of 64 (one wgmma K group of bfloat16); with several chunks g is recomputed for the G
+update rather than kept (registers). The program's partial (G, m, l) are combined over key blocks outside, as
+fused.py's `fwd_splits` are. Keys past a block's last key visible to the query tile are skipped (counts computed
+outside from positions, so any token order works); masked keys inside are handled by the row mask.
+
+Precision: the key layer's operands are bfloat16 (g and W2k rounded, products exact, float32 accumulation); h, the
+GELU, the softmax and G are float32. `transcription` computes the same formulation in plain jnp (with
+`precision='float32'` it is exact float32 and must equal fused.py's forward; with 'bf16' it rounds as the kernel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_MASKED = -1e30  # as fused.py
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+BQ = 64  # queries per program: the wgmma M tile
+FC = 64  # hidden units per chunk: 128 bytes of bfloat16, one swizzled wgmma K group
+SMEM_BYTES = 227 * 1024 - 8192  # an H100/H200 block's shared memory, less a margin for barriers and alignment
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Static settings of the Mosaic GPU forward."""
+  # Keys per program (a multiple of 32), 0 = the largest of 256, 128, 64, 32 whose buffers fit in shared memory.
+  # Fewer = more programs and more partial results to combine.
+  block_k: int = 0
+  precision: str = 'bf16'  # the key layer's operands: 'bf16' | 'float32' (transcription only: exact reference)
+  approx_math: bool = False  # tanh.approx etc. (about 2^-11 relative error in tanh)
+
+
+def _gelu(h):
+  return 0.5 * h * (1.0 + jnp.tanh(_GELU_C * (h + _GELU_A * h * h * h)))
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layout shared by the kernel and the transcription: from `_forward`'s padded arrays to 64-row tiles.
+
+@dataclasses.dataclass(frozen=True)
+class _Dims:
+  b: int
+  t_in: int  # `_forward`'s padded query count
+  s_in: int
+  f_in: int
+  n: int
+  h2: int
+  tq: int  # queries padded to BQ
+  sk: int  # keys padded to block_k
+  fp: int  # hidden padded to FC
+  kb: int  # keys per program
+
+  @property
+  def hd(self):  # per-head width of the [K | Ks] halves layout: 2 H2
+    return 2 * self.h2
+
+  @property
+  def n_q(self):
+    return self.tq // BQ
+
+  @property
+  def n_kb(self):
+    return self.sk // self.kb
+
+  @property
+  def n_chunks(self):
+    return self.fp // FC
+
+
+def _dims(q, w, kb: int) -> _Dims:
+  b, t, n, _, h2 = q.shape
+  s, f = w.shape[1], w.shape[2]
+  if kb % 32 or kb < 0:
+    raise ValueError(f'block_k={kb} is not a multiple of 32')
+
+  def dims(kb):
+    return _Dims(b=b, t_in=t, s_in=s, f_in=f, n=n, h2=h2, tq=_round_up(t, BQ), sk=_round_up(s, kb),
+                 fp=_round_up(f, FC), kb=kb)
+
+  if kb:
+    return dims(kb)
+  fits = [k for k in (256, 128, 64, 32) if _smem_bytes(dims(k)) <= SMEM_BYTES]
+  return dims(fits[0] if fits else 32)
+
+
+def _pad(x, axis, size, value=0):
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value) if size != x.shape[axis] else x
+
+
+def _layout(d: _Dims, q, u, w, w2, b2, cos, sin, qpos, kpos):
+  """The kernel's operands: a [B, Tq, N*Hd], u [B, Tq, Fp], w [B, Sk, Fp], w2cat [Fp, N, 2*Hd] ([W2k_n | W2s_n]
+  per head, halves (K1, K2 | K2, K1)), b2cat [N, 2*Hd], c, s [Sk, Hd] ([cos, cos], [-sin, sin]), qpos [Tq],
+  kpos [Sk], and counts [n_q, n_kb]: keys of each key block to visit for each query tile."""
+  big = jnp.iinfo(jnp.int32).max
+  a = _pad(q.astype(jnp.float32).reshape(d.b, d.t_in, d.n * d.hd), 1, d.tq)
+  u = _pad(_pad(u.astype(jnp.float32), 2, d.fp), 1, d.tq)
+  w = _pad(_pad(w.astype(jnp.float32), 2, d.fp), 1, d.sk)
+  w2 = _pad(w2.astype(jnp.float32), 0, d.fp)  # [Fp, N, 2, H2]
+  w2cat = jnp.concatenate([w2.reshape(d.fp, d.n, d.hd), w2[:, :, ::-1].reshape(d.fp, d.n, d.hd)], axis=2)
+  b2 = b2.astype(jnp.float32)
+  b2cat = jnp.concatenate([b2.reshape(d.n, d.hd), b2[:, ::-1].reshape(d.n, d.hd)], axis=1)
+  cos = _pad(cos.astype(jnp.float32), 0, d.sk)
+  sin = _pad(sin.astype(jnp.float32), 0, d.sk)
+  c = jnp.concatenate([cos, cos], axis=1)
+  s = jnp.concatenate([-sin, sin], axis=1)
+  qpos = _pad(qpos.astype(jnp.int32), 0, d.tq, -1)
+  kpos = _pad(kpos.astype(jnp.int32), 0, d.sk, big)
+  # Count per (query tile, key block): one past the block's last key that some query of the tile sees (by
+  # position), 0 when none: keys after it are invisible to the whole tile, keys before it are masked per row.
+  qmax = qpos.reshape(d.n_q, BQ).max(axis=1)
+  seen = kpos.reshape(1, d.n_kb, d.kb) <= qmax[:, None, None]  # [n_q, n_kb, kb]
+  idx = jnp.arange(1, d.kb + 1, dtype=jnp.int32)
+  counts = jnp.max(jnp.where(seen, idx, 0), axis=2).astype(jnp.int32)
+  return a, u, w, w2cat, b2cat, c, s, qpos, kpos, counts
+
+
+def _combine(d: _Dims, g, m, l):
+  """Partial (G [B, n_kb, Tq, N, Fp] unnormalised, m, l [B, n_kb, N, Tq]) -> `_forward`'s (G, lse)."""
+  m_all = jnp.max(m, axis=1)
+  scale = jnp.exp(m - m_all[:, None])
+  l_all = jnp.sum(scale * l, axis=1)
+  l_safe = jnp.where(l_all > 0, l_all, 1.0)
+  g = jnp.einsum('bsnt,bstnf->btnf', scale, g, precision='highest') / jnp.transpose(l_safe, (0, 2, 1))[..., None]
+  return g[:, :d.t_in, :, :d.f_in], (m_all + jnp.log(l_safe))[:, :, :d.t_in]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The formulation in plain jnp (CPU reference for the kernel's arithmetic).
+
+def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Options = Options()):
+  """`_forward`'s (G, lse) computed as the kernel does: 64-query tiles, key blocks, one key at a time."""
+  d = _dims(q, w, opts.block_k)
+  a, u, w, w2cat, b2cat, c, s, qpos, kpos, counts = _layout(d, q, u, w, w2, b2, cos, sin, qpos, kpos)
+  if opts.precision == 'bf16':
+    rnd = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+  elif opts.precision == 'float32':
+    rnd = lambda x: x
+  else:
+    raise ValueError(f'precision={opts.precision!r}')
+  w2r = rnd(w2cat)  # [Fp, N, 2 Hd]
+  a_t = a.reshape(d.b, d.n_q, 1, BQ, d.n, d.hd)
+  u_t = u.reshape(d.b, d.n_q, 1, BQ, d.fp)
+  qpos_t = qpos.reshape(1, d.n_q, 1, BQ)
+  shape = (d.b, d.n_q, d.n_kb, BQ)
+
+  def step(carry, jj):
+    m, l, g_acc = carry  # [B, nq, nkb, N, BQ] x2, [B, nq, nkb, N, BQ, Fp]
+    kidx = jnp.arange(d.n_kb) * d.kb + jj  # this step's key in each block
+    wj = w[:, kidx]  # [B, nkb, Fp]
+    h = u_t + wj[:, None, :, None, :]  # [B, nq, nkb, BQ, Fp]
+    g = _gelu(h)
+    kv = jnp.einsum('xyzif,fne->xyznie', rnd(g), w2r, precision='highest') + b2cat[:, None, :]
+    k, ks = kv[..., :d.hd], kv[..., d.hd:]
+    rk = k * c[kidx][None, None, :, None, None, :] + ks * s[kidx][None, None, :, None, None, :]
+    logit = jnp.sum(jnp.moveaxis(a_t, 4, 3) * rk, axis=-1) * scale  # [B, nq, nkb, N, BQ]
+    vis = (qpos_t >= kpos[kidx][None, None, :, None]) & (jj < counts)[None, :, :, None]  # [1, nq, nkb, BQ]
+    vis = vis[:, :, :, None, :]
+    logit = jnp.where(vis, logit, _MASKED)
+    m_new = jnp.maximum(m, logit)
+    corr = jnp.exp(m - m_new)
+    p = jnp.where(vis, jnp.exp(logit - m_new), 0.0)
+    l = l * corr + p
+    g_acc = g_acc * corr[..., None] + p[..., None] * g[:, :, :, None]
+    return (m_new, l, g_acc), None
+
+  init = (jnp.full(shape[:3] + (d.n, BQ), _MASKED, jnp.float32), jnp.zeros(shape[:3] + (d.n, BQ), jnp.float32),
+          jnp.zeros(shape[:3] + (d.n, BQ, d.fp), jnp.float32))
+  (m, l, g), _ = jax.lax.scan(step, init, jnp.arange(d.kb))
+  # [B, nq, nkb, N, BQ, ...] -> [B, nkb, Tq, N, Fp] and [B, nkb, N, Tq]
+  g = jnp.transpose(g, (0, 2, 1, 4, 3, 5)).reshape(d.b, d.n_kb, d.tq, d.n, d.fp)
+  m = jnp.transpose(m, (0, 2, 3, 1, 4)).reshape(d.b, d.n_kb, d.n, d.tq)
+  l = jnp.transpose(l, (0, 2, 3, 1, 4)).reshape(d.b, d.n_kb, d.n, d.tq)
+  return _combine(d, g, m, l)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Mosaic GPU kernel.
+
+def _smem_bytes(d: _Dims) -> int:
+  f32 = 4
+  return (BQ * d.n * d.hd * f32 + BQ * d.fp * f32 + d.kb * d.fp * f32 + d.fp * d.n * 2 * d.hd * 2
+          + 2 * d.kb * d.hd * f32 + d.n * 2 * d.hd * f32 + (d.kb + BQ) * 4 + _round_up(d.n_q * d.n_kb, 32) * 4
+          + 2 * d.n * BQ * f32)
+
+
+def unsupported(d: _Dims) -> str | None:
+  """Why the kernel cannot take these sizes, or None."""
+  if d.hd % 16:
+    return f'per-head width 2*H2={d.hd} is not a multiple of 16'
+  if 2 * d.hd > 256:
+    return f'wgmma N = 4*H2 = {2 * d.hd} > 256'
+  if (need := _smem_bytes(d)) > SMEM_BYTES:
+    return f'needs {need} bytes of shared memory (> {SMEM_BYTES}): use a smaller block_k'
+  return None
+
+
+def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Options = Options(), interpret=None):
+  """`_forward`'s inputs (its padded arrays) -> (G [B, T, N, F], lse [B, N, T]) through the Mosaic GPU kernel."""
+  from jax.experimental import pallas as pl  # noqa: PLC0415 (GPU-only module, imported on use)
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+
+  d = _dims(q, w, opts.block_k)
+  if opts.precision != 'bf16':
+    raise ValueError(f'the kernel computes the key layer in bf16 only, not {opts.precision!r}')
+  if (why := unsupported(d)) is not None:
+    raise ValueError(why)
+  a, u, w, w2cat, b2cat, c, s, qpos, kpos, counts = _layout(d, q, u, w, w2, b2, cos, sin, qpos, kpos)
+  n, hd, fp, kb, nc = d.n, d.hd, d.fp, d.kb, d.n_chunks
+  # B operand: [chunk, head, 64 hidden, 2 Hd] in bfloat16, tiled and swizzled for wgmma.
+  w2b = w2cat.reshape(nc, FC, n, 2 * hd).transpose(0, 2, 1, 3).astype(jnp.bfloat16)
+  counts = _pad(counts.reshape(-1), 0, _round_up(d.n_q * d.n_kb, 32))  # TMA copies of whole 128-byte lines
+  n_kb = d.n_kb
+  wg = plgpu.Layout.WGMMA
+  row = plgpu.Layout.WGMMA.reduce(1)  # [64] per-query vectors
+  col = plgpu.Layout.WGMMA.reduce(0)  # [F] or [Hd] per-column vectors
+  swz = 128
+  b_transforms = (plgpu.TilingTransform((8, swz // 2)), plgpu.SwizzleTransform(swz))
+  # float32 tiles read into the wgmma register layout: swizzled rows of 32 (conflict-free shared-memory loads).
+  f_transforms = (plgpu.TilingTransform((8, swz // 4)), plgpu.SwizzleTransform(swz))
+
+  def kernel(a_g, u_g, w_g, w2_g, b2_g, c_g, s_g, qpos_g, kpos_g, cnt_g, g_out, m_out, l_out,
+             a_s, u_s, w_s, w2_s, b2_s, c_s, s_s, qpos_s, kpos_s, cnt_s, ml_s, bars):
+    kbi, qi, bi = jax.lax.axis_index('kb'), jax.lax.axis_index('q'), jax.lax.axis_index('b')
+    rows = pl.ds(qi * BQ, BQ)
+    keys = pl.ds(kbi * kb, kb)
+    copies = [(a_g.at[bi, rows], a_s), (u_g.at[bi, rows], u_s), (w_g.at[bi, keys], w_s), (w2_g, w2_s),
+              (b2_g, b2_s), (c_g.at[keys], c_s), (s_g.at[keys], s_s), (qpos_g.at[rows], qpos_s),
+              (kpos_g.at[keys], kpos_s), (cnt_g, cnt_s)]
+    for i, (src, dst) in enumerate(copies):
+      plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+    for i in range(len(copies)):
+      plgpu.barrier_wait(bars.at[i])
+
+    qpos_v = plgpu.load(qpos_s, (), layout=row)
+    count = cnt_s[qi * n_kb + kbi]
+    a_heads = [plgpu.load(a_s, (slice(None), pl.ds(h * hd, hd)), layout=wg) for h in range(n)]
+    bias = [plgpu.load(b2_s.at[h], (), layout=col) for h in range(n)]
+
+    def hidden(j, ci):
+      uc = plgpu.load(u_s, (slice(None), pl.ds(ci * FC, FC)), layout=wg)
+      wc = plgpu.load(w_s.at[j], (pl.ds(ci * FC, FC),), layout=col)
+      return _gelu(uc + jax.lax.broadcast_in_dim(wc, (BQ, FC), (1,)))
+
+    def key_step(j, carry):
+      m, l, gs = carry
+
+      def keys_of(acc_refs):
+        cached = None
+        for ci in range(nc):
+          g = hidden(j, ci)
+          cached = g if nc == 1 else None
+          gb = g.astype(jnp.bfloat16)
+          for h in range(n):
+            plgpu.wgmma(acc_refs[h], gb, w2_s.at[ci, h])
+        return [r[...] for r in acc_refs], cached
+
+      kv, cached = pl.run_scoped(keys_of, [plgpu.ACC((BQ, 2 * hd), jnp.float32) for _ in range(n)])
+      cj = jax.lax.broadcast_in_dim(plgpu.load(c_s.at[j], (), layout=col), (BQ, hd), (1,))
+      sj = jax.lax.broadcast_in_dim(plgpu.load(s_s.at[j], (), layout=col), (BQ, hd), (1,))
+      visible = qpos_v >= kpos_s[j]
+      m_new, l_new, p, corr = [], [], [], []
+      for h in range(n):
+        kvb = kv[h] + jax.lax.broadcast_in_dim(bias[h], (BQ, 2 * hd), (1,))
+        rk = kvb[:, :hd] * cj + kvb[:, hd:] * sj
+        logit = jnp.where(visible, jnp.sum(a_heads[h] * rk, axis=1) * scale, _MASKED)
+        mn = jnp.maximum(m[h], logit)
+        corr.append(jnp.exp(m[h] - mn))
+        p.append(jnp.where(visible, jnp.exp(logit - mn), 0.0))
+        l_new.append(l[h] * corr[h] + p[h])
+        m_new.append(mn)
+      new_gs = []
+      for ci in range(nc):
+        g = cached if nc == 1 else hidden(j, ci)
+        for h in range(n):
+          cb = jax.lax.broadcast_in_dim(corr[h], (BQ, FC), (0,))
+          pb = jax.lax.broadcast_in_dim(p[h], (BQ, FC), (0,))
+          new_gs.append(gs[h * nc + ci] * cb + pb * g)
+      return tuple(m_new), tuple(l_new), tuple(new_gs)
+
+    init = (tuple(plgpu.layout_cast(jnp.full((BQ,), _MASKED, jnp.float32), row) for _ in range(n)),
+            tuple(plgpu.layout_cast(jnp.zeros((BQ,), jnp.float32), row) for _ in range(n)),
+            tuple(plgpu.layout_cast(jnp.zeros((BQ, FC), jnp.float32), wg) for _ in range(n * nc)))
+    m, l, gs = jax.lax.fori_loop(0, count, key_step, init)
+
+    # Out through shared memory: G per head in u's buffer (u is no longer read), m and l in ml_s.
+    for h in range(n):
+      for ci in range(nc):
+        u_s[:, pl.ds(ci * FC, FC)] = gs[h * nc + ci]
+      ml_s[0, h] = m[h]
+      ml_s[1, h] = l[h]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(u_s, g_out.at[bi, kbi, rows, pl.ds(h * fp, fp)])
+      plgpu.wait_smem_to_gmem(0)
+    plgpu.copy_smem_to_gmem(ml_s.at[0], m_out.at[bi, kbi, :, rows])
+    plgpu.copy_smem_to_gmem(ml_s.at[1], l_out.at[bi, kbi, :, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  f32 = jnp.float32
+  scratch = [
+      plgpu.SMEM((BQ, n * hd), f32, transforms=f_transforms), plgpu.SMEM((BQ, fp), f32, transforms=f_transforms),
+      plgpu.SMEM((kb, fp), f32),
+      plgpu.SMEM((nc, n, FC, 2 * hd), jnp.bfloat16, transforms=b_transforms), plgpu.SMEM((n, 2 * hd), f32),
+      plgpu.SMEM((kb, hd), f32), plgpu.SMEM((kb, hd), f32), plgpu.SMEM((BQ,), jnp.int32),
+      plgpu.SMEM((kb,), jnp.int32), plgpu.SMEM(counts.shape, jnp.int32), plgpu.SMEM((2, n, BQ), f32),
+      plgpu.Barrier(num_barriers=10)]
+  out_type = [jax.ShapeDtypeStruct((d.b, n_kb, d.tq, n * fp), f32), jax.ShapeDtypeStruct((d.b, n_kb, n, d.tq), f32),
+              jax.ShapeDtypeStruct((d.b, n_kb, n, d.tq), f32)]
+  call = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(n_kb, d.n_q, d.b),
+                      grid_names=('kb', 'q', 'b'), compiler_params=plgpu.CompilerParams(approx_math=opts.approx_math),
+                      interpret=interpret)
+  g, m, l = call(a, u, w, w2b, b2cat, c, s, qpos, kpos, counts)
+  return _combine(d, g.reshape(d.b, n_kb, d.tq, n, fp), m, l)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Unpadded model arrays in, as fused.attention prepares them (for the tests and the GPU check).
+
+def fused_inputs(q, u, w, w2k, b2k, q_pos, k_pos, rope_theta, blocks=None):
+  """fused.attention's preparation: (scale, `_forward`'s padded args) for the Triton forward's tiles `blocks`."""
+  from selattn.model import fused, tiles  # noqa: PLC0415
+  from selattn.model import rope as rope_lib  # noqa: PLC0415
+
+  blocks = blocks or fused.Blocks()
+  _, t, n, h = q.shape
+  s, f = w.shape[1], w.shape[2]
+  fc = min(blocks.block_f, max(16, tiles.pow2(f)))
+  h2 = max(16, tiles.pow2((h + 1) // 2))
+  tp, sp, fp = _round_up(t, blocks.block_q), _round_up(s, blocks.block_k), _round_up(f, fc)
+  if rope_theta is not None:
+    q = rope_lib.apply(q, *rope_lib.angles(q_pos, h, rope_theta))
+    cos, sin = rope_lib.angles(k_pos, h, rope_theta)
+  else:
+    cos, sin = jnp.ones((s, (h + 1) // 2), jnp.float32), jnp.zeros((s, (h + 1) // 2), jnp.float32)
+  big = jnp.iinfo(jnp.int32).max
+  args = (tiles.pad(fused._halves(q, h2), 1, tp), tiles.pad(tiles.pad(u, 2, fp), 1, tp),
+          tiles.pad(tiles.pad(w, 2, fp), 1, sp), tiles.pad(fused._halves(w2k.reshape(f, n, h), h2), 0, fp),
+          fused._halves(b2k.reshape(n, h), h2),
+          *(tiles.pad(tiles.pad(a, 1, h2), 0, sp) for a in (cos, sin)),
+          tiles.pad(q_pos.astype(jnp.int32), 0, tp, -1), tiles.pad(k_pos.astype(jnp.int32), 0, sp, big))
+  return 1.0 / math.sqrt(h), args
+
+
+def triton_static(scale, n, f, blocks=None, interpret=False):
+  """fused.py's static settings for `_forward` as fused.attention makes them (n heads, kv_hidden f)."""
+  from selattn.model import fused, tiles  # noqa: PLC0415
+
+  blocks = blocks or fused.Blocks()
+  return fused._Static(scale=scale, act='gelu', bq=blocks.block_q, bk=blocks.block_k,
+                       fc=min(blocks.block_f, max(16, tiles.pow2(f))), num_warps=blocks.num_warps,
+                       num_stages=blocks.num_stages, interpret=interpret, backward=blocks.backward,
+                       hp=math.gcd(blocks.heads_per_program or n, n), ks=blocks.fwd_splits, qs=blocks.bwd_splits)
