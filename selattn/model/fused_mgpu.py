@@ -174,7 +174,7 @@ def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: 
     wj = w[:, kidx]  # [B, nkb, Fp]
     h = u_t + wj[:, None, :, None, :]  # [B, nq, nkb, BQ, Fp]
     g = _gelu(h)
-    kv = jnp.einsum('xyzif,fne->xyznie', rnd(g), w2r, precision='highest') + b2cat[:, None, :]
+    kv = jnp.einsum('xyzif,fne->xyznie', rnd(g), w2r, precision='highest') + b2cat[None, None, None, :, None, :]
     k, ks = kv[..., :d.hd], kv[..., d.hd:]
     rk = k * c[kidx][None, None, :, None, None, :] + ks * s[kidx][None, None, :, None, None, :]
     logit = jnp.sum(jnp.moveaxis(a_t, 4, 3) * rk, axis=-1) * scale  # [B, nq, nkb, N, BQ]
@@ -243,8 +243,15 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
   # float32 tiles read into the wgmma register layout: swizzled rows of 32 (conflict-free shared-memory loads).
   f_transforms = (plgpu.TilingTransform((8, swz // 4)), plgpu.SwizzleTransform(swz))
 
+  def load(ref, idx, layout):
+    # GPU interpret mode has no `plgpu.load`; a plain read computes the same values there.
+    return ref[idx] if interpret is not None else plgpu.load(ref, idx, layout=layout)
+
+  def cast(x, layout):  # nor layout casts
+    return x if interpret is not None else plgpu.layout_cast(x, layout)
+
   def kernel(a_g, u_g, w_g, w2_g, b2_g, c_g, s_g, qpos_g, kpos_g, cnt_g, g_out, m_out, l_out,
-             a_s, u_s, w_s, w2_s, b2_s, c_s, s_s, qpos_s, kpos_s, cnt_s, ml_s, bars):
+             a_s, u_s, w_s, w2_s, b2_s, c_s, s_s, qpos_s, kpos_s, cnt_s, ml_s, bars, *ga_s):
     kbi, qi, bi = jax.lax.axis_index('kb'), jax.lax.axis_index('q'), jax.lax.axis_index('b')
     rows = pl.ds(qi * BQ, BQ)
     keys = pl.ds(kbi * kb, kb)
@@ -256,14 +263,14 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
     for i in range(len(copies)):
       plgpu.barrier_wait(bars.at[i])
 
-    qpos_v = plgpu.load(qpos_s, (), layout=row)
+    qpos_v = load(qpos_s, (), row)
     count = cnt_s[qi * n_kb + kbi]
-    a_heads = [plgpu.load(a_s, (slice(None), pl.ds(h * hd, hd)), layout=wg) for h in range(n)]
-    bias = [plgpu.load(b2_s.at[h], (), layout=col) for h in range(n)]
+    a_heads = [load(a_s, (slice(None), pl.ds(h * hd, hd)), wg) for h in range(n)]
+    bias = [load(b2_s.at[h], (), col) for h in range(n)]
 
     def hidden(j, ci):
-      uc = plgpu.load(u_s, (slice(None), pl.ds(ci * FC, FC)), layout=wg)
-      wc = plgpu.load(w_s.at[j], (pl.ds(ci * FC, FC),), layout=col)
+      uc = load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg)
+      wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
       return _gelu(uc + jax.lax.broadcast_in_dim(wc, (BQ, FC), (1,)))
 
     def key_step(j, carry):
@@ -275,13 +282,16 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
           g = hidden(j, ci)
           cached = g if nc == 1 else None
           gb = g.astype(jnp.bfloat16)
+          if interpret is not None:  # the interpreter's wgmma reads A from shared memory only
+            ga_s[0][...] = gb
+            gb = ga_s[0]
           for h in range(n):
             plgpu.wgmma(acc_refs[h], gb, w2_s.at[ci, h])
         return [r[...] for r in acc_refs], cached
 
       kv, cached = pl.run_scoped(keys_of, [plgpu.ACC((BQ, 2 * hd), jnp.float32) for _ in range(n)])
-      cj = jax.lax.broadcast_in_dim(plgpu.load(c_s.at[j], (), layout=col), (BQ, hd), (1,))
-      sj = jax.lax.broadcast_in_dim(plgpu.load(s_s.at[j], (), layout=col), (BQ, hd), (1,))
+      cj = jax.lax.broadcast_in_dim(load(c_s.at[j], (), col), (BQ, hd), (1,))
+      sj = jax.lax.broadcast_in_dim(load(s_s.at[j], (), col), (BQ, hd), (1,))
       visible = qpos_v >= kpos_s[j]
       m_new, l_new, p, corr = [], [], [], []
       for h in range(n):
@@ -302,9 +312,9 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
           new_gs.append(gs[h * nc + ci] * cb + pb * g)
       return tuple(m_new), tuple(l_new), tuple(new_gs)
 
-    init = (tuple(plgpu.layout_cast(jnp.full((BQ,), _MASKED, jnp.float32), row) for _ in range(n)),
-            tuple(plgpu.layout_cast(jnp.zeros((BQ,), jnp.float32), row) for _ in range(n)),
-            tuple(plgpu.layout_cast(jnp.zeros((BQ, FC), jnp.float32), wg) for _ in range(n * nc)))
+    init = (tuple(cast(jnp.full((BQ,), _MASKED, jnp.float32), row) for _ in range(n)),
+            tuple(cast(jnp.zeros((BQ,), jnp.float32), row) for _ in range(n)),
+            tuple(cast(jnp.zeros((BQ, FC), jnp.float32), wg) for _ in range(n * nc)))
     m, l, gs = jax.lax.fori_loop(0, count, key_step, init)
 
     # Out through shared memory: G per head in u's buffer (u is no longer read), m and l in ml_s.
@@ -328,6 +338,8 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
       plgpu.SMEM((kb, hd), f32), plgpu.SMEM((kb, hd), f32), plgpu.SMEM((BQ,), jnp.int32),
       plgpu.SMEM((kb,), jnp.int32), plgpu.SMEM(counts.shape, jnp.int32), plgpu.SMEM((2, n, BQ), f32),
       plgpu.Barrier(num_barriers=10)]
+  if interpret is not None:
+    scratch.append(plgpu.SMEM((BQ, FC), jnp.bfloat16, transforms=b_transforms))
   out_type = [jax.ShapeDtypeStruct((d.b, n_kb, d.tq, n * fp), f32), jax.ShapeDtypeStruct((d.b, n_kb, n, d.tq), f32),
               jax.ShapeDtypeStruct((d.b, n_kb, n, d.tq), f32)]
   call = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(n_kb, d.n_q, d.b),

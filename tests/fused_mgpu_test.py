@@ -1,0 +1,103 @@
+"""The Mosaic GPU forward prototype (fused_mgpu.py): its formulation, transcribed in jnp, against fused.py's forward
+(interpreted) and `materialized`; the kernel itself lowered for cuda (running it needs a Hopper GPU:
+docs/bench/fused_mgpu_check.py)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from selattn.model import attention as attn_lib
+from selattn.model import fused as fused_lib
+from selattn.model import fused_mgpu as fm
+
+pytestmark = pytest.mark.usefixtures('no_mesh')
+
+
+def _rel(got, ref) -> float:
+  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+  assert got.shape == ref.shape, (got.shape, ref.shape)
+  scale = np.abs(ref).max()
+  assert scale > 0, 'reference is all zero'
+  return float(np.abs(got - ref).max() / scale)
+
+
+def _params(seed, b, t, n, h, f):
+  d = n * h
+  ks = jax.random.split(jax.random.key(seed), 6)
+  p = {'w1': jax.random.normal(ks[0], (2 * d, f)) / np.sqrt(2 * d), 'b1': 0.3 * jax.random.normal(ks[1], (f,)),
+       'w2': jax.random.normal(ks[2], (f, 2 * d)) / np.sqrt(f), 'b2': 0.3 * jax.random.normal(ks[3], (2 * d,))}
+  return p, jax.random.normal(ks[4], (b, t, n, h)), jax.random.normal(ks[5], (b, t, d))
+
+
+def _forward_args(p, q, x, rope):
+  """The generator's (u, w, W2k, b2k) as selective_fused makes them, then fused.attention's padded arrays."""
+  fp = attn_lib.MlpKV.fused_params(p)
+  u, w, w2k, b2k, w2v, b2v, _ = attn_lib.MlpKV.fused_inputs(fp, q.reshape(*q.shape[:2], -1), x)
+  pos = jnp.arange(q.shape[1])
+  scale, args = fm.fused_inputs(q, u, w, w2k, b2k, pos, pos, 10000.0 if rope else None)
+  return scale, args, (w2v, b2v)
+
+
+def _output(g, w2v, b2v, n, h):
+  """o_i = W2v_n^T G_i + b2v_n per head (fused.attention's last step)."""
+  f = g.shape[-1]
+  return jnp.einsum('btnf,fnh->btnh', g, w2v.reshape(f, n, h), precision='highest') + b2v.reshape(1, 1, n, h)
+
+
+# T = 37 and 70 are not multiples of the 64-query tile (70: two query tiles, the second with 6 queries); F = 40
+# and 100 are padded to 64 and 128 hidden units (one and two chunks); key blocks of 32 and 64 (several blocks,
+# their partial softmaxes combined) and the automatic one (a single block).
+@pytest.mark.parametrize('n,h,f,t,block_k,rope', [(2, 8, 40, 37, 32, True), (2, 6, 100, 70, 64, True),
+                                                  (1, 8, 40, 70, 0, False)])
+def test_transcription_matches_the_triton_forward_and_materialized(n, h, f, t, block_k, rope):
+  p, q, x = _params(3 * t + f, 2, t, n, h, f)
+  scale, args, (w2v, b2v) = _forward_args(p, q, x, rope)
+  st = fm.triton_static(scale, n, f, interpret=True)
+  g_ref, lse_ref = jax.jit(lambda *a: fused_lib._forward(st, *a))(*args)
+  opts = fm.Options(block_k=block_k, precision='float32')
+  g, lse = jax.jit(lambda *a: fm.transcription(*a, scale=scale, opts=opts))(*args)
+  assert g.shape == g_ref.shape and lse.shape == lse_ref.shape
+  assert _rel(g[:, :t], g_ref[:, :t]) <= 1e-5
+  assert _rel(lse[:, :, :t], lse_ref[:, :, :t]) <= 1e-5
+  pos = jnp.arange(t)
+  ref = attn_lib.selective_materialized(attn_lib.MlpKV, p, q, x, pos, pos, 10000.0 if rope else None)
+  assert _rel(_output(g[:, :t, :, :f], w2v, b2v, n, h), ref) <= 1e-5
+
+
+def test_bf16_key_layer_error():
+  # The kernel's key layer takes bfloat16 operands (g and W2k rounded, float32 accumulation). At the original
+  # config's head and hidden sizes (N2 H32 F64, T 150) that moves G by ~1e-3 of its scale against float32.
+  p, q, x = _params(5, 1, 150, 2, 32, 64)
+  scale, args, _ = _forward_args(p, q, x, True)
+  run = lambda prec: jax.jit(lambda *a: fm.transcription(*a, scale=scale, opts=fm.Options(precision=prec)))(*args)
+  (g32, lse32), (g16, lse16) = run('float32'), run('bf16')
+  err = _rel(g16, g32)
+  assert 1e-5 < err < 1e-2, err  # rounded (not the float32 path) and close
+  assert _rel(lse16, lse32) < 1e-2
+
+
+def _lowers_for_cuda() -> bool:
+  try:
+    from jax.experimental.pallas import mosaic_gpu  # noqa: F401, PLC0415
+    jax.jit(lambda x: x + 1).trace(jnp.zeros(4)).lower(lowering_platforms=('cuda',))
+  except Exception:  # noqa: BLE001 (any failure means: no cuda lowering here)
+    return False
+  return True
+
+
+# The original config's shapes: B16 T299 N2 H32, kv_hidden 64 and 256 (the latter in key blocks of 32: shared
+# memory). Lowering runs Mosaic GPU's Python lowering (layouts, wgmma operand checks, shared-memory budget), not
+# ptxas.
+@pytest.mark.skipif(not _lowers_for_cuda(), reason='lowering for cuda is unavailable here')
+@pytest.mark.parametrize('f', [64, 256])
+def test_kernel_lowers_for_cuda_at_the_original_config(f):
+  b, t, n, h = 16, 299, 2, 32
+  shapes = fm.fused_inputs(jnp.zeros((b, t, n, h)), jnp.zeros((b, t, f)), jnp.zeros((b, t, f)),
+                           jnp.zeros((f, n * h)), jnp.zeros((n * h,)), jnp.arange(t), jnp.arange(t), 10000.0)
+  scale, args = shapes
+  args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+  lowered = jax.jit(lambda *a: fm.forward(*a, scale=scale)).trace(*args).lower(lowering_platforms=('cuda',))
+  assert 'mosaic_gpu' in lowered.as_text()
