@@ -79,6 +79,30 @@ def test_bf16_key_layer_error():
   assert _rel(lse16, lse32) < 1e-2
 
 
+def _gpu_interpreter():
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: PLC0415
+  except ImportError:
+    return None
+  return InterpretGPUParams()
+
+
+# The kernel itself in Mosaic GPU's interpret mode (CPU; simulated shared memory, barriers, wgmma; not register
+# layouts): against the bf16 transcription, the same arithmetic. T = 70 is two query tiles (the second part
+# padding), block_k 32 three key blocks (the last part padding, the first query tile sees one), F = 100 two hidden
+# chunks (G of each head and chunk kept apart: a mixed-up index once passed N = 1 and F <= 64), two heads.
+@pytest.mark.skipif(_gpu_interpreter() is None, reason='no Mosaic GPU interpret mode in this jax')
+@pytest.mark.parametrize('n,h,f,t,block_k,rope', [(2, 6, 100, 70, 32, True), (3, 8, 40, 37, 0, False)])
+def test_kernel_interpreted_matches_the_transcription(n, h, f, t, block_k, rope):
+  p, q, x = _params(7 * t + f, 1, t, n, h, f)
+  scale, args, _ = _forward_args(p, q, x, rope)
+  opts = fm.Options(block_k=block_k)
+  g, lse = jax.jit(lambda *a: fm.forward(*a, scale=scale, opts=opts, interpret=_gpu_interpreter()))(*args)
+  g_ref, lse_ref = jax.jit(lambda *a: fm.transcription(*a, scale=scale, opts=opts))(*args)
+  assert _rel(g[:, :t], g_ref[:, :t]) <= 1e-6
+  assert _rel(lse[:, :, :t], lse_ref[:, :, :t]) <= 1e-6
+
+
 def _lowers_for_cuda() -> bool:
   try:
     from jax.experimental.pallas import mosaic_gpu  # noqa: F401, PLC0415

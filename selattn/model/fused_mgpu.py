@@ -303,13 +303,13 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
         p.append(jnp.where(visible, jnp.exp(logit - mn), 0.0))
         l_new.append(l[h] * corr[h] + p[h])
         m_new.append(mn)
-      new_gs = []
+      new_gs = list(gs)  # G of head h, chunk ci at h * nc + ci
       for ci in range(nc):
         g = cached if nc == 1 else hidden(j, ci)
         for h in range(n):
           cb = jax.lax.broadcast_in_dim(corr[h], (BQ, FC), (0,))
           pb = jax.lax.broadcast_in_dim(p[h], (BQ, FC), (0,))
-          new_gs.append(gs[h * nc + ci] * cb + pb * g)
+          new_gs[h * nc + ci] = gs[h * nc + ci] * cb + pb * g
       return tuple(m_new), tuple(l_new), tuple(new_gs)
 
     init = (tuple(cast(jnp.full((BQ,), _MASKED, jnp.float32), row) for _ in range(n)),
