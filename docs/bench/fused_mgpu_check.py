@@ -1,0 +1,164 @@
+"""GPU (Hopper): the Mosaic GPU forward prototype (selattn/model/fused_mgpu.py) against fused.py's Triton forward.
+
+At the original config's shapes (B16 T299 N2 H32, RoPE, float32 inputs; kv_hidden 64 and 256): max relative error
+of G and max absolute error of the log-sum-exp against the Triton forward and against the exact float32
+transcription, and the median time of 20 calls (after warm-up) of each forward. A kernel that fails to compile or
+run is recorded with its error and the script goes on. Writes $OUT/fused_mgpu_check.json after each step.
+
+  OUT=. PYTHONPATH=$PWD python docs/bench/fused_mgpu_check.py
+"""
+
+import json
+import math
+import os
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selattn.model import fused
+from selattn.model import fused_mgpu as fm
+
+OUT = os.environ.get('OUT', '.')
+BUDGET_S = 150  # stop starting new items past this (the whole run must stay under 3 minutes)
+T0 = time.time()
+res = {'jax': jax.__version__, 'device': jax.devices()[0].device_kind, 'shapes': 'B16 T299 N2 H32, RoPE, float32',
+       'items': []}
+
+
+def save():
+  with open(os.path.join(OUT, 'fused_mgpu_check.json'), 'w') as f:
+    json.dump(res, f, indent=1)
+
+
+def inputs(seed, b, t, n, h, f):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  d = n * h
+  q = jax.random.normal(ks[0], (b, t, n, h))
+  u = jax.random.normal(ks[1], (b, t, f)) * 0.7
+  w = jax.random.normal(ks[2], (b, t, f)) * 0.7
+  w2k = jax.random.normal(ks[3], (f, d)) / np.sqrt(f)
+  b2k = 0.3 * jax.random.normal(ks[4], (d,))
+  pos = jnp.arange(t)
+  return fm.fused_inputs(q, u, w, w2k, b2k, pos, pos, 10000.0)
+
+
+def median_ms(fn, args, n):
+  jax.block_until_ready(fn(*args))  # compile + warm-up
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return 1e3 * float(np.median(times))
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def item(name, body):
+  if time.time() - T0 > BUDGET_S:
+    res['items'].append({'name': name, 'skipped': 'time budget'})
+    save()
+    return None
+  t = time.time()
+  try:
+    out = body()
+    rec = {'name': name, **out}
+  except Exception:  # noqa: BLE001 (record any failure, go on)
+    rec = {'name': name, 'error': traceback.format_exc()[-3000:]}
+    out = None
+  rec['wall_s'] = round(time.time() - t, 1)
+  res['items'].append(rec)
+  print(json.dumps({k: v for k, v in rec.items() if k != 'error'}), rec.get('error', '')[-600:], flush=True)
+  save()
+  return out
+
+
+GPU = jax.default_backend() == 'gpu'
+# Off GPU (a smoke test of this script): small shapes, both kernels interpreted.
+B, T, N, H = (16, 299, 2, 32) if GPU else (1, 70, 2, 8)
+FS = (64, 256) if GPU else (40, 100)
+INTERPRET = None
+if not GPU:
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  INTERPRET = InterpretGPUParams()
+  res['shapes'] = f'B{B} T{T} N{N} H{H}, RoPE, float32 (CPU smoke test, interpreted)'
+cases = {}
+
+
+def run_mgpu(F, opts):
+  scale, args = cases[F]['args']
+  ref = cases[F]['ref']
+  d = fm._dims(args[0], args[2], opts.block_k)
+  f = jax.jit(lambda *a: fm.forward(*a, scale=scale, opts=opts, interpret=INTERPRET))
+  g, lse = f(*args)
+  g, lse = np.asarray(g), np.asarray(lse)
+  out = {'block_k': d.kb, 'programs': d.b * d.n_q * d.n_kb}
+  for key in ('triton', 'exact'):
+    if key in ref:
+      out[f'G_rel_vs_{key}'] = rel(g[:, :T], ref[key][0][:, :T])
+      out[f'lse_abs_vs_{key}'] = float(np.abs(lse - ref[key][1])[:, :, :T].max())
+  out['ms'] = median_ms(f, args, 20 if GPU else 2)
+  return out
+
+
+def exact(F):
+  scale, args = cases[F]['args']
+  with jax.default_matmul_precision('highest'):
+    g, lse = jax.jit(lambda *a: fm.transcription(*a, scale=scale, opts=fm.Options(precision='float32')))(*args)
+  cases[F]['ref']['exact'] = (np.asarray(g), np.asarray(lse))
+  return {}
+
+
+def run_triton(F):
+  scale, args = cases[F]['args']
+  ref = cases[F]['ref']
+  triton = jax.jit(lambda *a: fused._forward(fm.triton_static(scale, N, F, interpret=not GPU), *a))
+  g, lse = triton(*args)
+  ref['triton'] = (np.asarray(g), np.asarray(lse))
+  out = {}
+  if 'exact' in ref:
+    out = {'G_rel_vs_exact': rel(g[:, :T], ref['exact'][0][:, :T]),
+           'lse_abs_vs_exact': float(np.abs(np.asarray(lse) - ref['exact'][1])[:, :, :T].max())}
+  return {**out, 'ms': median_ms(triton, args, 20 if GPU else 2)}
+
+
+def overhead(F):
+  # The XLA work around the kernel (operand layout, combining the key blocks' partial results) alone.
+  scale, args = cases[F]['args']
+  d = fm._dims(args[0], args[2], 0)
+
+  def prep_combine(*a):
+    ops = fm._layout(d, *a)
+    part = jnp.zeros((d.b, d.n_kb, d.tq, d.n, d.fp), jnp.float32) + ops[1][:, None, :, None, :1]
+    ml = jnp.zeros((d.b, d.n_kb, d.n, d.tq), jnp.float32) + ops[7][None, None, None, :].astype(jnp.float32)
+    return fm._combine(d, part, ml, ml + 1.0), ops[3].astype(jnp.bfloat16)
+
+  return {'block_k': d.kb, 'ms': median_ms(jax.jit(prep_combine), args, 20 if GPU else 2)}
+
+
+# First what matters (each F: references, the Triton forward, the MGPU forward with its default tiles), then the
+# variants, while the time budget lasts.
+for F in FS:
+  cases[F] = {'args': inputs(F, B, T, N, H, F), 'ref': {}}
+  item(f'F{F} exact float32 transcription', lambda F=F: exact(F))
+  item(f'F{F} triton forward (fused.Blocks())', lambda F=F: run_triton(F))
+  item(f'F{F} mgpu forward (default Options)', lambda F=F: run_mgpu(F, fm.Options()))
+for F in FS:
+  scale, args = cases[F]['args']
+  auto = fm._dims(args[0], args[2], 0).kb
+  for k in (64, 128, 256):
+    if k != auto and not fm.unsupported(fm._dims(args[0], args[2], k)):
+      item(f'F{F} mgpu forward block_k={k}', lambda F=F, k=k: run_mgpu(F, fm.Options(block_k=k)))
+  item(f'F{F} mgpu forward approx_math', lambda F=F: run_mgpu(F, fm.Options(approx_math=True)))
+  item(f'F{F} mgpu layout + combine only (default block_k)', lambda F=F: overhead(F))
+
+res['total_s'] = round(time.time() - T0, 1)
+save()
+print('done in', res['total_s'], 's')
