@@ -153,7 +153,7 @@ for F in FS:
 for F in FS:
   scale, args = cases[F]['args']
   auto = fm._dims(args[0], args[2], 0).kb
-  for k in (64, 128, 256):
+  for k in (32, 64, 128, 256):
     if k != auto and not fm.unsupported(fm._dims(args[0], args[2], k)):
       item(f'F{F} mgpu forward block_k={k}', lambda F=F, k=k: run_mgpu(F, fm.Options(block_k=k)))
   item(f'F{F} mgpu forward approx_math', lambda F=F: run_mgpu(F, fm.Options(approx_math=True)))

@@ -16,6 +16,16 @@ update rather than kept (registers). The program's partial (G, m, l) are combine
 fused.py's `fwd_splits` are. Keys past a block's last key visible to the query tile are skipped (counts computed
 outside from positions, so any token order works); masked keys inside are handled by the row mask.
 
+Where the time should go (an estimate, not measured: nothing here has run on a GPU). Per key and program at the
+original config (N2 H32, kv_hidden 64, one warpgroup): the GELU on 64 x 64 elements (~25 instructions each with
+the accurate tanh: ~800 issue cycles; `approx_math` uses tanh.approx), two wgmmas of 64 x 64 x 128 (~500 cycles
+of tensor core, waited on at once), the logits (~250) and the G update (~130): ~1,700 cycles, serial within a
+program. With 240 programs of <= 64 keys and two per SM (registers), about 64 x 1,700 / 1.8 GHz ~ 60 us a layer
+if two programs hide each other's latency, plus ~10 us of XLA around it, against 370 us for the Triton kernel.
+At kv_hidden 256 G alone is N x 256 floats per query (256 registers a thread for 64 queries and 2 heads): the
+kernel lowers but will spill, and it recomputes the GELU for the G update (four chunks); it needs another split
+(heads per program, or hidden units across warpgroups with partial logits exchanged through shared memory).
+
 Precision: the key layer's operands are bfloat16 (g and W2k rounded, products exact, float32 accumulation); h, the
 GELU, the softmax and G are float32. `transcription` computes the same formulation in plain jnp (with
 `precision='float32'` it is exact float32 and must equal fused.py's forward; with 'bf16' it rounds as the kernel).
@@ -42,8 +52,10 @@ SMEM_BYTES = 227 * 1024 - 8192  # an H100/H200 block's shared memory, less a mar
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Static settings of the Mosaic GPU forward."""
-  # Keys per program (a multiple of 32), 0 = the largest of 256, 128, 64, 32 whose buffers fit in shared memory.
-  # Fewer = more programs and more partial results to combine.
+  # Keys per program (a multiple of 32); 0 = 64, or 32 where 64 does not fit in shared memory (kv_hidden 256).
+  # Short blocks for parallelism: the original config has 16 x 5 query tiles for 132 SMs, and a program runs its
+  # keys one after another; key blocks of 64 make 240 programs of at most 64 keys (their partial results, 26 MB
+  # at kv_hidden 64, are combined by XLA).
   block_k: int = 0
   precision: str = 'bf16'  # the key layer's operands: 'bf16' | 'float32' (transcription only: exact reference)
   approx_math: bool = False  # tanh.approx etc. (about 2^-11 relative error in tanh)
@@ -102,7 +114,7 @@ def _dims(q, w, kb: int) -> _Dims:
 
   if kb:
     return dims(kb)
-  fits = [k for k in (256, 128, 64, 32) if _smem_bytes(dims(k)) <= SMEM_BYTES]
+  fits = [k for k in (64, 32) if _smem_bytes(dims(k)) <= SMEM_BYTES]
   return dims(fits[0] if fits else 32)
 
 
