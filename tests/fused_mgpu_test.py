@@ -92,13 +92,15 @@ def _gpu_interpreter():
 # The kernel itself in Mosaic GPU's interpret mode (CPU; simulated shared memory, barriers, wgmma; not register
 # layouts): against the bf16 transcription, the same arithmetic. T = 70 is two query tiles (the second part
 # padding), block_k 32 three key blocks (the last part padding, the first query tile sees one), F = 100 two hidden
-# chunks (G of each head and chunk kept apart: a mixed-up index once passed N = 1 and F <= 64), two heads.
+# chunks (G of each head and chunk kept apart: a mixed-up index once passed N = 1 and F <= 64), two heads; then
+# three heads without RoPE, u held in registers.
 @pytest.mark.skipif(_gpu_interpreter() is None, reason='no Mosaic GPU interpret mode in this jax')
-@pytest.mark.parametrize('n,h,f,t,block_k,rope', [(2, 6, 100, 70, 32, True), (3, 8, 40, 37, 0, False)])
-def test_kernel_interpreted_matches_the_transcription(n, h, f, t, block_k, rope):
+@pytest.mark.parametrize('n,h,f,t,block_k,rope,keep_u', [(2, 6, 100, 70, 32, True, False),
+                                                         (3, 8, 40, 37, 0, False, True)])
+def test_kernel_interpreted_matches_the_transcription(n, h, f, t, block_k, rope, keep_u):
   p, q, x = _params(7 * t + f, 1, t, n, h, f)
   scale, args, _ = _forward_args(p, q, x, rope)
-  opts = fm.Options(block_k=block_k)
+  opts = fm.Options(block_k=block_k, keep_u=keep_u)
   g, lse = jax.jit(lambda *a: fm.forward(*a, scale=scale, opts=opts, interpret=_gpu_interpreter()))(*args)
   g_ref, lse_ref = jax.jit(lambda *a: fm.transcription(*a, scale=scale, opts=opts))(*args)
   assert _rel(g[:, :t], g_ref[:, :t]) <= 1e-6

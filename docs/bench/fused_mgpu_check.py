@@ -157,6 +157,7 @@ for F in FS:
     if k != auto and not fm.unsupported(fm._dims(args[0], args[2], k)):
       item(f'F{F} mgpu forward block_k={k}', lambda F=F, k=k: run_mgpu(F, fm.Options(block_k=k)))
   item(f'F{F} mgpu forward approx_math', lambda F=F: run_mgpu(F, fm.Options(approx_math=True)))
+  item(f'F{F} mgpu forward keep_u', lambda F=F: run_mgpu(F, fm.Options(keep_u=True)))
   item(f'F{F} mgpu layout + combine only (default block_k)', lambda F=F: overhead(F))
 
 res['total_s'] = round(time.time() - T0, 1)

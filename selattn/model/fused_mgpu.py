@@ -59,6 +59,9 @@ class Options:
   block_k: int = 0
   precision: str = 'bf16'  # the key layer's operands: 'bf16' | 'float32' (transcription only: exact reference)
   approx_math: bool = False  # tanh.approx etc. (about 2^-11 relative error in tanh)
+  # The tile's u rows held in registers across the key loop (F / 2 more registers a thread) instead of read from
+  # shared memory for every key.
+  keep_u: bool = False
 
 
 def _gelu(h):
@@ -280,8 +283,10 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
     a_heads = [load(a_s, (slice(None), pl.ds(h * hd, hd)), wg) for h in range(n)]
     bias = [load(b2_s.at[h], (), col) for h in range(n)]
 
+    u_regs = [load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg) for ci in range(nc)] if opts.keep_u else None
+
     def hidden(j, ci):
-      uc = load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg)
+      uc = u_regs[ci] if u_regs else load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg)
       wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
       return _gelu(uc + jax.lax.broadcast_in_dim(wc, (BQ, FC), (1,)))
 
