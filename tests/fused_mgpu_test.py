@@ -116,8 +116,8 @@ def _lowers_for_cuda() -> bool:
   return True
 
 
-# The original config's shapes: B16 T299 N2 H32, kv_hidden 64 and 256 (the latter in key blocks of 32: shared
-# memory). Lowering runs Mosaic GPU's Python lowering (layouts, wgmma operand checks, shared-memory budget), not
+# The original config's shapes: B16 T299 N2 H32, kv_hidden 64 and 256 (the latter needs 215 KB of shared memory).
+# Lowering runs Mosaic GPU's Python lowering (layouts, wgmma operand checks, shared-memory budget), not
 # ptxas.
 @pytest.mark.skipif(not _lowers_for_cuda(), reason='lowering for cuda is unavailable here')
 @pytest.mark.parametrize('f', [64, 256])

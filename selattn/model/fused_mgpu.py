@@ -6,10 +6,10 @@ Formulation ("query rows"). A program takes 64 queries (the rows of every regist
 warpgroup) and a block of keys, one key at a time, so no array is 3-D and no reduction crosses rows:
   h_j = U + 1 w_j^T              [64, F]: U the tile's u rows, w_j broadcast down the rows (a column vector)
   g_j = gelu(h_j)                [64, F] float32, cast to bfloat16 as the wgmma's A operand (from registers)
-  [K_j | Ks_j] = g_j [W2k_n | W2s_n] + [b_n | bs_n]   per head n, one wgmma of N = 4 H2 (B from shared memory);
-       W2s_n is W2k_n with its RoPE halves swapped, so Ks_j = swap(K_j) and R_j K_j = K_j o c_j + Ks_j o s_j with
-       c_j = [cos_j, cos_j], s_j = [-sin_j, sin_j] (the key's rotation without moving columns between threads)
-  s^n_j = scale * rowsum(a_n o (K_j o c_j + Ks_j o s_j))   [64]: a_n = R_i q_i of head n
+  K_j = g_j W2k_n + b_n          per head n [64, 2 H2], one wgmma (B from shared memory)
+  s^n_j = scale * rowsum((a_n o c_j + a'_n o s_j) o K_j)   [64]: a_n = R_i q_i of head n, a'_n the same with its
+       RoPE halves swapped (both fixed for the program), c_j = [cos_j, cos_j], s_j = [sin_j, -sin_j]: the first
+       factor is R_j^T a_n, so this is (R_i q_i) . (R_j K_ij), and no column moves between threads
   online softmax per row over the keys (m, l per head), G^n = G^n * corr^n + p^n_j o g_j     (elementwise)
 Hidden units run in chunks of 64 (one wgmma K group of bfloat16); with several chunks g is recomputed for the G
 update rather than kept (registers). The program's partial (G, m, l) are combined over key blocks outside, as
@@ -18,9 +18,9 @@ outside from positions, so any token order works); masked keys inside are handle
 
 Where the time should go (an estimate, not measured: nothing here has run on a GPU). Per key and program at the
 original config (N2 H32, kv_hidden 64, one warpgroup): the GELU on 64 x 64 elements (~25 instructions each with
-the accurate tanh: ~800 issue cycles; `approx_math` uses tanh.approx), two wgmmas of 64 x 64 x 128 (~500 cycles
-of tensor core, waited on at once), the logits (~250) and the G update (~130): ~1,700 cycles, serial within a
-program. With 240 programs of <= 64 keys and two per SM (registers), about 64 x 1,700 / 1.8 GHz ~ 60 us a layer
+the accurate tanh: ~800 issue cycles; `approx_math` uses tanh.approx), two wgmmas of 64 x 64 x 32 (~130 cycles
+of tensor core, waited on at once), the logits (~130) and the G update (~130): ~1,300 cycles, serial within a
+program. With 240 programs of <= 64 keys and two per SM (registers), about 64 x 1,300 / 1.8 GHz ~ 45 us a layer
 if two programs hide each other's latency, plus ~10 us of XLA around it, against 370 us for the Triton kernel.
 At kv_hidden 256 G alone is N x 256 floats per query (256 registers a thread for 64 queries and 2 heads): the
 kernel lowers but will spill, and it recomputes the GELU for the G update (four chunks); it needs another split
@@ -52,7 +52,7 @@ SMEM_BYTES = 227 * 1024 - 8192  # an H100/H200 block's shared memory, less a mar
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Static settings of the Mosaic GPU forward."""
-  # Keys per program (a multiple of 32); 0 = 64, or 32 where 64 does not fit in shared memory (kv_hidden 256).
+  # Keys per program (a multiple of 32); 0 = 64, or 32 where 64 does not fit in shared memory.
   # Short blocks for parallelism: the original config has 16 x 5 query tiles for 132 SMs, and a program runs its
   # keys one after another; key blocks of 64 make 240 programs of at most 64 keys (their partial results, 26 MB
   # at kv_hidden 64, are combined by XLA).
@@ -89,7 +89,7 @@ class _Dims:
   kb: int  # keys per program
 
   @property
-  def hd(self):  # per-head width of the [K | Ks] halves layout: 2 H2
+  def hd(self):  # per-head width, both RoPE halves: 2 H2
     return 2 * self.h2
 
   @property
@@ -128,21 +128,23 @@ def _pad(x, axis, size, value=0):
 
 
 def _layout(d: _Dims, q, u, w, w2, b2, cos, sin, qpos, kpos):
-  """The kernel's operands: a [B, Tq, N*Hd], u [B, Tq, Fp], w [B, Sk, Fp], w2cat [Fp, N, 2*Hd] ([W2k_n | W2s_n]
-  per head, halves (K1, K2 | K2, K1)), b2cat [N, 2*Hd], c, s [Sk, Hd] ([cos, cos], [-sin, sin]), qpos [Tq],
+  """The kernel's operands: a [B, Tq, 2*N*Hd] (the rotated queries, then the same with RoPE halves swapped),
+  u [B, Tq, Fp], w [B, Sk, Fp], w2 [Fp, N, Hd], b2 [N, Hd], c, s [Sk, Hd] ([cos, cos], [sin, -sin]), qpos [Tq],
   kpos [Sk], and counts [n_q, n_kb]: keys of each key block to visit for each query tile."""
   big = jnp.iinfo(jnp.int32).max
-  a = _pad(q.astype(jnp.float32).reshape(d.b, d.t_in, d.n * d.hd), 1, d.tq)
+  q = q.astype(jnp.float32)
+  a = _pad(jnp.concatenate([q.reshape(d.b, d.t_in, d.n * d.hd), q[:, :, :, ::-1].reshape(d.b, d.t_in, d.n * d.hd)],
+                           axis=2), 1, d.tq)
   u = _pad(_pad(u.astype(jnp.float32), 2, d.fp), 1, d.tq)
   w = _pad(_pad(w.astype(jnp.float32), 2, d.fp), 1, d.sk)
   w2 = _pad(w2.astype(jnp.float32), 0, d.fp)  # [Fp, N, 2, H2]
-  w2cat = jnp.concatenate([w2.reshape(d.fp, d.n, d.hd), w2[:, :, ::-1].reshape(d.fp, d.n, d.hd)], axis=2)
+  w2 = w2.reshape(d.fp, d.n, d.hd)
   b2 = b2.astype(jnp.float32)
-  b2cat = jnp.concatenate([b2.reshape(d.n, d.hd), b2[:, ::-1].reshape(d.n, d.hd)], axis=1)
+  b2 = b2.reshape(d.n, d.hd)
   cos = _pad(cos.astype(jnp.float32), 0, d.sk)
   sin = _pad(sin.astype(jnp.float32), 0, d.sk)
   c = jnp.concatenate([cos, cos], axis=1)
-  s = jnp.concatenate([-sin, sin], axis=1)
+  s = jnp.concatenate([sin, -sin], axis=1)
   qpos = _pad(qpos.astype(jnp.int32), 0, d.tq, -1)
   kpos = _pad(kpos.astype(jnp.int32), 0, d.sk, big)
   # Count per (query tile, key block): one past the block's last key that some query of the tile sees (by
@@ -151,7 +153,7 @@ def _layout(d: _Dims, q, u, w, w2, b2, cos, sin, qpos, kpos):
   seen = kpos.reshape(1, d.n_kb, d.kb) <= qmax[:, None, None]  # [n_q, n_kb, kb]
   idx = jnp.arange(1, d.kb + 1, dtype=jnp.int32)
   counts = jnp.max(jnp.where(seen, idx, 0), axis=2).astype(jnp.int32)
-  return a, u, w, w2cat, b2cat, c, s, qpos, kpos, counts
+  return a, u, w, w2, b2, c, s, qpos, kpos, counts
 
 
 def _combine(d: _Dims, g, m, l):
@@ -170,15 +172,15 @@ def _combine(d: _Dims, g, m, l):
 def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Options = Options()):
   """`_forward`'s (G, lse) computed as the kernel does: 64-query tiles, key blocks, one key at a time."""
   d = _dims(q, w, opts.block_k)
-  a, u, w, w2cat, b2cat, c, s, qpos, kpos, counts = _layout(d, q, u, w, w2, b2, cos, sin, qpos, kpos)
+  a, u, w, w2, b2, c, s, qpos, kpos, counts = _layout(d, q, u, w, w2, b2, cos, sin, qpos, kpos)
   if opts.precision == 'bf16':
     rnd = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
   elif opts.precision == 'float32':
     rnd = lambda x: x
   else:
     raise ValueError(f'precision={opts.precision!r}')
-  w2r = rnd(w2cat)  # [Fp, N, 2 Hd]
-  a_t = a.reshape(d.b, d.n_q, 1, BQ, d.n, d.hd)
+  w2r = rnd(w2)  # [Fp, N, Hd]
+  a_t = jnp.moveaxis(a.reshape(d.b, d.n_q, 1, BQ, 2, d.n, d.hd), 5, 3)  # [B, nq, 1, N, BQ, 2, Hd]
   u_t = u.reshape(d.b, d.n_q, 1, BQ, d.fp)
   qpos_t = qpos.reshape(1, d.n_q, 1, BQ)
   shape = (d.b, d.n_q, d.n_kb, BQ)
@@ -189,10 +191,10 @@ def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: 
     wj = w[:, kidx]  # [B, nkb, Fp]
     h = u_t + wj[:, None, :, None, :]  # [B, nq, nkb, BQ, Fp]
     g = _gelu(h)
-    kv = jnp.einsum('xyzif,fne->xyznie', rnd(g), w2r, precision='highest') + b2cat[None, None, None, :, None, :]
-    k, ks = kv[..., :d.hd], kv[..., d.hd:]
-    rk = k * c[kidx][None, None, :, None, None, :] + ks * s[kidx][None, None, :, None, None, :]
-    logit = jnp.sum(jnp.moveaxis(a_t, 4, 3) * rk, axis=-1) * scale  # [B, nq, nkb, N, BQ]
+    k = jnp.einsum('xyzif,fne->xyznie', rnd(g), w2r, precision='highest') + b2[None, None, None, :, None, :]
+    qr = (a_t[..., 0, :] * c[kidx][None, None, :, None, None, :]
+          + a_t[..., 1, :] * s[kidx][None, None, :, None, None, :])  # R_j^T R_i q_i
+    logit = jnp.sum(qr * k, axis=-1) * scale  # [B, nq, nkb, N, BQ]
     vis = (qpos_t >= kpos[kidx][None, None, :, None]) & (jj < counts)[None, :, :, None]  # [1, nq, nkb, BQ]
     vis = vis[:, :, :, None, :]
     logit = jnp.where(vis, logit, _MASKED)
@@ -218,8 +220,8 @@ def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: 
 
 def _smem_bytes(d: _Dims) -> int:
   f32 = 4
-  return (BQ * d.n * d.hd * f32 + BQ * d.fp * f32 + d.kb * d.fp * f32 + d.fp * d.n * 2 * d.hd * 2
-          + 2 * d.kb * d.hd * f32 + d.n * 2 * d.hd * f32 + (d.kb + BQ) * 4 + _round_up(d.n_q * d.n_kb, 32) * 4
+  return (BQ * 2 * d.n * d.hd * f32 + BQ * d.fp * f32 + d.kb * d.fp * f32 + d.fp * d.n * d.hd * 2
+          + 2 * d.kb * d.hd * f32 + d.n * d.hd * f32 + (d.kb + BQ) * 4 + _round_up(d.n_q * d.n_kb, 32) * 4
           + 2 * d.n * BQ * f32)
 
 
@@ -227,8 +229,8 @@ def unsupported(d: _Dims) -> str | None:
   """Why the kernel cannot take these sizes, or None."""
   if d.hd % 16:
     return f'per-head width 2*H2={d.hd} is not a multiple of 16'
-  if 2 * d.hd > 256:
-    return f'wgmma N = 4*H2 = {2 * d.hd} > 256'
+  if d.hd > 256:
+    return f'wgmma N = 2*H2 = {d.hd} > 256'
   if (need := _smem_bytes(d)) > SMEM_BYTES:
     return f'needs {need} bytes of shared memory (> {SMEM_BYTES}): use a smaller block_k'
   return None
@@ -244,19 +246,20 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
     raise ValueError(f'the kernel computes the key layer in bf16 only, not {opts.precision!r}')
   if (why := unsupported(d)) is not None:
     raise ValueError(why)
-  a, u, w, w2cat, b2cat, c, s, qpos, kpos, counts = _layout(d, q, u, w, w2, b2, cos, sin, qpos, kpos)
+  a, u, w, w2, b2, c, s, qpos, kpos, counts = _layout(d, q, u, w, w2, b2, cos, sin, qpos, kpos)
   n, hd, fp, kb, nc = d.n, d.hd, d.fp, d.kb, d.n_chunks
   # B operand: [chunk, head, 64 hidden, 2 Hd] in bfloat16, tiled and swizzled for wgmma.
-  w2b = w2cat.reshape(nc, FC, n, 2 * hd).transpose(0, 2, 1, 3).astype(jnp.bfloat16)
+  w2b = w2.reshape(nc, FC, n, hd).transpose(0, 2, 1, 3).astype(jnp.bfloat16)
   counts = _pad(counts.reshape(-1), 0, _round_up(d.n_q * d.n_kb, 32))  # TMA copies of whole 128-byte lines
   n_kb = d.n_kb
   wg = plgpu.Layout.WGMMA
   row = plgpu.Layout.WGMMA.reduce(1)  # [64] per-query vectors
   col = plgpu.Layout.WGMMA.reduce(0)  # [F] or [Hd] per-column vectors
-  swz = 128
+  # B rows of Hd bfloat16 (64 bytes at H2 16): the widest swizzle they fill; A (g) is split into K groups to match.
+  swz = plgpu.find_swizzle(hd * 16)
   b_transforms = (plgpu.TilingTransform((8, swz // 2)), plgpu.SwizzleTransform(swz))
   # float32 tiles read into the wgmma register layout: swizzled rows of 32 (conflict-free shared-memory loads).
-  f_transforms = (plgpu.TilingTransform((8, swz // 4)), plgpu.SwizzleTransform(swz))
+  f_transforms = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 
   def load(ref, idx, layout):
     # GPU interpret mode has no `plgpu.load`; a plain read computes the same values there.
@@ -281,6 +284,7 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
     qpos_v = load(qpos_s, (), row)
     count = cnt_s[qi * n_kb + kbi]
     a_heads = [load(a_s, (slice(None), pl.ds(h * hd, hd)), wg) for h in range(n)]
+    a_swapped = [load(a_s, (slice(None), pl.ds((n + h) * hd, hd)), wg) for h in range(n)]
     bias = [load(b2_s.at[h], (), col) for h in range(n)]
 
     u_regs = [load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg) for ci in range(nc)] if opts.keep_u else None
@@ -306,15 +310,15 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
             plgpu.wgmma(acc_refs[h], gb, w2_s.at[ci, h])
         return [r[...] for r in acc_refs], cached
 
-      kv, cached = pl.run_scoped(keys_of, [plgpu.ACC((BQ, 2 * hd), jnp.float32) for _ in range(n)])
+      kv, cached = pl.run_scoped(keys_of, [plgpu.ACC((BQ, hd), jnp.float32) for _ in range(n)])
       cj = jax.lax.broadcast_in_dim(load(c_s.at[j], (), col), (BQ, hd), (1,))
       sj = jax.lax.broadcast_in_dim(load(s_s.at[j], (), col), (BQ, hd), (1,))
       visible = qpos_v >= kpos_s[j]
       m_new, l_new, p, corr = [], [], [], []
       for h in range(n):
-        kvb = kv[h] + jax.lax.broadcast_in_dim(bias[h], (BQ, 2 * hd), (1,))
-        rk = kvb[:, :hd] * cj + kvb[:, hd:] * sj
-        logit = jnp.where(visible, jnp.sum(a_heads[h] * rk, axis=1) * scale, _MASKED)
+        k = kv[h] + jax.lax.broadcast_in_dim(bias[h], (BQ, hd), (1,))
+        qr = a_heads[h] * cj + a_swapped[h] * sj  # R_j^T R_i q_i
+        logit = jnp.where(visible, jnp.sum(qr * k, axis=1) * scale, _MASKED)
         mn = jnp.maximum(m[h], logit)
         corr.append(jnp.exp(m[h] - mn))
         p.append(jnp.where(visible, jnp.exp(logit - mn), 0.0))
@@ -349,9 +353,9 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
 
   f32 = jnp.float32
   scratch = [
-      plgpu.SMEM((BQ, n * hd), f32, transforms=f_transforms), plgpu.SMEM((BQ, fp), f32, transforms=f_transforms),
+      plgpu.SMEM((BQ, 2 * n * hd), f32, transforms=f_transforms), plgpu.SMEM((BQ, fp), f32, transforms=f_transforms),
       plgpu.SMEM((kb, fp), f32),
-      plgpu.SMEM((nc, n, FC, 2 * hd), jnp.bfloat16, transforms=b_transforms), plgpu.SMEM((n, 2 * hd), f32),
+      plgpu.SMEM((nc, n, FC, hd), jnp.bfloat16, transforms=b_transforms), plgpu.SMEM((n, hd), f32),
       plgpu.SMEM((kb, hd), f32), plgpu.SMEM((kb, hd), f32), plgpu.SMEM((BQ,), jnp.int32),
       plgpu.SMEM((kb,), jnp.int32), plgpu.SMEM(counts.shape, jnp.int32), plgpu.SMEM((2, n, BQ), f32),
       plgpu.Barrier(num_barriers=10)]
@@ -362,7 +366,7 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
   call = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(n_kb, d.n_q, d.b),
                       grid_names=('kb', 'q', 'b'), compiler_params=plgpu.CompilerParams(approx_math=opts.approx_math),
                       interpret=interpret)
-  g, m, l = call(a, u, w, w2b, b2cat, c, s, qpos, kpos, counts)
+  g, m, l = call(a, u, w, w2b, b2, c, s, qpos, kpos, counts)
   return _combine(d, g.reshape(d.b, n_kb, d.tq, n, fp), m, l)
 
 
