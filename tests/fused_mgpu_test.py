@@ -93,14 +93,15 @@ def _gpu_interpreter():
 # layouts): against the bf16 transcription, the same arithmetic. T = 70 is two query tiles (the second part
 # padding), block_k 32 three key blocks (the last part padding, the first query tile sees one), F = 100 two hidden
 # chunks (G of each head and chunk kept apart: a mixed-up index once passed N = 1 and F <= 64), two heads; then
-# three heads without RoPE, u held in registers.
+# three heads without RoPE, u held in registers, and RoPE with one head per program (three head groups).
 @pytest.mark.skipif(_gpu_interpreter() is None, reason='no Mosaic GPU interpret mode in this jax')
-@pytest.mark.parametrize('n,h,f,t,block_k,rope,keep_u', [(2, 6, 100, 70, 32, True, False),
-                                                         (3, 8, 40, 37, 0, False, True)])
-def test_kernel_interpreted_matches_the_transcription(n, h, f, t, block_k, rope, keep_u):
+@pytest.mark.parametrize('n,h,f,t,block_k,rope,opts', [(2, 6, 100, 70, 32, True, {}),
+                                                       (3, 8, 40, 37, 0, False, {'keep_u': True}),
+                                                       (3, 8, 40, 37, 0, True, {'heads_per_program': 1})])
+def test_kernel_interpreted_matches_the_transcription(n, h, f, t, block_k, rope, opts):
   p, q, x = _params(7 * t + f, 1, t, n, h, f)
   scale, args, _ = _forward_args(p, q, x, rope)
-  opts = fm.Options(block_k=block_k, keep_u=keep_u)
+  opts = fm.Options(block_k=block_k, **opts)
   g, lse = jax.jit(lambda *a: fm.forward(*a, scale=scale, opts=opts, interpret=_gpu_interpreter()))(*args)
   g_ref, lse_ref = jax.jit(lambda *a: fm.transcription(*a, scale=scale, opts=opts))(*args)
   assert _rel(g[:, :t], g_ref[:, :t]) <= 1e-6
@@ -120,12 +121,13 @@ def _lowers_for_cuda() -> bool:
 # Lowering runs Mosaic GPU's Python lowering (layouts, wgmma operand checks, shared-memory budget), not
 # ptxas.
 @pytest.mark.skipif(not _lowers_for_cuda(), reason='lowering for cuda is unavailable here')
-@pytest.mark.parametrize('f', [64, 256])
-def test_kernel_lowers_for_cuda_at_the_original_config(f):
+@pytest.mark.parametrize('f,opts', [(64, {}), (256, {}), (256, {'heads_per_program': 1}), (64, {'keep_u': True})])
+def test_kernel_lowers_for_cuda_at_the_original_config(f, opts):
   b, t, n, h = 16, 299, 2, 32
   shapes = fm.fused_inputs(jnp.zeros((b, t, n, h)), jnp.zeros((b, t, f)), jnp.zeros((b, t, f)),
                            jnp.zeros((f, n * h)), jnp.zeros((n * h,)), jnp.arange(t), jnp.arange(t), 10000.0)
   scale, args = shapes
   args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
-  lowered = jax.jit(lambda *a: fm.forward(*a, scale=scale)).trace(*args).lower(lowering_platforms=('cuda',))
+  opts = fm.Options(**opts)
+  lowered = jax.jit(lambda *a: fm.forward(*a, scale=scale, opts=opts)).trace(*args).lower(lowering_platforms=('cuda',))
   assert 'mosaic_gpu' in lowered.as_text()

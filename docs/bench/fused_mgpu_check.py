@@ -95,11 +95,11 @@ cases = {}
 def run_mgpu(F, opts):
   scale, args = cases[F]['args']
   ref = cases[F]['ref']
-  d = fm._dims(args[0], args[2], opts.block_k)
+  d = fm._dims(args[0], args[2], opts)
   f = jax.jit(lambda *a: fm.forward(*a, scale=scale, opts=opts, interpret=INTERPRET))
   g, lse = f(*args)
   g, lse = np.asarray(g), np.asarray(lse)
-  out = {'block_k': d.kb, 'programs': d.b * d.n_q * d.n_kb}
+  out = {'block_k': d.kb, 'programs': d.b * d.n_q * d.n_kb * (d.n // d.hp)}
   for key in ('triton', 'exact'):
     if key in ref:
       out[f'G_rel_vs_{key}'] = rel(g[:, :T], ref[key][0][:, :T])
@@ -132,7 +132,7 @@ def run_triton(F):
 def overhead(F):
   # The XLA work around the kernel (operand layout, combining the key blocks' partial results) alone.
   scale, args = cases[F]['args']
-  d = fm._dims(args[0], args[2], 0)
+  d = fm._dims(args[0], args[2], fm.Options())
 
   def prep_combine(*a):
     ops = fm._layout(d, *a)
@@ -152,12 +152,13 @@ for F in FS:
   item(f'F{F} mgpu forward (default Options)', lambda F=F: run_mgpu(F, fm.Options()))
 for F in FS:
   scale, args = cases[F]['args']
-  auto = fm._dims(args[0], args[2], 0).kb
+  auto = fm._dims(args[0], args[2], fm.Options()).kb
   for k in (32, 64, 128, 256):
-    if k != auto and not fm.unsupported(fm._dims(args[0], args[2], k)):
+    if k != auto and not fm.unsupported(fm._dims(args[0], args[2], fm.Options(block_k=k))):
       item(f'F{F} mgpu forward block_k={k}', lambda F=F, k=k: run_mgpu(F, fm.Options(block_k=k)))
   item(f'F{F} mgpu forward approx_math', lambda F=F: run_mgpu(F, fm.Options(approx_math=True)))
   item(f'F{F} mgpu forward keep_u', lambda F=F: run_mgpu(F, fm.Options(keep_u=True)))
+  item(f'F{F} mgpu forward heads_per_program=1', lambda F=F: run_mgpu(F, fm.Options(heads_per_program=1)))
   item(f'F{F} mgpu layout + combine only (default block_k)', lambda F=F: overhead(F))
 
 res['total_s'] = round(time.time() - T0, 1)

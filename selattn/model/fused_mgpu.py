@@ -62,6 +62,9 @@ class Options:
   # The tile's u rows held in registers across the key loop (F / 2 more registers a thread) instead of read from
   # shared memory for every key.
   keep_u: bool = False
+  # Heads per program (0 = all): fewer = more programs and fewer registers for G (N F / 2 a thread for 64
+  # queries), the GELU recomputed once per head group.
+  heads_per_program: int = 0
 
 
 def _gelu(h):
@@ -87,6 +90,7 @@ class _Dims:
   sk: int  # keys padded to block_k
   fp: int  # hidden padded to FC
   kb: int  # keys per program
+  hp: int  # heads per program
 
   @property
   def hd(self):  # per-head width, both RoPE halves: 2 H2
@@ -105,15 +109,18 @@ class _Dims:
     return self.fp // FC
 
 
-def _dims(q, w, kb: int) -> _Dims:
+def _dims(q, w, opts: Options) -> _Dims:
   b, t, n, _, h2 = q.shape
   s, f = w.shape[1], w.shape[2]
+  kb, hp = opts.block_k, opts.heads_per_program or n
   if kb % 32 or kb < 0:
     raise ValueError(f'block_k={kb} is not a multiple of 32')
+  if n % hp:
+    raise ValueError(f'heads_per_program={hp} does not divide the {n} heads')
 
   def dims(kb):
     return _Dims(b=b, t_in=t, s_in=s, f_in=f, n=n, h2=h2, tq=_round_up(t, BQ), sk=_round_up(s, kb),
-                 fp=_round_up(f, FC), kb=kb)
+                 fp=_round_up(f, FC), kb=kb, hp=hp)
 
   if kb:
     return dims(kb)
@@ -128,13 +135,13 @@ def _pad(x, axis, size, value=0):
 
 
 def _layout(d: _Dims, q, u, w, w2, b2, cos, sin, qpos, kpos):
-  """The kernel's operands: a [B, Tq, 2*N*Hd] (the rotated queries, then the same with RoPE halves swapped),
+  """The kernel's operands: a [B, Tq, N*2*Hd] (per head the rotated query, then it with RoPE halves swapped),
   u [B, Tq, Fp], w [B, Sk, Fp], w2 [Fp, N, Hd], b2 [N, Hd], c, s [Sk, Hd] ([cos, cos], [sin, -sin]), qpos [Tq],
   kpos [Sk], and counts [n_q, n_kb]: keys of each key block to visit for each query tile."""
   big = jnp.iinfo(jnp.int32).max
   q = q.astype(jnp.float32)
-  a = _pad(jnp.concatenate([q.reshape(d.b, d.t_in, d.n * d.hd), q[:, :, :, ::-1].reshape(d.b, d.t_in, d.n * d.hd)],
-                           axis=2), 1, d.tq)
+  a = jnp.stack([q.reshape(d.b, d.t_in, d.n, d.hd), q[:, :, :, ::-1].reshape(d.b, d.t_in, d.n, d.hd)], axis=3)
+  a = _pad(a.reshape(d.b, d.t_in, d.n * 2 * d.hd), 1, d.tq)
   u = _pad(_pad(u.astype(jnp.float32), 2, d.fp), 1, d.tq)
   w = _pad(_pad(w.astype(jnp.float32), 2, d.fp), 1, d.sk)
   w2 = _pad(w2.astype(jnp.float32), 0, d.fp)  # [Fp, N, 2, H2]
@@ -171,7 +178,7 @@ def _combine(d: _Dims, g, m, l):
 
 def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Options = Options()):
   """`_forward`'s (G, lse) computed as the kernel does: 64-query tiles, key blocks, one key at a time."""
-  d = _dims(q, w, opts.block_k)
+  d = _dims(q, w, opts)
   a, u, w, w2, b2, c, s, qpos, kpos, counts = _layout(d, q, u, w, w2, b2, cos, sin, qpos, kpos)
   if opts.precision == 'bf16':
     rnd = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
@@ -180,7 +187,7 @@ def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: 
   else:
     raise ValueError(f'precision={opts.precision!r}')
   w2r = rnd(w2)  # [Fp, N, Hd]
-  a_t = jnp.moveaxis(a.reshape(d.b, d.n_q, 1, BQ, 2, d.n, d.hd), 5, 3)  # [B, nq, 1, N, BQ, 2, Hd]
+  a_t = jnp.moveaxis(a.reshape(d.b, d.n_q, 1, BQ, d.n, 2, d.hd), 4, 3)  # [B, nq, 1, N, BQ, 2, Hd]
   u_t = u.reshape(d.b, d.n_q, 1, BQ, d.fp)
   qpos_t = qpos.reshape(1, d.n_q, 1, BQ)
   shape = (d.b, d.n_q, d.n_kb, BQ)
@@ -220,9 +227,9 @@ def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: 
 
 def _smem_bytes(d: _Dims) -> int:
   f32 = 4
-  return (BQ * 2 * d.n * d.hd * f32 + BQ * d.fp * f32 + d.kb * d.fp * f32 + d.fp * d.n * d.hd * 2
-          + 2 * d.kb * d.hd * f32 + d.n * d.hd * f32 + (d.kb + BQ) * 4 + _round_up(d.n_q * d.n_kb, 32) * 4
-          + 2 * d.n * BQ * f32)
+  return (BQ * 2 * d.hp * d.hd * f32 + BQ * d.fp * f32 + d.kb * d.fp * f32 + d.fp * d.hp * d.hd * 2
+          + 2 * d.kb * d.hd * f32 + d.hp * d.hd * f32 + (d.kb + BQ) * 4 + _round_up(d.n_q * d.n_kb, 32) * 4
+          + 2 * d.hp * BQ * f32)
 
 
 def unsupported(d: _Dims) -> str | None:
@@ -241,13 +248,14 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
   from jax.experimental import pallas as pl  # noqa: PLC0415 (GPU-only module, imported on use)
   from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
-  d = _dims(q, w, opts.block_k)
+  d = _dims(q, w, opts)
   if opts.precision != 'bf16':
     raise ValueError(f'the kernel computes the key layer in bf16 only, not {opts.precision!r}')
   if (why := unsupported(d)) is not None:
     raise ValueError(why)
   a, u, w, w2, b2, c, s, qpos, kpos, counts = _layout(d, q, u, w, w2, b2, cos, sin, qpos, kpos)
-  n, hd, fp, kb, nc = d.n, d.hd, d.fp, d.kb, d.n_chunks
+  n, hd, fp, kb, nc, hp = d.n, d.hd, d.fp, d.kb, d.n_chunks, d.hp
+  groups = n // hp
   # B operand: [chunk, head, 64 hidden, 2 Hd] in bfloat16, tiled and swizzled for wgmma.
   w2b = w2.reshape(nc, FC, n, hd).transpose(0, 2, 1, 3).astype(jnp.bfloat16)
   counts = _pad(counts.reshape(-1), 0, _round_up(d.n_q * d.n_kb, 32))  # TMA copies of whole 128-byte lines
@@ -270,12 +278,14 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
 
   def kernel(a_g, u_g, w_g, w2_g, b2_g, c_g, s_g, qpos_g, kpos_g, cnt_g, g_out, m_out, l_out,
              a_s, u_s, w_s, w2_s, b2_s, c_s, s_s, qpos_s, kpos_s, cnt_s, ml_s, bars, *ga_s):
-    kbi, qi, bi = jax.lax.axis_index('kb'), jax.lax.axis_index('q'), jax.lax.axis_index('b')
+    z, qi, bi = jax.lax.axis_index('z'), jax.lax.axis_index('q'), jax.lax.axis_index('b')
+    kbi, gi = z // groups, z % groups  # key block, head group
     rows = pl.ds(qi * BQ, BQ)
     keys = pl.ds(kbi * kb, kb)
-    copies = [(a_g.at[bi, rows], a_s), (u_g.at[bi, rows], u_s), (w_g.at[bi, keys], w_s), (w2_g, w2_s),
-              (b2_g, b2_s), (c_g.at[keys], c_s), (s_g.at[keys], s_s), (qpos_g.at[rows], qpos_s),
-              (kpos_g.at[keys], kpos_s), (cnt_g, cnt_s)]
+    heads = pl.ds(gi * hp, hp)
+    copies = [(a_g.at[bi, rows, pl.ds(gi * hp * 2 * hd, hp * 2 * hd)], a_s), (u_g.at[bi, rows], u_s),
+              (w_g.at[bi, keys], w_s), (w2_g.at[:, heads], w2_s), (b2_g.at[heads], b2_s), (c_g.at[keys], c_s),
+              (s_g.at[keys], s_s), (qpos_g.at[rows], qpos_s), (kpos_g.at[keys], kpos_s), (cnt_g, cnt_s)]
     for i, (src, dst) in enumerate(copies):
       plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
     for i in range(len(copies)):
@@ -283,9 +293,9 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
 
     qpos_v = load(qpos_s, (), row)
     count = cnt_s[qi * n_kb + kbi]
-    a_heads = [load(a_s, (slice(None), pl.ds(h * hd, hd)), wg) for h in range(n)]
-    a_swapped = [load(a_s, (slice(None), pl.ds((n + h) * hd, hd)), wg) for h in range(n)]
-    bias = [load(b2_s.at[h], (), col) for h in range(n)]
+    a_heads = [load(a_s, (slice(None), pl.ds(2 * h * hd, hd)), wg) for h in range(hp)]
+    a_swapped = [load(a_s, (slice(None), pl.ds((2 * h + 1) * hd, hd)), wg) for h in range(hp)]
+    bias = [load(b2_s.at[h], (), col) for h in range(hp)]
 
     u_regs = [load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg) for ci in range(nc)] if opts.keep_u else None
 
@@ -306,16 +316,16 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
           if interpret is not None:  # the interpreter's wgmma reads A from shared memory only
             ga_s[0][...] = gb
             gb = ga_s[0]
-          for h in range(n):
+          for h in range(hp):
             plgpu.wgmma(acc_refs[h], gb, w2_s.at[ci, h])
         return [r[...] for r in acc_refs], cached
 
-      kv, cached = pl.run_scoped(keys_of, [plgpu.ACC((BQ, hd), jnp.float32) for _ in range(n)])
+      kv, cached = pl.run_scoped(keys_of, [plgpu.ACC((BQ, hd), jnp.float32) for _ in range(hp)])
       cj = jax.lax.broadcast_in_dim(load(c_s.at[j], (), col), (BQ, hd), (1,))
       sj = jax.lax.broadcast_in_dim(load(s_s.at[j], (), col), (BQ, hd), (1,))
       visible = qpos_v >= kpos_s[j]
       m_new, l_new, p, corr = [], [], [], []
-      for h in range(n):
+      for h in range(hp):
         k = kv[h] + jax.lax.broadcast_in_dim(bias[h], (BQ, hd), (1,))
         qr = a_heads[h] * cj + a_swapped[h] * sj  # R_j^T R_i q_i
         logit = jnp.where(visible, jnp.sum(qr * k, axis=1) * scale, _MASKED)
@@ -327,44 +337,44 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
       new_gs = list(gs)  # G of head h, chunk ci at h * nc + ci
       for ci in range(nc):
         g = cached if nc == 1 else hidden(j, ci)
-        for h in range(n):
+        for h in range(hp):
           cb = jax.lax.broadcast_in_dim(corr[h], (BQ, FC), (0,))
           pb = jax.lax.broadcast_in_dim(p[h], (BQ, FC), (0,))
           new_gs[h * nc + ci] = gs[h * nc + ci] * cb + pb * g
       return tuple(m_new), tuple(l_new), tuple(new_gs)
 
-    init = (tuple(cast(jnp.full((BQ,), _MASKED, jnp.float32), row) for _ in range(n)),
-            tuple(cast(jnp.zeros((BQ,), jnp.float32), row) for _ in range(n)),
-            tuple(cast(jnp.zeros((BQ, FC), jnp.float32), wg) for _ in range(n * nc)))
+    init = (tuple(cast(jnp.full((BQ,), _MASKED, jnp.float32), row) for _ in range(hp)),
+            tuple(cast(jnp.zeros((BQ,), jnp.float32), row) for _ in range(hp)),
+            tuple(cast(jnp.zeros((BQ, FC), jnp.float32), wg) for _ in range(hp * nc)))
     m, l, gs = jax.lax.fori_loop(0, count, key_step, init)
 
     # Out through shared memory: G per head in u's buffer (u is no longer read), m and l in ml_s.
-    for h in range(n):
+    for h in range(hp):
       for ci in range(nc):
         u_s[:, pl.ds(ci * FC, FC)] = gs[h * nc + ci]
       ml_s[0, h] = m[h]
       ml_s[1, h] = l[h]
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(u_s, g_out.at[bi, kbi, rows, pl.ds(h * fp, fp)])
+      plgpu.copy_smem_to_gmem(u_s, g_out.at[bi, kbi, rows, pl.ds((gi * hp + h) * fp, fp)])
       plgpu.wait_smem_to_gmem(0)
-    plgpu.copy_smem_to_gmem(ml_s.at[0], m_out.at[bi, kbi, :, rows])
-    plgpu.copy_smem_to_gmem(ml_s.at[1], l_out.at[bi, kbi, :, rows])
+    plgpu.copy_smem_to_gmem(ml_s.at[0], m_out.at[bi, kbi, heads, rows])
+    plgpu.copy_smem_to_gmem(ml_s.at[1], l_out.at[bi, kbi, heads, rows])
     plgpu.wait_smem_to_gmem(0)
 
   f32 = jnp.float32
   scratch = [
-      plgpu.SMEM((BQ, 2 * n * hd), f32, transforms=f_transforms), plgpu.SMEM((BQ, fp), f32, transforms=f_transforms),
+      plgpu.SMEM((BQ, 2 * hp * hd), f32, transforms=f_transforms), plgpu.SMEM((BQ, fp), f32, transforms=f_transforms),
       plgpu.SMEM((kb, fp), f32),
-      plgpu.SMEM((nc, n, FC, hd), jnp.bfloat16, transforms=b_transforms), plgpu.SMEM((n, hd), f32),
+      plgpu.SMEM((nc, hp, FC, hd), jnp.bfloat16, transforms=b_transforms), plgpu.SMEM((hp, hd), f32),
       plgpu.SMEM((kb, hd), f32), plgpu.SMEM((kb, hd), f32), plgpu.SMEM((BQ,), jnp.int32),
-      plgpu.SMEM((kb,), jnp.int32), plgpu.SMEM(counts.shape, jnp.int32), plgpu.SMEM((2, n, BQ), f32),
+      plgpu.SMEM((kb,), jnp.int32), plgpu.SMEM(counts.shape, jnp.int32), plgpu.SMEM((2, hp, BQ), f32),
       plgpu.Barrier(num_barriers=10)]
   if interpret is not None:
     scratch.append(plgpu.SMEM((BQ, FC), jnp.bfloat16, transforms=b_transforms))
   out_type = [jax.ShapeDtypeStruct((d.b, n_kb, d.tq, n * fp), f32), jax.ShapeDtypeStruct((d.b, n_kb, n, d.tq), f32),
               jax.ShapeDtypeStruct((d.b, n_kb, n, d.tq), f32)]
-  call = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(n_kb, d.n_q, d.b),
-                      grid_names=('kb', 'q', 'b'), compiler_params=plgpu.CompilerParams(approx_math=opts.approx_math),
+  call = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(n_kb * groups, d.n_q, d.b),
+                      grid_names=('z', 'q', 'b'), compiler_params=plgpu.CompilerParams(approx_math=opts.approx_math),
                       interpret=interpret)
   g, m, l = call(a, u, w, w2b, b2, c, s, qpos, kpos, counts)
   return _combine(d, g.reshape(d.b, n_kb, d.tq, n, fp), m, l)
