@@ -131,3 +131,14 @@ def test_kernel_lowers_for_cuda_at_the_original_config(f, opts):
   opts = fm.Options(**opts)
   lowered = jax.jit(lambda *a: fm.forward(*a, scale=scale, opts=opts)).trace(*args).lower(lowering_platforms=('cuda',))
   assert 'mosaic_gpu' in lowered.as_text()
+
+
+@pytest.mark.parametrize('opts,match', [({'block_k': 48}, 'block_k=48 is not a multiple of 32'),
+                                        ({'heads_per_program': 2}, 'heads_per_program=2 does not divide the 3 heads'),
+                                        ({'precision': 'float32'}, "bf16 only, not 'float32'"),
+                                        ({'block_k': 4096}, 'bytes of shared memory')])
+def test_options_the_kernel_cannot_take_are_refused_in_one_line(opts, match):
+  p, q, x = _params(1, 1, 37, 3, 8, 40)
+  scale, args, _ = _forward_args(p, q, x, True)
+  with pytest.raises(ValueError, match=match):
+    fm.forward(*args, scale=scale, opts=fm.Options(**opts))

@@ -143,12 +143,14 @@ def overhead(F):
   return {'block_k': d.kb, 'ms': median_ms(jax.jit(prep_combine), args, 20 if GPU else 2)}
 
 
-# First what matters (each F: references, the Triton forward, the MGPU forward with its default tiles), then the
-# variants, while the time budget lasts.
+# First what matters: the references and the Triton forward (before any MGPU kernel: a kernel that faults may leave
+# the GPU unusable for the rest of the process), the MGPU forward with its default options; then the variants,
+# while the time budget lasts.
 for F in FS:
   cases[F] = {'args': inputs(F, B, T, N, H, F), 'ref': {}}
   item(f'F{F} exact float32 transcription', lambda F=F: exact(F))
   item(f'F{F} triton forward (fused.Blocks())', lambda F=F: run_triton(F))
+for F in FS:
   item(f'F{F} mgpu forward (default Options)', lambda F=F: run_mgpu(F, fm.Options()))
 for F in FS:
   scale, args = cases[F]['args']

@@ -1,6 +1,10 @@
 """Prototype: the fused forward (fused.py's `_forward`) as a Mosaic GPU kernel for Hopper, forward only.
 
 Not used by the model yet: compared against fused.py's Triton forward by docs/bench/fused_mgpu_check.py on a GPU.
+Checked on CPU only (tests/fused_mgpu_test.py): the formulation (`transcription`) against fused.py's forward and
+`materialized`; the kernel in Mosaic GPU's interpret mode (which simulates shared memory, barriers and wgmma, not
+register layouts or timing) against the transcription; and the kernel lowered for cuda (Mosaic's own checks of
+layouts, wgmma operands and shared memory, not ptxas).
 
 Formulation ("query rows"). A program takes 64 queries (the rows of every register array: one wgmma M tile per
 warpgroup) and a block of keys, one key at a time, so no array is 3-D and no reduction crosses rows:
