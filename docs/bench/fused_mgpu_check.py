@@ -160,6 +160,7 @@ for F in FS:
       item(f'F{F} mgpu forward block_k={k}', lambda F=F, k=k: run_mgpu(F, fm.Options(block_k=k)))
   item(f'F{F} mgpu forward approx_math', lambda F=F: run_mgpu(F, fm.Options(approx_math=True)))
   item(f'F{F} mgpu forward keep_u', lambda F=F: run_mgpu(F, fm.Options(keep_u=True)))
+  item(f'F{F} mgpu forward keep_q', lambda F=F: run_mgpu(F, fm.Options(keep_q=True)))
   item(f'F{F} mgpu forward heads_per_program=1', lambda F=F: run_mgpu(F, fm.Options(heads_per_program=1)))
   item(f'F{F} mgpu layout + combine only (default block_k)', lambda F=F: overhead(F))
 

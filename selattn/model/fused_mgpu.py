@@ -66,6 +66,8 @@ class Options:
   # The tile's u rows held in registers across the key loop (F / 2 more registers a thread) instead of read from
   # shared memory for every key.
   keep_u: bool = False
+  # Likewise the tile's rotated queries (both RoPE orders: 2 H2 registers a thread per head).
+  keep_q: bool = False
   # Heads per program (0 = all): fewer = more programs and fewer registers for G (N F / 2 a thread for 64
   # queries), the GELU recomputed once per head group.
   heads_per_program: int = 0
@@ -297,9 +299,12 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
 
     qpos_v = load(qpos_s, (), row)
     count = cnt_s[qi * n_kb + kbi]
-    a_heads = [load(a_s, (slice(None), pl.ds(2 * h * hd, hd)), wg) for h in range(hp)]
-    a_swapped = [load(a_s, (slice(None), pl.ds((2 * h + 1) * hd, hd)), wg) for h in range(hp)]
-    bias = [load(b2_s.at[h], (), col) for h in range(hp)]
+
+    def queries():  # per head: R_i q_i, and it with RoPE halves swapped
+      return ([load(a_s, (slice(None), pl.ds(2 * h * hd, hd)), wg) for h in range(hp)],
+              [load(a_s, (slice(None), pl.ds((2 * h + 1) * hd, hd)), wg) for h in range(hp)])
+
+    kept_q = queries() if opts.keep_q else None
 
     u_regs = [load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg) for ci in range(nc)] if opts.keep_u else None
 
@@ -328,6 +333,8 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
       cj = jax.lax.broadcast_in_dim(load(c_s.at[j], (), col), (BQ, hd), (1,))
       sj = jax.lax.broadcast_in_dim(load(s_s.at[j], (), col), (BQ, hd), (1,))
       visible = qpos_v >= kpos_s[j]
+      a_heads, a_swapped = kept_q or queries()
+      bias = [load(b2_s.at[h], (), col) for h in range(hp)]
       m_new, l_new, p, corr = [], [], [], []
       for h in range(hp):
         k = kv[h] + jax.lax.broadcast_in_dim(bias[h], (BQ, hd), (1,))
