@@ -9,7 +9,6 @@ run is recorded with its error and the script goes on. Writes $OUT/fused_mgpu_ch
 """
 
 import json
-import math
 import os
 import time
 import traceback

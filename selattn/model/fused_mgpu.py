@@ -38,12 +38,10 @@ GELU, the softmax and G are float32. `transcription` computes the same formulati
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 _MASKED = -1e30  # as fused.py
 _GELU_C = math.sqrt(2.0 / math.pi)
