@@ -26,9 +26,10 @@ the accurate tanh: ~800 issue cycles; `approx_math` uses tanh.approx), two wgmma
 of tensor core, waited on at once), the logits (~130) and the G update (~130): ~1,300 cycles, serial within a
 program. With 240 programs of <= 64 keys and two per SM (registers), about 64 x 1,300 / 1.8 GHz ~ 45 us a layer
 if two programs hide each other's latency, plus ~10 us of XLA around it, against 370 us for the Triton kernel.
-At kv_hidden 256 G alone is N x 256 floats per query (256 registers a thread for 64 queries and 2 heads): the
-kernel lowers but will spill, and it recomputes the GELU for the G update (four chunks); it needs another split
-(heads per program, or hidden units across warpgroups with partial logits exchanged through shared memory).
+At kv_hidden 256, G alone is F / 2 = 128 registers a thread per head (64 queries): with both heads the kernel
+lowers but will spill; `heads_per_program=1` halves that at the price of the GELU once per head, and with four
+hidden chunks the GELU is recomputed for the G update anyway. A better split would put hidden chunks on separate
+warpgroups that exchange partial logits ([64] per head and key) through shared memory.
 
 Precision: the key layer's operands are bfloat16 (g and W2k rounded, products exact, float32 accumulation); h, the
 GELU, the softmax and G are float32. `transcription` computes the same formulation in plain jnp (with
