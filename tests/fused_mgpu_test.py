@@ -93,11 +93,13 @@ def _gpu_interpreter():
 # layouts): against the bf16 transcription, the same arithmetic. T = 70 is two query tiles (the second part
 # padding), block_k 32 three key blocks (the last part padding, the first query tile sees one), F = 100 two hidden
 # chunks (G of each head and chunk kept apart: a mixed-up index once passed N = 1 and F <= 64), two heads; then
-# three heads without RoPE, u and the queries held in registers, and RoPE with one head per program (three head groups).
+# three heads without RoPE, u and the queries held in registers; RoPE with one head per program (three head
+# groups); two warpgroups taking turns over the keys (T = 37: one of them sees one key fewer in the second block).
 @pytest.mark.skipif(_gpu_interpreter() is None, reason='no Mosaic GPU interpret mode in this jax')
 @pytest.mark.parametrize('n,h,f,t,block_k,rope,opts', [(2, 6, 100, 70, 32, True, {}),
                                                        (3, 8, 40, 37, 0, False, {'keep_u': True, 'keep_q': True}),
-                                                       (3, 8, 40, 37, 0, True, {'heads_per_program': 1})])
+                                                       (3, 8, 40, 37, 0, True, {'heads_per_program': 1}),
+                                                       (2, 8, 40, 37, 32, True, {'warpgroups': 2})])
 def test_kernel_interpreted_matches_the_transcription(n, h, f, t, block_k, rope, opts):
   p, q, x = _params(7 * t + f, 1, t, n, h, f)
   scale, args, _ = _forward_args(p, q, x, rope)
@@ -122,7 +124,8 @@ def _lowers_for_cuda() -> bool:
 # ptxas.
 @pytest.mark.skipif(not _lowers_for_cuda(), reason='lowering for cuda is unavailable here')
 @pytest.mark.parametrize('f,opts', [(64, {}), (256, {}), (256, {'heads_per_program': 1}),
-                                    (64, {'keep_u': True, 'keep_q': True})])
+                                    (64, {'keep_u': True, 'keep_q': True}),
+                                    (256, {'warpgroups': 2, 'heads_per_program': 1})])
 def test_kernel_lowers_for_cuda_at_the_original_config(f, opts):
   b, t, n, h = 16, 299, 2, 32
   shapes = fm.fused_inputs(jnp.zeros((b, t, n, h)), jnp.zeros((b, t, f)), jnp.zeros((b, t, f)),

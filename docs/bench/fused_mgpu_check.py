@@ -152,16 +152,20 @@ for F in FS:
 for F in FS:
   item(f'F{F} mgpu forward (default Options)', lambda F=F: run_mgpu(F, fm.Options()))
 for F in FS:
-  scale, args = cases[F]['args']
-  auto = fm._dims(args[0], args[2], fm.Options()).kb
-  for k in (32, 64, 128, 256):
-    if k != auto and not fm.unsupported(fm._dims(args[0], args[2], fm.Options(block_k=k))):
-      item(f'F{F} mgpu forward block_k={k}', lambda F=F, k=k: run_mgpu(F, fm.Options(block_k=k)))
-  item(f'F{F} mgpu forward approx_math', lambda F=F: run_mgpu(F, fm.Options(approx_math=True)))
-  item(f'F{F} mgpu forward keep_u', lambda F=F: run_mgpu(F, fm.Options(keep_u=True)))
-  item(f'F{F} mgpu forward keep_q', lambda F=F: run_mgpu(F, fm.Options(keep_q=True)))
-  item(f'F{F} mgpu forward heads_per_program=1', lambda F=F: run_mgpu(F, fm.Options(heads_per_program=1)))
   item(f'F{F} mgpu layout + combine only (default block_k)', lambda F=F: overhead(F))
+# The variants, most informative first, each at both sizes before the next (the budget may cut the tail).
+variants = [('approx_math', {'approx_math': True}), ('warpgroups=2 heads_per_program=1',
+            {'warpgroups': 2, 'heads_per_program': 1}), ('heads_per_program=1', {'heads_per_program': 1}),
+            ('warpgroups=2', {'warpgroups': 2}), ('keep_q', {'keep_q': True}), ('keep_u', {'keep_u': True})]
+variants += [(f'block_k={k}', {'block_k': k}) for k in (32, 128, 256)]
+for label, kw in variants:
+  for F in FS:
+    shape_args = cases[F]['args'][1]
+    d = fm._dims(shape_args[0], shape_args[2], fm.Options(**kw))
+    if fm.unsupported(d) or (label.startswith('block_k') and d.kb == fm._dims(shape_args[0], shape_args[2],
+                                                                               fm.Options()).kb):
+      continue
+    item(f'F{F} mgpu forward {label}', lambda F=F, kw=kw: run_mgpu(F, fm.Options(**kw)))
 
 res['total_s'] = round(time.time() - T0, 1)
 save()

@@ -70,6 +70,10 @@ class Options:
   # Heads per program (0 = all): fewer = more programs and fewer registers for G (N F / 2 a thread for 64
   # queries), the GELU recomputed once per head group.
   heads_per_program: int = 0
+  # Warpgroups per program (1 or 2): each takes every other key of the block for the same 64 queries, sharing the
+  # program's shared-memory inputs (two warpgroups per SM where one program's buffers fill shared memory, as at
+  # kv_hidden 256); their partial results are combined outside like the key blocks'.
+  warpgroups: int = 1
 
 
 def _gelu(h):
@@ -96,6 +100,7 @@ class _Dims:
   fp: int  # hidden padded to FC
   kb: int  # keys per program
   hp: int  # heads per program
+  wgs: int  # warpgroups per program
 
   @property
   def hd(self):  # per-head width, both RoPE halves: 2 H2
@@ -122,10 +127,12 @@ def _dims(q, w, opts: Options) -> _Dims:
     raise ValueError(f'block_k={kb} is not a multiple of 32')
   if n % hp:
     raise ValueError(f'heads_per_program={hp} does not divide the {n} heads')
+  if opts.warpgroups not in (1, 2):
+    raise ValueError(f'warpgroups={opts.warpgroups} is not 1 or 2')
 
   def dims(kb):
     return _Dims(b=b, t_in=t, s_in=s, f_in=f, n=n, h2=h2, tq=_round_up(t, BQ), sk=_round_up(s, kb),
-                 fp=_round_up(f, FC), kb=kb, hp=hp)
+                 fp=_round_up(f, FC), kb=kb, hp=hp, wgs=opts.warpgroups)
 
   if kb:
     return dims(kb)
@@ -234,7 +241,7 @@ def _smem_bytes(d: _Dims) -> int:
   f32 = 4
   return (BQ * 2 * d.hp * d.hd * f32 + BQ * d.fp * f32 + d.kb * d.fp * f32 + d.fp * d.hp * d.hd * 2
           + 2 * d.kb * d.hd * f32 + d.hp * d.hd * f32 + (d.kb + BQ) * 4 + _round_up(d.n_q * d.n_kb, 32) * 4
-          + 2 * d.hp * BQ * f32)
+          + 2 * d.hp * BQ * f32 + (d.wgs * (BQ * FC + 2 * d.hp * BQ) * f32 if d.wgs > 1 else 0))
 
 
 def unsupported(d: _Dims) -> str | None:
@@ -259,7 +266,7 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
   if (why := unsupported(d)) is not None:
     raise ValueError(why)
   a, u, w, w2, b2, c, s, qpos, kpos, counts = _layout(d, q, u, w, w2, b2, cos, sin, qpos, kpos)
-  n, hd, fp, kb, nc, hp = d.n, d.hd, d.fp, d.kb, d.n_chunks, d.hp
+  n, hd, fp, kb, nc, hp, wgs = d.n, d.hd, d.fp, d.kb, d.n_chunks, d.hp, d.wgs
   groups = n // hp
   # B operand: [chunk, head, 64 hidden, 2 Hd] in bfloat16, tiled and swizzled for wgmma.
   w2b = w2.reshape(nc, FC, n, hd).transpose(0, 2, 1, 3).astype(jnp.bfloat16)
@@ -282,8 +289,10 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
     return x if interpret is not None else plgpu.layout_cast(x, layout)
 
   def kernel(a_g, u_g, w_g, w2_g, b2_g, c_g, s_g, qpos_g, kpos_g, cnt_g, g_out, m_out, l_out,
-             a_s, u_s, w_s, w2_s, b2_s, c_s, s_s, qpos_s, kpos_s, cnt_s, ml_s, bars, *ga_s):
+             a_s, u_s, w_s, w2_s, b2_s, c_s, s_s, qpos_s, kpos_s, cnt_s, ml_s, bars, *more):
     z, qi, bi = jax.lax.axis_index('z'), jax.lax.axis_index('q'), jax.lax.axis_index('b')
+    wgi = jax.lax.axis_index('wg') if wgs > 1 else 0
+    ga_s = more[-1:] if interpret is not None else ()  # A in shared memory (interpreted only)
     kbi, gi = z // groups, z % groups  # key block, head group
     rows = pl.ds(qi * BQ, BQ)
     keys = pl.ds(kbi * kb, kb)
@@ -291,8 +300,12 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
     copies = [(a_g.at[bi, rows, pl.ds(gi * hp * 2 * hd, hp * 2 * hd)], a_s), (u_g.at[bi, rows], u_s),
               (w_g.at[bi, keys], w_s), (w2_g.at[:, heads], w2_s), (b2_g.at[heads], b2_s), (c_g.at[keys], c_s),
               (s_g.at[keys], s_s), (qpos_g.at[rows], qpos_s), (kpos_g.at[keys], kpos_s), (cnt_g, cnt_s)]
-    for i, (src, dst) in enumerate(copies):
-      plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+
+    def issue():  # by one warpgroup; all wait
+      for i, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+
+    pl.when(wgi == 0)(issue) if wgs > 1 else issue()
     for i in range(len(copies)):
       plgpu.barrier_wait(bars.at[i])
 
@@ -312,8 +325,9 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
       wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
       return _gelu(uc + jax.lax.broadcast_in_dim(wc, (BQ, FC), (1,)))
 
-    def key_step(j, carry):
+    def key_step(i, carry):
       m, l, gs = carry
+      j = i * wgs + wgi  # warpgroups take turns over the keys
 
       def keys_of(acc_refs):
         cached = None
@@ -322,8 +336,8 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
           cached = g if nc == 1 else None
           gb = g.astype(jnp.bfloat16)
           if interpret is not None:  # the interpreter's wgmma reads A from shared memory only
-            ga_s[0][...] = gb
-            gb = ga_s[0]
+            ga_s[0].at[wgi][...] = gb
+            gb = ga_s[0].at[wgi]
           for h in range(hp):
             plgpu.wgmma(acc_refs[h], gb, w2_s.at[ci, h])
         return [r[...] for r in acc_refs], cached
@@ -356,7 +370,24 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
     init = (tuple(cast(jnp.full((BQ,), _MASKED, jnp.float32), row) for _ in range(hp)),
             tuple(cast(jnp.zeros((BQ,), jnp.float32), row) for _ in range(hp)),
             tuple(cast(jnp.zeros((BQ, FC), jnp.float32), wg) for _ in range(hp * nc)))
-    m, l, gs = jax.lax.fori_loop(0, count, key_step, init)
+    m, l, gs = jax.lax.fori_loop(0, jnp.maximum(count - wgi + wgs - 1, 0) // wgs, key_step, init)
+    split = kbi * wgs + wgi
+
+    if wgs > 1:  # out through this warpgroup's own buffers, a chunk at a time (the other may still read u)
+      st_s, mlw_s = more[0].at[wgi], more[1].at[wgi]
+      for h in range(hp):
+        for ci in range(nc):
+          st_s[...] = gs[h * nc + ci]
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(st_s, g_out.at[bi, split, rows, pl.ds((gi * hp + h) * fp + ci * FC, FC)])
+          plgpu.wait_smem_to_gmem(0)
+        mlw_s[0, h] = m[h]
+        mlw_s[1, h] = l[h]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(mlw_s.at[0], m_out.at[bi, split, heads, rows])
+      plgpu.copy_smem_to_gmem(mlw_s.at[1], l_out.at[bi, split, heads, rows])
+      plgpu.wait_smem_to_gmem(0)
+      return
 
     # Out through shared memory: G per head in u's buffer (u is no longer read), m and l in ml_s.
     for h in range(hp):
@@ -365,10 +396,10 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
       ml_s[0, h] = m[h]
       ml_s[1, h] = l[h]
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(u_s, g_out.at[bi, kbi, rows, pl.ds((gi * hp + h) * fp, fp)])
+      plgpu.copy_smem_to_gmem(u_s, g_out.at[bi, split, rows, pl.ds((gi * hp + h) * fp, fp)])
       plgpu.wait_smem_to_gmem(0)
-    plgpu.copy_smem_to_gmem(ml_s.at[0], m_out.at[bi, kbi, heads, rows])
-    plgpu.copy_smem_to_gmem(ml_s.at[1], l_out.at[bi, kbi, heads, rows])
+    plgpu.copy_smem_to_gmem(ml_s.at[0], m_out.at[bi, split, heads, rows])
+    plgpu.copy_smem_to_gmem(ml_s.at[1], l_out.at[bi, split, heads, rows])
     plgpu.wait_smem_to_gmem(0)
 
   f32 = jnp.float32
@@ -379,15 +410,19 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
       plgpu.SMEM((kb, hd), f32), plgpu.SMEM((kb, hd), f32), plgpu.SMEM((BQ,), jnp.int32),
       plgpu.SMEM((kb,), jnp.int32), plgpu.SMEM(counts.shape, jnp.int32), plgpu.SMEM((2, hp, BQ), f32),
       plgpu.Barrier(num_barriers=10)]
+  if wgs > 1:
+    scratch += [plgpu.SMEM((wgs, BQ, FC), f32, transforms=f_transforms), plgpu.SMEM((wgs, 2, hp, BQ), f32)]
   if interpret is not None:
-    scratch.append(plgpu.SMEM((BQ, FC), jnp.bfloat16, transforms=b_transforms))
-  out_type = [jax.ShapeDtypeStruct((d.b, n_kb, d.tq, n * fp), f32), jax.ShapeDtypeStruct((d.b, n_kb, n, d.tq), f32),
-              jax.ShapeDtypeStruct((d.b, n_kb, n, d.tq), f32)]
+    scratch.append(plgpu.SMEM((wgs, BQ, FC), jnp.bfloat16, transforms=b_transforms))
+  splits = n_kb * wgs
+  out_type = [jax.ShapeDtypeStruct((d.b, splits, d.tq, n * fp), f32),
+              jax.ShapeDtypeStruct((d.b, splits, n, d.tq), f32), jax.ShapeDtypeStruct((d.b, splits, n, d.tq), f32)]
+  threads = dict(num_threads=wgs, thread_name='wg') if wgs > 1 else {}
   call = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(n_kb * groups, d.n_q, d.b),
                       grid_names=('z', 'q', 'b'), compiler_params=plgpu.CompilerParams(approx_math=opts.approx_math),
-                      interpret=interpret)
+                      interpret=interpret, kernel_name='selective_fused_fwd_mgpu', **threads)
   g, m, l = call(a, u, w, w2b, b2, c, s, qpos, kpos, counts)
-  return _combine(d, g.reshape(d.b, n_kb, d.tq, n, fp), m, l)
+  return _combine(d, g.reshape(d.b, splits, d.tq, n, fp), m, l)
 
 
 # ----------------------------------------------------------------------------------------------------------------
