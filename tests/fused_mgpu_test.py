@@ -111,9 +111,15 @@ def test_kernel_interpreted_matches_the_transcription(n, h, f, t, block_k, rope,
 
 
 def _lowers_for_cuda() -> bool:
+  """Whether a trivial Mosaic GPU kernel lowers for cuda here."""
   try:
-    from jax.experimental.pallas import mosaic_gpu  # noqa: F401, PLC0415
-    jax.jit(lambda x: x + 1).trace(jnp.zeros(4)).lower(lowering_platforms=('cuda',))
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+
+    def body(x_ref, o_ref):
+      o_ref[...] = x_ref[...] + 1.0
+
+    f = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((128,), jnp.float32))
+    jax.jit(f).trace(jnp.zeros(128, jnp.float32)).lower(lowering_platforms=('cuda',))
   except Exception:  # noqa: BLE001 (any failure means: no cuda lowering here)
     return False
   return True
