@@ -154,12 +154,17 @@ for F in FS:
 for F in FS:
   item(f'F{F} mgpu layout + combine only (default block_k)', lambda F=F: overhead(F))
 # The variants, most informative first, each at both sizes before the next (the budget may cut the tail).
-variants = [('approx_math', {'approx_math': True}), ('warpgroups=2 heads_per_program=1',
-            {'warpgroups': 2, 'heads_per_program': 1}), ('heads_per_program=1', {'heads_per_program': 1}),
-            ('warpgroups=2', {'warpgroups': 2}), ('keep_q', {'keep_q': True}), ('keep_u', {'keep_u': True})]
+# Two warpgroups per program last: interpreted on CPU they sometimes hung (see tests/fused_mgpu_test.py), so they
+# are skipped there, and on a GPU a hang there loses only what comes after (the JSON is written after each item).
+variants = [('approx_math', {'approx_math': True}), ('heads_per_program=1', {'heads_per_program': 1}),
+            ('keep_q', {'keep_q': True}), ('keep_u', {'keep_u': True})]
 variants += [(f'block_k={k}', {'block_k': k}) for k in (32, 128, 256)]
+variants += [('warpgroups=2 heads_per_program=1', {'warpgroups': 2, 'heads_per_program': 1}),
+             ('warpgroups=2', {'warpgroups': 2})]
 for label, kw in variants:
   for F in FS:
+    if not GPU and kw.get('warpgroups', 1) > 1:
+      continue
     shape_args = cases[F]['args'][1]
     d = fm._dims(shape_args[0], shape_args[2], fm.Options(**kw))
     if fm.unsupported(d) or (label.startswith('block_k') and d.kb == fm._dims(shape_args[0], shape_args[2],

@@ -72,7 +72,8 @@ class Options:
   heads_per_program: int = 0
   # Warpgroups per program (1 or 2): each takes every other key of the block for the same 64 queries, sharing the
   # program's shared-memory inputs (two warpgroups per SM where one program's buffers fill shared memory, as at
-  # kv_hidden 256); their partial results are combined outside like the key blocks'.
+  # kv_hidden 256); their partial results are combined outside like the key blocks'. Suspect: interpreted on CPU
+  # it matched in most runs but hung in some (not understood).
   warpgroups: int = 1
 
 
