@@ -5,7 +5,10 @@ of G and max absolute error of the log-sum-exp against the Triton forward and ag
 transcription, and the median time of 20 calls (after warm-up) of each forward. A kernel that fails to compile or
 run is recorded with its error and the script goes on. Writes $OUT/fused_mgpu_check.json after each step.
 
-  OUT=. PYTHONPATH=$PWD python docs/bench/fused_mgpu_check.py
+  OUT=. PYTHONPATH=$PWD python3 docs/bench/fused_mgpu_check.py
+
+Recorded on one H200 (jax 0.11.2, 2026-12-01): docs/bench/fused_mgpu_check_h200.json, its printed lines in
+docs/bench/fused_mgpu_check_h200_log.txt.
 """
 
 import json
