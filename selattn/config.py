@@ -25,6 +25,7 @@ DECAY_MASKS = ('all', 'matrices')
 VOCABS = ('chars', 'bytes')
 SPLITS = ('tail', 'enwik8')
 FUSED_BACKWARDS = ('split', 'merged')
+FUSED_FORWARDS = ('triton', 'mgpu')
 DROPOUT_RNGS = ('threefry', 'hash')
 ATTN_KERNELS = ('auto', 'flash', 'dense')
 
@@ -79,6 +80,7 @@ class ModelConfig:
   fused_block_k: int = 16
   fused_block_f: int = 32
   fused_backward: str = 'merged'
+  fused_forward: str = 'triton'
   fused_heads_per_program: int = 0
   fused_fwd_splits: int = 1
   fused_bwd_splits: int = 1
@@ -118,6 +120,7 @@ class ModelConfig:
     _choice(p + 'init', self.init, INITS)
     _choice(p + 'selective_parts', self.selective_parts, SELECTIVE_PARTS)
     _choice(p + 'fused_backward', self.fused_backward, FUSED_BACKWARDS)
+    _choice(p + 'fused_forward', self.fused_forward, FUSED_FORWARDS)
     _choice(p + 'attn_kernel', self.attn_kernel, ATTN_KERNELS)
     _choice(p + 'dropout_rng', self.dropout_rng, DROPOUT_RNGS)
     for k in ('vocab_size', 'd_model', 'num_heads', 'num_layers', 'ffn_mult', 'kv_hidden', 'block_q', 'block_k'):

@@ -40,7 +40,7 @@ from selattn.model import Transformer, count_params
 
 # Model keys that only choose how the same function is computed: a run may resume with other values.
 EXECUTION_KEYS = ('selective_impl', 'block_q', 'block_k', 'fused_block_q', 'fused_block_k', 'fused_block_f',
-                  'fused_backward', 'fused_heads_per_program', 'fused_fwd_splits', 'fused_bwd_splits',
+                  'fused_backward', 'fused_forward', 'fused_heads_per_program', 'fused_fwd_splits', 'fused_bwd_splits',
                   'fused_num_warps', 'fused_num_stages', 'attn_kernel', 'flash_block_q', 'flash_block_k',
                   'flash_num_warps', 'flash_num_stages', 'remat', 'dtype', 'gelu_impl', 'dropout', 'dropout_rng',
                   'attn_dropout')

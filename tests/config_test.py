@@ -144,6 +144,7 @@ def test_from_config_rejects_unknown_sections():
     ('model', 'attention', 'linear', 'model.attention'),
     ('model', 'dropout', 1.0, 'model.dropout'),
     ('model', 'fused_backward', 'atomic', "model.fused_backward='atomic'"),
+    ('model', 'fused_forward', 'cuda', "model.fused_forward='cuda'"),
     ('model', 'fused_heads_per_program', 3, 'model.fused_heads_per_program=3 does not divide'),
     ('model', 'fused_bwd_splits', 0, 'model.fused_bwd_splits'),
     ('model', 'dropout_rng', 'philox', "model.dropout_rng='philox'"),

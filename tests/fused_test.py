@@ -280,13 +280,14 @@ def test_the_config_reaches_the_kernels(monkeypatch):
   seen = []
   monkeypatch.setattr(fused_lib, 'unsupported', lambda h, blocks, n: seen.append(blocks) or 'stopped here')
   keys = dict(fused_block_q=2, fused_block_k=32, fused_block_f=64, fused_num_warps=4, fused_num_stages=3,
-              fused_backward='split', fused_heads_per_program=1, fused_fwd_splits=3, fused_bwd_splits=5)
+              fused_backward='split', fused_forward='mgpu', fused_heads_per_program=1, fused_fwd_splits=3,
+              fused_bwd_splits=5)
   cfg = config_lib.ModelConfig(vocab_size=7, attention='selective', kv_generator='mlp', kv_hidden=8, d_model=16,
                                num_heads=2, selective_impl='fused', **keys)
   layer = attn_lib.SelectiveAttention(cfg, rngs=nnx.Rngs(0))
   layer(jnp.ones((1, 3, 16)), jnp.arange(3))
   assert seen == [fused_lib.Blocks(block_q=2, block_k=32, block_f=64, num_warps=4, num_stages=3, backward='split',
-                                   heads_per_program=1, fwd_splits=3, bwd_splits=5)]
+                                   forward='mgpu', heads_per_program=1, fwd_splits=3, bwd_splits=5)]
 
 
 # Tall tiles (few queries by many keys): one query per tile, and two with the backward's query tiles dealt to two

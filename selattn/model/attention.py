@@ -554,8 +554,9 @@ class SelectiveAttention(nnx.Module):
                                        **_kernel_args(cfg)))
     if impl == 'fused':
       blocks = fused_lib.Blocks(block_q=cfg.fused_block_q, block_k=cfg.fused_block_k, block_f=cfg.fused_block_f,
-                                backward=cfg.fused_backward, heads_per_program=cfg.fused_heads_per_program,
-                                fwd_splits=cfg.fused_fwd_splits, bwd_splits=cfg.fused_bwd_splits,
+                                backward=cfg.fused_backward, forward=cfg.fused_forward,
+                                heads_per_program=cfg.fused_heads_per_program, fwd_splits=cfg.fused_fwd_splits,
+                                bwd_splits=cfg.fused_bwd_splits,
                                 num_warps=cfg.fused_num_warps, num_stages=cfg.fused_num_stages)
       why = fused_lib.unsupported(cfg.head_dim, blocks, cfg.num_heads)
       if why is None and cfg.attn_dropout > 0:

@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import math
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -69,6 +70,10 @@ class Blocks:
   # one tile recompute fewer (1.5x faster training steps on an H200), but sums floats in a varying order, so on a
   # GPU its gradients are not bit-reproducible run to run.
   backward: str = 'merged'
+  # 'triton': `_forward` (this module); 'mgpu': the Mosaic GPU forward of fused_mgpu.py (Hopper: wgmma, bfloat16
+  # key-layer operands), the same residuals (G, lse) for the same backward. Where it cannot run (another GPU, its
+  # shared memory, the linear generator's identity activation) the Triton forward runs, with one logged line.
+  forward: str = 'triton'
   # Parallelism beyond one program per (batch, tile): heads per program (0 = all; fewer = more programs and fewer
   # live accumulators per program, the GELU recomputed once per head group), and the key tiles of a query tile
   # (forward) or the query tiles of a key tile (backward key kernel) dealt round-robin to this many programs whose
@@ -93,6 +98,7 @@ class _Static:
   num_stages: int
   interpret: bool
   backward: str  # Blocks.backward
+  forward: str  # Blocks.forward (after the fallback check)
   hp: int  # heads per program
   ks: int  # forward: programs per query tile (key tiles dealt round-robin)
   qs: int  # backward key kernel: programs per key tile (query tiles dealt round-robin)
@@ -513,13 +519,21 @@ def _backward_query(st, args, bsz, tp, n, h2, fp, n_chunks, n_q, n_k):
   return du.sum(1), dq
 
 
+def _forward_any(st: _Static, *args):
+  """(G, lse) from the forward kernel `st.forward` names: the same layout and meaning either way."""
+  if st.forward == 'mgpu':
+    from selattn.model import fused_mgpu  # noqa: PLC0415 (imports this module)
+    return fused_mgpu.forward(*args, scale=st.scale, interpret=fused_mgpu.interpreter() if st.interpret else None)
+  return _forward(st, *args)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(st, q, u, w, w2, b2, cos, sin, qpos, kpos):
-  return _forward(st, q, u, w, w2, b2, cos, sin, qpos, kpos)[0]
+  return _forward_any(st, q, u, w, w2, b2, cos, sin, qpos, kpos)[0]
 
 
 def _fused_fwd(st, q, u, w, w2, b2, cos, sin, qpos, kpos):
-  g, lse = _forward(st, q, u, w, w2, b2, cos, sin, qpos, kpos)
+  g, lse = _forward_any(st, q, u, w, w2, b2, cos, sin, qpos, kpos)
   return g, (q, u, w, w2, b2, cos, sin, qpos, kpos, g, lse)
 
 
@@ -528,6 +542,12 @@ _fused.defvjp(_fused_fwd, _backward)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The public entry: unpadded arrays in, selective attention out.
+
+
+@functools.cache
+def _log_once(msg: str) -> None:
+  """One line per distinct reason, not one per layer and trace."""
+  logging.warning(msg)
 
 
 def _halves(x: Array, h2: int) -> Array:
@@ -572,8 +592,8 @@ def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Arr
   tp, sp, fp = -(-t // blocks.block_q) * blocks.block_q, -(-s // blocks.block_k) * blocks.block_k, -(-f // fc) * fc
   st = _Static(scale=1.0 / math.sqrt(h), act=act, bq=blocks.block_q, bk=blocks.block_k, fc=fc,
                num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret,
-               backward=blocks.backward, hp=math.gcd(blocks.heads_per_program or n, n), ks=blocks.fwd_splits,
-               qs=blocks.bwd_splits)
+               backward=blocks.backward, forward=blocks.forward, hp=math.gcd(blocks.heads_per_program or n, n),
+               ks=blocks.fwd_splits, qs=blocks.bwd_splits)
 
   if rope_theta is not None:
     q = rope_lib.apply(q, *rope_lib.angles(q_pos, h, rope_theta))
@@ -591,6 +611,11 @@ def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Arr
   cos, sin = (tiles.pad(tiles.pad(a, 1, h2), 0, sp) for a in (cos, sin))
   qpos = tiles.pad(q_pos.astype(jnp.int32), 0, tp, -1)
   kpos = tiles.pad(k_pos.astype(jnp.int32), 0, sp, big)
+  if st.forward == 'mgpu':
+    from selattn.model import fused_mgpu  # noqa: PLC0415 (imports this module)
+    if (why := fused_mgpu.cannot_run(act, interpret, qh, w_p)) is not None:
+      _log_once(f'model.fused_forward=mgpu cannot take this call ({why}): running the Triton forward')
+      st = dataclasses.replace(st, forward='triton')
   g = _fused(st, qh, u_p, w_p, w2, b2, cos, sin, qpos, kpos)[:, :t, :, :f]  # [B, T, N, F] float32
   out = jnp.einsum('BTNF,FNH->BTNH', g.astype(w2v.dtype), w2v.reshape(f, n, h), preferred_element_type=jnp.float32)
   return (out + b2v.reshape(1, 1, n, h).astype(jnp.float32)).astype(q.dtype)

@@ -1,10 +1,19 @@
-"""Prototype: the fused forward (fused.py's `_forward`) as a Mosaic GPU kernel for Hopper, forward only.
+"""The fused forward (fused.py's `_forward`) as a Mosaic GPU kernel for Hopper: `model.fused_forward='mgpu'`.
 
-Not used by the model yet: compared against fused.py's Triton forward by docs/bench/fused_mgpu_check.py on a GPU.
-Checked on CPU only (tests/fused_mgpu_test.py): the formulation (`transcription`) against fused.py's forward and
-`materialized`; the kernel in Mosaic GPU's interpret mode (which simulates shared memory, barriers and wgmma, not
-register layouts or timing) against the transcription; and the kernel lowered for cuda (Mosaic's own checks of
-layouts, wgmma operands and shared memory, not ptxas).
+Under fused.py's custom VJP it replaces the Triton forward and feeds the same residuals (G, lse: same layout, same
+meaning) to the Triton backward; fused.attention falls back to the Triton forward (one logged line) where
+`cannot_run` says why. On one H200 (jax 0.11.2, B16 T299 N2 H32, RoPE): 0.27 ms a layer against the Triton
+forward's 0.63 at kv_hidden 64, 2.26 against 2.16 at 256 (docs/bench/fused_mgpu_check_h200.json).
+Checked on CPU (tests/fused_mgpu_test.py, fused_mgpu_train_test.py): the formulation (`transcription`) against
+fused.py's forward and `materialized`; the kernel in Mosaic GPU's interpret mode (which simulates shared memory,
+barriers and wgmma, not register layouts or timing) against the transcription, alone and in the training path; and
+the kernel lowered for cuda (Mosaic's own checks of layouts, wgmma operands and shared memory, not ptxas).
+
+Gradients. The Triton backward recomputes p_ij = exp(s_ij - lse_i) with float32 (TF32 on a GPU) logits against
+this kernel's lse from bfloat16 key-layer logits, so each row's p is off by about exp(lse32_i - lse16_i): with the
+kernel's G but the float32 lse the gradients' error against `materialized` falls 3 to 6 times (interpreted, N2 H32
+F64 T70 RoPE: 1.2e-3 -> 2.2e-4 of scale on W1, 2.4e-3 -> 4.2e-4 on x). Measured on CPU: output within 6e-4 and
+gradients within 2.7e-3 of their scale (tests/fused_mgpu_train_test.py).
 
 Formulation ("query rows"). A program takes 64 queries (the rows of every register array: one wgmma M tile per
 warpgroup) and a block of keys, one key at a time, so no array is 3-D and no reduction crosses rows:
@@ -20,7 +29,7 @@ update rather than kept (registers). The program's partial (G, m, l) are combine
 fused.py's `fwd_splits` are. Keys past a block's last key visible to the query tile are skipped (counts computed
 outside from positions, so any token order works); masked keys inside are handled by the row mask.
 
-Where the time should go (an estimate, not measured: nothing here has run on a GPU). Per key and program at the
+Where the time should go (an estimate made before it ran on a GPU). Per key and program at the
 original config (N2 H32, kv_hidden 64, one warpgroup): the GELU on 64 x 64 elements (~25 instructions each with
 the accurate tanh: ~800 issue cycles; `approx_math` uses tanh.approx), two wgmmas of 64 x 64 x 32 (~130 cycles
 of tensor core, waited on at once), the logits (~130) and the G update (~130): ~1,300 cycles, serial within a
@@ -245,6 +254,30 @@ def _smem_bytes(d: _Dims) -> int:
           + 2 * d.hp * BQ * f32 + (d.wgs * (BQ * FC + 2 * d.hp * BQ) * f32 if d.wgs > 1 else 0))
 
 
+def interpreter():
+  """Mosaic GPU's interpret mode (simulated on the CPU), or None where this jax has none."""
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: PLC0415
+  except ImportError:
+    return None
+  return InterpretGPUParams()
+
+
+def cannot_run(act: str, interpret: bool, q, w, opts: Options = Options()) -> str | None:
+  """Why `forward` cannot take fused.py's padded q [B, Tp, N, 2, H2], w [B, Sp, Fp] here, or None."""
+  if act != 'gelu':
+    return f'the kernel computes gelu, not the {act} activation'
+  if interpret:
+    if interpreter() is None:
+      return 'this jax has no Mosaic GPU interpret mode'
+  else:
+    dev = jax.devices()[0]
+    cc = str(getattr(dev, 'compute_capability', ''))
+    if dev.platform != 'gpu' or cc.split('.')[0] != '9':  # wgmma is Hopper's (sm_90a) alone
+      return f'{dev.device_kind} is not a Hopper GPU (compute capability {cc or "none"}; wgmma needs 9.x)'
+  return unsupported(_dims(q, w, opts))
+
+
 def unsupported(d: _Dims) -> str | None:
   """Why the kernel cannot take these sizes, or None."""
   if d.hd % 16:
@@ -462,4 +495,5 @@ def triton_static(scale, n, f, blocks=None, interpret=False):
   return fused._Static(scale=scale, act='gelu', bq=blocks.block_q, bk=blocks.block_k,
                        fc=min(blocks.block_f, max(16, tiles.pow2(f))), num_warps=blocks.num_warps,
                        num_stages=blocks.num_stages, interpret=interpret, backward=blocks.backward,
-                       hp=math.gcd(blocks.heads_per_program or n, n), ks=blocks.fwd_splits, qs=blocks.bwd_splits)
+                       forward=blocks.forward, hp=math.gcd(blocks.heads_per_program or n, n), ks=blocks.fwd_splits,
+                       qs=blocks.bwd_splits)
