@@ -1,0 +1,155 @@
+"""GPU (Hopper): training steps with the Mosaic GPU forward (`model.fused_forward='mgpu'`) against the Triton one.
+
+In one process, with selattn.bench.run_variant (the trainer's own step and data pipeline): the original config
+(D64 L4 N2, context 299, batch 16, float32, flat AdamW, 10 steps a call), mlp generator at kv_hidden 64 and 256,
+variants
+  triton     `fused` as shipped (Triton forward, merged Triton backward): the baseline
+  mgpu-fwd   the Mosaic GPU forward, the same Triton backward
+  mgpu-both  the Mosaic GPU forward and backward (`model.fused_backward='mgpu'`), where this tree has one
+interleaved over two rounds (the first variants of a process on a fresh GPU time slow). Then the gradients of
+every generator parameter, of q and of x against `materialized` at highest precision (B4 T299 N2 H32, RoPE, both
+kv_hidden), per variant. Each item is recorded even when it fails (its error) and the script goes on; whether
+the MGPU kernel can run here at all (fused_mgpu.cannot_run) and any fallback line logged are recorded too.
+Writes $OUT/fused_mgpu_steps.json after every item. Off GPU it runs tiny shapes, interpreted (a smoke test).
+
+  OUT=. PYTHONPATH=$PWD python3 docs/bench/fused_mgpu_steps.py
+"""
+
+import json
+import logging
+import os
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selattn import bench
+from selattn import config as config_lib
+from selattn.model import attention as attn_lib
+from selattn.model import fused
+from selattn.model import fused_mgpu as fm
+
+OUT = os.environ.get('OUT', '.')
+BUDGET_S = 330  # no new item past this: the whole call must end within 400 s
+T0 = time.time()
+GPU = jax.default_backend() == 'gpu'
+res = {'jax': jax.__version__, 'device': jax.devices()[0].device_kind, 'items': [], 'fallback_lines': []}
+
+
+class _Lines(logging.Handler):
+  def emit(self, record):
+    msg = record.getMessage()
+    if 'fused_forward' in msg or 'selective_impl=fused' in msg:
+      res['fallback_lines'].append(msg)
+
+
+logging.getLogger().addHandler(_Lines())
+
+
+def save():
+  with open(os.path.join(OUT, 'fused_mgpu_steps.json'), 'w') as f:
+    json.dump(res, f, indent=1)
+
+
+def item(name, body):
+  if time.time() - T0 > BUDGET_S:
+    res['items'].append({'name': name, 'skipped': 'time budget'})
+    save()
+    return
+  t = time.time()
+  try:
+    rec = {'name': name, **body()}
+  except Exception:  # noqa: BLE001 (record any failure, go on)
+    rec = {'name': name, 'error': traceback.format_exc()[-3000:]}
+  rec['wall_s'] = round(time.time() - t, 1)
+  res['items'].append(rec)
+  print(json.dumps({k: v for k, v in rec.items() if k != 'error'}), rec.get('error', '')[-800:], flush=True)
+  save()
+
+
+VARIANTS = {'triton': {'model.fused_forward': 'triton', 'model.fused_backward': 'merged'},
+            'mgpu-fwd': {'model.fused_forward': 'mgpu', 'model.fused_backward': 'merged'}}
+if 'mgpu' in getattr(config_lib, 'FUSED_BACKWARDS', ()):
+  VARIANTS['mgpu-both'] = {'model.fused_forward': 'mgpu', 'model.fused_backward': 'mgpu'}
+BASE = {'model.num_layers': 4, 'train.steps_per_call': 10, 'train.flat_optimizer': True, 'model.kv_generator': 'mlp',
+        'model.dtype': 'float32', 'model.selective_impl': 'fused'}
+HIDDEN = (64, 256)
+STEPS = 30
+B, T, N, H = 4, 299, 2, 32  # gradient check
+if not GPU:  # tiny and few: every interpreted kernel call takes seconds
+  BASE.update({'model.num_layers': 1, 'model.d_model': 32, 'model.num_heads': 2, 'data.seq_len': 16,
+               'train.batch_size': 1, 'train.steps_per_call': 1})
+  HIDDEN, STEPS, (B, T, N, H) = (16,), 1, (1, 37, 2, 8)
+res['config'] = {'base': BASE, 'variants': VARIANTS, 'steps': STEPS, 'grad_shapes': f'B{B} T{T} N{N} H{H}, RoPE'}
+
+
+def can_run(f):
+  scale, args = fm.fused_inputs(jnp.zeros((16, 299, 2, 32)), jnp.zeros((16, 299, f)), jnp.zeros((16, 299, f)),
+                                jnp.zeros((f, 64)), jnp.zeros((64,)), jnp.arange(299), jnp.arange(299), 1e4)
+  del scale
+  why = fm.cannot_run('gelu', not GPU, args[0], args[2])
+  d = fm._dims(args[0], args[2], fm.Options())
+  return {'cannot_run': why, 'block_k': d.kb, 'smem_bytes': fm._smem_bytes(d),
+          'compute_capability': str(getattr(jax.devices()[0], 'compute_capability', None))}
+
+
+def step(f, variant):
+  def body():
+    r = bench.run_variant(f'{variant}-h{f}', {**BASE, 'model.kv_hidden': f, **VARIANTS[variant]}, 1, STEPS, '')
+    keep = ('ms_per_step', 'ms_per_step_synced_median', 'temp_mem_gib', 'compile_s', 'final_loss',
+            'pair_tflops_per_s')
+    return {k: r[k] for k in keep}
+  return body
+
+
+def grads(f):
+  d = N * H
+  ks = jax.random.split(jax.random.key(f), 7)
+  p = {'w1': jax.random.normal(ks[0], (2 * d, f)) / np.sqrt(2 * d), 'b1': 0.3 * jax.random.normal(ks[1], (f,)),
+       'w2': jax.random.normal(ks[2], (f, 2 * d)) / np.sqrt(f), 'b2': 0.3 * jax.random.normal(ks[3], (2 * d,))}
+  q, x = jax.random.normal(ks[4], (B, T, N, H)), jax.random.normal(ks[5], (B, T, d))
+  cot = jax.random.normal(ks[6], (B, T, N, H))
+  pos = jnp.arange(T)
+
+  def value_and_grads(blocks):
+    def loss(p, q, x):
+      if blocks is None:
+        out = attn_lib.selective_materialized(attn_lib.MlpKV, p, q, x, pos, pos, 10000.0)
+      else:
+        out = attn_lib.selective_fused(attn_lib.MlpKV, attn_lib.MlpKV.fused_params(p), q, x, pos, pos, 10000.0,
+                                       blocks)
+      return jnp.sum(out * cot), out
+    (_, out), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(p, q, x)
+    return jax.device_get((out, g))
+
+  def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+  with jax.default_matmul_precision('highest'):
+    ref_out, (rp, rq, rx) = value_and_grads(None)
+  out = {}
+  for variant, over in VARIANTS.items():
+    blocks = fused.Blocks(forward=over['model.fused_forward'], backward=over['model.fused_backward'])
+    try:
+      o, (gp, gq, gx) = value_and_grads(blocks)
+      out[variant] = {'out': rel(o, ref_out), **{k: rel(gp[k], rp[k]) for k in rp}, 'q': rel(gq, rq),
+                      'x': rel(gx, rx)}
+    except Exception:  # noqa: BLE001
+      out[variant] = {'error': traceback.format_exc()[-1500:]}
+  return {'rel_err_vs_materialized_highest': out}
+
+
+for f in HIDDEN:
+  item(f'F{f} can the MGPU kernel run here', lambda f=f: can_run(f))
+for rnd in (1, 2):
+  for f in HIDDEN:
+    for variant in VARIANTS:
+      item(f'round {rnd} F{f} {variant} steps', step(f, variant))
+for f in HIDDEN:
+  item(f'F{f} gradients vs materialized', lambda f=f: grads(f))
+res['total_s'] = round(time.time() - T0, 1)
+save()
+print('done in', res['total_s'], 's')
