@@ -8,8 +8,8 @@ Workloads (ISSUE targets in BENCHMARKS.md):
            attention dropout in XLA's dense softmax and in the flash kernel; standard without attention dropout.
   long     W3: selective blockwise at B4 T4096 D256 N4 on 1 device, then with mesh.seq = all devices.
   mlp      the MLP K/V generator at the original config (kv_hidden 64 and 256, float32 and bfloat16): fused
-           (Pallas; -mgpu: the Mosaic GPU forward) against blockwise at its best tiles; the linear generator
-           through fused beside factored.
+           (Pallas; -mgpu: the Mosaic GPU forward, -mgpu2: its forward and backward) against blockwise at its best
+           tiles; the linear generator through fused beside factored.
   long-mlp the MLP generator (kv_hidden 256, bf16) at B4 T4096 D256 N4: fused and blockwise on 1 device, fused
            with mesh.seq = all devices.
   scale    W4: GPT-2-small shape as a char model (D768 L12 N12, T1024, bf16): standard and selective factored on
@@ -90,9 +90,11 @@ def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, i
                     1))
         out.append((f'fused-merged-h{hid}-{dt[:4]}', {**v, 'model.selective_impl': 'fused',
                                                       'model.fused_backward': 'merged'}, 1))
-        # The Mosaic GPU forward (Hopper) with the merged Triton backward.
+        # The Mosaic GPU kernels (Hopper): the forward with the merged Triton backward, then both.
         out.append((f'fused-mgpu-h{hid}-{dt[:4]}', {**v, 'model.selective_impl': 'fused', 'model.fused_forward': 'mgpu',
                                                     'model.fused_backward': 'merged'}, 1))
+        out.append((f'fused-mgpu2-h{hid}-{dt[:4]}', {**v, 'model.selective_impl': 'fused',
+                                                     'model.fused_forward': 'mgpu', 'model.fused_backward': 'mgpu'}, 1))
         out.append((f'blockwise-b320-h{hid}-{dt[:4]}', {**v, 'model.selective_impl': 'blockwise',
                                                          'model.block_q': 320, 'model.block_k': 320}, 1))
     lin = {**base, 'model.kv_generator': 'linear'}

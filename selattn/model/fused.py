@@ -68,7 +68,8 @@ class Blocks:
   # 'merged': one backward kernel per key tile that also adds du, dq into place with atomic adds; 'split': two
   # (per query tile: du, dq; per key tile: dw, dW2k, db2k), each recomputing the tiles, deterministic. merged does
   # one tile recompute fewer (1.5x faster training steps on an H200), but sums floats in a varying order, so on a
-  # GPU its gradients are not bit-reproducible run to run.
+  # GPU its gradients are not bit-reproducible run to run. 'mgpu': Mosaic GPU kernels (fused_mgpu_bwd.py: Hopper,
+  # bfloat16 matmul operands), falling back to 'merged' with one logged line where they cannot run.
   backward: str = 'merged'
   # 'triton': `_forward` (this module); 'mgpu': the Mosaic GPU forward of fused_mgpu.py (Hopper: wgmma, bfloat16
   # key-layer operands), the same residuals (G, lse) for the same backward. Where it cannot run (another GPU, its
@@ -537,7 +538,18 @@ def _fused_fwd(st, q, u, w, w2, b2, cos, sin, qpos, kpos):
   return g, (q, u, w, w2, b2, cos, sin, qpos, kpos, g, lse)
 
 
-_fused.defvjp(_fused_fwd, _backward)
+def _backward_any(st: _Static, res, dg_out):
+  """The backward kernels `st.backward` names: Triton's (merged, split) or Mosaic GPU's."""
+  if st.backward == 'mgpu':
+    from selattn.model import fused_mgpu, fused_mgpu_bwd  # noqa: PLC0415 (they import this module)
+    q, u, w, w2, b2 = res[:5]
+    grads = fused_mgpu_bwd.backward(*res, dg_out, scale=st.scale,
+                                    interpret=fused_mgpu.interpreter() if st.interpret else None)
+    return tuple(x.astype(y.dtype) for x, y in zip(grads, (q, u, w, w2, b2))) + (None, None, None, None)
+  return _backward(st, res, dg_out)
+
+
+_fused.defvjp(_fused_fwd, _backward_any)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -616,6 +628,11 @@ def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Arr
     if (why := fused_mgpu.cannot_run(act, interpret, qh, w_p)) is not None:
       _log_once(f'model.fused_forward=mgpu cannot take this call ({why}): running the Triton forward')
       st = dataclasses.replace(st, forward='triton')
+  if st.backward == 'mgpu':
+    from selattn.model import fused_mgpu_bwd  # noqa: PLC0415 (imports this module)
+    if (why := fused_mgpu_bwd.cannot_run(act, interpret, qh, w_p)) is not None:
+      _log_once(f'model.fused_backward=mgpu cannot take this call ({why}): running the merged Triton backward')
+      st = dataclasses.replace(st, backward='merged')
   g = _fused(st, qh, u_p, w_p, w2, b2, cos, sin, qpos, kpos)[:, :t, :, :f]  # [B, T, N, F] float32
   out = jnp.einsum('BTNF,FNH->BTNH', g.astype(w2v.dtype), w2v.reshape(f, n, h), preferred_element_type=jnp.float32)
   return (out + b2v.reshape(1, 1, n, h).astype(jnp.float32)).astype(q.dtype)

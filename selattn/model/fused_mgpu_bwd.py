@@ -1,0 +1,475 @@
+"""The fused backward (fused.py's `_backward`) as Mosaic GPU kernels for Hopper: `model.fused_backward='mgpu'`.
+
+"Query rows" and "key rows", as the forward (fused_mgpu.py) does: a program holds 64 rows in registers and visits
+the other side one at a time, so every accumulation is along rows and no reduction crosses rows.
+With a = R_i q_i of a head (both RoPE halves), a' it with halves swapped, c_j = [cos_j, cos_j], s_j = [sin_j,
+-sin_j] (the forward's notation), h = u_i + w_j, g = gelu(h), K = W2k^T g + b2k:
+  s_ij = scale (a o c_j + a' o s_j) . K_ij = scale qr_ij . K_ij,   p_ij = exp(s_ij - lse_i)
+  dp_ij = dG_i . g_ij,   ds_ij = p_ij (dp_ij - Delta_i),   Delta_i = dG_i . G_i (outside, per query and head)
+  dK_ij = scale ds_ij qr_ij
+  dg_ij = sum_n p^n_ij dG^n_i + sum_n W2k_n dK^n_ij,   dh_ij = dg_ij o gelu'(h_ij)
+  du_i = sum_j dh_ij,   da_i = A1_i + swap(A2_i),  A1_i = sum_j scale ds_ij (c_j o K_ij),  A2_i = the same with s_j
+  dw_j = sum_i dh_ij,   db2k = sum_ij dK_ij,   dW2k = sum_ij g_ij dK_ij^T
+Query kernel (64 queries, a block of keys, one key at a time): du and A1, A2 in registers (rows), each key's K by
+  one wgmma per head (g from registers) and its dg by one per head (dK from registers, W2k^T from shared memory).
+Key kernel (64 keys, a block of queries, one query at a time): dw and db2k's rows in registers, dW2k by a wgmma of
+  g^T (shared memory, transposed) by dK per query: an [F, 2 H2] accumulator per head.
+Partial results of the blocks (and head groups) are summed outside by XLA; swap(A2) is taken there too (it moves
+columns between threads). The key layer's operands are bfloat16 as in the forward (so the recomputed logits are the
+forward's and its lse normalises them), as are those of dg's and dW2k's matmuls; everything else is float32.
+`transcription` computes the same formulation over whole [B, T, S, ...] arrays in jnp (with precision='float32'
+exact float32: it must equal fused.py's `_backward`).
+Shared memory decides the blocks: at the original config (N2 H32) kv_hidden 64 takes both heads and blocks of 64,
+kv_hidden 256 one head per program and blocks of 32. Not yet run on a GPU: checked in Mosaic GPU's interpret mode
+against `transcription` and `materialized`, and lowered for cuda (tests/fused_mgpu_train_test.py);
+docs/bench/fused_mgpu_steps.py times it in training steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from selattn.model import fused_mgpu as fm
+
+BQ = fm.BQ  # query rows of the query kernel
+BK = 64  # key rows of the key kernel
+FC = fm.FC
+_MASKED = fm._MASKED
+SMEM_BYTES = fm.SMEM_BYTES
+_round_up = fm._round_up  # pylint: disable=protected-access
+
+
+def _gelu_grad(h):
+  t = jnp.tanh(fm._GELU_C * (h + fm._GELU_A * h * h * h))
+  return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * fm._GELU_C * (1.0 + 3.0 * fm._GELU_A * h * h)
+
+
+def _swap(x, h2):
+  """[..., 2 H2] -> its RoPE halves swapped."""
+  return jnp.concatenate([x[..., h2:], x[..., :h2]], axis=-1)
+
+
+def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: float, precision: str = 'bf16'):
+  """fused.py's `_backward` outputs (dq, du, dw, dW2k, db2k) by this module's formulation, dense over pairs."""
+  rnd = {'bf16': lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), 'float32': lambda x: x}[precision]
+  b, t, n, _, h2 = q.shape
+  f = u.shape[-1]
+  hi = dict(precision='highest')
+  a = q.astype(jnp.float32).reshape(b, t, n, 2 * h2)
+  w2r = rnd(w2.astype(jnp.float32).reshape(f, n, 2 * h2))
+  c = jnp.concatenate([cos, cos], axis=1).astype(jnp.float32)  # [S, Hd]
+  s = jnp.concatenate([sin, -sin], axis=1).astype(jnp.float32)
+  h = u.astype(jnp.float32)[:, :, None, :] + w.astype(jnp.float32)[:, None, :, :]  # [B, T, S, F]
+  g = fm._gelu(h)
+  k = jnp.einsum('btsf,fne->btsne', rnd(g), w2r, **hi) + b2.astype(jnp.float32).reshape(1, 1, 1, n, 2 * h2)
+  qr = a[:, :, None] * c[None, None, :, None] + _swap(a, h2)[:, :, None] * s[None, None, :, None]
+  logit = scale * jnp.sum(qr * k, axis=-1)  # [B, T, S, N]
+  vis = (qpos[:, None] >= kpos[None, :])[None, :, :, None]
+  p = jnp.where(vis, jnp.exp(logit - jnp.transpose(lse, (0, 2, 1))[:, :, None, :]), 0.0)
+  dp = jnp.einsum('btsf,btnf->btsn', g, dgo, **hi)
+  delta = jnp.einsum('btnf,btnf->btn', dgo, g_res, **hi)
+  ds = p * (dp - delta[:, :, None])
+  dk = scale * ds[..., None] * qr  # [B, T, S, N, Hd]
+  dg = jnp.einsum('btsn,btnf->btsf', p, dgo, **hi) + jnp.einsum('btsne,fne->btsf', rnd(dk), w2r, **hi)
+  dh = dg * _gelu_grad(h)
+  a1 = jnp.sum(scale * ds[..., None] * c[None, None, :, None] * k, axis=2)
+  a2 = jnp.sum(scale * ds[..., None] * s[None, None, :, None] * k, axis=2)
+  dq = (a1 + _swap(a2, h2)).reshape(b, t, n, 2, h2)
+  dw2 = jnp.einsum('btsf,btsne->fne', rnd(g), rnd(dk), **hi).reshape(f, n, 2, h2)
+  return dq, dh.sum(2), dh.sum(1), dw2, dk.sum((0, 1, 2)).reshape(n, 2, h2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The kernels.
+
+@dataclasses.dataclass(frozen=True)
+class _Dims:
+  b: int
+  t_in: int
+  s_in: int
+  f_in: int
+  n: int
+  h2: int
+  tq: int  # queries padded to a multiple of BQ and of the key kernel's query block
+  sk: int  # keys padded to a multiple of BK and of the query kernel's key block
+  fp: int
+  kb: int  # query kernel: keys per program
+  qb: int  # key kernel: queries per program
+  hq: int  # query kernel: heads per program
+  hk: int  # key kernel: heads per program
+
+  @property
+  def hd(self):
+    return 2 * self.h2
+
+  @property
+  def nc(self):
+    return self.fp // FC
+
+
+def _q_smem(d: _Dims, kb: int, hp: int, t: int, s: int) -> int:
+  f32, hd, fp = 4, d.hd, d.fp
+  return (BQ * 2 * hp * hd * f32 + BQ * fp * f32 + kb * fp * f32 + 2 * fp * hp * hd * 2 + hp * hd * f32
+          + 2 * kb * hd * f32 + (kb + BQ) * 4 + 2 * hp * BQ * f32 + BQ * hp * fp * f32
+          + _round_up(-(-t // BQ) * -(-s // kb), 32) * 4)
+
+
+def _k_smem(d: _Dims, qb: int, hp: int, t: int, s: int) -> int:
+  f32, hd, fp = 4, d.hd, d.fp
+  return (qb * 2 * hp * hd * f32 + qb * fp * f32 + BK * fp * f32 + 2 * fp * hp * hd * 2 + hp * hd * f32
+          + 2 * BK * hd * f32 + (BK + qb) * 4 + 2 * hp * qb * f32 + qb * hp * fp * f32
+          + _round_up(2 * -(-t // qb) * -(-s // BK), 32) * 4
+          + (2 * BK * FC + hp * BK * hd) * 2 + BK * hd * f32)
+
+
+def _dims(q, w) -> _Dims | str:
+  b, t, n, _, h2 = q.shape
+  s, f = w.shape[1], w.shape[2]
+  fp = _round_up(f, FC)
+  base = dict(b=b, t_in=t, s_in=s, f_in=f, n=n, h2=h2, fp=fp)
+  probe = _Dims(tq=0, sk=0, kb=0, qb=0, hq=0, hk=0, **base)
+  # Blocks of 32 at least: the TMA copies whole multiples of 128 bytes (a block's positions, one head's lse).
+  q_fit = [(kb, hp) for hp in (n, 1) for kb in (64, 32) if _q_smem(probe, kb, hp, t, s) <= SMEM_BYTES]
+  k_fit = [(qb, hp) for hp in (n, 1) for qb in (64, 32) if _k_smem(probe, qb, hp, t, s) <= SMEM_BYTES]
+  if not q_fit or not k_fit:
+    need = max(_q_smem(probe, 32, 1, t, s), _k_smem(probe, 32, 1, t, s))
+    return f'the backward needs {need} bytes of shared memory (> {SMEM_BYTES})'
+  (kb, hq), (qb, hk) = q_fit[0], k_fit[0]
+  return _Dims(tq=_round_up(t, max(BQ, qb)), sk=_round_up(s, max(BK, kb)), kb=kb, qb=qb, hq=hq, hk=hk, **base)
+
+
+def cannot_run(act: str, interpret: bool, q, w) -> str | None:
+  """Why `backward` cannot take fused.py's padded q, w here, or None."""
+  why = fm.cannot_run(act, interpret, q, w)
+  if why is not None:
+    return why
+  d = _dims(q, w)
+  return d if isinstance(d, str) else None
+
+
+def _ranges(qpos, kpos, n_qt: int, qt: int, n_kt: int, kt: int):
+  """Per (query tile of qt, key tile of kt): [lo, hi) of the other side's rows that some row of the tile sees.
+  Query tiles: one past the last key of the key tile seen by any of the tile's queries (lo 0). Key tiles: the first
+  and one past the last query of the query tile that sees any key of the tile."""
+  seen = qpos.reshape(n_qt, qt, 1, 1) >= kpos.reshape(1, 1, n_kt, kt)  # [nq, qt, nk, kt]
+  idx_k = jnp.arange(1, kt + 1, dtype=jnp.int32)
+  k_hi = jnp.max(jnp.where(jnp.any(seen, axis=1), idx_k, 0), axis=2).astype(jnp.int32)  # [nq, nk]
+  any_q = jnp.any(seen, axis=3)  # [nq, qt, nk]
+  idx_q = jnp.arange(qt, dtype=jnp.int32)[None, :, None]
+  q_lo = jnp.min(jnp.where(any_q, idx_q, qt), axis=1).astype(jnp.int32)
+  q_hi = jnp.max(jnp.where(any_q, idx_q + 1, 0), axis=1).astype(jnp.int32)
+  return k_hi, q_lo, q_hi
+
+
+def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: float, interpret=None):
+  """fused.py's `_backward` outputs (dq, du, dw, dW2k, db2k) for its padded arrays, by the two kernels."""
+  from jax.experimental import pallas as pl  # noqa: PLC0415 (GPU-only module, imported on use)
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+
+  d = _dims(q, w)
+  if isinstance(d, str):
+    raise ValueError(d)
+  b, n, h2, hd, fp, nc = d.b, d.n, d.h2, d.hd, d.fp, d.nc
+  f32 = jnp.float32
+  big = jnp.iinfo(jnp.int32).max
+  pad = fm._pad
+  t_in, s_in = q.shape[1], w.shape[1]
+  # Operands, as the forward lays them out (fused_mgpu._layout), padded to this module's tiles.
+  qf = q.astype(f32)
+  # Heads-major ([B, N, T, ...]): a head group's rows are one box for the TMA.
+  a = jnp.concatenate([qf.reshape(b, t_in, n, hd), qf[:, :, :, ::-1].reshape(b, t_in, n, hd)], axis=3)
+  a = pad(jnp.transpose(a, (0, 2, 1, 3)), 2, d.tq)  # [B, N, Tq, 2 Hd]: R_i q_i, then with halves swapped
+  u_ = pad(pad(u.astype(f32), 2, fp), 1, d.tq)
+  w_ = pad(pad(w.astype(f32), 2, fp), 1, d.sk)
+  w2f = pad(w2.astype(f32), 0, fp).reshape(fp, n, hd)
+  w2b = w2f.reshape(nc, FC, n, hd).transpose(0, 2, 1, 3).astype(jnp.bfloat16)  # [nc, N, FC, Hd]: K's B
+  w2t = w2f.reshape(nc, FC, n, hd).transpose(0, 2, 3, 1).astype(jnp.bfloat16)  # [nc, N, Hd, FC]: dg's B
+  b2_ = b2.astype(f32).reshape(n, hd)
+  cos_, sin_ = pad(cos.astype(f32), 0, d.sk), pad(sin.astype(f32), 0, d.sk)
+  c = jnp.concatenate([cos_, cos_], axis=1)
+  s = jnp.concatenate([sin_, -sin_], axis=1)
+  qp = pad(qpos.astype(jnp.int32), 0, d.tq, -1)
+  kp = pad(kpos.astype(jnp.int32), 0, d.sk, big)
+  lse_ = pad(lse.astype(f32), 2, d.tq)  # [B, N, Tq] (padding rows see no key)
+  delta = pad(jnp.einsum('btnf,btnf->bnt', dgo, g_res, precision='highest'), 2, d.tq)
+  dgo_ = jnp.transpose(pad(pad(dgo.astype(f32), 3, fp), 1, d.tq), (0, 2, 1, 3))  # [B, N, Tq, Fp]
+
+  wg = plgpu.Layout.WGMMA
+  row = plgpu.Layout.WGMMA.reduce(1)
+  col = plgpu.Layout.WGMMA.reduce(0)
+  swz_hd = plgpu.find_swizzle(hd * 16)  # rows of Hd bfloat16
+  hd_tf = (plgpu.TilingTransform((8, swz_hd // 2)), plgpu.SwizzleTransform(swz_hd))
+  fc_tf = (plgpu.TilingTransform((8, FC)), plgpu.SwizzleTransform(128))  # rows of FC bfloat16
+  f_tf = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))  # float32 tiles
+  interp = interpret is not None
+
+  def load(ref, idx, layout):
+    return ref[idx] if interp else plgpu.load(ref, idx, layout=layout)
+
+  def cast(x, layout):
+    return x if interp else plgpu.layout_cast(x, layout)
+
+  def bcast_col(v, rows, cols):  # [cols] -> [rows, cols]
+    return jax.lax.broadcast_in_dim(v, (rows, cols), (1,))
+
+  def bcast_row(v, cols):  # [rows] -> [rows, cols]
+    return jax.lax.broadcast_in_dim(v, (v.shape[0], cols), (0,))
+
+  def mm(a_val, a_scratch, b_ref, shape):
+    """a_val [64, K] (registers, bfloat16) @ b_ref (shared memory) -> [64, N] float32."""
+    def body(acc):
+      a_op = a_val
+      if interp:  # the interpreter's wgmma reads A from shared memory only
+        a_scratch[...] = a_val
+        a_op = a_scratch
+      plgpu.wgmma(acc, a_op, b_ref)
+      return acc[...]
+    return pl.run_scoped(body, plgpu.ACC(shape, f32))
+
+  # ------------------------------------------------------------------ query kernel: du, A1, A2
+  kb, hq = d.kb, d.hq
+  n_q, n_kb, gq = d.tq // BQ, d.sk // kb, n // hq
+  k_hi, _, _ = _ranges(qp, kp, n_q, BQ, n_kb, kb)
+  cnt = pad(k_hi.reshape(-1), 0, _round_up(n_q * n_kb, 32))
+
+  def q_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, cnt_g, lse_g, dl_g, dgo_g,
+               du_out, da_out,
+               a_s, u_s, w_s, w2b_s, w2t_s, b2_s, c_s, s_s, qp_s, kp_s, cnt_s, lse_s, dl_s, dgo_s, bars, *more):
+    z, qi, bi = jax.lax.axis_index('z'), jax.lax.axis_index('q'), jax.lax.axis_index('b')
+    kbi, gi = z // gq, z % gq
+    rows, keys, heads = pl.ds(qi * BQ, BQ), pl.ds(kbi * kb, kb), pl.ds(gi * hq, hq)
+    copies = [(u_g.at[bi, rows], u_s),
+              (w_g.at[bi, keys], w_s), (b2_g.at[heads], b2_s), (c_g.at[keys], c_s), (s_g.at[keys], s_s),
+              (qp_g.at[rows], qp_s),
+              (kp_g.at[keys], kp_s), (cnt_g, cnt_s), (lse_g.at[bi, heads, rows], lse_s),
+              (dl_g.at[bi, heads, rows], dl_s)]
+    # Per head and chunk: a copy of more has too many dimensions (with the tiling) for the TMA.
+    copies += [(a_g.at[bi, gi * hq + h, rows], a_s.at[h]) for h in range(hq)]
+    copies += [(dgo_g.at[bi, gi * hq + h, rows], dgo_s.at[h]) for h in range(hq)]
+    copies += [(w2b_g.at[ci, gi * hq + h], w2b_s.at[ci, h]) for ci in range(nc) for h in range(hq)]
+    copies += [(w2t_g.at[ci, gi * hq + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hq)]
+    for i, (src, dst) in enumerate(copies):
+      plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+    for i in range(len(copies)):
+      plgpu.barrier_wait(bars.at[i])
+    ga_s, dka_s = (more[0], more[1]) if interp else (None, None)
+    qp_v = load(qp_s, (), row)
+    lse_v = [load(lse_s.at[h], (), row) for h in range(hq)]
+    dl_v = [load(dl_s.at[h], (), row) for h in range(hq)]
+    count = cnt_s[qi * n_kb + kbi]
+
+    def hidden(j, ci):
+      uc = load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg)
+      wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
+      h = uc + bcast_col(wc, BQ, FC)
+      return h, fm._gelu(h)
+
+    def dgo_chunk(h, ci):
+      return load(dgo_s.at[h], (slice(None), pl.ds(ci * FC, FC)), wg)
+
+    def key_step(j, carry):
+      du, a1, a2 = carry
+      kv = [jnp.zeros((BQ, hd), f32) for _ in range(hq)]
+      dp = [jnp.zeros((BQ,), f32) for _ in range(hq)]
+      for ci in range(nc):
+        _, g = hidden(j, ci)
+        gb = g.astype(jnp.bfloat16)
+        for h in range(hq):
+          kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BQ, hd))
+          dp[h] = dp[h] + jnp.sum(g * dgo_chunk(h, ci), axis=1)
+      cj = bcast_col(load(c_s.at[j], (), col), BQ, hd)
+      sj = bcast_col(load(s_s.at[j], (), col), BQ, hd)
+      visible = qp_v >= kp_s[j]
+      p, dk, new_a1, new_a2 = [], [], list(a1), list(a2)
+      for h in range(hq):
+        k = kv[h] + bcast_col(load(b2_s.at[h], (), col), BQ, hd)
+        ah = load(a_s.at[h], (slice(None), pl.ds(0, hd)), wg)
+        ah_sw = load(a_s.at[h], (slice(None), pl.ds(hd, hd)), wg)
+        qr = ah * cj + ah_sw * sj
+        logit = jnp.sum(qr * k, axis=1) * scale
+        ph = jnp.where(visible, jnp.exp(logit - lse_v[h]), 0.0)
+        dsc = bcast_row(ph * (dp[h] - dl_v[h]) * scale, hd)  # scale ds, broadcast along the row
+        p.append(ph)
+        dk.append(dsc * qr)
+        new_a1[h] = a1[h] + dsc * (cj * k)
+        new_a2[h] = a2[h] + dsc * (sj * k)
+      new_du = list(du)
+      for ci in range(nc):
+        h_ci, _ = hidden(j, ci)
+        dg = jnp.zeros((BQ, FC), f32)
+        for h in range(hq):
+          dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2t_s.at[ci, h], (BQ, FC))
+          dg = dg + bcast_row(p[h], FC) * dgo_chunk(h, ci)
+        new_du[ci] = du[ci] + dg * _gelu_grad(h_ci)
+      return tuple(new_du), tuple(new_a1), tuple(new_a2)
+
+    zeros = lambda cols: cast(jnp.zeros((BQ, cols), f32), wg)  # noqa: E731
+    init = (tuple(zeros(FC) for _ in range(nc)), tuple(zeros(hd) for _ in range(hq)),
+            tuple(zeros(hd) for _ in range(hq)))
+    du, a1, a2 = jax.lax.fori_loop(0, count, key_step, init)
+    # Out through shared memory: du in u's buffer, A1 and A2 in a's (both no longer read).
+    for ci in range(nc):
+      u_s[:, pl.ds(ci * FC, FC)] = du[ci]
+    for h in range(hq):
+      a_s[h, :, pl.ds(0, hd)] = a1[h]
+      a_s[h, :, pl.ds(hd, hd)] = a2[h]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(u_s, du_out.at[bi, z, rows])
+    for h in range(hq):
+      plgpu.copy_smem_to_gmem(a_s.at[h], da_out.at[bi, kbi, gi * hq + h, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = [plgpu.SMEM((hq, BQ, 2 * hd), f32, transforms=f_tf), plgpu.SMEM((BQ, fp), f32, transforms=f_tf),
+             plgpu.SMEM((kb, fp), f32), plgpu.SMEM((nc, hq, FC, hd), jnp.bfloat16, transforms=hd_tf),
+             plgpu.SMEM((nc, hq, hd, FC), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((hq, hd), f32),
+             plgpu.SMEM((kb, hd), f32), plgpu.SMEM((kb, hd), f32), plgpu.SMEM((BQ,), jnp.int32),
+             plgpu.SMEM((kb,), jnp.int32), plgpu.SMEM(cnt.shape, jnp.int32), plgpu.SMEM((hq, BQ), f32),
+             plgpu.SMEM((hq, BQ), f32), plgpu.SMEM((hq, BQ, fp), f32, transforms=f_tf),
+             plgpu.Barrier(num_barriers=10 + 2 * hq + 2 * nc * hq)]
+  if interp:
+    scratch += [plgpu.SMEM((BQ, FC), jnp.bfloat16, transforms=fc_tf),
+                plgpu.SMEM((BQ, hd), jnp.bfloat16, transforms=hd_tf)]
+  q_call = plgpu.kernel(
+      q_kernel, out_type=[jax.ShapeDtypeStruct((b, n_kb * gq, d.tq, fp), f32),
+                          jax.ShapeDtypeStruct((b, n_kb, n, d.tq, 2 * hd), f32)],
+      scratch_types=scratch, grid=(n_kb * gq, n_q, b), grid_names=('z', 'q', 'b'), interpret=interpret,
+      kernel_name='selective_fused_bwd_query_mgpu')
+  du_p, da_p = q_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, cnt, lse_, delta, dgo_)
+  da = jnp.transpose(da_p.sum(1), (0, 2, 1, 3)).reshape(b, d.tq, n, 2, hd)
+  dq = (da[:, :, :, 0] + _swap(da[:, :, :, 1], h2)).reshape(b, d.tq, n, 2, h2)
+  du = du_p.sum(1)
+
+  # ------------------------------------------------------------------ key kernel: dw, db2k, dW2k
+  qb, hk = d.qb, d.hk
+  n_qb, n_kt, gk = d.tq // qb, d.sk // BK, n // hk
+  _, q_lo, q_hi = _ranges(qp, kp, n_qb, qb, n_kt, BK)
+  rng = pad(jnp.stack([q_lo, q_hi], axis=-1).reshape(-1), 0, _round_up(2 * n_qb * n_kt, 32))
+
+  def k_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, rng_g, lse_g, dl_g, dgo_g,
+               dw_out, db_out, dw2_out,
+               a_s, u_s, w_s, w2b_s, w2t_s, b2_s, c_s, s_s, qp_s, kp_s, rng_s, lse_s, dl_s, dgo_s,
+               gs_s, gt_s, dks_s, st_s, bars, *more):
+    z, ki, bi = jax.lax.axis_index('z'), jax.lax.axis_index('k'), jax.lax.axis_index('b')
+    qbi, gi = z // gk, z % gk
+    qrows, keys, heads = pl.ds(qbi * qb, qb), pl.ds(ki * BK, BK), pl.ds(gi * hk, hk)
+    copies = [(a_g.at[bi, heads, qrows], a_s), (u_g.at[bi, qrows], u_s),
+              (w_g.at[bi, keys], w_s), (b2_g.at[heads], b2_s), (c_g.at[keys], c_s), (s_g.at[keys], s_s),
+              (qp_g.at[qrows], qp_s),
+              (kp_g.at[keys], kp_s), (rng_g, rng_s), (lse_g.at[bi, heads, qrows], lse_s),
+              (dl_g.at[bi, heads, qrows], dl_s), (dgo_g.at[bi, heads, qrows], dgo_s)]
+    copies += [(w2b_g.at[ci, gi * hk + h], w2b_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
+    copies += [(w2t_g.at[ci, gi * hk + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
+    for i, (src, dst) in enumerate(copies):
+      plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+    for i in range(len(copies)):
+      plgpu.barrier_wait(bars.at[i])
+    ga_s, dka_s = (more[0], more[1]) if interp else (None, None)
+    kp_v = load(kp_s, (), row)
+    c_v = load(c_s, (), wg)
+    s_v = load(s_s, (), wg)
+    base = 2 * (qbi * n_kt + ki)
+    lo, hi = rng_s[base], rng_s[base + 1]
+
+    def hidden(i, ci):
+      wc = load(w_s, (slice(None), pl.ds(ci * FC, FC)), wg)
+      uc = load(u_s.at[i], (pl.ds(ci * FC, FC),), col)
+      h = wc + bcast_col(uc, BK, FC)
+      return h, fm._gelu(h)
+
+    def dgo_row(i, h, ci):
+      return bcast_col(load(dgo_s.at[h, i], (pl.ds(ci * FC, FC),), col), BK, FC)
+
+    def query_step(i, carry):
+      dw, db, dw2 = carry
+      kv = [jnp.zeros((BK, hd), f32) for _ in range(hk)]
+      dp = [jnp.zeros((BK,), f32) for _ in range(hk)]
+      for ci in range(nc):
+        _, g = hidden(i, ci)
+        gb = g.astype(jnp.bfloat16)
+        for h in range(hk):
+          kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BK, hd))
+          dp[h] = dp[h] + jnp.sum(g * dgo_row(i, h, ci), axis=1)
+      visible = kp_v <= qp_s[i]
+      p, dk, new_db = [], [], list(db)
+      for h in range(hk):
+        k = kv[h] + bcast_col(load(b2_s.at[h], (), col), BK, hd)
+        ah = bcast_col(load(a_s.at[h, i], (pl.ds(0, hd),), col), BK, hd)
+        ah_sw = bcast_col(load(a_s.at[h, i], (pl.ds(hd, hd),), col), BK, hd)
+        qr = ah * c_v + ah_sw * s_v
+        logit = jnp.sum(qr * k, axis=1) * scale
+        ph = jnp.where(visible, jnp.exp(logit - lse_s[h, i]), 0.0)
+        dkh = bcast_row(ph * (dp[h] - dl_s[h, i]) * scale, hd) * qr
+        p.append(ph)
+        dk.append(dkh)
+        new_db[h] = db[h] + dkh
+        dks_s[h] = dkh.astype(jnp.bfloat16)
+      new_dw, new_dw2 = list(dw), list(dw2)
+      for ci in range(nc):
+        h_ci, g = hidden(i, ci)
+        dg = jnp.zeros((BK, FC), f32)
+        for h in range(hk):
+          dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2t_s.at[ci, h], (BK, FC))
+          dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, ci)
+        new_dw[ci] = dw[ci] + dg * _gelu_grad(h_ci)
+        # dW2k += g^T dK: g to shared memory (bfloat16), read transposed as wgmma's A.
+        gb = g.astype(jnp.bfloat16)
+        if interp:
+          gt_s[...] = gb.T
+        else:
+          gs_s[...] = gb
+        plgpu.commit_smem()
+        a_op = gt_s if interp else plgpu.transpose_ref(gs_s, (1, 0))
+        for h in range(hk):
+          def body(acc, h=h):
+            plgpu.wgmma(acc, a_op, dks_s.at[h])
+            return acc[...]
+          new_dw2[ci * hk + h] = dw2[ci * hk + h] + pl.run_scoped(body, plgpu.ACC((FC, hd), f32))
+      return tuple(new_dw), tuple(new_db), tuple(new_dw2)
+
+    zeros = lambda r, cols: cast(jnp.zeros((r, cols), f32), wg)  # noqa: E731
+    init = (tuple(zeros(BK, FC) for _ in range(nc)), tuple(zeros(BK, hd) for _ in range(hk)),
+            tuple(zeros(FC, hd) for _ in range(nc * hk)))
+    dw, db, dw2 = jax.lax.fori_loop(lo, jnp.maximum(hi, lo), query_step, init)
+    for ci in range(nc):
+      w_s[:, pl.ds(ci * FC, FC)] = dw[ci]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(w_s, dw_out.at[bi, z, keys])
+    for h in range(hk):
+      st_s[...] = db[h]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(st_s, db_out.at[bi, qbi, ki, :, pl.ds((gi * hk + h) * hd, hd)])
+      plgpu.wait_smem_to_gmem(0)
+      for ci in range(nc):
+        st_s[...] = dw2[ci * hk + h]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(st_s, dw2_out.at[bi, qbi, ki, pl.ds(ci * FC, FC), pl.ds((gi * hk + h) * hd, hd)])
+        plgpu.wait_smem_to_gmem(0)
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = [plgpu.SMEM((hk, qb, 2 * hd), f32), plgpu.SMEM((qb, fp), f32),
+             plgpu.SMEM((BK, fp), f32, transforms=f_tf), plgpu.SMEM((nc, hk, FC, hd), jnp.bfloat16, transforms=hd_tf),
+             plgpu.SMEM((nc, hk, hd, FC), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((hk, hd), f32),
+             plgpu.SMEM((BK, hd), f32, transforms=f_tf), plgpu.SMEM((BK, hd), f32, transforms=f_tf),
+             plgpu.SMEM((qb,), jnp.int32), plgpu.SMEM((BK,), jnp.int32), plgpu.SMEM(rng.shape, jnp.int32),
+             plgpu.SMEM((hk, qb), f32), plgpu.SMEM((hk, qb), f32), plgpu.SMEM((hk, qb, fp), f32),
+             plgpu.SMEM((BK, FC), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((FC, BK), jnp.bfloat16, transforms=hd_tf),
+             plgpu.SMEM((hk, BK, hd), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((BK, hd), f32, transforms=f_tf),
+             plgpu.Barrier(num_barriers=12 + 2 * nc * hk)]
+  if interp:
+    scratch += [plgpu.SMEM((BK, FC), jnp.bfloat16, transforms=fc_tf),
+                plgpu.SMEM((BK, hd), jnp.bfloat16, transforms=hd_tf)]
+  k_call = plgpu.kernel(
+      k_kernel, out_type=[jax.ShapeDtypeStruct((b, n_qb * gk, d.sk, fp), f32),
+                          jax.ShapeDtypeStruct((b, n_qb, n_kt, BK, n * hd), f32),
+                          jax.ShapeDtypeStruct((b, n_qb, n_kt, fp, n * hd), f32)],
+      scratch_types=scratch, grid=(n_qb * gk, n_kt, b), grid_names=('z', 'k', 'b'), interpret=interpret,
+      kernel_name='selective_fused_bwd_key_mgpu')
+  dw_p, db_p, dw2_p = k_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, rng, lse_, delta, dgo_)
+  dw = dw_p.sum(1)
+  db2 = db_p.sum((0, 1, 2, 3)).reshape(n, 2, h2)
+  dw2 = dw2_p.sum((0, 1, 2)).reshape(fp, n, 2, h2)
+  f_in = w2.shape[0]
+  return dq[:, :t_in], du[:, :t_in, :u.shape[-1]], dw[:, :s_in, :w.shape[-1]], dw2[:f_in], db2
