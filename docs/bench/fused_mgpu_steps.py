@@ -6,10 +6,13 @@ variants
   triton     `fused` as shipped (Triton forward, merged Triton backward): the baseline
   mgpu-fwd   the Mosaic GPU forward, the same Triton backward
   mgpu-both  the Mosaic GPU forward and backward (`model.fused_backward='mgpu'`), where this tree has one
-interleaved over two rounds (the first variants of a process on a fresh GPU time slow). Then the gradients of
+interleaved over two rounds (the first variants of a process on a fresh GPU time slow), with the gradients of
 every generator parameter, of q and of x against `materialized` at highest precision (B4 T299 N2 H32, RoPE, both
-kv_hidden), per variant. Each item is recorded even when it fails (its error) and the script goes on; whether
-the MGPU kernel can run here at all (fused_mgpu.cannot_run) and any fallback line logged are recorded too.
+kv_hidden). The MGPU backward comes last (its kernels have not run on a GPU before: a fault there may leave the
+GPU unusable for the rest of the process): triton and mgpu-fwd in two rounds and their gradients, then mgpu-both's
+first round and gradients, then its second round beside the baseline's third. Each item is recorded even when it
+fails (its error) and the script goes on; whether the MGPU kernels can run here at all (cannot_run) and any
+fallback line logged are recorded too.
 Writes $OUT/fused_mgpu_steps.json after every item. Off GPU it runs tiny shapes, interpreted (a smoke test).
 
   OUT=. PYTHONPATH=$PWD python3 docs/bench/fused_mgpu_steps.py
@@ -32,7 +35,7 @@ from selattn.model import fused
 from selattn.model import fused_mgpu as fm
 
 OUT = os.environ.get('OUT', '.')
-BUDGET_S = 330  # no new item past this: the whole call must end within 400 s
+BUDGET_S = 320  # no new item past this: the whole call must end within 400 s
 T0 = time.time()
 GPU = jax.default_backend() == 'gpu'
 res = {'jax': jax.__version__, 'device': jax.devices()[0].device_kind, 'items': [], 'fallback_lines': []}
@@ -91,7 +94,13 @@ def can_run(f):
   del scale
   why = fm.cannot_run('gelu', not GPU, args[0], args[2])
   d = fm._dims(args[0], args[2], fm.Options())
-  return {'cannot_run': why, 'block_k': d.kb, 'smem_bytes': fm._smem_bytes(d),
+  out = {}
+  if 'mgpu-both' in VARIANTS:
+    from selattn.model import fused_mgpu_bwd as fmb  # pylint: disable=g-import-not-at-top
+    db = fmb._dims(args[0], args[2])
+    out = {'backward_cannot_run': fmb.cannot_run('gelu', not GPU, args[0], args[2]),
+           'backward_blocks': str(db)}
+  return {**out, 'cannot_run': why, 'block_k': d.kb, 'smem_bytes': fm._smem_bytes(d),
           'compute_capability': str(getattr(jax.devices()[0], 'compute_capability', None))}
 
 
@@ -104,7 +113,7 @@ def step(f, variant):
   return body
 
 
-def grads(f):
+def grads(f, names):
   d = N * H
   ks = jax.random.split(jax.random.key(f), 7)
   p = {'w1': jax.random.normal(ks[0], (2 * d, f)) / np.sqrt(2 * d), 'b1': 0.3 * jax.random.normal(ks[1], (f,)),
@@ -131,7 +140,8 @@ def grads(f):
   with jax.default_matmul_precision('highest'):
     ref_out, (rp, rq, rx) = value_and_grads(None)
   out = {}
-  for variant, over in VARIANTS.items():
+  for variant in names:
+    over = VARIANTS[variant]
     blocks = fused.Blocks(forward=over['model.fused_forward'], backward=over['model.fused_backward'])
     try:
       o, (gp, gq, gx) = value_and_grads(blocks)
@@ -143,13 +153,21 @@ def grads(f):
 
 
 for f in HIDDEN:
-  item(f'F{f} can the MGPU kernel run here', lambda f=f: can_run(f))
+  item(f'F{f} can the MGPU kernels run here', lambda f=f: can_run(f))
 for rnd in (1, 2):
   for f in HIDDEN:
-    for variant in VARIANTS:
+    for variant in ('triton', 'mgpu-fwd'):
       item(f'round {rnd} F{f} {variant} steps', step(f, variant))
 for f in HIDDEN:
-  item(f'F{f} gradients vs materialized', lambda f=f: grads(f))
+  item(f'F{f} gradients vs materialized (triton, mgpu-fwd)', lambda f=f: grads(f, ('triton', 'mgpu-fwd')))
+if 'mgpu-both' in VARIANTS:
+  for f in HIDDEN:
+    item(f'round 1 F{f} mgpu-both steps', step(f, 'mgpu-both'))
+  for f in HIDDEN:
+    item(f'F{f} gradients vs materialized (mgpu-both)', lambda f=f: grads(f, ('mgpu-both',)))
+  for f in HIDDEN:
+    item(f'round 3 F{f} triton steps', step(f, 'triton'))
+    item(f'round 2 F{f} mgpu-both steps', step(f, 'mgpu-both'))
 res['total_s'] = round(time.time() - T0, 1)
 save()
 print('done in', res['total_s'], 's')
