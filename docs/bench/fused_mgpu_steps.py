@@ -8,9 +8,10 @@ variants
   mgpu-both  the Mosaic GPU forward and backward (`model.fused_backward='mgpu'`), where this tree has one
 interleaved over two rounds (the first variants of a process on a fresh GPU time slow), with the gradients of
 every generator parameter, of q and of x against `materialized` at highest precision (B4 T299 N2 H32, RoPE, both
-kv_hidden). The MGPU backward comes last (its kernels have not run on a GPU before: a fault there may leave the
-GPU unusable for the rest of the process): triton and mgpu-fwd in two rounds and their gradients, then mgpu-both's
-first round and gradients, then its second round beside the baseline's third. Each item is recorded even when it
+kv_hidden) and one layer's forward + backward alone (B16 T299, median of 20 calls). The MGPU backward comes
+last (its kernels have not run on a GPU before: a fault there may leave the GPU unusable for the rest of the
+process): triton and mgpu-fwd in two rounds, their gradients and layer times, then mgpu-both's first round,
+gradients and layer time, then its second round beside the baseline's third. Each item is recorded even when it
 fails (its error) and the script goes on; whether the MGPU kernels can run here at all (cannot_run) and any
 fallback line logged are recorded too.
 Writes $OUT/fused_mgpu_steps.json after every item. Off GPU it runs tiny shapes, interpreted (a smoke test).
@@ -113,6 +114,36 @@ def step(f, variant):
   return body
 
 
+def layer_ms(f, names):
+  """One selective layer's forward + backward (jit of the gradient), B16 T299 N2 H32 RoPE float32: median ms."""
+  b, t, n, h = (16, 299, 2, 32) if GPU else (1, 37, 2, 8)
+  d = n * h
+  ks = jax.random.split(jax.random.key(f + 1), 6)
+  p = {'w1': jax.random.normal(ks[0], (2 * d, f)) / np.sqrt(2 * d), 'b1': 0.3 * jax.random.normal(ks[1], (f,)),
+       'w2': jax.random.normal(ks[2], (f, 2 * d)) / np.sqrt(f), 'b2': 0.3 * jax.random.normal(ks[3], (2 * d,))}
+  q, x = jax.random.normal(ks[4], (b, t, n, h)), jax.random.normal(ks[5], (b, t, d))
+  pos = jnp.arange(t)
+  out = {}
+  for variant in names:
+    over = VARIANTS[variant]
+    blocks = fused.Blocks(forward=over['model.fused_forward'], backward=over['model.fused_backward'])
+    fp = attn_lib.MlpKV.fused_params(p)
+    fn = jax.jit(jax.grad(lambda fp, q, x, blocks=blocks: jnp.sum(attn_lib.selective_fused(
+        attn_lib.MlpKV, fp, q, x, pos, pos, 10000.0, blocks) ** 2), argnums=(0, 1, 2)))
+    try:
+      jax.block_until_ready(fn(fp, q, x))
+      jax.block_until_ready(fn(fp, q, x))
+      times = []
+      for _ in range(20 if GPU else 2):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(fp, q, x))
+        times.append(time.perf_counter() - t0)
+      out[variant] = 1e3 * float(np.median(times))
+    except Exception:  # noqa: BLE001
+      out[variant] = traceback.format_exc()[-1500:]
+  return {'layer_fwd_bwd_ms': out}
+
+
 def grads(f, names):
   d = N * H
   ks = jax.random.split(jax.random.key(f), 7)
@@ -160,11 +191,15 @@ for rnd in (1, 2):
       item(f'round {rnd} F{f} {variant} steps', step(f, variant))
 for f in HIDDEN:
   item(f'F{f} gradients vs materialized (triton, mgpu-fwd)', lambda f=f: grads(f, ('triton', 'mgpu-fwd')))
+for f in HIDDEN:
+  item(f'F{f} one layer forward + backward (triton, mgpu-fwd)', lambda f=f: layer_ms(f, ('triton', 'mgpu-fwd')))
 if 'mgpu-both' in VARIANTS:
   for f in HIDDEN:
     item(f'round 1 F{f} mgpu-both steps', step(f, 'mgpu-both'))
   for f in HIDDEN:
     item(f'F{f} gradients vs materialized (mgpu-both)', lambda f=f: grads(f, ('mgpu-both',)))
+  for f in HIDDEN:
+    item(f'F{f} one layer forward + backward (mgpu-both)', lambda f=f: layer_ms(f, ('mgpu-both',)))
   for f in HIDDEN:
     item(f'round 3 F{f} triton steps', step(f, 'triton'))
     item(f'round 2 F{f} mgpu-both steps', step(f, 'mgpu-both'))
