@@ -251,3 +251,18 @@ def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect):
   shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (*args, *res)]
   lowered = jax.jit(lambda *a: fmb.backward(*a, scale=scale)).trace(*shapes).lower(lowering_platforms=('cuda',))
   assert lowered.as_text().count('mosaic_gpu') >= 2
+
+
+@pytest.mark.parametrize('opts,match', [({'block_k': 48}, 'block_k=48 is not 32, 64 or 128'),
+                                        ({'block_q': 16}, 'block_q=16 is not 32, 64 or 128'),
+                                        ({'heads_per_program': 2}, 'heads_per_program=2 does not divide the 3 heads'),
+                                        ({'block_q': 128}, 'bytes of shared memory')])
+def test_backward_options_it_cannot_take_are_refused_in_one_line(opts, match):
+  f = 1024 if opts.get('block_q') == 128 else 40  # 128 queries of 1024 hidden units: > 227 KB
+  scale, args = fm.fused_inputs(jnp.zeros((1, 37, 3, 8)), jnp.zeros((1, 37, f)), jnp.zeros((1, 37, f)),
+                                jnp.zeros((f, 24)), jnp.zeros((24,)), jnp.arange(37), jnp.arange(37), None)
+  tp, fp = args[0].shape[1], args[2].shape[2]
+  res = (jnp.zeros((1, tp, 3, fp)), jnp.zeros((1, 3, tp)), jnp.zeros((1, tp, 3, fp)))
+  with pytest.raises(ValueError, match=match) as e:
+    fmb.backward(*args, *res, scale=scale, opts=fmb.Options(**opts))
+  assert '\n' not in str(e.value)

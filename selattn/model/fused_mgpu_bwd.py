@@ -19,10 +19,12 @@ columns between threads). The key layer's operands are bfloat16 as in the forwar
 forward's and its lse normalises them), as are those of dg's and dW2k's matmuls; everything else is float32.
 `transcription` computes the same formulation over whole [B, T, S, ...] arrays in jnp (with precision='float32'
 exact float32: it must equal fused.py's `_backward`).
-Shared memory decides the blocks: at the original config (N2 H32) kv_hidden 64 takes both heads and blocks of 64,
-kv_hidden 256 one head per program and blocks of 32. Not yet run on a GPU: checked in Mosaic GPU's interpret mode
-against `transcription` and `materialized`, and lowered for cuda (tests/fused_mgpu_train_test.py);
-docs/bench/fused_mgpu_steps.py times it in training steps.
+Shared memory decides the blocks (`Options` overrides them): at the original config (N2 H32) kv_hidden 64 takes
+both heads and blocks of 64, kv_hidden 256 one head per program and blocks of 32. Checked in Mosaic GPU's interpret
+mode against `transcription` and `materialized`, and lowered for cuda (tests/fused_mgpu_train_test.py). On one H200
+(docs/bench/fused_mgpu_steps_h200.json) with the MGPU forward, a training step at the original config takes 5.65
+ms at kv_hidden 64 against 9.2-9.4 with the Triton kernels, and 57.0 against 31.2 at kv_hidden 256 (blocks of 32,
+one head a program). docs/bench/fused_mgpu_bwd_sweep.py times the backward alone by `Options`.
 """
 
 from __future__ import annotations
@@ -125,17 +127,34 @@ def _k_smem(d: _Dims, qb: int, hp: int, t: int, s: int) -> int:
           + (2 * BK * FC + hp * BK * hd) * 2 + BK * hd * f32)
 
 
-def _dims(q, w) -> _Dims | str:
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Static settings of the Mosaic GPU backward; 0 = the largest that fits in shared memory (blocks of 64, then
+  32; all heads, then one). Blocks of 32 at least: the TMA copies multiples of 128 bytes (positions, one head's
+  lse)."""
+  block_k: int = 0  # query kernel: keys per program (32, 64 or 128)
+  block_q: int = 0  # key kernel: queries per program (32, 64 or 128)
+  heads_per_program: int = 0  # both kernels
+
+
+def _dims(q, w, opts: Options = Options()) -> _Dims | str:
   b, t, n, _, h2 = q.shape
   s, f = w.shape[1], w.shape[2]
   fp = _round_up(f, FC)
   base = dict(b=b, t_in=t, s_in=s, f_in=f, n=n, h2=h2, fp=fp)
   probe = _Dims(tq=0, sk=0, kb=0, qb=0, hq=0, hk=0, **base)
-  # Blocks of 32 at least: the TMA copies whole multiples of 128 bytes (a block's positions, one head's lse).
-  q_fit = [(kb, hp) for hp in (n, 1) for kb in (64, 32) if _q_smem(probe, kb, hp, t, s) <= SMEM_BYTES]
-  k_fit = [(qb, hp) for hp in (n, 1) for qb in (64, 32) if _k_smem(probe, qb, hp, t, s) <= SMEM_BYTES]
+  for name in ('block_k', 'block_q'):
+    if getattr(opts, name) not in (0, 32, 64, 128):
+      return f'{name}={getattr(opts, name)} is not 32, 64 or 128'
+  if opts.heads_per_program and n % opts.heads_per_program:
+    return f'heads_per_program={opts.heads_per_program} does not divide the {n} heads'
+  heads = (opts.heads_per_program,) if opts.heads_per_program else (n, 1)
+  kbs = (opts.block_k,) if opts.block_k else (64, 32)
+  qbs = (opts.block_q,) if opts.block_q else (64, 32)
+  q_fit = [(kb, hp) for hp in heads for kb in kbs if _q_smem(probe, kb, hp, t, s) <= SMEM_BYTES]
+  k_fit = [(qb, hp) for hp in heads for qb in qbs if _k_smem(probe, qb, hp, t, s) <= SMEM_BYTES]
   if not q_fit or not k_fit:
-    need = max(_q_smem(probe, 32, 1, t, s), _k_smem(probe, 32, 1, t, s))
+    need = max(_q_smem(probe, kbs[-1], heads[-1], t, s), _k_smem(probe, qbs[-1], heads[-1], t, s))
     return f'the backward needs {need} bytes of shared memory (> {SMEM_BYTES})'
   (kb, hq), (qb, hk) = q_fit[0], k_fit[0]
   return _Dims(tq=_round_up(t, max(BQ, qb)), sk=_round_up(s, max(BK, kb)), kb=kb, qb=qb, hq=hq, hk=hk, **base)
@@ -164,12 +183,13 @@ def _ranges(qpos, kpos, n_qt: int, qt: int, n_kt: int, kt: int):
   return k_hi, q_lo, q_hi
 
 
-def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: float, interpret=None):
+def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: float, opts: Options = Options(),
+             interpret=None):
   """fused.py's `_backward` outputs (dq, du, dw, dW2k, db2k) for its padded arrays, by the two kernels."""
   from jax.experimental import pallas as pl  # noqa: PLC0415 (GPU-only module, imported on use)
   from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
-  d = _dims(q, w)
+  d = _dims(q, w, opts)
   if isinstance(d, str):
     raise ValueError(d)
   b, n, h2, hd, fp, nc = d.b, d.n, d.h2, d.hd, d.fp, d.nc
