@@ -56,3 +56,10 @@ def no_mesh():
   with nnx.use_eager_sharding(False):
     yield
 
+
+
+@pytest.fixture
+def mgpu_interpreter(monkeypatch):
+  """Lets the model run the Mosaic GPU kernels in their interpreter on the CPU (off by default: it falls back)."""
+  from selattn.model import fused_mgpu  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(fused_mgpu, 'INTERPRET_OFF_GPU', True)

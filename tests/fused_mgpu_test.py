@@ -13,7 +13,7 @@ from selattn.model import attention as attn_lib
 from selattn.model import fused as fused_lib
 from selattn.model import fused_mgpu as fm
 
-pytestmark = pytest.mark.usefixtures('no_mesh')
+pytestmark = pytest.mark.usefixtures('no_mesh', 'mgpu_interpreter')
 
 
 def _rel(got, ref) -> float:

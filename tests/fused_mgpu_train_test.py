@@ -20,7 +20,7 @@ from selattn.model import fused_mgpu as fm
 from selattn.model import fused_mgpu_bwd as fmb
 from fused_mgpu_test import _lowers_for_cuda
 
-pytestmark = [pytest.mark.usefixtures('no_mesh'),
+pytestmark = [pytest.mark.usefixtures('no_mesh', 'mgpu_interpreter'),
               pytest.mark.skipif(fm.interpreter() is None, reason='no Mosaic GPU interpret mode in this jax')]
 MGPU = fused_lib.Blocks(forward='mgpu')
 
@@ -128,6 +128,27 @@ def test_the_linear_generator_falls_back_to_the_triton_forward(caplog):
   assert lines == ['model.fused_forward=mgpu cannot take this call (the kernel computes gelu, not the identity '
                    'activation): running the Triton forward']
   assert _rel(out, run(params, x, 'materialized')) <= 1e-5  # float32 exact: the Triton forward ran
+
+
+def test_off_a_gpu_the_model_falls_back_without_the_interpreter(caplog, monkeypatch):
+  # As users run it on a CPU (the tests' interpreter switch off): both MGPU options log one line each and the Triton
+  # kernels (interpreted) compute the float32-exact result, never the minutes-long Mosaic GPU interpreter.
+  monkeypatch.setattr(fm, 'INTERPRET_OFF_GPU', False)
+  monkeypatch.setattr(fm, 'forward', lambda *a, **k: pytest.fail('the MGPU forward ran'))
+  monkeypatch.setattr(fmb, 'backward', lambda *a, **k: pytest.fail('the MGPU backward ran'))
+  run, params = _layer(fused_backward='mgpu')
+  x = jax.random.normal(jax.random.key(3), (1, 5, 16))
+  fused_lib._log_once.cache_clear()
+  with caplog.at_level(logging.WARNING):
+    out, grads = jax.value_and_grad(lambda params: jnp.sum(run(params, x, None) ** 2))(params)
+  lines = sorted(r.getMessage() for r in caplog.records if 'mgpu cannot' in r.getMessage())
+  why = '(the cpu backend is not a Hopper GPU (the Mosaic GPU interpreter is for tests))'
+  assert lines == [f'model.fused_backward=mgpu cannot take this call {why}: running the merged Triton backward',
+                   f'model.fused_forward=mgpu cannot take this call {why}: running the Triton forward'], lines
+  ref, ref_grads = jax.value_and_grad(lambda params: jnp.sum(run(params, x, 'materialized') ** 2))(params)
+  assert _rel(out, ref) <= 1e-5
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert _rel(a, b) <= 1e-5
 
 
 def test_shared_memory_overflow_falls_back_to_the_triton_forward(caplog):

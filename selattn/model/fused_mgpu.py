@@ -263,11 +263,19 @@ def interpreter():
   return InterpretGPUParams()
 
 
+# Off a GPU the model runs these kernels in Mosaic GPU's interpreter only where this is set (the tests set it): the
+# interpreter takes minutes for one small training step, and its callbacks trip the trainer's transfer guard, so
+# elsewhere fused.py falls back to its Triton kernels (interpreted there) with one logged line.
+INTERPRET_OFF_GPU = False
+
+
 def cannot_run(act: str, interpret: bool, q, w, opts: Options = Options()) -> str | None:
   """Why `forward` cannot take fused.py's padded q [B, Tp, N, 2, H2], w [B, Sp, Fp] here, or None."""
   if act != 'gelu':
     return f'the kernel computes gelu, not the {act} activation'
   if interpret:
+    if not INTERPRET_OFF_GPU:
+      return f'the {jax.default_backend()} backend is not a Hopper GPU (the Mosaic GPU interpreter is for tests)'
     if interpreter() is None:
       return 'this jax has no Mosaic GPU interpret mode'
   else:
