@@ -1,6 +1,7 @@
 """`model.fused_forward='mgpu'`: the Mosaic GPU forward (fused_mgpu.py) under fused.py's custom VJP, with the Triton
 backward, in Mosaic GPU's interpret mode on the CPU: outputs and gradients of every input against `materialized`,
-the residuals' meaning checked exactly, and the fallbacks to the Triton forward."""
+the residuals' meaning checked exactly, the fallbacks to the Triton forward; the Mosaic GPU backward; one device's
+share under `seq` and `tensor` meshes, and bf16 models."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from selattn.model import fused as fused_lib
 from selattn.model import fused_mgpu as fm
 from selattn.model import fused_mgpu_bwd as fmb
 from fused_mgpu_test import _lowers_for_cuda
+import mesh_check as mc
 
 pytestmark = [pytest.mark.usefixtures('no_mesh', 'mgpu_interpreter'),
               pytest.mark.skipif(fm.interpreter() is None, reason='no Mosaic GPU interpret mode in this jax')]
@@ -287,3 +289,140 @@ def test_backward_options_it_cannot_take_are_refused_in_one_line(opts, match):
   with pytest.raises(ValueError, match=match) as e:
     fmb.backward(*args, *res, scale=scale, opts=fmb.Options(**opts))
   assert '\n' not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Meshes. Under `seq` and `tensor` splits attention.py calls fused.attention inside shard_map on each device's share:
+# its zigzag query positions against all (gathered) keys, or its heads with the whole query as the generator's
+# input. On a GPU the kernels run there as on one device; on the CPU Mosaic GPU's interpret mode fails under a
+# multi-device mesh, so each device's share is checked here on one device, and the mesh run on the CPU must fall
+# back to the Triton kernels with one line each.
+
+def _zigzag(t, devices):
+  """The trainer's token order under `seq`: device r holds chunks r and 2 devices - 1 - r of t / (2 devices)."""
+  chunks = np.arange(t).reshape(2 * devices, t // (2 * devices))
+  return np.concatenate([np.concatenate([chunks[r], chunks[2 * devices - 1 - r]]) for r in range(devices)])
+
+
+def _local_value_and_grads(impl, p, q, x, cot, rows, heads, blocks):
+  """One device's share: queries `rows` and `heads` of q, every key; gradients of the whole p, q and x."""
+  b, t, n, h = q.shape
+  pos = jnp.asarray(_zigzag(t, 2))
+  q_pos, cols = pos[rows], np.concatenate([np.arange(k * h, (k + 1) * h) for k in heads])
+
+  def loss(p, q, x):
+    d = n * h
+    qf, ql = q[:, rows].reshape(b, len(rows), d), q[:, rows][:, :, heads]
+    if impl == 'materialized':
+      pl = {'w1': p['w1'], 'b1': p['b1'], 'w2': jnp.concatenate([p['w2'][:, cols], p['w2'][:, d + cols]], axis=1),
+            'b2': jnp.concatenate([p['b2'][cols], p['b2'][d + cols]])}
+      out = attn_lib.selective_materialized(attn_lib.MlpKV, pl, ql, x, q_pos, pos, 10000.0, qf=qf)
+    else:
+      fp = attn_lib.MlpKV.fused_params(p)
+      fp = {**fp, 'w2k': fp['w2k'][:, cols], 'b2k': fp['b2k'][cols], 'w2v': fp['w2v'][:, cols],
+            'b2v': fp['b2v'][cols]}
+      out = attn_lib.selective_fused(attn_lib.MlpKV, fp, ql, x, q_pos, pos, 10000.0, blocks, qf=qf)
+    return jnp.sum(out * cot), out
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(p, q, x)
+  return out, grads
+
+
+@pytest.mark.parametrize('split,rows,heads', [('seq', _zigzag(32, 2)[:16], [0, 1]),
+                                              ('tensor', np.arange(32), [1])])
+def test_mgpu_kernels_on_one_devices_share_under_a_mesh(split, rows, heads):
+  # seq=2: device 0's queries (positions 0-7 and 24-31) against keys in the gathered zigzag order (not monotonic);
+  # tensor=2: device 1's head, the generator fed the whole query. Tolerances of the single-device test above.
+  del split
+  p, q, x, _ = _inputs(11, 1, 32, 2, 8, 40)
+  cot = jax.random.normal(jax.random.key(12), (1, len(rows), len(heads), 8))
+  both = fused_lib.Blocks(forward='mgpu', backward='mgpu')
+  got = _local_value_and_grads('fused', p, q, x, cot, rows, heads, both)
+  errs = _errors(got, _local_value_and_grads('materialized', p, q, x, cot, rows, heads, both))
+  assert errs['out'] <= 2e-3 and max(errs.values()) <= 5e-3, errs
+
+
+def test_under_a_multi_device_mesh_the_interpreter_is_not_used(caplog):
+  # Traced only, under an abstract 2-device mesh (as inside shard_map): the Triton kernels, one line each.
+  both = fused_lib.Blocks(forward='mgpu', backward='mgpu')
+  p, q, x, cot = _inputs(13, 1, 16, 2, 8, 40)
+  pos = jnp.arange(16)
+
+  def loss(p, q, x):
+    out = attn_lib.selective_fused(attn_lib.MlpKV, attn_lib.MlpKV.fused_params(p), q, x, pos, pos, None, both)
+    return jnp.sum(out * cot)
+
+  fused_lib._log_once.cache_clear()
+  mesh = jax.sharding.AbstractMesh((2,), ('seq',))
+  with caplog.at_level(logging.WARNING), jax.sharding.use_abstract_mesh(mesh):
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(p, q, x))
+  assert 'selective_fused_fwd' in jaxpr and 'selective_fused_bwd_merged' in jaxpr and 'mgpu' not in jaxpr
+  why = 'Mosaic GPU interpret mode fails under a 2-device mesh'
+  assert [r.getMessage() for r in caplog.records if 'cannot take' in r.getMessage()] == [
+      f'model.fused_forward=mgpu cannot take this call ({why}): running the Triton forward',
+      f'model.fused_backward=mgpu cannot take this call ({why}): running the merged Triton backward']
+
+
+@pytest.mark.slow  # 16-26 s: a subprocess compiling two meshes; the test above traces the same fallback
+def test_meshes_on_the_cpu_fall_back_to_the_triton_kernels(tmp_path):
+  # 2 fake CPU devices in a subprocess (tests/mesh_check.py fused_mgpu): seq=2 (zigzag) and tensor=2, against one
+  # device's Triton kernels. The Triton kernels in float32 agree to rounding (1e-5); had the interpreted Mosaic GPU
+  # kernels run, their bfloat16 key layer would differ by ~1e-3.
+  res = mc.Worker(['fused_mgpu'], 2, str(tmp_path / 'fused_mgpu.log'), timeout=600).result()
+  assert set(res) == set(mc.MGPU_MESHES)
+  for name, r in res.items():
+    assert r['kernels'] == ['selective_fused_bwd_merged', 'selective_fused_fwd'], (name, r)
+    assert r['kernel_q'] == [[2, 16, 1 if name == 'tensor2' else 2, 2, 16]], (name, r)  # each device its share
+    why = 'Mosaic GPU interpret mode fails under a 2-device mesh'
+    assert r['lines'] == [f'model.fused_forward=mgpu cannot take this call ({why}): running the Triton forward',
+                          f'model.fused_backward=mgpu cannot take this call ({why}): running the merged Triton '
+                          'backward'], (name, r)
+    assert r['leaves'] == 7 and r['max_rel_diff'] <= 1e-5, (name, r)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bf16 models (model.dtype='bfloat16'): q, u, w, W2k arrive in bfloat16; both kernels take them as float32 (exact)
+# and round the key layer's operands to bfloat16 as in float32 models, and fused.py casts the gradients back to
+# the inputs' dtypes.
+
+def test_bf16_model_runs_the_mgpu_kernels_and_trains_like_materialized(caplog):
+  cfg = dict(vocab_size=7, attention='selective', kv_generator='mlp', kv_hidden=40, d_model=16, num_heads=2,
+             selective_impl='fused', dtype='bfloat16')
+  x = jax.random.normal(jax.random.key(3), (1, 37, 16))
+  cot = jax.random.normal(jax.random.key(4), (1, 37, 16))
+  params = None
+
+  def run(impl, **kw):
+    nonlocal params
+    layer = attn_lib.SelectiveAttention(config_lib.ModelConfig(**{**cfg, **kw}), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    params = state if params is None else params  # float32 parameters, the same for every variant
+
+    def loss(params, x):
+      out = nnx.merge(graphdef, params)(x, jnp.arange(x.shape[1]), impl=impl)
+      return jnp.sum(out.astype(jnp.float32) * cot), out
+
+    traced = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).trace(params, x)
+    return traced.lower().compile()(params, x), str(traced.jaxpr)
+
+  fused_lib._log_once.cache_clear()
+  with caplog.at_level(logging.WARNING):
+    (got, jaxpr) = run(None, fused_forward='mgpu', fused_backward='mgpu')
+  assert not [r for r in caplog.records if 'cannot take' in r.getMessage()]
+  for name in ('selective_fused_fwd_mgpu', 'selective_fused_bwd_query_mgpu', 'selective_fused_bwd_key_mgpu'):
+    assert name in jaxpr, name  # the Mosaic GPU kernels ran, no fallback
+  assert got[1].dtype == jnp.bfloat16  # the layer's output in the model's dtype
+  # Every parameter's gradient, x's and the output.
+  errs = lambda a, b: [_rel(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]  # noqa: E731
+  # The Triton kernels in the same bf16 model round the same operands to bfloat16 (W2k arrives in bfloat16 and they
+  # cast g to W2k's dtype for the key matmul), so they differ only in float32 summation order, below the bfloat16
+  # rounding of G and of the gradients (seen: bit-identical).
+  assert max(errs(got, run(None)[0])) <= 1e-4
+  # Against float32 `materialized`: bfloat16 has 8 mantissa bits (2^-9 = 2e-3 relative per rounding) and q, x, u,
+  # w, the parameters and the output are each rounded: seen <= 9.0e-3 of scale. `materialized` in the same bf16
+  # model is further off (seen 5.4e-2 and 7.5e-2 on the bias gradients: it sums the [T, S] pairs' terms in
+  # bfloat16), so its error (or 1e-2) bounds ours per array; a wrong index or mask gives O(1).
+  f32 = run('materialized', dtype='float32')[0]
+  mat16 = errs(run('materialized')[0], f32)
+  ours = errs(got, f32)
+  assert max(ours) <= 2e-2 and all(e <= max(m, 1e-2) for e, m in zip(ours, mat16)), (ours, mat16)

@@ -5,6 +5,7 @@ Multi-device work needs the fake-device count set before jax is imported, so it 
   python tests/mesh_check.py equivalence VARIANT...   # every mesh below, 10 steps each; needs 8 devices
   python tests/mesh_check.py train WORKDIR OVERRIDES_JSON  # selattn.train.train on configs/tiny.py
   python tests/mesh_check.py fused                      # fused selective attention on FUSED_MESHES vs one device
+  python tests/mesh_check.py fused_mgpu                 # fused with the Mosaic GPU kernels (interpreted) on MGPU_MESHES
   python tests/mesh_check.py flash                      # the flash kernel with dropout on FLASH_MESHES vs one device
 
 Each prints one line `RESULT <json>` that the tests parse. Importing this module does not import jax: the
@@ -359,6 +360,67 @@ def _fused() -> dict:
   return res
 
 
+MGPU_MESHES = {'seq2': (1, 1, 2, 1), 'tensor2': (1, 1, 1, 2)}
+
+
+def _fused_mgpu() -> dict:
+  """One selective layer, `fused` with model.fused_forward = fused_backward = 'mgpu', RoPE on, on each of
+  MGPU_MESHES (2 devices) against one device running the Triton kernels: output, gradients of every parameter and
+  of x, the kernels each mesh's program calls and the fallback lines logged (Mosaic GPU's interpret mode cannot run
+  under a multi-device mesh, so on the CPU each device must run the Triton kernels)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from selattn import config as config_lib, sharding  # pylint: disable=g-import-not-at-top
+  from selattn.model import attention as attn_lib, fused as fused_lib  # pylint: disable=g-import-not-at-top
+  from selattn.model import fused_mgpu  # pylint: disable=g-import-not-at-top
+
+  fused_mgpu.INTERPRET_OFF_GPU = True  # as the tests' fixture mgpu_interpreter: the mesh, not the CPU, is the reason
+  b, t, d, n = 2, 16, 16, 2
+  cfg = config_lib.ModelConfig(vocab_size=VOCAB, attention='selective', selective_impl='fused', kv_generator='mlp',
+                               kv_hidden=40, d_model=d, num_heads=n, fused_forward='mgpu', fused_backward='mgpu')
+  with nnx.use_eager_sharding(False):
+    graphdef, params = nnx.split(attn_lib.SelectiveAttention(cfg, rngs=nnx.Rngs(3)))
+    triton = nnx.split(attn_lib.SelectiveAttention(
+        dataclasses.replace(cfg, fused_forward='triton', fused_backward='merged'), rngs=nnx.Rngs(3)))[0]
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  chunks = np.arange(t).reshape(4, t // 4)  # zigzag for 2 seq devices: chunks (0, 3), (1, 2)
+  positions = jnp.asarray(np.concatenate([chunks[0], chunks[3], chunks[1], chunks[2]]), jnp.int32)
+
+  def grad_of(graphdef):
+    def loss(params, x):
+      out = nnx.merge(graphdef, params)(x, positions, contiguous=False)
+      return jnp.sum(out * cot), out
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)
+
+  (g_ref, gx_ref), out_ref = jax.jit(grad_of(triton))(params, x)
+  ref = [np.asarray(a) for a in jax.tree.leaves((out_ref, g_ref, gx_ref))]
+  res = {}
+  for name, sizes in MGPU_MESHES.items():
+    lines = []
+    fused_lib._log_once = functools.cache(lines.append)  # pylint: disable=protected-access
+    mesh = sharding.make_mesh(config_lib.MeshConfig(*sizes), jax.devices()[:int(np.prod(sizes))])
+    with jax.set_mesh(mesh):
+      xs = jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH, 'seq', None)))
+      traced = jax.jit(grad_of(graphdef)).trace(params, xs)
+      (g, gx), out = traced.lower().compile()(params, xs)
+    got = [np.asarray(a) for a in jax.tree.leaves((out, g, gx))]
+    calls = _eqns_named(traced.jaxpr.jaxpr, 'pallas_call')
+    res[name] = {'kernels': sorted({e.params['name'] for e in calls}),
+                 'kernel_q': sorted({tuple(e.invars[0].aval.shape) for e in calls}), 'lines': lines,
+                 'max_rel_diff': max(float(np.abs(a - r).max() / np.abs(r).max()) for a, r in zip(got, ref)),
+                 'leaves': len(got)}
+    print(name, res[name], flush=True)
+  return res
+
+
 FLASH_MESHES = {'data4': (4, 1, 1, 1), 'data2_tensor2': (2, 1, 1, 2), 'fsdp2_tensor2': (1, 2, 1, 2)}
 # The padded query [b_local, Tp, N_local, Hq] each device's flash kernels take (B 4, T 20 -> one 32-row tile, N 4,
 # H 8 -> 16; selective's augmented keys 2H = 16).
@@ -444,6 +506,8 @@ def main(argv: list[str]) -> None:
     res = _train(argv[2], json.loads(argv[3]))
   elif mode == 'fused':
     res = _fused()
+  elif mode == 'fused_mgpu':
+    res = _fused_mgpu()
   elif mode == 'flash':
     res = _flash()
   else:
