@@ -20,18 +20,11 @@ from selattn import config as config_lib
 from selattn.model import attention as attn_lib
 from selattn.model import dropout as dropout_lib
 from selattn.model import flash as flash_lib
+from rel_error import rel as _rel
 
 pytestmark = pytest.mark.usefixtures('no_mesh')
 
 SMALL = flash_lib.Blocks(block_q=16, block_k=16)  # several tiles at test sizes
-
-
-def _rel(got, ref) -> float:
-  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-  assert got.shape == ref.shape, (got.shape, ref.shape)
-  scale = np.abs(ref).max()
-  assert scale > 0, 'reference is all zero'
-  return float(np.abs(got - ref).max() / scale)
 
 
 def _inputs(seed, b, t, n, hq, hv, dtype=jnp.float32):

@@ -12,16 +12,9 @@ import pytest
 from selattn.model import attention as attn_lib
 from selattn.model import fused as fused_lib
 from selattn.model import fused_mgpu as fm
+from rel_error import rel as _rel
 
 pytestmark = pytest.mark.usefixtures('no_mesh', 'mgpu_interpreter')
-
-
-def _rel(got, ref) -> float:
-  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-  assert got.shape == ref.shape, (got.shape, ref.shape)
-  scale = np.abs(ref).max()
-  assert scale > 0, 'reference is all zero'
-  return float(np.abs(got - ref).max() / scale)
 
 
 def _params(seed, b, t, n, h, f):

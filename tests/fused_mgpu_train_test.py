@@ -21,18 +21,11 @@ from selattn.model import fused_mgpu as fm
 from selattn.model import fused_mgpu_bwd as fmb
 from fused_mgpu_test import _lowers_for_cuda
 import mesh_check as mc
+from rel_error import rel as _rel
 
 pytestmark = [pytest.mark.usefixtures('no_mesh', 'mgpu_interpreter'),
               pytest.mark.skipif(fm.interpreter() is None, reason='no Mosaic GPU interpret mode in this jax')]
 MGPU = fused_lib.Blocks(forward='mgpu')
-
-
-def _rel(got, ref) -> float:
-  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-  assert got.shape == ref.shape, (got.shape, ref.shape)
-  scale = np.abs(ref).max()
-  assert scale > 0, 'reference is all zero'
-  return float(np.abs(got - ref).max() / scale)
 
 
 def _inputs(seed, b, t, n, h, f):

@@ -20,16 +20,9 @@ from selattn import config as config_lib
 from selattn.model import Transformer
 from selattn.model import attention as attn_lib
 from selattn.model import fused as fused_lib
+from rel_error import rel as _rel
 
 pytestmark = pytest.mark.usefixtures('no_mesh')
-
-
-def _rel(got, ref) -> float:
-  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-  assert got.shape == ref.shape, (got.shape, ref.shape)
-  scale = np.abs(ref).max()
-  assert scale > 0, 'reference is all zero'
-  return float(np.abs(got - ref).max() / scale)
 
 
 def _inputs(seed, b, t, n, h, f):
