@@ -8,6 +8,9 @@ against its bfloat16 jnp transcription. Each item is recorded even when it fails
 on; $OUT/fused_mgpu_bwd_sweep.json is written after each. Off GPU: tiny shapes, interpreted (a smoke test).
 
   OUT=. PYTHONPATH=$PWD python3 docs/bench/fused_mgpu_bwd_sweep.py
+
+Environment: FS (kv_hidden values, default 64,256), BUDGET_S (no new item past it, default 300) and OPTIONS
+(instead of the built-in list, `;`-separated Options fields, e.g. OPTIONS='warpgroups=2;warpgroups=2,approx_math=True').
 """
 
 import json
@@ -24,11 +27,11 @@ from selattn.model import fused_mgpu as fm
 from selattn.model import fused_mgpu_bwd as fmb
 
 OUT = os.environ.get('OUT', '.')
-BUDGET_S = 300  # no new item past this
+BUDGET_S = int(os.environ.get('BUDGET_S', 300))  # no new item past this
 T0 = time.time()
 GPU = jax.default_backend() == 'gpu'
 B, T, N, H = (16, 299, 2, 32) if GPU else (1, 37, 2, 8)
-FS = (64, 256) if GPU else (40,)
+FS = tuple(int(f) for f in os.environ.get('FS', '64,256').split(',')) if GPU else (40,)
 CALLS = 20 if GPU else 1
 INTERPRET = None if GPU else fm.interpreter()
 res = {'jax': jax.__version__, 'device': jax.devices()[0].device_kind,
@@ -106,22 +109,24 @@ def mgpu(f, opts):
           'rel_err_vs_bf16_transcription': errs, 'ms': median_ms(fn, args)}
 
 
-OPTIONS = [('default', fmb.Options()), ('block_k=32', fmb.Options(block_k=32)),
-           ('block_q=32', fmb.Options(block_q=32)), ('block_k=128', fmb.Options(block_k=128)),
-           ('block_q=128', fmb.Options(block_q=128)), ('heads_per_program=1', fmb.Options(heads_per_program=1))]
-for f in FS:
+OPTIONS = [('default', fmb.Options()), ('keep_hidden=False', fmb.Options(keep_hidden=False)),
+           ('approx_math', fmb.Options(approx_math=True)), ('warpgroups=2', fmb.Options(warpgroups=2)),
+           ('warpgroups=2 approx_math', fmb.Options(warpgroups=2, approx_math=True)),
+           ('block_k=32', fmb.Options(block_k=32)), ('block_q=32', fmb.Options(block_q=32)),
+           ('heads_per_program=1', fmb.Options(heads_per_program=1)),
+           ('warpgroups=2 heads_per_program=1', fmb.Options(warpgroups=2, heads_per_program=1))]
+if os.environ.get('OPTIONS'):  # e.g. OPTIONS='warpgroups=2;warpgroups=2,approx_math=True'
+  OPTIONS = [('default', fmb.Options())] + [
+      (o, fmb.Options(**{k: int(v) if v.isdigit() else v == 'True' for k, v in (kv.split('=') for kv in o.split(','))}))
+      for o in os.environ['OPTIONS'].split(';')]
+for f in FS:  # all of one kv_hidden, then the next; the baseline again at the end (drift)
   item(f'F{f} inputs (MGPU forward)', lambda f=f: cases.__setitem__(f, case(f)) or {})
+  if f not in cases:
+    continue
   item(f'F{f} triton backward (merged)', lambda f=f: triton(f))
-  item(f'F{f} mgpu backward default', lambda f=f: mgpu(f, fmb.Options()))
-for label, opts in OPTIONS[1:]:
-  for f in FS:
-    if f not in cases:
-      continue
-    args = cases[f][1]
-    d, d0 = fmb._dims(args[0], args[2], opts), fmb._dims(args[0], args[2])
-    if d == d0:  # the same kernels as the default
-      continue
+  for label, opts in OPTIONS:
     item(f'F{f} mgpu backward {label}', lambda f=f, opts=opts: mgpu(f, opts))
+  item(f'F{f} triton backward (merged) again', lambda f=f: triton(f))
 res['total_s'] = round(time.time() - T0, 1)
 save()
 print('done in', res['total_s'], 's')

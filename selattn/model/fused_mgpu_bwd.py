@@ -49,6 +49,13 @@ def _gelu_grad(h):
   return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * fm._GELU_C * (1.0 + 3.0 * fm._GELU_A * h * h)
 
 
+def _gelu_both(h):
+  """(gelu(h), gelu'(h)) from one tanh; the first exactly as fused_mgpu._gelu computes it."""
+  t = jnp.tanh(fm._GELU_C * (h + fm._GELU_A * h * h * h))
+  g = 0.5 * h * (1.0 + t)
+  return g, 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * fm._GELU_C * (1.0 + 3.0 * fm._GELU_A * h * h)
+
+
 def _swap(x, h2):
   """[..., 2 H2] -> its RoPE halves swapped."""
   return jnp.concatenate([x[..., h2:], x[..., :h2]], axis=-1)
@@ -102,6 +109,7 @@ class _Dims:
   qb: int  # key kernel: queries per program
   hq: int  # query kernel: heads per program
   hk: int  # key kernel: heads per program
+  wgs: int = 1  # warpgroups per program (both kernels)
 
   @property
   def hd(self):
@@ -119,12 +127,12 @@ def _q_smem(d: _Dims, kb: int, hp: int, t: int, s: int) -> int:
           + _round_up(-(-t // BQ) * -(-s // kb), 32) * 4)
 
 
-def _k_smem(d: _Dims, qb: int, hp: int, t: int, s: int) -> int:
+def _k_smem(d: _Dims, qb: int, hp: int, t: int, s: int, wgs: int = 1) -> int:
   f32, hd, fp = 4, d.hd, d.fp
   return (qb * 2 * hp * hd * f32 + qb * fp * f32 + BK * fp * f32 + 2 * fp * hp * hd * 2 + hp * hd * f32
           + 2 * BK * hd * f32 + (BK + qb) * 4 + 2 * hp * qb * f32 + qb * hp * fp * f32
           + _round_up(2 * -(-t // qb) * -(-s // BK), 32) * 4
-          + (2 * BK * FC + hp * BK * hd) * 2 + BK * hd * f32)
+          + wgs * ((BK * FC + hp * BK * hd) * 2) + BK * hd * f32)  # per warpgroup: g and dK in bfloat16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +143,18 @@ class Options:
   block_k: int = 0  # query kernel: keys per program (32, 64 or 128)
   block_q: int = 0  # key kernel: queries per program (32, 64 or 128)
   heads_per_program: int = 0  # both kernels
+  # Warpgroups per program (1 or 2), both kernels: they take turns over the program's keys (query kernel) or
+  # queries (key kernel), sharing its shared-memory inputs, each with its own accumulators; their partial results
+  # are summed outside like the blocks'. One program fills an SM's shared memory, so one warpgroup alone leaves the
+  # SM one warp per scheduler to issue from (ncu: 6% occupancy, an instruction every 2.4 cycles).
+  warpgroups: int = 1
+  # tanh.approx in the GELU and its derivative (about 2^-11 relative error, below the bfloat16 key layer's 2^-9):
+  # on one H200 the backward at kv_hidden 256 takes a third of the time (accurate tanh: 12.5 ms a layer, 4.1 ms),
+  # at 64 0.78 ms against 0.95 (docs/bench/fused_mgpu_bwd_sweep_h200.json).
+  approx_math: bool = True
+  # kv_hidden <= 64 (one hidden chunk): GELU'(h) kept in registers from the logits' pass to dg's instead of h and
+  # the GELU recomputed there.
+  keep_hidden: bool = True
 
 
 def _dims(q, w, opts: Options = Options()) -> _Dims | str:
@@ -148,16 +168,20 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
       return f'{name}={getattr(opts, name)} is not 32, 64 or 128'
   if opts.heads_per_program and n % opts.heads_per_program:
     return f'heads_per_program={opts.heads_per_program} does not divide the {n} heads'
+  if opts.warpgroups not in (1, 2):
+    return f'warpgroups={opts.warpgroups} is not 1 or 2'
+  wgs = opts.warpgroups
   heads = (opts.heads_per_program,) if opts.heads_per_program else (n, 1)
   kbs = (opts.block_k,) if opts.block_k else (64, 32)
   qbs = (opts.block_q,) if opts.block_q else (64, 32)
   q_fit = [(kb, hp) for hp in heads for kb in kbs if _q_smem(probe, kb, hp, t, s) <= SMEM_BYTES]
-  k_fit = [(qb, hp) for hp in heads for qb in qbs if _k_smem(probe, qb, hp, t, s) <= SMEM_BYTES]
+  k_fit = [(qb, hp) for hp in heads for qb in qbs if _k_smem(probe, qb, hp, t, s, wgs) <= SMEM_BYTES]
   if not q_fit or not k_fit:
-    need = max(_q_smem(probe, kbs[-1], heads[-1], t, s), _k_smem(probe, qbs[-1], heads[-1], t, s))
+    need = max(_q_smem(probe, kbs[-1], heads[-1], t, s), _k_smem(probe, qbs[-1], heads[-1], t, s, wgs))
     return f'the backward needs {need} bytes of shared memory (> {SMEM_BYTES})'
   (kb, hq), (qb, hk) = q_fit[0], k_fit[0]
-  return _Dims(tq=_round_up(t, max(BQ, qb)), sk=_round_up(s, max(BK, kb)), kb=kb, qb=qb, hq=hq, hk=hk, **base)
+  return _Dims(tq=_round_up(t, max(BQ, qb)), sk=_round_up(s, max(BK, kb)), kb=kb, qb=qb, hq=hq, hk=hk, wgs=wgs,
+               **base)
 
 
 def cannot_run(act: str, interpret: bool, q, w) -> str | None:
@@ -225,6 +249,29 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   fc_tf = (plgpu.TilingTransform((8, FC)), plgpu.SwizzleTransform(128))  # rows of FC bfloat16
   f_tf = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))  # float32 tiles
   interp = interpret is not None
+  params = dict(compiler_params=plgpu.CompilerParams(approx_math=opts.approx_math))
+  if d.wgs > 1:
+    params.update(num_threads=d.wgs, thread_name='wg')
+
+  def sync_barriers(wgs):
+    """[all warpgroups are past their loops (the inputs' buffers are free), warpgroup i+1's turn to write out]."""
+    return [plgpu.Barrier(num_arrivals=wgs), plgpu.Barrier(num_barriers=max(wgs - 1, 1))]
+
+  def in_turn(wgs, wgi, done, turn, out):
+    """`out` (which writes through the inputs' buffers) by each warpgroup in turn, after all have finished."""
+    if wgs == 1:
+      out()
+      return
+    plgpu.barrier_arrive(done)
+    plgpu.barrier_wait(done)
+    for i in range(wgs):
+      def mine(i=i):
+        if i:
+          plgpu.barrier_wait(turn.at[i - 1])
+        out()  # ends with its copies out done, so the next may overwrite the buffers
+        if i < wgs - 1:
+          plgpu.barrier_arrive(turn.at[i])
+      pl.when(wgi == i)(mine)
 
   def load(ref, idx, layout):
     return ref[idx] if interp else plgpu.load(ref, idx, layout=layout)
@@ -250,15 +297,17 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     return pl.run_scoped(body, plgpu.ACC(shape, f32))
 
   # ------------------------------------------------------------------ query kernel: du, A1, A2
-  kb, hq = d.kb, d.hq
+  kb, hq, wgs = d.kb, d.hq, d.wgs
   n_q, n_kb, gq = d.tq // BQ, d.sk // kb, n // hq
   k_hi, _, _ = _ranges(qp, kp, n_q, BQ, n_kb, kb)
   cnt = pad(k_hi.reshape(-1), 0, _round_up(n_q * n_kb, 32))
+  keep = opts.keep_hidden and nc == 1
 
   def q_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, cnt_g, lse_g, dl_g, dgo_g,
                du_out, da_out,
-               a_s, u_s, w_s, w2b_s, w2t_s, b2_s, c_s, s_s, qp_s, kp_s, cnt_s, lse_s, dl_s, dgo_s, bars, *more):
+               a_s, u_s, w_s, w2b_s, w2t_s, b2_s, c_s, s_s, qp_s, kp_s, cnt_s, lse_s, dl_s, dgo_s, bars, done, turn, *more):
     z, qi, bi = jax.lax.axis_index('z'), jax.lax.axis_index('q'), jax.lax.axis_index('b')
+    wgi = jax.lax.axis_index('wg') if wgs > 1 else 0
     kbi, gi = z // gq, z % gq
     rows, keys, heads = pl.ds(qi * BQ, BQ), pl.ds(kbi * kb, kb), pl.ds(gi * hq, hq)
     copies = [(u_g.at[bi, rows], u_s),
@@ -271,11 +320,15 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     copies += [(dgo_g.at[bi, gi * hq + h, rows], dgo_s.at[h]) for h in range(hq)]
     copies += [(w2b_g.at[ci, gi * hq + h], w2b_s.at[ci, h]) for ci in range(nc) for h in range(hq)]
     copies += [(w2t_g.at[ci, gi * hq + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hq)]
-    for i, (src, dst) in enumerate(copies):
-      plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+
+    def issue():  # by one warpgroup; all wait
+      for i, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+
+    pl.when(wgi == 0)(issue) if wgs > 1 else issue()
     for i in range(len(copies)):
       plgpu.barrier_wait(bars.at[i])
-    ga_s, dka_s = (more[0], more[1]) if interp else (None, None)
+    ga_s, dka_s = (more[0].at[wgi], more[1].at[wgi]) if interp else (None, None)
     qp_v = load(qp_s, (), row)
     lse_v = [load(lse_s.at[h], (), row) for h in range(hq)]
     dl_v = [load(dl_s.at[h], (), row) for h in range(hq)]
@@ -284,18 +337,20 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     def hidden(j, ci):
       uc = load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg)
       wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
-      h = uc + bcast_col(wc, BQ, FC)
-      return h, fm._gelu(h)
+      return _gelu_both(uc + bcast_col(wc, BQ, FC))  # (g, gelu'); an unused one is dead code
 
     def dgo_chunk(h, ci):
       return load(dgo_s.at[h], (slice(None), pl.ds(ci * FC, FC)), wg)
 
-    def key_step(j, carry):
+    def key_step(it, carry):
       du, a1, a2 = carry
+      j = it * wgs + wgi  # warpgroups take turns over the keys
       kv = [jnp.zeros((BQ, hd), f32) for _ in range(hq)]
       dp = [jnp.zeros((BQ,), f32) for _ in range(hq)]
+      kept = None
       for ci in range(nc):
-        _, g = hidden(j, ci)
+        g, gd = hidden(j, ci)
+        kept = gd if keep else None
         gb = g.astype(jnp.bfloat16)
         for h in range(hq):
           kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BQ, hd))
@@ -318,29 +373,34 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         new_a2[h] = a2[h] + dsc * (sj * k)
       new_du = list(du)
       for ci in range(nc):
-        h_ci, _ = hidden(j, ci)
+        gd = kept if keep else hidden(j, ci)[1]
         dg = jnp.zeros((BQ, FC), f32)
         for h in range(hq):
           dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2t_s.at[ci, h], (BQ, FC))
           dg = dg + bcast_row(p[h], FC) * dgo_chunk(h, ci)
-        new_du[ci] = du[ci] + dg * _gelu_grad(h_ci)
+        new_du[ci] = du[ci] + dg * gd
       return tuple(new_du), tuple(new_a1), tuple(new_a2)
 
     zeros = lambda cols: cast(jnp.zeros((BQ, cols), f32), wg)  # noqa: E731
     init = (tuple(zeros(FC) for _ in range(nc)), tuple(zeros(hd) for _ in range(hq)),
             tuple(zeros(hd) for _ in range(hq)))
-    du, a1, a2 = jax.lax.fori_loop(0, count, key_step, init)
-    # Out through shared memory: du in u's buffer, A1 and A2 in a's (both no longer read).
-    for ci in range(nc):
-      u_s[:, pl.ds(ci * FC, FC)] = du[ci]
-    for h in range(hq):
-      a_s[h, :, pl.ds(0, hd)] = a1[h]
-      a_s[h, :, pl.ds(hd, hd)] = a2[h]
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(u_s, du_out.at[bi, z, rows])
-    for h in range(hq):
-      plgpu.copy_smem_to_gmem(a_s.at[h], da_out.at[bi, kbi, gi * hq + h, rows])
-    plgpu.wait_smem_to_gmem(0)
+    du, a1, a2 = jax.lax.fori_loop(0, jnp.maximum(count - wgi + wgs - 1, 0) // wgs, key_step, init)
+
+    def out():
+      # Out through shared memory: du in u's buffer, A1 and A2 in a's (both no longer read).
+      split = z * wgs + wgi
+      for ci in range(nc):
+        u_s[:, pl.ds(ci * FC, FC)] = du[ci]
+      for h in range(hq):
+        a_s[h, :, pl.ds(0, hd)] = a1[h]
+        a_s[h, :, pl.ds(hd, hd)] = a2[h]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(u_s, du_out.at[bi, split, rows])
+      for h in range(hq):
+        plgpu.copy_smem_to_gmem(a_s.at[h], da_out.at[bi, kbi * wgs + wgi, gi * hq + h, rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    in_turn(wgs, wgi, done, turn, out)
 
   scratch = [plgpu.SMEM((hq, BQ, 2 * hd), f32, transforms=f_tf), plgpu.SMEM((BQ, fp), f32, transforms=f_tf),
              plgpu.SMEM((kb, fp), f32), plgpu.SMEM((nc, hq, FC, hd), jnp.bfloat16, transforms=hd_tf),
@@ -348,15 +408,15 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
              plgpu.SMEM((kb, hd), f32), plgpu.SMEM((kb, hd), f32), plgpu.SMEM((BQ,), jnp.int32),
              plgpu.SMEM((kb,), jnp.int32), plgpu.SMEM(cnt.shape, jnp.int32), plgpu.SMEM((hq, BQ), f32),
              plgpu.SMEM((hq, BQ), f32), plgpu.SMEM((hq, BQ, fp), f32, transforms=f_tf),
-             plgpu.Barrier(num_barriers=10 + 2 * hq + 2 * nc * hq)]
+             plgpu.Barrier(num_barriers=10 + 2 * hq + 2 * nc * hq), *sync_barriers(wgs)]
   if interp:
-    scratch += [plgpu.SMEM((BQ, FC), jnp.bfloat16, transforms=fc_tf),
-                plgpu.SMEM((BQ, hd), jnp.bfloat16, transforms=hd_tf)]
+    scratch += [plgpu.SMEM((wgs, BQ, FC), jnp.bfloat16, transforms=fc_tf),
+                plgpu.SMEM((wgs, BQ, hd), jnp.bfloat16, transforms=hd_tf)]
   q_call = plgpu.kernel(
-      q_kernel, out_type=[jax.ShapeDtypeStruct((b, n_kb * gq, d.tq, fp), f32),
-                          jax.ShapeDtypeStruct((b, n_kb, n, d.tq, 2 * hd), f32)],
+      q_kernel, out_type=[jax.ShapeDtypeStruct((b, n_kb * gq * wgs, d.tq, fp), f32),
+                          jax.ShapeDtypeStruct((b, n_kb * wgs, n, d.tq, 2 * hd), f32)],
       scratch_types=scratch, grid=(n_kb * gq, n_q, b), grid_names=('z', 'q', 'b'), interpret=interpret,
-      kernel_name='selective_fused_bwd_query_mgpu')
+      kernel_name='selective_fused_bwd_query_mgpu', **params)
   du_p, da_p = q_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, cnt, lse_, delta, dgo_)
   da = jnp.transpose(da_p.sum(1), (0, 2, 1, 3)).reshape(b, d.tq, n, 2, hd)
   dq = (da[:, :, :, 0] + _swap(da[:, :, :, 1], h2)).reshape(b, d.tq, n, 2, h2)
@@ -371,8 +431,9 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   def k_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, rng_g, lse_g, dl_g, dgo_g,
                dw_out, db_out, dw2_out,
                a_s, u_s, w_s, w2b_s, w2t_s, b2_s, c_s, s_s, qp_s, kp_s, rng_s, lse_s, dl_s, dgo_s,
-               gs_s, gt_s, dks_s, st_s, bars, *more):
+               gs_s, dks_s, st_s, bars, done, turn, *more):
     z, ki, bi = jax.lax.axis_index('z'), jax.lax.axis_index('k'), jax.lax.axis_index('b')
+    wgi = jax.lax.axis_index('wg') if wgs > 1 else 0
     qbi, gi = z // gk, z % gk
     qrows, keys, heads = pl.ds(qbi * qb, qb), pl.ds(ki * BK, BK), pl.ds(gi * hk, hk)
     copies = [(a_g.at[bi, heads, qrows], a_s), (u_g.at[bi, qrows], u_s),
@@ -382,11 +443,17 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
               (dl_g.at[bi, heads, qrows], dl_s), (dgo_g.at[bi, heads, qrows], dgo_s)]
     copies += [(w2b_g.at[ci, gi * hk + h], w2b_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
     copies += [(w2t_g.at[ci, gi * hk + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
-    for i, (src, dst) in enumerate(copies):
-      plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+
+    def issue():  # by one warpgroup; all wait
+      for i, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+
+    pl.when(wgi == 0)(issue) if wgs > 1 else issue()
     for i in range(len(copies)):
       plgpu.barrier_wait(bars.at[i])
-    ga_s, dka_s = (more[0], more[1]) if interp else (None, None)
+    # This warpgroup's buffers: g (bfloat16, read transposed as wgmma's A; interpreted: a transposed copy) and dK.
+    gs_w, dks_w = (more[0] if interp else gs_s).at[wgi], dks_s.at[wgi]
+    ga_s, dka_s = (more[1].at[wgi], more[2].at[wgi]) if interp else (None, None)
     kp_v = load(kp_s, (), row)
     c_v = load(c_s, (), wg)
     s_v = load(s_s, (), wg)
@@ -396,78 +463,83 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     def hidden(i, ci):
       wc = load(w_s, (slice(None), pl.ds(ci * FC, FC)), wg)
       uc = load(u_s.at[i], (pl.ds(ci * FC, FC),), col)
-      h = wc + bcast_col(uc, BK, FC)
-      return h, fm._gelu(h)
+      return _gelu_both(wc + bcast_col(uc, BK, FC))  # (g, gelu')
 
     def dgo_row(i, h, ci):
       return bcast_col(load(dgo_s.at[h, i], (pl.ds(ci * FC, FC),), col), BK, FC)
 
-    def query_step(i, carry):
-      dw, db, dw2 = carry
-      kv = [jnp.zeros((BK, hd), f32) for _ in range(hk)]
-      dp = [jnp.zeros((BK,), f32) for _ in range(hk)]
-      for ci in range(nc):
-        _, g = hidden(i, ci)
-        gb = g.astype(jnp.bfloat16)
+    def loop(dw2_acc):  # dW2k's accumulators stay wgmma accumulators across the loop
+      def query_step(it, carry):
+        dw, db = carry
+        i = lo + it * wgs + wgi  # warpgroups take turns over the queries
+        kv = [jnp.zeros((BK, hd), f32) for _ in range(hk)]
+        dp = [jnp.zeros((BK,), f32) for _ in range(hk)]
+        kept = None
+        for ci in range(nc):
+          g, gd = hidden(i, ci)
+          kept = (g, gd) if keep else None
+          gb = g.astype(jnp.bfloat16)
+          for h in range(hk):
+            kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BK, hd))
+            dp[h] = dp[h] + jnp.sum(g * dgo_row(i, h, ci), axis=1)
+        visible = kp_v <= qp_s[i]
+        p, dk, new_db = [], [], list(db)
         for h in range(hk):
-          kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BK, hd))
-          dp[h] = dp[h] + jnp.sum(g * dgo_row(i, h, ci), axis=1)
-      visible = kp_v <= qp_s[i]
-      p, dk, new_db = [], [], list(db)
-      for h in range(hk):
-        k = kv[h] + bcast_col(load(b2_s.at[h], (), col), BK, hd)
-        ah = bcast_col(load(a_s.at[h, i], (pl.ds(0, hd),), col), BK, hd)
-        ah_sw = bcast_col(load(a_s.at[h, i], (pl.ds(hd, hd),), col), BK, hd)
-        qr = ah * c_v + ah_sw * s_v
-        logit = jnp.sum(qr * k, axis=1) * scale
-        ph = jnp.where(visible, jnp.exp(logit - lse_s[h, i]), 0.0)
-        dkh = bcast_row(ph * (dp[h] - dl_s[h, i]) * scale, hd) * qr
-        p.append(ph)
-        dk.append(dkh)
-        new_db[h] = db[h] + dkh
-        dks_s[h] = dkh.astype(jnp.bfloat16)
-      new_dw, new_dw2 = list(dw), list(dw2)
-      for ci in range(nc):
-        h_ci, g = hidden(i, ci)
-        dg = jnp.zeros((BK, FC), f32)
-        for h in range(hk):
-          dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2t_s.at[ci, h], (BK, FC))
-          dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, ci)
-        new_dw[ci] = dw[ci] + dg * _gelu_grad(h_ci)
-        # dW2k += g^T dK: g to shared memory (bfloat16), read transposed as wgmma's A.
-        gb = g.astype(jnp.bfloat16)
-        if interp:
-          gt_s[...] = gb.T
-        else:
-          gs_s[...] = gb
-        plgpu.commit_smem()
-        a_op = gt_s if interp else plgpu.transpose_ref(gs_s, (1, 0))
-        for h in range(hk):
-          def body(acc, h=h):
-            plgpu.wgmma(acc, a_op, dks_s.at[h])
-            return acc[...]
-          new_dw2[ci * hk + h] = dw2[ci * hk + h] + pl.run_scoped(body, plgpu.ACC((FC, hd), f32))
-      return tuple(new_dw), tuple(new_db), tuple(new_dw2)
+          k = kv[h] + bcast_col(load(b2_s.at[h], (), col), BK, hd)
+          ah = bcast_col(load(a_s.at[h, i], (pl.ds(0, hd),), col), BK, hd)
+          ah_sw = bcast_col(load(a_s.at[h, i], (pl.ds(hd, hd),), col), BK, hd)
+          qr = ah * c_v + ah_sw * s_v
+          logit = jnp.sum(qr * k, axis=1) * scale
+          ph = jnp.where(visible, jnp.exp(logit - lse_s[h, i]), 0.0)
+          dkh = bcast_row(ph * (dp[h] - dl_s[h, i]) * scale, hd) * qr
+          p.append(ph)
+          dk.append(dkh)
+          new_db[h] = db[h] + dkh
+          dks_w[h] = dkh.astype(jnp.bfloat16)
+        new_dw = list(dw)
+        for ci in range(nc):
+          g, gd = kept if keep else hidden(i, ci)
+          dg = jnp.zeros((BK, FC), f32)
+          for h in range(hk):
+            dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2t_s.at[ci, h], (BK, FC))
+            dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, ci)
+          new_dw[ci] = dw[ci] + dg * gd
+          # dW2k += g^T dK: g to shared memory (bfloat16), read transposed as wgmma's A.
+          gb = g.astype(jnp.bfloat16)
+          gs_w[...] = gb.T if interp else gb
+          plgpu.commit_smem()
+          a_op = gs_w if interp else plgpu.transpose_ref(gs_w, (1, 0))
+          for h in range(hk):
+            plgpu.wgmma(dw2_acc[ci * hk + h], a_op, dks_w.at[h])
+          plgpu.wgmma_wait(0)  # before g's and dK's buffers are written again
+        return tuple(new_dw), tuple(new_db)
 
-    zeros = lambda r, cols: cast(jnp.zeros((r, cols), f32), wg)  # noqa: E731
-    init = (tuple(zeros(BK, FC) for _ in range(nc)), tuple(zeros(BK, hd) for _ in range(hk)),
-            tuple(zeros(FC, hd) for _ in range(nc * hk)))
-    dw, db, dw2 = jax.lax.fori_loop(lo, jnp.maximum(hi, lo), query_step, init)
-    for ci in range(nc):
-      w_s[:, pl.ds(ci * FC, FC)] = dw[ci]
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(w_s, dw_out.at[bi, z, keys])
-    for h in range(hk):
-      st_s[...] = db[h]
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(st_s, db_out.at[bi, qbi, ki, :, pl.ds((gi * hk + h) * hd, hd)])
-      plgpu.wait_smem_to_gmem(0)
+      zeros = lambda r, cols: cast(jnp.zeros((r, cols), f32), wg)  # noqa: E731
+      init = (tuple(zeros(BK, FC) for _ in range(nc)), tuple(zeros(BK, hd) for _ in range(hk)))
+      dw, db = jax.lax.fori_loop(0, jnp.maximum(hi - lo - wgi + wgs - 1, 0) // wgs, query_step, init)
+      return dw, db, [acc[...] for acc in dw2_acc]
+
+    dw, db, dw2 = pl.run_scoped(loop, [plgpu.ACC((FC, hd), f32) for _ in range(nc * hk)])
+
+    def out():
+      split = qbi * wgs + wgi
       for ci in range(nc):
-        st_s[...] = dw2[ci * hk + h]
+        w_s[:, pl.ds(ci * FC, FC)] = dw[ci]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(w_s, dw_out.at[bi, z * wgs + wgi, keys])
+      for h in range(hk):
+        st_s[...] = db[h]
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(st_s, dw2_out.at[bi, qbi, ki, pl.ds(ci * FC, FC), pl.ds((gi * hk + h) * hd, hd)])
+        plgpu.copy_smem_to_gmem(st_s, db_out.at[bi, split, ki, :, pl.ds((gi * hk + h) * hd, hd)])
         plgpu.wait_smem_to_gmem(0)
-    plgpu.wait_smem_to_gmem(0)
+        for ci in range(nc):
+          st_s[...] = dw2[ci * hk + h]
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(st_s, dw2_out.at[bi, split, ki, pl.ds(ci * FC, FC), pl.ds((gi * hk + h) * hd, hd)])
+          plgpu.wait_smem_to_gmem(0)
+      plgpu.wait_smem_to_gmem(0)
+
+    in_turn(wgs, wgi, done, turn, out)
 
   scratch = [plgpu.SMEM((hk, qb, 2 * hd), f32), plgpu.SMEM((qb, fp), f32),
              plgpu.SMEM((BK, fp), f32, transforms=f_tf), plgpu.SMEM((nc, hk, FC, hd), jnp.bfloat16, transforms=hd_tf),
@@ -475,18 +547,19 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
              plgpu.SMEM((BK, hd), f32, transforms=f_tf), plgpu.SMEM((BK, hd), f32, transforms=f_tf),
              plgpu.SMEM((qb,), jnp.int32), plgpu.SMEM((BK,), jnp.int32), plgpu.SMEM(rng.shape, jnp.int32),
              plgpu.SMEM((hk, qb), f32), plgpu.SMEM((hk, qb), f32), plgpu.SMEM((hk, qb, fp), f32),
-             plgpu.SMEM((BK, FC), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((FC, BK), jnp.bfloat16, transforms=hd_tf),
-             plgpu.SMEM((hk, BK, hd), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((BK, hd), f32, transforms=f_tf),
-             plgpu.Barrier(num_barriers=12 + 2 * nc * hk)]
+             plgpu.SMEM((wgs, BK, FC), jnp.bfloat16, transforms=hd_tf),
+             plgpu.SMEM((wgs, hk, BK, hd), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((BK, hd), f32, transforms=f_tf),
+             plgpu.Barrier(num_barriers=12 + 2 * nc * hk), *sync_barriers(wgs)]
   if interp:
-    scratch += [plgpu.SMEM((BK, FC), jnp.bfloat16, transforms=fc_tf),
-                plgpu.SMEM((BK, hd), jnp.bfloat16, transforms=hd_tf)]
+    scratch += [plgpu.SMEM((wgs, FC, BK), jnp.bfloat16, transforms=hd_tf),
+                plgpu.SMEM((wgs, BK, FC), jnp.bfloat16, transforms=fc_tf),
+                plgpu.SMEM((wgs, BK, hd), jnp.bfloat16, transforms=hd_tf)]
   k_call = plgpu.kernel(
-      k_kernel, out_type=[jax.ShapeDtypeStruct((b, n_qb * gk, d.sk, fp), f32),
-                          jax.ShapeDtypeStruct((b, n_qb, n_kt, BK, n * hd), f32),
-                          jax.ShapeDtypeStruct((b, n_qb, n_kt, fp, n * hd), f32)],
+      k_kernel, out_type=[jax.ShapeDtypeStruct((b, n_qb * gk * wgs, d.sk, fp), f32),
+                          jax.ShapeDtypeStruct((b, n_qb * wgs, n_kt, BK, n * hd), f32),
+                          jax.ShapeDtypeStruct((b, n_qb * wgs, n_kt, fp, n * hd), f32)],
       scratch_types=scratch, grid=(n_qb * gk, n_kt, b), grid_names=('z', 'k', 'b'), interpret=interpret,
-      kernel_name='selective_fused_bwd_key_mgpu')
+      kernel_name='selective_fused_bwd_key_mgpu', **params)
   dw_p, db_p, dw2_p = k_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, rng, lse_, delta, dgo_)
   dw = dw_p.sum(1)
   db2 = db_p.sum((0, 1, 2, 3)).reshape(n, 2, h2)
