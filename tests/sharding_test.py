@@ -2,8 +2,10 @@
 
 The 8-device work runs in subprocesses (tests/mesh_check.py; the device count must be set before jax is
 imported), all started together when the first test here needs one, so that they share the machine's cores:
-  - two workers train each variant for 10 steps on the meshes single / (8 data) / (2 data x 4 seq) /
-    (2 fsdp x 2 seq x 2 tensor), recording losses, shardings, the step's jaxpr shapes and its compiled HLO;
+  - one worker trains each variant for 10 steps on the meshes single / (8 data) / (2 data x 4 seq) /
+    (2 fsdp x 2 seq x 2 tensor), recording losses, shardings, the step's jaxpr shapes and its compiled HLO (one
+    process, not one per variant: the variants share its warm-up and their parameters' init programs, and on 2
+    cores the one process costs 82 CPU-s where two cost 96);
   - selattn.train.train runs 10 steps on (2 data x 2 fsdp x 2 seq), then resumes to step 20 on 2 devices, and an
     uninterrupted 20-step run on one device is the reference.
 """
@@ -43,8 +45,9 @@ class _Runs:
     self.tmp = tmp
     self.resume_dir, self.reference_dir = str(tmp / 'resume'), str(tmp / 'reference')
     log = lambda name: str(tmp / f'{name}.log')
-    self.eq_a = mc.Worker(['equivalence', 'standard', 'factored', 'materialized', '--controls'], 8, log('eq_a'))
-    self.eq_b = mc.Worker(['equivalence', 'blockwise', 'blockwise_mlp'], 8, log('eq_b'))
+    # The selective variants with the same parameters first (one init program per mesh), the others after.
+    self.eq = mc.Worker(['equivalence', 'factored', 'materialized', 'blockwise', 'standard', 'blockwise_mlp',
+                         '--controls'], 8, log('eq'))
     self.first = mc.Worker(['train', self.resume_dir, _json(TRAIN, MESH_8, {'train.num_steps': 10})], 8,
                            log('first'))
     self.reference = mc.Worker(['train', self.reference_dir, _json(TRAIN, MESH_1, {'train.num_steps': 20})], 1,
@@ -66,14 +69,13 @@ class _Runs:
     return self.resume.result()
 
   def equivalence(self, variant) -> dict:
-    worker = self.eq_a if variant in self.eq_a.args else self.eq_b
-    return worker.result()['variants'][variant]
+    return self.eq.result()['variants'][variant]
 
   def close(self):
     self._closed = True
     self.first.kill()
     self._thread.join()
-    for w in (self.eq_a, self.eq_b, self.reference, self.resume):
+    for w in (self.eq, self.reference, self.resume):
       if w is not None:
         w.kill()
 
@@ -191,7 +193,7 @@ def test_no_all_gather_of_a_query_key_tensor(runs, variant):
 
 def test_all_gather_detector_sees_a_real_gather_of_a_query_key_tensor(runs):
   # Compiled on 8 devices: a seq-split [2, T, S, 4] array made replicated is one all-gather of that shape.
-  shapes = [tuple(s) for s in runs.eq_a.result()['controls']['gather_control']]
+  shapes = [tuple(s) for s in runs.eq.result()['controls']['gather_control']]
   assert mc.gathers_of_query_key_tensors(shapes, T, S) == [(2, T, S, 4)], shapes
 
 
@@ -262,7 +264,7 @@ def test_fitting_meshes_are_accepted():
 def test_mesh_product_must_match_the_devices(runs):
   msg = _refusal(lambda: sharding.make_mesh(config_lib.MeshConfig(data=2), jax.devices()))  # 1 device here
   assert 'mesh' in msg and '1 devices' in msg, msg
-  errors = runs.eq_a.result()['controls']['mesh_errors']  # on 8 devices
+  errors = runs.eq.result()['controls']['mesh_errors']  # on 8 devices
   for name, msg in errors.items():
     assert msg is not None, f'{name}: accepted'
     assert '\n' not in msg and '8 devices' in msg, (name, msg)
