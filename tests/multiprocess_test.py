@@ -5,10 +5,11 @@ the mesh (1 data x 2 fsdp x 2 seq): parameters, optimizer state and the batch ar
 processes, the K/V query split within each. The reference is one process with 4 devices on the same mesh.
 The corpus is a file read as bytes (data.vocab='bytes'), so every process reads its rows from the memory-mapped
 token store, which the first processes to start build together (one builds, the others wait for it).
-  - reference: 1 process, 10 steps;                       started together with
-  - first:     2 processes started with two Popen, 5 steps, checkpoint at 5;   then, together,
-  - resume:    2 processes through launch/local.py, continuing the same workdir to step 10;
-  - sample:    2 processes, 1 step and a text sample (which every process must take part in).
+  - reference: 1 process, 15 steps;                       started together with
+  - first:     2 processes started with two Popen, 5 steps, checkpoint at 5 and a text sample there (which every
+               process must take part in);                then
+  - resume:    2 processes through launch/local.py, continuing the same workdir to step 10;   then
+  - single:    1 process (4 devices), continuing it to step 15.
 jax.distributed needs no extra setting on CPU with jax 0.10: cross-process collectives use gloo by default.
 """
 
@@ -107,7 +108,7 @@ _compile_cache = []  # the module's persistent compilation cache, shared by its 
 
 
 def _env(devices):
-  # The resume and the sample runs compile first's programs (2 processes x 2 devices) and the single-process
+  # The resume run compiles first's programs (2 processes x 2 devices) and the single-process
   # resume the reference's (1 x 4): from the cache, not again. A cache made fresh for this module.
   env = mc.subprocess_env(devices)
   env.update(JAX_COMPILATION_CACHE_DIR=_compile_cache[-1], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
@@ -131,27 +132,29 @@ class _Runs:
   def __init__(self, tmp):
     self.tmp = str(tmp)
     _compile_cache[:] = [str(tmp / 'jax_cache')]
-    self.ref_dir, self.dir, self.sample_dir = (str(tmp / d) for d in ('reference', 'run', 'sample'))
+    self.ref_dir, self.dir = str(tmp / 'reference'), str(tmp / 'run')
     corpus = tmp / 'corpus.bin'
     # Shakespeare's first 600 KB as bytes, ending in a cut character.
     corpus.write_bytes(data.load_text('')[:600_000].encode() + 'é'.encode()[:1])
     self.data = [f'--config.data.path={corpus}', '--config.data.vocab=bytes']
     self.reference = _Job('reference', [_main(self.ref_dir, 15, *self.data)], _env(4), self.tmp)
-    self.first = _Job('first', _two_processes(self.dir, 5, *self.data), _env(2), self.tmp)
-    self._resume = self._sample = self._single = None
+    # Its sample (at its last step, after the eval, beside the checkpoint save) costs no run of its own; the text
+    # sample of the runs after it stays off (train.sample_length may change on a resume).
+    self.first = _Job('first', _two_processes(self.dir, 5, '--config.train.sample_length=5', *self.data), _env(2),
+                      self.tmp)
+    self._resume = self._single = None
 
-  def _second_wave(self):
+  def first_run(self):
+    # Were process 0 to sample alone, both would hang after the eval: a hang is reported as one, not as a timeout.
+    return self.first.wait(hang_after='eval at step 5', grace_s=60)
+
+  def resume(self):
     if self._resume is None:
-      self.first.wait()
+      self.first_run()
       launcher = [sys.executable, 'launch/local.py', '--num_processes', '2', '--cpu_devices_per_process', '2', '--',
                   *_main(self.dir, 10, *self.data)[3:]]
       self._resume = _Job('resume', [launcher], _env(None), self.tmp)
-      self._sample = _Job('sample', _two_processes(self.sample_dir, 1, '--config.train.sample_length=5', *self.data),
-                          _env(2), self.tmp)
-    return self._resume, self._sample
-
-  def resume(self):
-    return self._second_wave()[0]
+    return self._resume
 
   def single(self):
     """After the 2-process resume: one process (4 devices) continues the same run to step 15."""
@@ -160,11 +163,8 @@ class _Runs:
       self._single = _Job('single', [_main(self.dir, 15, *self.data)], _env(4), self.tmp)
     return self._single
 
-  def sample(self):
-    return self._second_wave()[1]
-
   def close(self):
-    for job in (self.reference, self.first, self._resume, self._sample, self._single):
+    for job in (self.reference, self.first, self._resume, self._single):
       if job is not None:
         job.kill()
 
@@ -189,7 +189,7 @@ def _check_same(losses, ref, steps):
 
 def test_two_processes_give_the_losses_of_one(runs):
   runs.reference.wait()
-  first = runs.first.wait()
+  first = runs.first_run()
   for i in range(2):
     assert re.search(rf'process {i}/2, 4 devices', first.log(i)), first.log(i)[-2000:]
   assert 'process 0/1, 4 devices' in runs.reference.log()
@@ -204,7 +204,7 @@ def test_two_processes_give_the_losses_of_one(runs):
 
 
 def test_only_process_0_writes_tensorboard(runs):
-  first = runs.first.wait()
+  first = runs.first_run()
   files = run_files.event_files(runs.dir)
   # TensorBoard names its files events.out.tfevents.<time>.<host>.<pid>.<n>.
   assert [int(f.split('.')[-2]) for f in files[:1]] == [first.procs[0].pid], (files, [p.pid for p in first.procs])
@@ -240,14 +240,14 @@ def test_text_sample_with_parameters_split_across_processes(runs):
   # The sampler is one jitted computation over the global mesh: with fsdp across processes it needs every
   # process. If only process 0 samples, process 0 waits in the sampler for process 1, which waits for it in the
   # checkpoint save: both hang.
-  sample = runs.sample().wait(hang_after='eval at step 1', grace_s=60)
-  assert 'sample at step 1' in sample.log(0), sample.log(0)[-3000:]
-  assert len(run_files.event_files(runs.sample_dir)) == 1
+  first = runs.first_run()
+  assert 'sample at step 5' in first.log(0), first.log(0)[-3000:]
+  assert 'sample at step' not in first.log(1), first.log(1)[-3000:]  # process 0 alone logs it
 
 
 def test_processes_starting_together_build_the_token_store_once(runs):
   runs.reference.wait()
-  first = runs.first.wait()
+  first = runs.first_run()
   logs = [runs.reference.log(), first.log(0), first.log(1)]
   assert sum(log.count('tokenising ') for log in logs) == 1, [l[-2000:] for l in logs]
   store_dir = os.path.join(runs.tmp, 'corpus.bin.selattn')
