@@ -18,6 +18,7 @@ from flax import nnx
 
 from selattn.config import ModelConfig
 from selattn.model import attention as attn_lib
+from rel_error import rel as _rel
 
 pytestmark = pytest.mark.usefixtures('no_mesh')
 
@@ -102,12 +103,6 @@ def np_standard(x, wq, wk, wv, n, *, rope, keep, rate, c=None):
   if c is not None:
     out = out + w.sum(-1).transpose(0, 2, 1)[..., None] * c.reshape(b, t, n, h)
   return out.reshape(b, t, d)
-
-
-def _rel(got, ref):
-  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-  assert got.shape == ref.shape, (got.shape, ref.shape)
-  return np.abs(got - ref).max() / np.abs(ref).max()
 
 
 def _cfg(**kw):

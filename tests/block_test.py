@@ -18,6 +18,7 @@ import pytest
 
 from configs import nanogpt, tiny
 from generate_test import _decode, _prefill  # jitted over (graphdef, state)
+from rel_error import rel as _rel
 from run_files import scalars
 from selattn import config as config_lib
 from selattn import sharding
@@ -27,12 +28,6 @@ from selattn.model import Transformer, count_params
 
 NANOGPT_BLOCK = dict(norm='pre', activation='gelu', positions='learned', attn_out_proj=True, tie_embeddings=True,
                      init='nanogpt', linear_bias=False, norm_bias=False, head_bias=False)
-
-
-def _rel(got, ref):
-  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-  assert got.shape == ref.shape, (got.shape, ref.shape)
-  return np.abs(got - ref).max() / np.abs(ref).max()
 
 
 # ----------------------------------------------------------------------------------------------------------------

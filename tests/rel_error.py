@@ -1,4 +1,4 @@
-"""The kernel tests' error measure: the largest error over the reference's largest magnitude."""
+"""The tests' error measure against a reference: the largest error over the reference's largest magnitude."""
 
 from __future__ import annotations
 
