@@ -70,7 +70,9 @@ class Options:
   # at kv_hidden 64, are combined by XLA).
   block_k: int = 0
   precision: str = 'bf16'  # the key layer's operands: 'bf16' | 'float32' (transcription only: exact reference)
-  approx_math: bool = False  # tanh.approx etc. (about 2^-11 relative error in tanh)
+  # tanh.approx and ex2.approx (about 2^-11 relative error in tanh, below the bfloat16 key layer's 2^-9): a training
+  # step at kv_hidden 64 on one H200 takes 3.00 ms with it against 3.15 without (docs/bench/fused_mgpu_steps_h200.json).
+  approx_math: bool = True
   # The tile's u rows held in registers across the key loop (F / 2 more registers a thread) instead of read from
   # shared memory for every key.
   keep_u: bool = False
@@ -323,6 +325,7 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
   groups = n // hp
   # B operand: [chunk, head, 64 hidden, 2 Hd] in bfloat16, tiled and swizzled for wgmma.
   w2b = w2.reshape(nc, FC, n, hd).transpose(0, 2, 1, 3).astype(jnp.bfloat16)
+  live = jnp.repeat((counts > 0).T, wgs, axis=0)  # [splits, query tiles]: programs that wrote their partials
   counts = _pad(counts.reshape(-1), 0, _round_up(d.n_q * d.n_kb, 32))  # TMA copies of whole 128-byte lines
   n_kb = d.n_kb
   wg = plgpu.Layout.WGMMA
@@ -352,108 +355,117 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
     heads = pl.ds(gi * hp, hp)
     copies = [(a_g.at[bi, rows, pl.ds(gi * hp * 2 * hd, hp * 2 * hd)], a_s), (u_g.at[bi, rows], u_s),
               (w_g.at[bi, keys], w_s), (w2_g.at[:, heads], w2_s), (b2_g.at[heads], b2_s), (c_g.at[keys], c_s),
-              (s_g.at[keys], s_s), (qpos_g.at[rows], qpos_s), (kpos_g.at[keys], kpos_s), (cnt_g, cnt_s)]
+              (s_g.at[keys], s_s), (qpos_g.at[rows], qpos_s), (kpos_g.at[keys], kpos_s)]
 
-    def issue():  # by one warpgroup; all wait
-      for i, (src, dst) in enumerate(copies):
-        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+    def issue_count():
+      plgpu.copy_gmem_to_smem(cnt_g, cnt_s, bars.at[len(copies)])
 
-    pl.when(wgi == 0)(issue) if wgs > 1 else issue()
-    for i in range(len(copies)):
-      plgpu.barrier_wait(bars.at[i])
-
-    qpos_v = load(qpos_s, (), row)
+    pl.when(wgi == 0)(issue_count) if wgs > 1 else issue_count()
+    plgpu.barrier_wait(bars.at[len(copies)])
     count = cnt_s[qi * n_kb + kbi]
 
-    def queries():  # per head: R_i q_i, and it with RoPE halves swapped
-      return ([load(a_s, (slice(None), pl.ds(2 * h * hd, hd)), wg) for h in range(hp)],
-              [load(a_s, (slice(None), pl.ds((2 * h + 1) * hd, hd)), wg) for h in range(hp)])
+    def live():  # the rest: only where this program has keys to visit (else its partials are masked outside)
+      def issue():  # by one warpgroup; all wait
+        for i, (src, dst) in enumerate(copies):
+          plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
 
-    kept_q = queries() if opts.keep_q else None
+      pl.when(wgi == 0)(issue) if wgs > 1 else issue()
+      for i in range(len(copies)):
+        plgpu.barrier_wait(bars.at[i])
 
-    u_regs = [load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg) for ci in range(nc)] if opts.keep_u else None
+      qpos_v = load(qpos_s, (), row)
 
-    def hidden(j, ci):
-      uc = u_regs[ci] if u_regs else load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg)
-      wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
-      return _gelu(uc + jax.lax.broadcast_in_dim(wc, (BQ, FC), (1,)))
+      def queries():  # per head: R_i q_i, and it with RoPE halves swapped
+        return ([load(a_s, (slice(None), pl.ds(2 * h * hd, hd)), wg) for h in range(hp)],
+                [load(a_s, (slice(None), pl.ds((2 * h + 1) * hd, hd)), wg) for h in range(hp)])
 
-    def key_step(i, carry):
-      m, l, gs = carry
-      j = i * wgs + wgi  # warpgroups take turns over the keys
+      kept_q = queries() if opts.keep_q else None
 
-      def keys_of(acc_refs):
-        cached = None
-        for ci in range(nc):
-          g = hidden(j, ci)
-          cached = g if nc == 1 else None
-          gb = g.astype(jnp.bfloat16)
-          if interpret is not None:  # the interpreter's wgmma reads A from shared memory only
-            ga_s[0].at[wgi][...] = gb
-            gb = ga_s[0].at[wgi]
-          for h in range(hp):
-            plgpu.wgmma(acc_refs[h], gb, w2_s.at[ci, h])
-        return [r[...] for r in acc_refs], cached
+      u_regs = [load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg) for ci in range(nc)] if opts.keep_u else None
 
-      kv, cached = pl.run_scoped(keys_of, [plgpu.ACC((BQ, hd), jnp.float32) for _ in range(hp)])
-      cj = jax.lax.broadcast_in_dim(load(c_s.at[j], (), col), (BQ, hd), (1,))
-      sj = jax.lax.broadcast_in_dim(load(s_s.at[j], (), col), (BQ, hd), (1,))
-      visible = qpos_v >= kpos_s[j]
-      a_heads, a_swapped = kept_q or queries()
-      bias = [load(b2_s.at[h], (), col) for h in range(hp)]
-      m_new, l_new, p, corr = [], [], [], []
-      for h in range(hp):
-        k = kv[h] + jax.lax.broadcast_in_dim(bias[h], (BQ, hd), (1,))
-        qr = a_heads[h] * cj + a_swapped[h] * sj  # R_j^T R_i q_i
-        logit = jnp.where(visible, jnp.sum(qr * k, axis=1) * scale, _MASKED)
-        mn = jnp.maximum(m[h], logit)
-        corr.append(jnp.exp(m[h] - mn))
-        p.append(jnp.where(visible, jnp.exp(logit - mn), 0.0))
-        l_new.append(l[h] * corr[h] + p[h])
-        m_new.append(mn)
-      new_gs = list(gs)  # G of head h, chunk ci at h * nc + ci
-      for ci in range(nc):
-        g = cached if nc == 1 else hidden(j, ci)
+      def hidden(j, ci):
+        uc = u_regs[ci] if u_regs else load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg)
+        wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
+        return _gelu(uc + jax.lax.broadcast_in_dim(wc, (BQ, FC), (1,)))
+
+      def key_step(i, carry):
+        m, l, gs = carry
+        j = i * wgs + wgi  # warpgroups take turns over the keys
+
+        def keys_of(acc_refs):
+          cached = None
+          for ci in range(nc):
+            g = hidden(j, ci)
+            cached = g if nc == 1 else None
+            gb = g.astype(jnp.bfloat16)
+            if interpret is not None:  # the interpreter's wgmma reads A from shared memory only
+              ga_s[0].at[wgi][...] = gb
+              gb = ga_s[0].at[wgi]
+            for h in range(hp):
+              plgpu.wgmma(acc_refs[h], gb, w2_s.at[ci, h])
+          return [r[...] for r in acc_refs], cached
+
+        kv, cached = pl.run_scoped(keys_of, [plgpu.ACC((BQ, hd), jnp.float32) for _ in range(hp)])
+        cj = jax.lax.broadcast_in_dim(load(c_s.at[j], (), col), (BQ, hd), (1,))
+        sj = jax.lax.broadcast_in_dim(load(s_s.at[j], (), col), (BQ, hd), (1,))
+        visible = qpos_v >= kpos_s[j]
+        a_heads, a_swapped = kept_q or queries()
+        bias = [load(b2_s.at[h], (), col) for h in range(hp)]
+        m_new, l_new, p, corr = [], [], [], []
         for h in range(hp):
-          cb = jax.lax.broadcast_in_dim(corr[h], (BQ, FC), (0,))
-          pb = jax.lax.broadcast_in_dim(p[h], (BQ, FC), (0,))
-          new_gs[h * nc + ci] = gs[h * nc + ci] * cb + pb * g
-      return tuple(m_new), tuple(l_new), tuple(new_gs)
+          k = kv[h] + jax.lax.broadcast_in_dim(bias[h], (BQ, hd), (1,))
+          qr = a_heads[h] * cj + a_swapped[h] * sj  # R_j^T R_i q_i
+          logit = jnp.where(visible, jnp.sum(qr * k, axis=1) * scale, _MASKED)
+          mn = jnp.maximum(m[h], logit)
+          corr.append(jnp.exp(m[h] - mn))
+          p.append(jnp.where(visible, jnp.exp(logit - mn), 0.0))
+          l_new.append(l[h] * corr[h] + p[h])
+          m_new.append(mn)
+        new_gs = list(gs)  # G of head h, chunk ci at h * nc + ci
+        for ci in range(nc):
+          g = cached if nc == 1 else hidden(j, ci)
+          for h in range(hp):
+            cb = jax.lax.broadcast_in_dim(corr[h], (BQ, FC), (0,))
+            pb = jax.lax.broadcast_in_dim(p[h], (BQ, FC), (0,))
+            new_gs[h * nc + ci] = gs[h * nc + ci] * cb + pb * g
+        return tuple(m_new), tuple(l_new), tuple(new_gs)
 
-    init = (tuple(cast(jnp.full((BQ,), _MASKED, jnp.float32), row) for _ in range(hp)),
-            tuple(cast(jnp.zeros((BQ,), jnp.float32), row) for _ in range(hp)),
-            tuple(cast(jnp.zeros((BQ, FC), jnp.float32), wg) for _ in range(hp * nc)))
-    m, l, gs = jax.lax.fori_loop(0, jnp.maximum(count - wgi + wgs - 1, 0) // wgs, key_step, init)
-    split = kbi * wgs + wgi
+      init = (tuple(cast(jnp.full((BQ,), _MASKED, jnp.float32), row) for _ in range(hp)),
+              tuple(cast(jnp.zeros((BQ,), jnp.float32), row) for _ in range(hp)),
+              tuple(cast(jnp.zeros((BQ, FC), jnp.float32), wg) for _ in range(hp * nc)))
+      m, l, gs = jax.lax.fori_loop(0, jnp.maximum(count - wgi + wgs - 1, 0) // wgs, key_step, init)
+      split = kbi * wgs + wgi
 
-    if wgs > 1:  # out through this warpgroup's own buffers, a chunk at a time (the other may still read u)
-      st_s, mlw_s = more[0].at[wgi], more[1].at[wgi]
+      if wgs > 1:  # out through this warpgroup's own buffers, a chunk at a time (the other may still read u)
+        st_s, mlw_s = more[0].at[wgi], more[1].at[wgi]
+        for h in range(hp):
+          for ci in range(nc):
+            st_s[...] = gs[h * nc + ci]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(st_s, g_out.at[bi, split, rows, pl.ds((gi * hp + h) * fp + ci * FC, FC)])
+            plgpu.wait_smem_to_gmem(0)
+          mlw_s[0, h] = m[h]
+          mlw_s[1, h] = l[h]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(mlw_s.at[0], m_out.at[bi, split, heads, rows])
+        plgpu.copy_smem_to_gmem(mlw_s.at[1], l_out.at[bi, split, heads, rows])
+        plgpu.wait_smem_to_gmem(0)
+        return
+
+      # Out through shared memory: G per head in u's buffer (u is no longer read), m and l in ml_s.
       for h in range(hp):
         for ci in range(nc):
-          st_s[...] = gs[h * nc + ci]
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(st_s, g_out.at[bi, split, rows, pl.ds((gi * hp + h) * fp + ci * FC, FC)])
-          plgpu.wait_smem_to_gmem(0)
-        mlw_s[0, h] = m[h]
-        mlw_s[1, h] = l[h]
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(mlw_s.at[0], m_out.at[bi, split, heads, rows])
-      plgpu.copy_smem_to_gmem(mlw_s.at[1], l_out.at[bi, split, heads, rows])
+          u_s[:, pl.ds(ci * FC, FC)] = gs[h * nc + ci]
+        ml_s[0, h] = m[h]
+        ml_s[1, h] = l[h]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(u_s, g_out.at[bi, split, rows, pl.ds((gi * hp + h) * fp, fp)])
+        plgpu.wait_smem_to_gmem(0)
+      plgpu.copy_smem_to_gmem(ml_s.at[0], m_out.at[bi, split, heads, rows])
+      plgpu.copy_smem_to_gmem(ml_s.at[1], l_out.at[bi, split, heads, rows])
       plgpu.wait_smem_to_gmem(0)
-      return
 
-    # Out through shared memory: G per head in u's buffer (u is no longer read), m and l in ml_s.
-    for h in range(hp):
-      for ci in range(nc):
-        u_s[:, pl.ds(ci * FC, FC)] = gs[h * nc + ci]
-      ml_s[0, h] = m[h]
-      ml_s[1, h] = l[h]
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(u_s, g_out.at[bi, split, rows, pl.ds((gi * hp + h) * fp, fp)])
-      plgpu.wait_smem_to_gmem(0)
-    plgpu.copy_smem_to_gmem(ml_s.at[0], m_out.at[bi, split, heads, rows])
-    plgpu.copy_smem_to_gmem(ml_s.at[1], l_out.at[bi, split, heads, rows])
-    plgpu.wait_smem_to_gmem(0)
+    pl.when(count > 0)(live)
 
   f32 = jnp.float32
   scratch = [
@@ -475,6 +487,9 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
                       grid_names=('z', 'q', 'b'), compiler_params=plgpu.CompilerParams(approx_math=opts.approx_math),
                       interpret=interpret, kernel_name='selective_fused_fwd_mgpu', **threads)
   g, m, l = call(a, u, w, w2b, b2, c, s, qpos, kpos, counts)
+  g = jnp.where(live[None, :, :, None, None], g.reshape(d.b, splits, d.n_q, BQ, n * fp), 0.0)
+  m = jnp.where(live[None, :, None, :, None], m.reshape(d.b, splits, n, d.n_q, BQ), _MASKED).reshape(m.shape)
+  l = jnp.where(live[None, :, None, :, None], l.reshape(d.b, splits, n, d.n_q, BQ), 0.0).reshape(l.shape)
   return _combine(d, g.reshape(d.b, splits, d.tq, n, fp), m, l)
 
 

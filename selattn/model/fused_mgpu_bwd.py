@@ -146,8 +146,9 @@ class Options:
   # Warpgroups per program (1 or 2), both kernels: they take turns over the program's keys (query kernel) or
   # queries (key kernel), sharing its shared-memory inputs, each with its own accumulators; their partial results
   # are summed outside like the blocks'. One program fills an SM's shared memory, so one warpgroup alone leaves the
-  # SM one warp per scheduler to issue from (ncu: 6% occupancy, an instruction every 2.4 cycles).
-  warpgroups: int = 1
+  # SM one warp per scheduler to issue from (ncu: 6% occupancy, an instruction every 2.4 cycles). 0: two where
+  # shared memory allows, else one; interpreted always one (two hang there in most runs: see the tests).
+  warpgroups: int = 0
   # tanh.approx in the GELU and its derivative (about 2^-11 relative error, below the bfloat16 key layer's 2^-9):
   # on one H200 the backward at kv_hidden 256 takes a third of the time (accurate tanh: 12.5 ms a layer, 4.1 ms),
   # at 64 0.78 ms against 0.95 (docs/bench/fused_mgpu_bwd_sweep_h200.json).
@@ -168,8 +169,11 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
       return f'{name}={getattr(opts, name)} is not 32, 64 or 128'
   if opts.heads_per_program and n % opts.heads_per_program:
     return f'heads_per_program={opts.heads_per_program} does not divide the {n} heads'
-  if opts.warpgroups not in (1, 2):
+  if opts.warpgroups not in (0, 1, 2):
     return f'warpgroups={opts.warpgroups} is not 1 or 2'
+  if not opts.warpgroups:
+    two = _dims(q, w, dataclasses.replace(opts, warpgroups=2))
+    return two if not isinstance(two, str) else _dims(q, w, dataclasses.replace(opts, warpgroups=1))
   wgs = opts.warpgroups
   heads = (opts.heads_per_program,) if opts.heads_per_program else (n, 1)
   kbs = (opts.block_k,) if opts.block_k else (64, 32)
@@ -213,6 +217,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   from jax.experimental import pallas as pl  # noqa: PLC0415 (GPU-only module, imported on use)
   from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
+  if interpret is not None and not opts.warpgroups:
+    opts = dataclasses.replace(opts, warpgroups=1)  # interpreted, two warpgroups hang in most runs
   d = _dims(q, w, opts)
   if isinstance(d, str):
     raise ValueError(d)
@@ -305,7 +311,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
 
   def q_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, cnt_g, lse_g, dl_g, dgo_g,
                du_out, da_out,
-               a_s, u_s, w_s, w2b_s, w2t_s, b2_s, c_s, s_s, qp_s, kp_s, cnt_s, lse_s, dl_s, dgo_s, bars, done, turn, *more):
+               a_s, u_s, w_s, w2b_s, w2t_s, b2_s, c_s, s_s, qp_s, kp_s, cnt_s, lse_s, dl_s, dgo_s, bars, done, turn,
+               *more):
     z, qi, bi = jax.lax.axis_index('z'), jax.lax.axis_index('q'), jax.lax.axis_index('b')
     wgi = jax.lax.axis_index('wg') if wgs > 1 else 0
     kbi, gi = z // gq, z % gq
@@ -313,7 +320,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     copies = [(u_g.at[bi, rows], u_s),
               (w_g.at[bi, keys], w_s), (b2_g.at[heads], b2_s), (c_g.at[keys], c_s), (s_g.at[keys], s_s),
               (qp_g.at[rows], qp_s),
-              (kp_g.at[keys], kp_s), (cnt_g, cnt_s), (lse_g.at[bi, heads, rows], lse_s),
+              (kp_g.at[keys], kp_s), (lse_g.at[bi, heads, rows], lse_s),
               (dl_g.at[bi, heads, rows], dl_s)]
     # Per head and chunk: a copy of more has too many dimensions (with the tiling) for the TMA.
     copies += [(a_g.at[bi, gi * hq + h, rows], a_s.at[h]) for h in range(hq)]
@@ -321,86 +328,96 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     copies += [(w2b_g.at[ci, gi * hq + h], w2b_s.at[ci, h]) for ci in range(nc) for h in range(hq)]
     copies += [(w2t_g.at[ci, gi * hq + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hq)]
 
-    def issue():  # by one warpgroup; all wait
-      for i, (src, dst) in enumerate(copies):
-        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+    def issue_count():
+      plgpu.copy_gmem_to_smem(cnt_g, cnt_s, bars.at[len(copies)])
 
-    pl.when(wgi == 0)(issue) if wgs > 1 else issue()
-    for i in range(len(copies)):
-      plgpu.barrier_wait(bars.at[i])
-    ga_s, dka_s = (more[0].at[wgi], more[1].at[wgi]) if interp else (None, None)
-    qp_v = load(qp_s, (), row)
-    lse_v = [load(lse_s.at[h], (), row) for h in range(hq)]
-    dl_v = [load(dl_s.at[h], (), row) for h in range(hq)]
+    pl.when(wgi == 0)(issue_count) if wgs > 1 else issue_count()
+    plgpu.barrier_wait(bars.at[len(copies)])
     count = cnt_s[qi * n_kb + kbi]
 
-    def hidden(j, ci):
-      uc = load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg)
-      wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
-      return _gelu_both(uc + bcast_col(wc, BQ, FC))  # (g, gelu'); an unused one is dead code
+    def live():  # the rest: only where this program has pairs to visit (else its partial outputs are
+      # masked outside)
+      def issue():  # by one warpgroup; all wait
+        for i, (src, dst) in enumerate(copies):
+          plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
 
-    def dgo_chunk(h, ci):
-      return load(dgo_s.at[h], (slice(None), pl.ds(ci * FC, FC)), wg)
+      pl.when(wgi == 0)(issue) if wgs > 1 else issue()
+      for i in range(len(copies)):
+        plgpu.barrier_wait(bars.at[i])
+      ga_s, dka_s = (more[0].at[wgi], more[1].at[wgi]) if interp else (None, None)
+      qp_v = load(qp_s, (), row)
+      lse_v = [load(lse_s.at[h], (), row) for h in range(hq)]
+      dl_v = [load(dl_s.at[h], (), row) for h in range(hq)]
 
-    def key_step(it, carry):
-      du, a1, a2 = carry
-      j = it * wgs + wgi  # warpgroups take turns over the keys
-      kv = [jnp.zeros((BQ, hd), f32) for _ in range(hq)]
-      dp = [jnp.zeros((BQ,), f32) for _ in range(hq)]
-      kept = None
-      for ci in range(nc):
-        g, gd = hidden(j, ci)
-        kept = gd if keep else None
-        gb = g.astype(jnp.bfloat16)
+      def hidden(j, ci):
+        uc = load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg)
+        wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
+        return _gelu_both(uc + bcast_col(wc, BQ, FC))  # (g, gelu'); an unused one is dead code
+
+      def dgo_chunk(h, ci):
+        return load(dgo_s.at[h], (slice(None), pl.ds(ci * FC, FC)), wg)
+
+      def key_step(it, carry):
+        du, a1, a2 = carry
+        j = it * wgs + wgi  # warpgroups take turns over the keys
+        kv = [jnp.zeros((BQ, hd), f32) for _ in range(hq)]
+        dp = [jnp.zeros((BQ,), f32) for _ in range(hq)]
+        kept = None
+        for ci in range(nc):
+          g, gd = hidden(j, ci)
+          kept = gd if keep else None
+          gb = g.astype(jnp.bfloat16)
+          for h in range(hq):
+            kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BQ, hd))
+            dp[h] = dp[h] + jnp.sum(g * dgo_chunk(h, ci), axis=1)
+        cj = bcast_col(load(c_s.at[j], (), col), BQ, hd)
+        sj = bcast_col(load(s_s.at[j], (), col), BQ, hd)
+        visible = qp_v >= kp_s[j]
+        p, dk, new_a1, new_a2 = [], [], list(a1), list(a2)
         for h in range(hq):
-          kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BQ, hd))
-          dp[h] = dp[h] + jnp.sum(g * dgo_chunk(h, ci), axis=1)
-      cj = bcast_col(load(c_s.at[j], (), col), BQ, hd)
-      sj = bcast_col(load(s_s.at[j], (), col), BQ, hd)
-      visible = qp_v >= kp_s[j]
-      p, dk, new_a1, new_a2 = [], [], list(a1), list(a2)
-      for h in range(hq):
-        k = kv[h] + bcast_col(load(b2_s.at[h], (), col), BQ, hd)
-        ah = load(a_s.at[h], (slice(None), pl.ds(0, hd)), wg)
-        ah_sw = load(a_s.at[h], (slice(None), pl.ds(hd, hd)), wg)
-        qr = ah * cj + ah_sw * sj
-        logit = jnp.sum(qr * k, axis=1) * scale
-        ph = jnp.where(visible, jnp.exp(logit - lse_v[h]), 0.0)
-        dsc = bcast_row(ph * (dp[h] - dl_v[h]) * scale, hd)  # scale ds, broadcast along the row
-        p.append(ph)
-        dk.append(dsc * qr)
-        new_a1[h] = a1[h] + dsc * (cj * k)
-        new_a2[h] = a2[h] + dsc * (sj * k)
-      new_du = list(du)
-      for ci in range(nc):
-        gd = kept if keep else hidden(j, ci)[1]
-        dg = jnp.zeros((BQ, FC), f32)
+          k = kv[h] + bcast_col(load(b2_s.at[h], (), col), BQ, hd)
+          ah = load(a_s.at[h], (slice(None), pl.ds(0, hd)), wg)
+          ah_sw = load(a_s.at[h], (slice(None), pl.ds(hd, hd)), wg)
+          qr = ah * cj + ah_sw * sj
+          logit = jnp.sum(qr * k, axis=1) * scale
+          ph = jnp.where(visible, jnp.exp(logit - lse_v[h]), 0.0)
+          dsc = bcast_row(ph * (dp[h] - dl_v[h]) * scale, hd)  # scale ds, broadcast along the row
+          p.append(ph)
+          dk.append(dsc * qr)
+          new_a1[h] = a1[h] + dsc * (cj * k)
+          new_a2[h] = a2[h] + dsc * (sj * k)
+        new_du = list(du)
+        for ci in range(nc):
+          gd = kept if keep else hidden(j, ci)[1]
+          dg = jnp.zeros((BQ, FC), f32)
+          for h in range(hq):
+            dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2t_s.at[ci, h], (BQ, FC))
+            dg = dg + bcast_row(p[h], FC) * dgo_chunk(h, ci)
+          new_du[ci] = du[ci] + dg * gd
+        return tuple(new_du), tuple(new_a1), tuple(new_a2)
+
+      zeros = lambda cols: cast(jnp.zeros((BQ, cols), f32), wg)  # noqa: E731
+      init = (tuple(zeros(FC) for _ in range(nc)), tuple(zeros(hd) for _ in range(hq)),
+              tuple(zeros(hd) for _ in range(hq)))
+      du, a1, a2 = jax.lax.fori_loop(0, jnp.maximum(count - wgi + wgs - 1, 0) // wgs, key_step, init)
+
+      def out():
+        # Out through shared memory: du in u's buffer, A1 and A2 in a's (both no longer read).
+        split = z * wgs + wgi
+        for ci in range(nc):
+          u_s[:, pl.ds(ci * FC, FC)] = du[ci]
         for h in range(hq):
-          dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2t_s.at[ci, h], (BQ, FC))
-          dg = dg + bcast_row(p[h], FC) * dgo_chunk(h, ci)
-        new_du[ci] = du[ci] + dg * gd
-      return tuple(new_du), tuple(new_a1), tuple(new_a2)
+          a_s[h, :, pl.ds(0, hd)] = a1[h]
+          a_s[h, :, pl.ds(hd, hd)] = a2[h]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(u_s, du_out.at[bi, split, rows])
+        for h in range(hq):
+          plgpu.copy_smem_to_gmem(a_s.at[h], da_out.at[bi, kbi * wgs + wgi, gi * hq + h, rows])
+        plgpu.wait_smem_to_gmem(0)
 
-    zeros = lambda cols: cast(jnp.zeros((BQ, cols), f32), wg)  # noqa: E731
-    init = (tuple(zeros(FC) for _ in range(nc)), tuple(zeros(hd) for _ in range(hq)),
-            tuple(zeros(hd) for _ in range(hq)))
-    du, a1, a2 = jax.lax.fori_loop(0, jnp.maximum(count - wgi + wgs - 1, 0) // wgs, key_step, init)
+      in_turn(wgs, wgi, done, turn, out)
 
-    def out():
-      # Out through shared memory: du in u's buffer, A1 and A2 in a's (both no longer read).
-      split = z * wgs + wgi
-      for ci in range(nc):
-        u_s[:, pl.ds(ci * FC, FC)] = du[ci]
-      for h in range(hq):
-        a_s[h, :, pl.ds(0, hd)] = a1[h]
-        a_s[h, :, pl.ds(hd, hd)] = a2[h]
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(u_s, du_out.at[bi, split, rows])
-      for h in range(hq):
-        plgpu.copy_smem_to_gmem(a_s.at[h], da_out.at[bi, kbi * wgs + wgi, gi * hq + h, rows])
-      plgpu.wait_smem_to_gmem(0)
-
-    in_turn(wgs, wgi, done, turn, out)
+    pl.when(count > 0)(live)
 
   scratch = [plgpu.SMEM((hq, BQ, 2 * hd), f32, transforms=f_tf), plgpu.SMEM((BQ, fp), f32, transforms=f_tf),
              plgpu.SMEM((kb, fp), f32), plgpu.SMEM((nc, hq, FC, hd), jnp.bfloat16, transforms=hd_tf),
@@ -418,9 +435,13 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       scratch_types=scratch, grid=(n_kb * gq, n_q, b), grid_names=('z', 'q', 'b'), interpret=interpret,
       kernel_name='selective_fused_bwd_query_mgpu', **params)
   du_p, da_p = q_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, cnt, lse_, delta, dgo_)
-  da = jnp.transpose(da_p.sum(1), (0, 2, 1, 3)).reshape(b, d.tq, n, 2, hd)
+  # Programs with no pair to visit wrote nothing: their partials are masked.
+  live_q = (k_hi > 0).T  # [key blocks, query tiles]
+  du = jnp.where(live_q[None, :, None, :, None, None], du_p.reshape(b, n_kb, gq * wgs, n_q, BQ, fp), 0.0)
+  du = du.sum((1, 2)).reshape(b, d.tq, fp)
+  da = jnp.where(live_q[None, :, None, None, :, None, None], da_p.reshape(b, n_kb, wgs, n, n_q, BQ, 2 * hd), 0.0)
+  da = jnp.transpose(da.sum((1, 2)).reshape(b, n, d.tq, 2 * hd), (0, 2, 1, 3)).reshape(b, d.tq, n, 2, hd)
   dq = (da[:, :, :, 0] + _swap(da[:, :, :, 1], h2)).reshape(b, d.tq, n, 2, h2)
-  du = du_p.sum(1)
 
   # ------------------------------------------------------------------ key kernel: dw, db2k, dW2k
   qb, hk = d.qb, d.hk
@@ -439,107 +460,118 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     copies = [(a_g.at[bi, heads, qrows], a_s), (u_g.at[bi, qrows], u_s),
               (w_g.at[bi, keys], w_s), (b2_g.at[heads], b2_s), (c_g.at[keys], c_s), (s_g.at[keys], s_s),
               (qp_g.at[qrows], qp_s),
-              (kp_g.at[keys], kp_s), (rng_g, rng_s), (lse_g.at[bi, heads, qrows], lse_s),
+              (kp_g.at[keys], kp_s), (lse_g.at[bi, heads, qrows], lse_s),
               (dl_g.at[bi, heads, qrows], dl_s), (dgo_g.at[bi, heads, qrows], dgo_s)]
     copies += [(w2b_g.at[ci, gi * hk + h], w2b_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
     copies += [(w2t_g.at[ci, gi * hk + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
 
-    def issue():  # by one warpgroup; all wait
-      for i, (src, dst) in enumerate(copies):
-        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+    def issue_range():
+      plgpu.copy_gmem_to_smem(rng_g, rng_s, bars.at[len(copies)])
 
-    pl.when(wgi == 0)(issue) if wgs > 1 else issue()
-    for i in range(len(copies)):
-      plgpu.barrier_wait(bars.at[i])
-    # This warpgroup's buffers: g (bfloat16, read transposed as wgmma's A; interpreted: a transposed copy) and dK.
-    gs_w, dks_w = (more[0] if interp else gs_s).at[wgi], dks_s.at[wgi]
-    ga_s, dka_s = (more[1].at[wgi], more[2].at[wgi]) if interp else (None, None)
-    kp_v = load(kp_s, (), row)
-    c_v = load(c_s, (), wg)
-    s_v = load(s_s, (), wg)
+    pl.when(wgi == 0)(issue_range) if wgs > 1 else issue_range()
+    plgpu.barrier_wait(bars.at[len(copies)])
     base = 2 * (qbi * n_kt + ki)
     lo, hi = rng_s[base], rng_s[base + 1]
 
-    def hidden(i, ci):
-      wc = load(w_s, (slice(None), pl.ds(ci * FC, FC)), wg)
-      uc = load(u_s.at[i], (pl.ds(ci * FC, FC),), col)
-      return _gelu_both(wc + bcast_col(uc, BK, FC))  # (g, gelu')
+    def live():  # the rest: only where this program has pairs to visit (else its partial outputs are
+      # masked outside)
+      def issue():  # by one warpgroup; all wait
+        for i, (src, dst) in enumerate(copies):
+          plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
 
-    def dgo_row(i, h, ci):
-      return bcast_col(load(dgo_s.at[h, i], (pl.ds(ci * FC, FC),), col), BK, FC)
+      pl.when(wgi == 0)(issue) if wgs > 1 else issue()
+      for i in range(len(copies)):
+        plgpu.barrier_wait(bars.at[i])
+      # This warpgroup's buffers: g (bfloat16, read transposed as wgmma's A; interpreted: a transposed copy) and dK.
+      gs_w, dks_w = (more[0] if interp else gs_s).at[wgi], dks_s.at[wgi]
+      ga_s, dka_s = (more[1].at[wgi], more[2].at[wgi]) if interp else (None, None)
+      kp_v = load(kp_s, (), row)
+      c_v = load(c_s, (), wg)
+      s_v = load(s_s, (), wg)
 
-    def loop(dw2_acc):  # dW2k's accumulators stay wgmma accumulators across the loop
-      def query_step(it, carry):
-        dw, db = carry
-        i = lo + it * wgs + wgi  # warpgroups take turns over the queries
-        kv = [jnp.zeros((BK, hd), f32) for _ in range(hk)]
-        dp = [jnp.zeros((BK,), f32) for _ in range(hk)]
-        kept = None
+      def hidden(i, ci):
+        wc = load(w_s, (slice(None), pl.ds(ci * FC, FC)), wg)
+        uc = load(u_s.at[i], (pl.ds(ci * FC, FC),), col)
+        return _gelu_both(wc + bcast_col(uc, BK, FC))  # (g, gelu')
+
+      def dgo_row(i, h, ci):
+        return bcast_col(load(dgo_s.at[h, i], (pl.ds(ci * FC, FC),), col), BK, FC)
+
+      def loop(dw2_acc):  # dW2k's accumulators stay wgmma accumulators across the loop
+        def query_step(it, carry):
+          dw, db = carry
+          i = lo + it * wgs + wgi  # warpgroups take turns over the queries
+          kv = [jnp.zeros((BK, hd), f32) for _ in range(hk)]
+          dp = [jnp.zeros((BK,), f32) for _ in range(hk)]
+          kept = None
+          for ci in range(nc):
+            g, gd = hidden(i, ci)
+            kept = (g, gd) if keep else None
+            gb = g.astype(jnp.bfloat16)
+            for h in range(hk):
+              kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BK, hd))
+              dp[h] = dp[h] + jnp.sum(g * dgo_row(i, h, ci), axis=1)
+          visible = kp_v <= qp_s[i]
+          p, dk, new_db = [], [], list(db)
+          for h in range(hk):
+            k = kv[h] + bcast_col(load(b2_s.at[h], (), col), BK, hd)
+            ah = bcast_col(load(a_s.at[h, i], (pl.ds(0, hd),), col), BK, hd)
+            ah_sw = bcast_col(load(a_s.at[h, i], (pl.ds(hd, hd),), col), BK, hd)
+            qr = ah * c_v + ah_sw * s_v
+            logit = jnp.sum(qr * k, axis=1) * scale
+            ph = jnp.where(visible, jnp.exp(logit - lse_s[h, i]), 0.0)
+            dkh = bcast_row(ph * (dp[h] - dl_s[h, i]) * scale, hd) * qr
+            p.append(ph)
+            dk.append(dkh)
+            new_db[h] = db[h] + dkh
+            dks_w[h] = dkh.astype(jnp.bfloat16)
+          new_dw = list(dw)
+          for ci in range(nc):
+            g, gd = kept if keep else hidden(i, ci)
+            dg = jnp.zeros((BK, FC), f32)
+            for h in range(hk):
+              dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2t_s.at[ci, h], (BK, FC))
+              dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, ci)
+            new_dw[ci] = dw[ci] + dg * gd
+            # dW2k += g^T dK: g to shared memory (bfloat16), read transposed as wgmma's A.
+            gb = g.astype(jnp.bfloat16)
+            gs_w[...] = gb.T if interp else gb
+            plgpu.commit_smem()
+            a_op = gs_w if interp else plgpu.transpose_ref(gs_w, (1, 0))
+            for h in range(hk):
+              plgpu.wgmma(dw2_acc[ci * hk + h], a_op, dks_w.at[h])
+            plgpu.wgmma_wait(0)  # before g's and dK's buffers are written again
+          return tuple(new_dw), tuple(new_db)
+
+        zeros = lambda r, cols: cast(jnp.zeros((r, cols), f32), wg)  # noqa: E731
+        init = (tuple(zeros(BK, FC) for _ in range(nc)), tuple(zeros(BK, hd) for _ in range(hk)))
+        dw, db = jax.lax.fori_loop(0, jnp.maximum(hi - lo - wgi + wgs - 1, 0) // wgs, query_step, init)
+        return dw, db, [acc[...] for acc in dw2_acc]
+
+      dw, db, dw2 = pl.run_scoped(loop, [plgpu.ACC((FC, hd), f32) for _ in range(nc * hk)])
+
+      def out():
+        split = qbi * wgs + wgi
         for ci in range(nc):
-          g, gd = hidden(i, ci)
-          kept = (g, gd) if keep else None
-          gb = g.astype(jnp.bfloat16)
-          for h in range(hk):
-            kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BK, hd))
-            dp[h] = dp[h] + jnp.sum(g * dgo_row(i, h, ci), axis=1)
-        visible = kp_v <= qp_s[i]
-        p, dk, new_db = [], [], list(db)
-        for h in range(hk):
-          k = kv[h] + bcast_col(load(b2_s.at[h], (), col), BK, hd)
-          ah = bcast_col(load(a_s.at[h, i], (pl.ds(0, hd),), col), BK, hd)
-          ah_sw = bcast_col(load(a_s.at[h, i], (pl.ds(hd, hd),), col), BK, hd)
-          qr = ah * c_v + ah_sw * s_v
-          logit = jnp.sum(qr * k, axis=1) * scale
-          ph = jnp.where(visible, jnp.exp(logit - lse_s[h, i]), 0.0)
-          dkh = bcast_row(ph * (dp[h] - dl_s[h, i]) * scale, hd) * qr
-          p.append(ph)
-          dk.append(dkh)
-          new_db[h] = db[h] + dkh
-          dks_w[h] = dkh.astype(jnp.bfloat16)
-        new_dw = list(dw)
-        for ci in range(nc):
-          g, gd = kept if keep else hidden(i, ci)
-          dg = jnp.zeros((BK, FC), f32)
-          for h in range(hk):
-            dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2t_s.at[ci, h], (BK, FC))
-            dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, ci)
-          new_dw[ci] = dw[ci] + dg * gd
-          # dW2k += g^T dK: g to shared memory (bfloat16), read transposed as wgmma's A.
-          gb = g.astype(jnp.bfloat16)
-          gs_w[...] = gb.T if interp else gb
-          plgpu.commit_smem()
-          a_op = gs_w if interp else plgpu.transpose_ref(gs_w, (1, 0))
-          for h in range(hk):
-            plgpu.wgmma(dw2_acc[ci * hk + h], a_op, dks_w.at[h])
-          plgpu.wgmma_wait(0)  # before g's and dK's buffers are written again
-        return tuple(new_dw), tuple(new_db)
-
-      zeros = lambda r, cols: cast(jnp.zeros((r, cols), f32), wg)  # noqa: E731
-      init = (tuple(zeros(BK, FC) for _ in range(nc)), tuple(zeros(BK, hd) for _ in range(hk)))
-      dw, db = jax.lax.fori_loop(0, jnp.maximum(hi - lo - wgi + wgs - 1, 0) // wgs, query_step, init)
-      return dw, db, [acc[...] for acc in dw2_acc]
-
-    dw, db, dw2 = pl.run_scoped(loop, [plgpu.ACC((FC, hd), f32) for _ in range(nc * hk)])
-
-    def out():
-      split = qbi * wgs + wgi
-      for ci in range(nc):
-        w_s[:, pl.ds(ci * FC, FC)] = dw[ci]
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(w_s, dw_out.at[bi, z * wgs + wgi, keys])
-      for h in range(hk):
-        st_s[...] = db[h]
+          w_s[:, pl.ds(ci * FC, FC)] = dw[ci]
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(st_s, db_out.at[bi, split, ki, :, pl.ds((gi * hk + h) * hd, hd)])
-        plgpu.wait_smem_to_gmem(0)
-        for ci in range(nc):
-          st_s[...] = dw2[ci * hk + h]
+        plgpu.copy_smem_to_gmem(w_s, dw_out.at[bi, z * wgs + wgi, keys])
+        for h in range(hk):
+          st_s[...] = db[h]
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(st_s, dw2_out.at[bi, split, ki, pl.ds(ci * FC, FC), pl.ds((gi * hk + h) * hd, hd)])
+          plgpu.copy_smem_to_gmem(st_s, db_out.at[bi, split, ki, :, pl.ds((gi * hk + h) * hd, hd)])
           plgpu.wait_smem_to_gmem(0)
-      plgpu.wait_smem_to_gmem(0)
+          for ci in range(nc):
+            st_s[...] = dw2[ci * hk + h]
+            plgpu.commit_smem()
+            cols = pl.ds((gi * hk + h) * hd, hd)
+            plgpu.copy_smem_to_gmem(st_s, dw2_out.at[bi, split, ki, pl.ds(ci * FC, FC), cols])
+            plgpu.wait_smem_to_gmem(0)
+        plgpu.wait_smem_to_gmem(0)
 
-    in_turn(wgs, wgi, done, turn, out)
+      in_turn(wgs, wgi, done, turn, out)
+
+    pl.when(hi > lo)(live)
 
   scratch = [plgpu.SMEM((hk, qb, 2 * hd), f32), plgpu.SMEM((qb, fp), f32),
              plgpu.SMEM((BK, fp), f32, transforms=f_tf), plgpu.SMEM((nc, hk, FC, hd), jnp.bfloat16, transforms=hd_tf),
@@ -561,8 +593,9 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       scratch_types=scratch, grid=(n_qb * gk, n_kt, b), grid_names=('z', 'k', 'b'), interpret=interpret,
       kernel_name='selective_fused_bwd_key_mgpu', **params)
   dw_p, db_p, dw2_p = k_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, rng, lse_, delta, dgo_)
-  dw = dw_p.sum(1)
-  db2 = db_p.sum((0, 1, 2, 3)).reshape(n, 2, h2)
-  dw2 = dw2_p.sum((0, 1, 2)).reshape(fp, n, 2, h2)
+  live_k = (q_hi > q_lo)[None, :, None, :, None, None]  # [query blocks, key tiles]
+  dw = jnp.where(live_k, dw_p.reshape(b, n_qb, gk * wgs, n_kt, BK, fp), 0.0).sum((1, 2)).reshape(b, d.sk, fp)
+  db2 = jnp.where(live_k, db_p.reshape(b, n_qb, wgs, n_kt, BK, n * hd), 0.0).sum((0, 1, 2, 3, 4)).reshape(n, 2, h2)
+  dw2 = jnp.where(live_k, dw2_p.reshape(b, n_qb, wgs, n_kt, fp, n * hd), 0.0).sum((0, 1, 2, 3)).reshape(fp, n, 2, h2)
   f_in = w2.shape[0]
   return dq[:, :t_in], du[:, :t_in, :u.shape[-1]], dw[:, :s_in, :w.shape[-1]], dw2[:f_in], db2
