@@ -11,28 +11,20 @@ Recorded on one H200 (jax 0.11.2, 2026-12-01): docs/bench/fused_mgpu_check_h200.
 docs/bench/fused_mgpu_check_h200_log.txt.
 """
 
-import json
-import os
-import time
-import traceback
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bench_record
+from bench_record import median_ms, rel
 from selattn.model import fused
 from selattn.model import fused_mgpu as fm
 
-OUT = os.environ.get('OUT', '.')
 BUDGET_S = 150  # stop starting new items past this (the whole run must stay under 3 minutes)
-T0 = time.time()
-res = {'jax': jax.__version__, 'device': jax.devices()[0].device_kind, 'shapes': 'B16 T299 N2 H32, RoPE, float32',
-       'items': []}
-
-
-def save():
-  with open(os.path.join(OUT, 'fused_mgpu_check.json'), 'w') as f:
-    json.dump(res, f, indent=1)
+record = bench_record.Record('fused_mgpu_check.json', BUDGET_S, error_tail=600)
+item = record.item
+res = record.res
+res.update(shapes='B16 T299 N2 H32, RoPE, float32', items=[])
 
 
 def inputs(seed, b, t, n, h, f):
@@ -45,41 +37,6 @@ def inputs(seed, b, t, n, h, f):
   b2k = 0.3 * jax.random.normal(ks[4], (d,))
   pos = jnp.arange(t)
   return fm.fused_inputs(q, u, w, w2k, b2k, pos, pos, 10000.0)
-
-
-def median_ms(fn, args, n):
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def item(name, body):
-  if time.time() - T0 > BUDGET_S:
-    res['items'].append({'name': name, 'skipped': 'time budget'})
-    save()
-    return None
-  t = time.time()
-  try:
-    out = body()
-    rec = {'name': name, **out}
-  except Exception:  # noqa: BLE001 (record any failure, go on)
-    rec = {'name': name, 'error': traceback.format_exc()[-3000:]}
-    out = None
-  rec['wall_s'] = round(time.time() - t, 1)
-  res['items'].append(rec)
-  print(json.dumps({k: v for k, v in rec.items() if k != 'error'}), rec.get('error', '')[-600:], flush=True)
-  save()
-  return out
 
 
 GPU = jax.default_backend() == 'gpu'
@@ -175,6 +132,4 @@ for label, kw in variants:
       continue
     item(f'F{F} mgpu forward {label}', lambda F=F, kw=kw: run_mgpu(F, fm.Options(**kw)))
 
-res['total_s'] = round(time.time() - T0, 1)
-save()
-print('done in', res['total_s'], 's')
+record.done()

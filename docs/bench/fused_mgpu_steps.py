@@ -24,27 +24,27 @@ a part: HIDDEN (e.g. 64; default 64,256) and PARTS (any of steps, grads, layer; 
   OUT=. HIDDEN=64 PARTS=layer,steps PYTHONPATH=$PWD python3 docs/bench/fused_mgpu_steps.py
 """
 
-import json
 import logging
 import os
-import time
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bench_record
+from bench_record import median_ms, rel
 from selattn import bench
 from selattn import config as config_lib
 from selattn.model import attention as attn_lib
 from selattn.model import fused
 from selattn.model import fused_mgpu as fm
 
-OUT = os.environ.get('OUT', '.')
 BUDGET_S = 320  # no new item past this: the whole call must end within 400 s
-T0 = time.time()
+record = bench_record.Record('fused_mgpu_steps.json', BUDGET_S)
 GPU = jax.default_backend() == 'gpu'
-res = {'jax': jax.__version__, 'device': jax.devices()[0].device_kind, 'items': [], 'fallback_lines': []}
+res = record.res
+res.update(items=[], fallback_lines=[])
 
 
 class _Lines(logging.Handler):
@@ -57,28 +57,11 @@ class _Lines(logging.Handler):
 logging.getLogger().addHandler(_Lines())
 
 
-def save():
-  with open(os.path.join(OUT, 'fused_mgpu_steps.json'), 'w') as f:
-    json.dump(res, f, indent=1)
-
-
 def item(name, body):
   part = 'grads' if 'gradients' in name else 'layer' if 'one layer' in name else 'steps' if 'steps' in name else ''
   if part and part not in PARTS:
     return
-  if time.time() - T0 > BUDGET_S:
-    res['items'].append({'name': name, 'skipped': 'time budget'})
-    save()
-    return
-  t = time.time()
-  try:
-    rec = {'name': name, **body()}
-  except Exception:  # noqa: BLE001 (record any failure, go on)
-    rec = {'name': name, 'error': traceback.format_exc()[-3000:]}
-  rec['wall_s'] = round(time.time() - t, 1)
-  res['items'].append(rec)
-  print(json.dumps({k: v for k, v in rec.items() if k != 'error'}), rec.get('error', '')[-800:], flush=True)
-  save()
+  record.item(name, body)
 
 
 VARIANTS = {'triton': {'model.fused_forward': 'triton', 'model.fused_backward': 'merged'},
@@ -124,14 +107,18 @@ def step(f, variant):
   return body
 
 
+def layer_inputs(ks, b, t, n, h, f):
+  """One layer's MLP generator parameters, q [B, T, N, H] and x [B, T, D], drawn from the keys ks[0..5]."""
+  d = n * h
+  p = {'w1': jax.random.normal(ks[0], (2 * d, f)) / np.sqrt(2 * d), 'b1': 0.3 * jax.random.normal(ks[1], (f,)),
+       'w2': jax.random.normal(ks[2], (f, 2 * d)) / np.sqrt(f), 'b2': 0.3 * jax.random.normal(ks[3], (2 * d,))}
+  return p, jax.random.normal(ks[4], (b, t, n, h)), jax.random.normal(ks[5], (b, t, d))
+
+
 def layer_ms(f, names):
   """One selective layer's forward + backward (jit of the gradient), B16 T299 N2 H32 RoPE float32: median ms."""
   b, t, n, h = (16, 299, 2, 32) if GPU else (1, 37, 2, 8)
-  d = n * h
-  ks = jax.random.split(jax.random.key(f + 1), 6)
-  p = {'w1': jax.random.normal(ks[0], (2 * d, f)) / np.sqrt(2 * d), 'b1': 0.3 * jax.random.normal(ks[1], (f,)),
-       'w2': jax.random.normal(ks[2], (f, 2 * d)) / np.sqrt(f), 'b2': 0.3 * jax.random.normal(ks[3], (2 * d,))}
-  q, x = jax.random.normal(ks[4], (b, t, n, h)), jax.random.normal(ks[5], (b, t, d))
+  p, q, x = layer_inputs(jax.random.split(jax.random.key(f + 1), 6), b, t, n, h, f)
   pos = jnp.arange(t)
   out = {}
   for variant in names:
@@ -141,25 +128,15 @@ def layer_ms(f, names):
     fn = jax.jit(jax.grad(lambda fp, q, x, blocks=blocks: jnp.sum(attn_lib.selective_fused(
         attn_lib.MlpKV, fp, q, x, pos, pos, 10000.0, blocks) ** 2), argnums=(0, 1, 2)))
     try:
-      jax.block_until_ready(fn(fp, q, x))
-      jax.block_until_ready(fn(fp, q, x))
-      times = []
-      for _ in range(20 if GPU else 2):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(fp, q, x))
-        times.append(time.perf_counter() - t0)
-      out[variant] = 1e3 * float(np.median(times))
+      out[variant] = median_ms(fn, (fp, q, x), 20 if GPU else 2)
     except Exception:  # noqa: BLE001
       out[variant] = traceback.format_exc()[-1500:]
   return {'layer_fwd_bwd_ms': out}
 
 
 def grads(f, names):
-  d = N * H
   ks = jax.random.split(jax.random.key(f), 7)
-  p = {'w1': jax.random.normal(ks[0], (2 * d, f)) / np.sqrt(2 * d), 'b1': 0.3 * jax.random.normal(ks[1], (f,)),
-       'w2': jax.random.normal(ks[2], (f, 2 * d)) / np.sqrt(f), 'b2': 0.3 * jax.random.normal(ks[3], (2 * d,))}
-  q, x = jax.random.normal(ks[4], (B, T, N, H)), jax.random.normal(ks[5], (B, T, d))
+  p, q, x = layer_inputs(ks, B, T, N, H, f)
   cot = jax.random.normal(ks[6], (B, T, N, H))
   pos = jnp.arange(T)
 
@@ -173,10 +150,6 @@ def grads(f, names):
       return jnp.sum(out * cot), out
     (_, out), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(p, q, x)
     return jax.device_get((out, g))
-
-  def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
   with jax.default_matmul_precision('highest'):
     ref_out, (rp, rq, rx) = value_and_grads(None)
@@ -213,6 +186,4 @@ if 'mgpu-both' in VARIANTS:
   for f in HIDDEN:
     item(f'round 3 F{f} triton steps', step(f, 'triton'))
     item(f'round 2 F{f} mgpu-both steps', step(f, 'mgpu-both'))
-res['total_s'] = round(time.time() - T0, 1)
-save()
-print('done in', res['total_s'], 's')
+record.done()

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_record import median_ms
 from selattn.model import attention as attn_lib
 from selattn.model import fused
 
@@ -62,17 +63,6 @@ def layer(impl, blocks):
     return jnp.sum(out(p, q, x).astype(jnp.float32) * cot)
 
   return jax.jit(out), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-
-def timed(fn, *args, iters=ITERS):
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(times))
 
 
 def pair_flops(f):
@@ -123,8 +113,8 @@ def main():
         t0 = time.perf_counter()
         jax.block_until_ready(grad(*args))
         rec['compile_s'] = time.perf_counter() - t0
-        rec['fwd_ms'] = timed(fwd, *args[:3])
-        rec['fwd_bwd_ms'] = timed(grad, *args)
+        rec['fwd_ms'] = median_ms(fwd, args[:3], ITERS)
+        rec['fwd_bwd_ms'] = median_ms(grad, args, ITERS)
         rec['key_layer_tflops'] = pair_flops(f) * 4 / (rec['fwd_bwd_ms'] * 1e-3) / 1e12
       except Exception:  # noqa: BLE001 (a variant the compiler refuses is a result too)
         rec['error'] = traceback.format_exc()[-1500:]
