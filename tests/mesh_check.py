@@ -298,6 +298,51 @@ def _controls() -> dict:
   return {'gather_control': hlo_all_gather_shapes(hlo), 'mesh_errors': errors}
 
 
+def _grad_of(graphdef, cot, *args, **kwargs):
+  """(params, x) -> ((grads of params, grad of x), out) of sum(layer(x, *args, **kwargs) * cot), for one layer."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  def loss(params, x):
+    out = nnx.merge(graphdef, params)(x, *args, **kwargs)
+    return jnp.sum(out * cot), out
+  return jax.grad(loss, argnums=(0, 1), has_aux=True)
+
+
+def _leaves(grads_and_out) -> list:
+  """The output and the gradients of ((grads, grad of x), out) as numpy arrays, the output first."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  (g, gx), out = grads_and_out
+  return [np.asarray(a) for a in jax.tree.leaves((out, g, gx))]
+
+
+def _on_mesh(grad_fn, params, x, sizes, ref) -> dict:
+  """`grad_fn` (a _grad_of) jitted on the mesh of (data, fsdp, seq, tensor) `sizes` with x split over batch and
+  seq: what its program runs (shard_map, the pallas_calls' names and padded query shapes) and its largest error
+  against `ref`, one device's _leaves."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from rel_error import rel  # pylint: disable=g-import-not-at-top
+  from selattn import config as config_lib, sharding  # pylint: disable=g-import-not-at-top
+
+  mesh = sharding.make_mesh(config_lib.MeshConfig(*sizes), jax.devices()[:int(np.prod(sizes))])
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH, 'seq', None)))
+    traced = jax.jit(grad_fn).trace(params, xs)
+    got = _leaves(traced.lower().compile()(params, xs))
+  prims, _, _ = _walk(traced.jaxpr.jaxpr)
+  calls = _eqns_named(traced.jaxpr.jaxpr, 'pallas_call')
+  return {'shard_map': 'shard_map' in prims, 'pallas_call': 'pallas_call' in prims,
+          # The shapes each device's kernels take: the padded query [b, T_local, N_local, ...] of every pallas_call.
+          'kernel_q': sorted({tuple(e.invars[0].aval.shape) for e in calls}),
+          'kernels': sorted({e.params['name'] for e in calls}),
+          'max_rel_diff': max(rel(a, r) for a, r in zip(got, ref)), 'leaves': len(got)}
+
+
 # A name ending in '_merged' runs model.fused_backward='merged' (one backward kernel, atomic adds of du and dq).
 FUSED_MESHES = {'data2_seq4': (2, 1, 4, 1), 'data2_seq2_tensor2': (2, 1, 2, 2), 'fsdp2_tensor4': (1, 2, 1, 4),
                 'data2_seq2_tensor2_merged': (2, 1, 2, 2)}
@@ -312,9 +357,8 @@ def _fused() -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-  from selattn import config as config_lib, sharding  # pylint: disable=g-import-not-at-top
+  from selattn import config as config_lib  # pylint: disable=g-import-not-at-top
   from selattn.model import attention as attn_lib  # pylint: disable=g-import-not-at-top
 
   b, t, d, n = 4, 16, 32, 4
@@ -332,30 +376,11 @@ def _fused() -> dict:
   chunks = np.arange(t).reshape(8, t // 8)
   positions = jnp.asarray(np.concatenate([np.concatenate([chunks[i], chunks[7 - i]]) for i in range(4)]), jnp.int32)
 
-  def grad_of(graphdef):
-    def loss(params, x):
-      out = nnx.merge(graphdef, params)(x, positions, contiguous=False)
-      return jnp.sum(out * cot), out
-    return jax.grad(loss, argnums=(0, 1), has_aux=True)
-
-  (g_ref, gx_ref), out_ref = jax.jit(grad_of(graphdef))(params, x)
-  ref = [np.asarray(a) for a in jax.tree.leaves((out_ref, g_ref, gx_ref))]
+  ref = _leaves(jax.jit(_grad_of(graphdef, cot, positions, contiguous=False))(params, x))
   res = {}
   for name, sizes in FUSED_MESHES.items():
-    mesh = sharding.make_mesh(config_lib.MeshConfig(*sizes), jax.devices()[:int(np.prod(sizes))])
-    with jax.set_mesh(mesh):
-      xs = jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH, 'seq', None)))
-      traced = jax.jit(grad_of(graphdef_merged if name.endswith('_merged') else graphdef)).trace(params, xs)
-      (g, gx), out = traced.lower().compile()(params, xs)
-    prims, _, _ = _walk(traced.jaxpr.jaxpr)
-    got = [np.asarray(a) for a in jax.tree.leaves((out, g, gx))]
-    # The shapes each device's kernels take: the padded query [b, T_local, N_local, 2, H2] of every pallas_call.
-    calls = _eqns_named(traced.jaxpr.jaxpr, 'pallas_call')
-    kernel_q = sorted({tuple(e.invars[0].aval.shape) for e in calls})
-    res[name] = {'shard_map': 'shard_map' in prims, 'pallas_call': 'pallas_call' in prims, 'kernel_q': kernel_q,
-                 'kernels': sorted({e.params['name'] for e in calls}),
-                 'max_rel_diff': max(float(np.abs(a - r).max() / np.abs(r).max()) for a, r in zip(got, ref)),
-                 'leaves': len(got)}
+    grad_fn = _grad_of(graphdef_merged if name.endswith('_merged') else graphdef, cot, positions, contiguous=False)
+    res[name] = _on_mesh(grad_fn, params, x, sizes, ref)
     print(name, res[name], flush=True)
   return res
 
@@ -374,9 +399,8 @@ def _fused_mgpu() -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-  from selattn import config as config_lib, sharding  # pylint: disable=g-import-not-at-top
+  from selattn import config as config_lib  # pylint: disable=g-import-not-at-top
   from selattn.model import attention as attn_lib, fused as fused_lib  # pylint: disable=g-import-not-at-top
   from selattn.model import fused_mgpu  # pylint: disable=g-import-not-at-top
 
@@ -394,29 +418,13 @@ def _fused_mgpu() -> dict:
   chunks = np.arange(t).reshape(4, t // 4)  # zigzag for 2 seq devices: chunks (0, 3), (1, 2)
   positions = jnp.asarray(np.concatenate([chunks[0], chunks[3], chunks[1], chunks[2]]), jnp.int32)
 
-  def grad_of(graphdef):
-    def loss(params, x):
-      out = nnx.merge(graphdef, params)(x, positions, contiguous=False)
-      return jnp.sum(out * cot), out
-    return jax.grad(loss, argnums=(0, 1), has_aux=True)
-
-  (g_ref, gx_ref), out_ref = jax.jit(grad_of(triton))(params, x)
-  ref = [np.asarray(a) for a in jax.tree.leaves((out_ref, g_ref, gx_ref))]
+  ref = _leaves(jax.jit(_grad_of(triton, cot, positions, contiguous=False))(params, x))
   res = {}
   for name, sizes in MGPU_MESHES.items():
     lines = []
     fused_lib._log_once = functools.cache(lines.append)  # pylint: disable=protected-access
-    mesh = sharding.make_mesh(config_lib.MeshConfig(*sizes), jax.devices()[:int(np.prod(sizes))])
-    with jax.set_mesh(mesh):
-      xs = jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH, 'seq', None)))
-      traced = jax.jit(grad_of(graphdef)).trace(params, xs)
-      (g, gx), out = traced.lower().compile()(params, xs)
-    got = [np.asarray(a) for a in jax.tree.leaves((out, g, gx))]
-    calls = _eqns_named(traced.jaxpr.jaxpr, 'pallas_call')
-    res[name] = {'kernels': sorted({e.params['name'] for e in calls}),
-                 'kernel_q': sorted({tuple(e.invars[0].aval.shape) for e in calls}), 'lines': lines,
-                 'max_rel_diff': max(float(np.abs(a - r).max() / np.abs(r).max()) for a, r in zip(got, ref)),
-                 'leaves': len(got)}
+    res[name] = {**_on_mesh(_grad_of(graphdef, cot, positions, contiguous=False), params, x, sizes, ref),
+                 'lines': lines}
     print(name, res[name], flush=True)
   return res
 
@@ -435,9 +443,8 @@ def _flash() -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-  from selattn import config as config_lib, sharding  # pylint: disable=g-import-not-at-top
+  from selattn import config as config_lib  # pylint: disable=g-import-not-at-top
   from selattn.model import attention as attn_lib  # pylint: disable=g-import-not-at-top
 
   b, t, d, n = 4, 20, 32, 4
@@ -453,27 +460,10 @@ def _flash() -> dict:
       graphdef, params = nnx.split(cls(cfg, rngs=nnx.Rngs(3)))
       graphdef_flash = nnx.split(cls(dataclasses.replace(cfg, attn_kernel='flash'), rngs=nnx.Rngs(3)))[0]
 
-    def grad_of(graphdef):
-      def loss(params, x):
-        out = nnx.merge(graphdef, params)(x, positions, dropout_key=jax.random.key(7))
-        return jnp.sum(out * cot), out
-      return jax.grad(loss, argnums=(0, 1), has_aux=True)
-
-    (g_ref, gx_ref), out_ref = jax.jit(grad_of(graphdef))(params, x)
-    ref = [np.asarray(a) for a in jax.tree.leaves((out_ref, g_ref, gx_ref))]
+    ref = _leaves(jax.jit(_grad_of(graphdef, cot, positions, dropout_key=jax.random.key(7)))(params, x))
     for name, sizes in FLASH_MESHES.items():
-      mesh = sharding.make_mesh(config_lib.MeshConfig(*sizes), jax.devices()[:int(np.prod(sizes))])
-      with jax.set_mesh(mesh):
-        xs = jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH, 'seq', None)))
-        traced = jax.jit(grad_of(graphdef_flash)).trace(params, xs)
-        (g, gx), out = traced.lower().compile()(params, xs)
-      prims, _, _ = _walk(traced.jaxpr.jaxpr)
-      got = [np.asarray(a) for a in jax.tree.leaves((out, g, gx))]
-      calls = _eqns_named(traced.jaxpr.jaxpr, 'pallas_call')
-      res.setdefault(name, {})[attention] = {
-          'shard_map': 'shard_map' in prims, 'pallas_call': 'pallas_call' in prims,
-          'kernel_q': sorted({tuple(e.invars[0].aval.shape) for e in calls}),
-          'max_rel_diff': max(float(np.abs(a - r).max() / np.abs(r).max()) for a, r in zip(got, ref))}
+      grad_fn = _grad_of(graphdef_flash, cot, positions, dropout_key=jax.random.key(7))
+      res.setdefault(name, {})[attention] = _on_mesh(grad_fn, params, x, sizes, ref)
       print(name, attention, res[name][attention], flush=True)
   return res
 
