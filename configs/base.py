@@ -40,8 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.fused_block_q = 16  # fused selective (Pallas): query tile size (a power of two; block_q * block_k >= 16)
   m.fused_block_k = 16  # fused selective: key tile size (a power of two)
   m.fused_block_f = 32  # fused selective: generator hidden units per chunk (a power of two >= 16)
-  m.fused_backward = 'merged'  # 'merged' (atomic adds: faster, sum order varies) | 'split' (deterministic) | 'mgpu'
-  m.fused_forward = 'triton'  # fused forward kernel: 'triton' | 'mgpu' (Mosaic GPU, Hopper; bf16 matmul operands)
+  m.fused_backward = 'auto'  # 'auto' (mgpu on one Hopper GPU, else merged) | 'merged' | 'split' (deterministic)|'mgpu'
+  m.fused_forward = 'auto'  # 'auto' (mgpu on one Hopper GPU, else triton) | 'triton' | 'mgpu' (Mosaic GPU, Hopper)
   m.fused_heads_per_program = 0  # fused: heads per kernel program (0 = all; fewer = more programs in parallel)
   m.fused_fwd_splits = 1  # fused forward: programs per query tile (its key tiles dealt among them, then combined)
   m.fused_bwd_splits = 1  # fused backward: programs per key tile (its query tiles dealt among them)

@@ -24,8 +24,8 @@ SELECTIVE_PARTS = ('both', 'keys', 'values')
 DECAY_MASKS = ('all', 'matrices')
 VOCABS = ('chars', 'bytes')
 SPLITS = ('tail', 'enwik8')
-FUSED_BACKWARDS = ('split', 'merged', 'mgpu')
-FUSED_FORWARDS = ('triton', 'mgpu')
+FUSED_BACKWARDS = ('auto', 'split', 'merged', 'mgpu')
+FUSED_FORWARDS = ('auto', 'triton', 'mgpu')
 DROPOUT_RNGS = ('threefry', 'hash')
 ATTN_KERNELS = ('auto', 'flash', 'dense')
 
@@ -79,8 +79,8 @@ class ModelConfig:
   fused_block_q: int = 16
   fused_block_k: int = 16
   fused_block_f: int = 32
-  fused_backward: str = 'merged'
-  fused_forward: str = 'triton'
+  fused_backward: str = 'auto'
+  fused_forward: str = 'auto'
   fused_heads_per_program: int = 0
   fused_fwd_splits: int = 1
   fused_bwd_splits: int = 1

@@ -146,6 +146,48 @@ def test_off_a_gpu_the_model_falls_back_without_the_interpreter(caplog, monkeypa
     assert _rel(a, b) <= 1e-5
 
 
+class _FakeDevice:
+  def __init__(self, platform, cc):
+    self.platform, self.compute_capability, self.device_kind = platform, cc, f'fake {platform} {cc}'
+
+
+@pytest.mark.parametrize('platform,cc,mesh,interpret,expect', [
+    ('gpu', '9.0', 1, False, ('mgpu', 'mgpu')),  # one Hopper GPU, compiled
+    ('gpu', '8.0', 1, False, ('triton', 'merged')),  # an A100: no wgmma
+    ('gpu', '9.0', 2, False, ('triton', 'merged')),  # under a 2-device mesh (shard_map): not measured there
+    ('gpu', '9.0', 1, True, ('triton', 'merged')),  # interpreted (tests)
+    ('cpu', '', 1, False, ('triton', 'merged'))])
+def test_auto_picks_the_mosaic_gpu_kernels_on_one_hopper_gpu(platform, cc, mesh, interpret, expect, monkeypatch):
+  monkeypatch.setattr(jax, 'devices', lambda *a: [_FakeDevice(platform, cc)])
+  monkeypatch.setattr(fm, '_mesh_devices', lambda: mesh)
+  got = fused_lib.resolve_auto('auto', 'auto', interpret)
+  assert (got['forward'], got['backward']) == expect
+  # Explicit names are kept, either side.
+  assert fused_lib.resolve_auto('triton', 'auto', interpret) == {'forward': 'triton', 'backward': expect[1]}
+  assert fused_lib.resolve_auto('auto', 'split', interpret) == {'forward': expect[0], 'backward': 'split'}
+
+
+def test_auto_on_a_hopper_gpu_falls_back_with_its_own_line(caplog, monkeypatch):
+  # 'auto' resolved to the Mosaic GPU kernels (as on one H200), which cannot take this call (here: no Hopper GPU
+  # to compile for): one line each naming auto, and Triton's float32-exact result.
+  monkeypatch.setattr(fused_lib, 'resolve_auto', lambda f, b, interpret: {'forward': 'mgpu', 'backward': 'mgpu'})
+  monkeypatch.setattr(fm, 'INTERPRET_OFF_GPU', False)
+  run, params = _layer(fused_forward='auto', fused_backward='auto')
+  x = jax.random.normal(jax.random.key(4), (1, 5, 16))
+  fused_lib._log_once.cache_clear()
+  with caplog.at_level(logging.WARNING):
+    grads = jax.grad(lambda params: jnp.sum(run(params, x, None) ** 2))(params)
+  lines = sorted(r.getMessage() for r in caplog.records if 'cannot take' in r.getMessage())
+  why = '(the cpu backend is not a Hopper GPU (the Mosaic GPU interpreter is for tests))'
+  assert lines == [f'model.fused_backward=auto (the Mosaic GPU kernels) cannot take this call {why}: running the '
+                   'merged Triton backward',
+                   f'model.fused_forward=auto (the Mosaic GPU kernels) cannot take this call {why}: running the '
+                   'Triton forward'], lines
+  ref = jax.grad(lambda params: jnp.sum(run(params, x, 'materialized') ** 2))(params)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+    assert _rel(a, b) <= 1e-5
+
+
 def test_shared_memory_overflow_falls_back_to_the_triton_forward(caplog):
   run, params = _layer(kv_hidden=1024)  # u and w rows of 1024 hidden units: > 227 KB of shared memory
   x = jax.random.normal(jax.random.key(2), (1, 5, 16))

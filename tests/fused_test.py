@@ -78,8 +78,12 @@ def test_fused_matches_materialized(rope, n, h, f, t):
 # CASES run the default backward, merged (one kernel per key tile, du and dq added with atomic adds); the split one
 # (two kernels) on two of them: RoPE with F over eight hidden chunks, and no RoPE with T = 21 not a multiple of the
 # tile.
-def test_the_default_backward_is_merged():
-  assert fused_lib.Blocks().backward == 'merged' == config_lib.ModelConfig(vocab_size=7).fused_backward
+def test_the_default_backward_is_merged_off_a_hopper_gpu():
+  cfg = config_lib.ModelConfig(vocab_size=7)
+  assert fused_lib.Blocks().backward == 'merged' and (cfg.fused_forward, cfg.fused_backward) == ('auto', 'auto')
+  # 'auto' is Triton's kernels here (a CPU); the Mosaic GPU ones only compiled on a Hopper GPU (fused_mgpu tests).
+  assert fused_lib.resolve_auto('auto', 'auto', True) == {'forward': 'triton', 'backward': 'merged'}
+  assert fused_lib.resolve_auto('auto', 'auto', False) == {'forward': 'triton', 'backward': 'merged'}
 
 
 @pytest.mark.parametrize('rope,n,h,f,t', [CASES[2], CASES[1]])

@@ -69,11 +69,13 @@ class Blocks:
   # (per query tile: du, dq; per key tile: dw, dW2k, db2k), each recomputing the tiles, deterministic. merged does
   # one tile recompute fewer (1.5x faster training steps on an H200), but sums floats in a varying order, so on a
   # GPU its gradients are not bit-reproducible run to run. 'mgpu': Mosaic GPU kernels (fused_mgpu_bwd.py: Hopper,
-  # bfloat16 matmul operands), falling back to 'merged' with one logged line where they cannot run.
+  # bfloat16 matmul operands), falling back to 'merged' with one logged line where they cannot run. 'auto': 'mgpu'
+  # compiled on a Hopper GPU outside a multi-device mesh, else 'merged' (`resolve_auto`).
   backward: str = 'merged'
   # 'triton': `_forward` (this module); 'mgpu': the Mosaic GPU forward of fused_mgpu.py (Hopper: wgmma, bfloat16
   # key-layer operands), the same residuals (G, lse) for the same backward. Where it cannot run (another GPU, its
   # shared memory, the linear generator's identity activation) the Triton forward runs, with one logged line.
+  # 'auto': as the backward's.
   forward: str = 'triton'
   # Parallelism beyond one program per (batch, tile): heads per program (0 = all; fewer = more programs and fewer
   # live accumulators per program, the GELU recomputed once per head group), and the key tiles of a query tile
@@ -588,6 +590,27 @@ def unsupported(head_dim: int, blocks: Blocks = Blocks(), num_heads: int | None 
   return None
 
 
+
+def _asked(which: str, asked: dict) -> str:
+  name = f'model.fused_{which}={asked[which]}'
+  return name if asked[which] == 'mgpu' else f'{name} (the Mosaic GPU kernels)'
+
+
+def resolve_auto(forward: str, backward: str, interpret: bool) -> dict:
+  """'auto' kernels: the Mosaic GPU ones compiled on a Hopper GPU outside a multi-device mesh, where they were
+  measured (one H200, the original config: a training step 3.2x faster at kv_hidden 64 and 1.8x at 256,
+  BENCHMARKS.md) and trained (RESULTS.md: the same losses as the Triton kernels over 20k steps); else Triton's
+  (forward, merged backward). Explicit names are kept; shapes the Mosaic GPU kernels cannot take still fall back."""
+  if 'auto' not in (forward, backward):
+    return {'forward': forward, 'backward': backward}
+  from selattn.model import fused_mgpu  # noqa: PLC0415 (imports this module)
+  dev = jax.devices()[0]
+  hopper = (not interpret and dev.platform == 'gpu' and str(getattr(dev, 'compute_capability', '')).startswith('9.')
+            and fused_mgpu._mesh_devices() == 1)  # pylint: disable=protected-access
+  return {'forward': ('mgpu' if hopper else 'triton') if forward == 'auto' else forward,
+          'backward': ('mgpu' if hopper else 'merged') if backward == 'auto' else backward}
+
+
 def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Array, 'B S F'],
               w2k: Float[Array, 'F D'], b2k: Float[Array, 'D'], w2v: Float[Array, 'F D'], b2v: Float[Array, 'D'],
               q_pos: Int[Array, 'T'], k_pos: Int[Array, 'S'], rope_theta: float | None, act: str,
@@ -623,15 +646,17 @@ def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Arr
   cos, sin = (tiles.pad(tiles.pad(a, 1, h2), 0, sp) for a in (cos, sin))
   qpos = tiles.pad(q_pos.astype(jnp.int32), 0, tp, -1)
   kpos = tiles.pad(k_pos.astype(jnp.int32), 0, sp, big)
+  asked = {'forward': st.forward, 'backward': st.backward}
+  st = dataclasses.replace(st, **resolve_auto(st.forward, st.backward, interpret))
   if st.forward == 'mgpu':
     from selattn.model import fused_mgpu  # noqa: PLC0415 (imports this module)
     if (why := fused_mgpu.cannot_run(act, interpret, qh, w_p)) is not None:
-      _log_once(f'model.fused_forward=mgpu cannot take this call ({why}): running the Triton forward')
+      _log_once(f'{_asked("forward", asked)} cannot take this call ({why}): running the Triton forward')
       st = dataclasses.replace(st, forward='triton')
   if st.backward == 'mgpu':
     from selattn.model import fused_mgpu_bwd  # noqa: PLC0415 (imports this module)
     if (why := fused_mgpu_bwd.cannot_run(act, interpret, qh, w_p)) is not None:
-      _log_once(f'model.fused_backward=mgpu cannot take this call ({why}): running the merged Triton backward')
+      _log_once(f'{_asked("backward", asked)} cannot take this call ({why}): running the merged Triton backward')
       st = dataclasses.replace(st, backward='merged')
   g = _fused(st, qh, u_p, w_p, w2, b2, cos, sin, qpos, kpos)[:, :t, :, :f]  # [B, T, N, F] float32
   out = jnp.einsum('BTNF,FNH->BTNH', g.astype(w2v.dtype), w2v.reshape(f, n, h), preferred_element_type=jnp.float32)

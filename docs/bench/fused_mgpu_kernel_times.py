@@ -1,0 +1,93 @@
+"""GPU: device time per kernel (a jax.profiler trace, read back from its perfetto JSON) of one selective layer's
+Mosaic GPU forward, Mosaic GPU backward and merged Triton backward at B16 T299 N2 H32, RoPE, float32 (kv_hidden 64
+and 256; FS overrides), five calls each after warm-up; EXTRA adds backward Options (`;`-separated, e.g.
+EXTRA='warpgroups=1'). Writes $OUT/prof.json after each item. Off GPU: tiny shapes, interpreted (a smoke test).
+
+  OUT=. PYTHONPATH=$PWD python3 docs/bench/fused_mgpu_kernel_times.py
+"""
+import glob, gzip, json, os, sys, time, traceback, collections
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, os.getcwd())
+from selattn.model import fused
+from selattn.model import fused_mgpu as fm
+from selattn.model import fused_mgpu_bwd as fmb
+
+OUT = os.environ.get('OUT', '.')
+GPU = jax.default_backend() == 'gpu'
+B, T, N, H = (16, 299, 2, 32) if GPU else (1, 37, 2, 8)
+FS = tuple(int(x) for x in os.environ.get('FS', '64,256' if GPU else '40').split(','))
+INTERP = None if GPU else fm.interpreter()
+res = {'jax': jax.__version__, 'device': jax.devices()[0].device_kind, 'items': []}
+T0 = time.time()
+
+def save():
+  json.dump(res, open(os.path.join(OUT, 'prof.json'), 'w'), indent=1)
+
+def case(f):
+  ks = jax.random.split(jax.random.key(f), 6)
+  d = N * H
+  scale, args = fm.fused_inputs(jax.random.normal(ks[0], (B, T, N, H)), 0.7 * jax.random.normal(ks[1], (B, T, f)),
+                                0.7 * jax.random.normal(ks[2], (B, T, f)),
+                                jax.random.normal(ks[3], (f, d)) / np.sqrt(f), 0.3 * jax.random.normal(ks[4], (d,)),
+                                jnp.arange(T), jnp.arange(T), 10000.0)
+  g, lse = jax.jit(lambda *a: fm.forward(*a, scale=scale, interpret=INTERP))(*args)
+  dgo = jax.random.normal(ks[5], g.shape)
+  return scale, args, (*args, g, lse, dgo)
+
+def summarize(tdir):
+  files = glob.glob(os.path.join(tdir, '**', '*perfetto*'), recursive=True) + glob.glob(os.path.join(tdir, '**', '*.trace.json.gz'), recursive=True)
+  if not files:
+    return {'files': os.listdir(tdir)}
+  fn = files[0]
+  op = gzip.open if fn.endswith('.gz') else open
+  tr = json.load(op(fn, 'rt'))
+  evs = tr['traceEvents'] if isinstance(tr, dict) else tr
+  pname, tname = {}, {}
+  for e in evs:
+    if e.get('ph') == 'M' and e.get('name') == 'process_name':
+      pname[e['pid']] = e['args']['name']
+    if e.get('ph') == 'M' and e.get('name') == 'thread_name':
+      tname[(e['pid'], e['tid'])] = e['args']['name']
+  agg = collections.defaultdict(lambda: [0, 0.0])
+  for e in evs:
+    if e.get('ph') == 'X' and 'dur' in e:
+      p = pname.get(e['pid'], str(e['pid']))
+      if 'GPU' in p or 'gpu' in p or 'stream' in tname.get((e['pid'], e['tid']), '').lower():
+        a = agg[(p[:30], e['name'][:90])]
+        a[0] += 1
+        a[1] += float(e['dur'])
+  rows = sorted(((v[1], v[0], k) for k, v in agg.items()), reverse=True)[:40]
+  return {'procs': sorted(set(pname.values()))[:20], 'file': fn, 'gpu_events': [{'us_total': round(t, 1), 'count': c, 'proc': k[0], 'name': k[1]} for t, c, k in rows]}
+
+def traced(name, fn, args, reps=5):
+  def body():
+    jax.block_until_ready(fn(*args)); jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(10 if GPU else 1):
+      t = time.perf_counter(); jax.block_until_ready(fn(*args)); ts.append(time.perf_counter() - t)
+    tdir = os.path.join('/tmp/prof', name.replace(' ', '_'))
+    with jax.profiler.trace(tdir, create_perfetto_trace=True):
+      for _ in range(reps):
+        jax.block_until_ready(fn(*args))
+    return {'median_ms': 1e3 * float(np.median(ts)), 'reps_in_trace': reps, **summarize(tdir)}
+  t = time.time()
+  try:
+    rec = {'name': name, **body()}
+  except Exception:
+    rec = {'name': name, 'error': traceback.format_exc()[-2000:]}
+  rec['wall_s'] = round(time.time() - t, 1)
+  res['items'].append(rec); save()
+  print(name, rec.get('median_ms'), rec.get('error', '')[-500:], flush=True)
+
+for f in FS:
+  scale, fargs, bargs = case(f)
+  traced(f'F{f} mgpu forward', jax.jit(lambda *a: fm.forward(*a, scale=scale, interpret=INTERP)), fargs)
+  traced(f'F{f} mgpu backward', jax.jit(lambda *a: fmb.backward(*a, scale=scale, interpret=INTERP)), bargs)
+  if GPU:
+    st = fm.triton_static(scale, N, f)
+    traced(f'F{f} triton backward', jax.jit(lambda *a: fused._backward(st, a[:11], a[11])[:5]), bargs)
+  for extra in os.environ.get('EXTRA', '').split(';'):
+    if extra:
+      opts = eval('fmb.Options(' + extra + ')')
+      traced(f'F{f} mgpu backward {extra}', jax.jit(lambda *a, o=opts: fmb.backward(*a, scale=scale, opts=o, interpret=INTERP)), bargs)
+res['total_s'] = round(time.time() - T0, 1); save()

@@ -1,0 +1,46 @@
+"""GPU: training steps (selattn.bench.run_variant, 30 steps) at the original config with the mlp generator, by
+kernel variant: triton (the Triton forward and merged backward) and mgpu-both (both Mosaic GPU kernels), the
+latter with `+`-joined modifiers: wg2 / bq32 / bk32 (the backward's warpgroups=2, block_q=32, block_k=32), fapprox
+/ fwg2 (the forward's approx_math, warpgroups=2), nogemm (train.xla_options=xla_gpu_enable_triton_gemm=false).
+Every modifier not named is set to its off value (warpgroups=1, approx_math=False in the forward), whatever the
+Options defaults are. HIDDEN (kv_hidden values), VARIANTS (comma-separated), PROF=1 (default) also traces the
+steps (selattn.perf.device_op_times: device time per op). Writes $OUT/step_prof.json after each variant.
+
+  PROF=0 HIDDEN=64 VARIANTS=triton,mgpu-both+wg2,mgpu-both+wg2+fapprox OUT=. PYTHONPATH=$PWD \
+    python3 docs/bench/fused_mgpu_step_variants.py
+"""
+import json, os, sys, time, traceback
+sys.path.insert(0, os.getcwd())
+import jax
+from selattn import bench
+OUT = os.environ.get('OUT', '.')
+PROF = os.environ.get('PROF', '1') == '1'
+BASE = {'model.num_layers': 4, 'train.steps_per_call': 10, 'train.flat_optimizer': True, 'model.kv_generator': 'mlp',
+        'model.dtype': 'float32', 'model.selective_impl': 'fused'}
+VAR = {'triton': {'model.fused_forward': 'triton', 'model.fused_backward': 'merged'},
+       'mgpu-both': {'model.fused_forward': 'mgpu', 'model.fused_backward': 'mgpu'}}
+res = []
+from selattn.model import fused_mgpu_bwd as fmb
+from selattn.model import fused_mgpu as fm
+DEF = fmb.backward.__kwdefaults__['opts']
+for f in [int(x) for x in os.environ.get('HIDDEN', '64').split(',')]:
+  for v in os.environ.get('VARIANTS', 'triton,mgpu-both').split(','):
+    t = time.time()
+    base, *mods = v.split('+')
+    over = {**BASE, 'model.kv_hidden': f, **VAR[base]}
+    bo = dict(warpgroups=2 if 'wg2' in mods else 1, block_q=32 if 'bq32' in mods else 0,
+              block_k=32 if 'bk32' in mods else 0)
+    fmb.backward.__kwdefaults__['opts'] = fmb.Options(**bo)
+    fm.forward.__kwdefaults__['opts'] = fm.Options(approx_math='fapprox' in mods, warpgroups=2 if 'fwg2' in mods else 1)
+    if 'nogemm' in mods:
+      over['train.xla_options'] = 'xla_gpu_enable_triton_gemm=false'
+    try:
+      r = bench.run_variant(f'{v}-h{f}', over, 1, 30, '', profile_dir='/tmp/sp' if PROF else None)
+      keep = ('ms_per_step', 'ms_per_step_synced_median', 'compile_s', 'final_loss', 'pair_tflops_per_s', 'profile')
+      rec = {'name': f'{v} F{f}', **{k: r[k] for k in keep if k in r}}
+    except Exception:
+      rec = {'name': f'{v} F{f}', 'error': traceback.format_exc()[-2000:]}
+    rec['wall_s'] = round(time.time() - t, 1)
+    res.append(rec)
+    json.dump({'jax': jax.__version__, 'items': res}, open(os.path.join(OUT, 'step_prof.json'), 'w'), indent=1)
+    print(rec['name'], rec.get('ms_per_step'), rec.get('error', '')[-400:], flush=True)
