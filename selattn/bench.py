@@ -8,8 +8,9 @@ Workloads (ISSUE targets in BENCHMARKS.md):
            attention dropout in XLA's dense softmax and in the flash kernel; standard without attention dropout.
   long     W3: selective blockwise at B4 T4096 D256 N4 on 1 device, then with mesh.seq = all devices.
   mlp      the MLP K/V generator at the original config (kv_hidden 64 and 256, float32 and bfloat16): fused
-           (Pallas; -mgpu: the Mosaic GPU forward, -mgpu2: its forward and backward) against blockwise at its best
-           tiles; the linear generator through fused beside factored.
+           (Pallas; Triton's kernels, -mgpu: the Mosaic GPU forward, -mgpu2: its forward and backward, what
+           'auto' picks on one Hopper GPU) against blockwise at its best tiles; the linear generator through fused
+           beside factored.
   long-mlp the MLP generator (kv_hidden 256, bf16) at B4 T4096 D256 N4: fused and blockwise on 1 device, fused
            with mesh.seq = all devices.
   scale    W4: GPT-2-small shape as a char model (D768 L12 N12, T1024, bf16): standard and selective factored on
@@ -140,6 +141,12 @@ def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, i
         out.append((f'{att}-data{n_dev}', {**base, **extra, 'train.batch_size': 12 * n_dev}, n_dev))
         out.append((f'{att}-fsdp{n_dev}', {**base, **extra, 'train.batch_size': 12 * n_dev, 'mesh.data': 1,
                                            'mesh.fsdp': n_dev}, n_dev))
+  # The fused variants name their kernels: Triton's unless a variant says mgpu (not 'auto', which picks by GPU),
+  # so a variant measures the same kernels on every machine.
+  for _, o, _ in out:
+    if o.get('model.selective_impl') == 'fused' or o.get('model.kv_generator') == 'mlp':
+      o.setdefault('model.fused_forward', 'triton')
+      o.setdefault('model.fused_backward', 'merged')
   if small:
     shrink = {'model.d_model': 32, 'model.num_heads': 2, 'model.num_layers': 2, 'data.seq_len': 64,
               'model.block_q': 16, 'model.block_k': 16}

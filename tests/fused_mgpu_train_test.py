@@ -165,12 +165,14 @@ def test_auto_picks_the_mosaic_gpu_kernels_on_one_hopper_gpu(platform, cc, mesh,
   # Explicit names are kept, either side.
   assert fused_lib.resolve_auto('triton', 'auto', interpret) == {'forward': 'triton', 'backward': expect[1]}
   assert fused_lib.resolve_auto('auto', 'split', interpret) == {'forward': expect[0], 'backward': 'split'}
+  # The linear generator (identity activation): Triton's, silently.
+  assert fused_lib.resolve_auto('auto', 'auto', interpret, 'identity') == {'forward': 'triton', 'backward': 'merged'}
 
 
 def test_auto_on_a_hopper_gpu_falls_back_with_its_own_line(caplog, monkeypatch):
   # 'auto' resolved to the Mosaic GPU kernels (as on one H200), which cannot take this call (here: no Hopper GPU
   # to compile for): one line each naming auto, and Triton's float32-exact result.
-  monkeypatch.setattr(fused_lib, 'resolve_auto', lambda f, b, interpret: {'forward': 'mgpu', 'backward': 'mgpu'})
+  monkeypatch.setattr(fused_lib, 'resolve_auto', lambda *a: {'forward': 'mgpu', 'backward': 'mgpu'})
   monkeypatch.setattr(fm, 'INTERPRET_OFF_GPU', False)
   run, params = _layer(fused_forward='auto', fused_backward='auto')
   x = jax.random.normal(jax.random.key(4), (1, 5, 16))

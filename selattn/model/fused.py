@@ -596,7 +596,7 @@ def _asked(which: str, asked: dict) -> str:
   return name if asked[which] == 'mgpu' else f'{name} (the Mosaic GPU kernels)'
 
 
-def resolve_auto(forward: str, backward: str, interpret: bool) -> dict:
+def resolve_auto(forward: str, backward: str, interpret: bool, act: str = 'gelu') -> dict:
   """'auto' kernels: the Mosaic GPU ones compiled on a Hopper GPU outside a multi-device mesh, where they were
   measured (one H200, the original config: a training step 3.2x faster at kv_hidden 64 and 1.8x at 256,
   BENCHMARKS.md) and trained (RESULTS.md: the same losses as the Triton kernels over 20k steps); else Triton's
@@ -605,7 +605,8 @@ def resolve_auto(forward: str, backward: str, interpret: bool) -> dict:
     return {'forward': forward, 'backward': backward}
   from selattn.model import fused_mgpu  # noqa: PLC0415 (imports this module)
   dev = jax.devices()[0]
-  hopper = (not interpret and dev.platform == 'gpu' and str(getattr(dev, 'compute_capability', '')).startswith('9.')
+  hopper = (act == 'gelu' and not interpret and dev.platform == 'gpu'  # the kernels compute the MLP's GELU alone
+            and str(getattr(dev, 'compute_capability', '')).startswith('9.')
             and fused_mgpu._mesh_devices() == 1)  # pylint: disable=protected-access
   return {'forward': ('mgpu' if hopper else 'triton') if forward == 'auto' else forward,
           'backward': ('mgpu' if hopper else 'merged') if backward == 'auto' else backward}
@@ -647,7 +648,7 @@ def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Arr
   qpos = tiles.pad(q_pos.astype(jnp.int32), 0, tp, -1)
   kpos = tiles.pad(k_pos.astype(jnp.int32), 0, sp, big)
   asked = {'forward': st.forward, 'backward': st.backward}
-  st = dataclasses.replace(st, **resolve_auto(st.forward, st.backward, interpret))
+  st = dataclasses.replace(st, **resolve_auto(st.forward, st.backward, interpret, act))
   if st.forward == 'mgpu':
     from selattn.model import fused_mgpu  # noqa: PLC0415 (imports this module)
     if (why := fused_mgpu.cannot_run(act, interpret, qh, w_p)) is not None:
