@@ -1,9 +1,11 @@
 """The fused forward (fused.py's `_forward`) as a Mosaic GPU kernel for Hopper: `model.fused_forward='mgpu'`.
 
 Under fused.py's custom VJP it replaces the Triton forward and feeds the same residuals (G, lse: same layout, same
-meaning) to the Triton backward; fused.attention falls back to the Triton forward (one logged line) where
-`cannot_run` says why. On one H200 (jax 0.11.2, B16 T299 N2 H32, RoPE): 0.27 ms a layer against the Triton
-forward's 0.63 at kv_hidden 64, 2.26 against 2.16 at 256 (docs/bench/fused_mgpu_check_h200.json).
+meaning) to either backward; fused.attention falls back to the Triton forward (one logged line) where
+`cannot_run` says why; `model.fused_forward='auto'` picks it on one Hopper GPU. On one H200 (jax 0.11.2, B16 T299
+N2 H32, RoPE; the accurate tanh then): 0.27 ms a layer against the Triton forward's 0.63 at kv_hidden 64, 2.26
+against 2.16 at 256 (docs/bench/fused_mgpu_check_h200.json). Programs with no key to visit return before copying
+their inputs (their partials are masked before the combine).
 Checked on CPU (tests/fused_mgpu_test.py, fused_mgpu_train_test.py): the formulation (`transcription`) against
 fused.py's forward and `materialized`; the kernel in Mosaic GPU's interpret mode (which simulates shared memory,
 barriers and wgmma, not register layouts or timing) against the transcription, alone and in the training path; and
@@ -71,7 +73,8 @@ class Options:
   block_k: int = 0
   precision: str = 'bf16'  # the key layer's operands: 'bf16' | 'float32' (transcription only: exact reference)
   # tanh.approx and ex2.approx (about 2^-11 relative error in tanh, below the bfloat16 key layer's 2^-9): a training
-  # step at kv_hidden 64 on one H200 takes 3.00 ms with it against 3.15 without (docs/bench/fused_mgpu_steps_h200.json).
+  # step at kv_hidden 64 on one H200 takes 3.00 ms with it against 3.15 without
+  # (docs/bench/fused_mgpu_step_variants_h200.json).
   approx_math: bool = True
   # The tile's u rows held in registers across the key loop (F / 2 more registers a thread) instead of read from
   # shared memory for every key.

@@ -20,11 +20,16 @@ forward's and its lse normalises them), as are those of dg's and dW2k's matmuls;
 `transcription` computes the same formulation over whole [B, T, S, ...] arrays in jnp (with precision='float32'
 exact float32: it must equal fused.py's `_backward`).
 Shared memory decides the blocks (`Options` overrides them): at the original config (N2 H32) kv_hidden 64 takes
-both heads and blocks of 64, kv_hidden 256 one head per program and blocks of 32. Checked in Mosaic GPU's interpret
-mode against `transcription` and `materialized`, and lowered for cuda (tests/fused_mgpu_train_test.py). On one H200
-(docs/bench/fused_mgpu_steps_h200.json) with the MGPU forward, a training step at the original config takes 5.65
-ms at kv_hidden 64 against 9.2-9.4 with the Triton kernels, and 57.0 against 31.2 at kv_hidden 256 (blocks of 32,
-one head a program). docs/bench/fused_mgpu_bwd_sweep.py times the backward alone by `Options`.
+both heads and blocks of 64, kv_hidden 256 one head per program and blocks of 32. A program's shared memory fills
+most of an SM, so two warpgroups share each program (they take turns over its keys or queries, each with its own
+accumulators, and write their partials in turn), the GELU and its derivative share one approximate tanh, and a
+program with no visible pair returns before copying its inputs (its partial outputs are masked outside).
+Checked in Mosaic GPU's interpret mode (one warpgroup: two hang there) against `transcription` and `materialized`,
+and lowered for cuda with both (tests/fused_mgpu_train_test.py). On one H200 (docs/bench/fused_mgpu_bwd_sweep_h200.json,
+jax 0.11.2) one layer's backward at the original config takes 0.67 ms at kv_hidden 64 and 3.1 ms at 256, against
+2.0-2.1 and 6.7-7.0 for the merged Triton backward; with the MGPU forward a training step takes 2.99 and 17.1 ms
+against 9.5 and 31.1 (docs/bench/mlp_mgpu2_h200.json). docs/bench/fused_mgpu_bwd_sweep.py times the backward alone by
+`Options`.
 """
 
 from __future__ import annotations
@@ -146,7 +151,8 @@ class Options:
   # Warpgroups per program (1 or 2), both kernels: they take turns over the program's keys (query kernel) or
   # queries (key kernel), sharing its shared-memory inputs, each with its own accumulators; their partial results
   # are summed outside like the blocks'. One program fills an SM's shared memory, so one warpgroup alone leaves the
-  # SM one warp per scheduler to issue from (ncu: 6% occupancy, an instruction every 2.4 cycles). 0: two where
+  # SM one warp per scheduler to issue from (docs/bench/fused_mgpu_ncu_f64_h200.txt: 6% occupancy, an instruction
+  # every 2.4 cycles). 0: two where
   # shared memory allows, else one; interpreted always one (two hang there in most runs: see the tests).
   warpgroups: int = 0
   # tanh.approx in the GELU and its derivative (about 2^-11 relative error, below the bfloat16 key layer's 2^-9):
