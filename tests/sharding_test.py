@@ -1,11 +1,11 @@
 """Scale-out on 8 fake CPU devices: every mesh trains the same model, really sharded, and refuses sizes that don't fit.
 
 The 8-device work runs in subprocesses (tests/mesh_check.py; the device count must be set before jax is
-imported), all started together when the first test here needs one, so that they share the machine's cores:
+imported), one after another from when the first test here needs one (on 2 cores, with the other pytest worker
+busy, they cost less CPU in turn than all at once):
   - one worker trains each variant for 10 steps on the meshes single / (8 data) / (2 data x 4 seq) /
     (2 fsdp x 2 seq x 2 tensor), recording losses, shardings, the step's jaxpr shapes and its compiled HLO (one
-    process, not one per variant: the variants share its warm-up and their parameters' init programs, and on 2
-    cores the one process costs 82 CPU-s where two cost 96);
+    process, not one per variant: the variants share its warm-up and their parameters' init programs);
   - selattn.train.train runs 10 steps on (2 data x 2 fsdp x 2 seq), then resumes to step 20 on 2 devices, and an
     uninterrupted 20-step run on one device is the reference.
 """
@@ -39,45 +39,50 @@ MESH_1 = {'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.seq': 1, 'mesh.tensor': 1}
 
 
 class _Runs:
-  """The module's subprocesses; the resume starts as soon as the 8-device run that it continues has ended."""
+  """The module's subprocesses, started in turn by a thread, each when the one before has ended: the equivalence
+  worker, the 8-device run, its resume (which continues that run's workdir) and the reference."""
 
   def __init__(self, tmp):
     self.tmp = tmp
     self.resume_dir, self.reference_dir = str(tmp / 'resume'), str(tmp / 'reference')
-    log = lambda name: str(tmp / f'{name}.log')
-    # The selective variants with the same parameters first (one init program per mesh), the others after.
-    self.eq = mc.Worker(['equivalence', 'factored', 'materialized', 'blockwise', 'standard', 'blockwise_mlp',
-                         '--controls'], 8, log('eq'))
-    self.first = mc.Worker(['train', self.resume_dir, _json(TRAIN, MESH_8, {'train.num_steps': 10})], 8,
-                           log('first'))
-    self.reference = mc.Worker(['train', self.reference_dir, _json(TRAIN, MESH_1, {'train.num_steps': 20})], 1,
-                               log('reference'))
-    self.resume, self._closed = None, False
-    self._thread = threading.Thread(target=self._start_resume, daemon=True)
+    self._jobs = {  # name: (mesh_check.py arguments, devices)
+        # The selective variants with the same parameters first (one init program per mesh), the others after.
+        'eq': (['equivalence', 'factored', 'materialized', 'blockwise', 'standard', 'blockwise_mlp', '--controls'],
+               8),
+        'first': (['train', self.resume_dir, _json(TRAIN, MESH_8, {'train.num_steps': 10})], 8),
+        'resume': (['train', self.resume_dir, _json(TRAIN, MESH_2, {'train.num_steps': 20})], 2),
+        'reference': (['train', self.reference_dir, _json(TRAIN, MESH_1, {'train.num_steps': 20})], 1),
+    }
+    self._workers, self._started = {}, {name: threading.Event() for name in self._jobs}
+    self._lock, self._closed = threading.Lock(), False
+    self._thread = threading.Thread(target=self._run_in_turn, daemon=True)
     self._thread.start()
 
-  def _start_resume(self):
-    self.first.proc.wait()
-    if self._closed:
-      return
-    self.resume = mc.Worker(['train', self.resume_dir, _json(TRAIN, MESH_2, {'train.num_steps': 20})], 2,
-                            str(self.tmp / 'resume.log'))
+  def _run_in_turn(self):
+    for name, (args, devices) in self._jobs.items():
+      with self._lock:
+        if self._closed:
+          break
+        worker = self._workers[name] = mc.Worker(args, devices, str(self.tmp / f'{name}.log'))
+      self._started[name].set()
+      worker.proc.wait()
+    for started in self._started.values():  # closed early: no one waits for a run that will not start
+      started.set()
 
-  def resumed(self) -> dict:
-    self.first.result()
-    self._thread.join()
-    return self.resume.result()
+  def result(self, name) -> dict:
+    self._started[name].wait()
+    assert name in self._workers, f'{name} was not started: the module closed first'
+    return self._workers[name].result()
 
   def equivalence(self, variant) -> dict:
-    return self.eq.result()['variants'][variant]
+    return self.result('eq')['variants'][variant]
 
   def close(self):
-    self._closed = True
-    self.first.kill()
+    with self._lock:
+      self._closed = True
+    for w in list(self._workers.values()):
+      w.kill()
     self._thread.join()
-    for w in (self.eq, self.reference, self.resume):
-      if w is not None:
-        w.kill()
 
 
 def _json(*dicts):
@@ -193,7 +198,7 @@ def test_no_all_gather_of_a_query_key_tensor(runs, variant):
 
 def test_all_gather_detector_sees_a_real_gather_of_a_query_key_tensor(runs):
   # Compiled on 8 devices: a seq-split [2, T, S, 4] array made replicated is one all-gather of that shape.
-  shapes = [tuple(s) for s in runs.eq.result()['controls']['gather_control']]
+  shapes = [tuple(s) for s in runs.result('eq')['controls']['gather_control']]
   assert mc.gathers_of_query_key_tensors(shapes, T, S) == [(2, T, S, 4)], shapes
 
 
@@ -264,7 +269,7 @@ def test_fitting_meshes_are_accepted():
 def test_mesh_product_must_match_the_devices(runs):
   msg = _refusal(lambda: sharding.make_mesh(config_lib.MeshConfig(data=2), jax.devices()))  # 1 device here
   assert 'mesh' in msg and '1 devices' in msg, msg
-  errors = runs.eq.result()['controls']['mesh_errors']  # on 8 devices
+  errors = runs.result('eq')['controls']['mesh_errors']  # on 8 devices
   for name, msg in errors.items():
     assert msg is not None, f'{name}: accepted'
     assert '\n' not in msg and '8 devices' in msg, (name, msg)
@@ -298,7 +303,7 @@ def test_seq_len_must_divide_into_two_chunks_per_seq_device():
 # 5. A checkpoint restores onto another mesh and training continues with the same losses.
 
 def test_restore_onto_another_mesh_continues_with_the_same_losses(runs):
-  first, resumed, reference = runs.first.result(), runs.resumed(), runs.reference.result()
+  first, resumed, reference = runs.result('first'), runs.result('resume'), runs.result('reference')
   assert (first['devices'], resumed['devices'], reference['devices']) == (8, 2, 1)
   files = run_files.event_files(runs.resume_dir)
   assert len(files) == 2, files  # one per run
