@@ -72,3 +72,20 @@ def rel(a, b) -> float:
   """max |a - b| / max |b|, in float64."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def mgpu_layer(f: int, b: int, t: int, n: int, h: int, interpret=None):
+  """One selective layer at kv_hidden f (RoPE, float32; random, seeded by f) as the Mosaic GPU kernels take it:
+  (scale, the forward's padded args, the backward's args: those with the MGPU forward's G and lse and a random
+  cotangent dG)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from selattn.model import fused_mgpu as fm  # pylint: disable=g-import-not-at-top
+
+  ks = jax.random.split(jax.random.key(f), 6)
+  d = n * h
+  scale, args = fm.fused_inputs(jax.random.normal(ks[0], (b, t, n, h)), 0.7 * jax.random.normal(ks[1], (b, t, f)),
+                                0.7 * jax.random.normal(ks[2], (b, t, f)),
+                                jax.random.normal(ks[3], (f, d)) / np.sqrt(f), 0.3 * jax.random.normal(ks[4], (d,)),
+                                jnp.arange(t), jnp.arange(t), 10000.0)
+  g, lse = jax.jit(lambda *a: fm.forward(*a, scale=scale, interpret=interpret))(*args)
+  return scale, args, (*args, g, lse, jax.random.normal(ks[5], g.shape))

@@ -13,73 +13,32 @@ Environment: FS (kv_hidden values, default 64,256), BUDGET_S (no new item past i
 (instead of the built-in list, `;`-separated Options fields, e.g. OPTIONS='warpgroups=2;warpgroups=2,approx_math=True').
 """
 
-import json
 import os
-import time
-import traceback
 
+import bench_record
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from selattn.model import fused
 from selattn.model import fused_mgpu as fm
 from selattn.model import fused_mgpu_bwd as fmb
 
-OUT = os.environ.get('OUT', '.')
-BUDGET_S = int(os.environ.get('BUDGET_S', 300))  # no new item past this
-T0 = time.time()
 GPU = jax.default_backend() == 'gpu'
 B, T, N, H = (16, 299, 2, 32) if GPU else (1, 37, 2, 8)
 FS = tuple(int(f) for f in os.environ.get('FS', '64,256').split(',')) if GPU else (40,)
 CALLS = 20 if GPU else 1
 INTERPRET = None if GPU else fm.interpreter()
-res = {'jax': jax.__version__, 'device': jax.devices()[0].device_kind,
-       'shapes': f'B{B} T{T} N{N} H{H}, RoPE, float32', 'items': []}
-
-
-def save():
-  with open(os.path.join(OUT, 'fused_mgpu_bwd_sweep.json'), 'w') as f:
-    json.dump(res, f, indent=1)
-
-
-def item(name, body):
-  if time.time() - T0 > BUDGET_S:
-    res['items'].append({'name': name, 'skipped': 'time budget'})
-    save()
-    return
-  t = time.time()
-  try:
-    rec = {'name': name, **body()}
-  except Exception:  # noqa: BLE001 (record any failure, go on)
-    rec = {'name': name, 'error': traceback.format_exc()[-3000:]}
-  rec['wall_s'] = round(time.time() - t, 1)
-  res['items'].append(rec)
-  print(json.dumps({k: v for k, v in rec.items() if k != 'error'}), rec.get('error', '')[-800:], flush=True)
-  save()
+REC = bench_record.Record('fused_mgpu_bwd_sweep.json', budget_s=int(os.environ.get('BUDGET_S', 300)))
+REC.res.update({'shapes': f'B{B} T{T} N{N} H{H}, RoPE, float32', 'items': []})
+item = REC.item
 
 
 def median_ms(fn, args):
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(CALLS):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
+  return bench_record.median_ms(fn, args, CALLS)
 
 
 def case(f):
-  ks = jax.random.split(jax.random.key(f), 6)
-  d = N * H
-  scale, args = fm.fused_inputs(jax.random.normal(ks[0], (B, T, N, H)), 0.7 * jax.random.normal(ks[1], (B, T, f)),
-                                0.7 * jax.random.normal(ks[2], (B, T, f)),
-                                jax.random.normal(ks[3], (f, d)) / np.sqrt(f), 0.3 * jax.random.normal(ks[4], (d,)),
-                                jnp.arange(T), jnp.arange(T), 10000.0)
-  g, lse = jax.jit(lambda *a: fm.forward(*a, scale=scale, interpret=INTERPRET))(*args)
-  dgo = jax.random.normal(ks[5], g.shape)
-  args = (*args, g, lse, dgo)
+  scale, _, args = bench_record.mgpu_layer(f, B, T, N, H, INTERPRET)
   ref = jax.jit(lambda *a: fmb.transcription(*a, scale=scale))(*args)
   return scale, args, [np.asarray(r, np.float64) for r in ref]
 
@@ -103,9 +62,8 @@ def mgpu(f, opts):
   got = fn(*args)
   errs = {}
   for k, a, r in zip(('dq', 'du', 'dw', 'dW2k', 'db2k'), got, ref):
-    a = np.asarray(a, np.float64)
-    errs[k] = float(np.abs(a - r).max() / np.abs(r).max())
-  return {'blocks': {'block_k': d.kb, 'block_q': d.qb, 'heads_q': d.hq, 'heads_k': d.hk},
+    errs[k] = bench_record.rel(a, r)
+  return {'blocks': {'block_k': d.kb, 'block_q': d.qb, 'heads_q': d.hq, 'heads_k': d.hk, 'warpgroups': d.wgs},
           'rel_err_vs_bf16_transcription': errs, 'ms': median_ms(fn, args)}
 
 
@@ -127,6 +85,4 @@ for f in FS:  # all of one kv_hidden, then the next; the baseline again at the e
   for label, opts in OPTIONS:
     item(f'F{f} mgpu backward {label}', lambda f=f, opts=opts: mgpu(f, opts))
   item(f'F{f} triton backward (merged) again', lambda f=f: triton(f))
-res['total_s'] = round(time.time() - T0, 1)
-save()
-print('done in', res['total_s'], 's')
+REC.done()

@@ -6,8 +6,9 @@ EXTRA='warpgroups=1'). Writes $OUT/prof.json after each item. Off GPU: tiny shap
   OUT=. PYTHONPATH=$PWD python3 docs/bench/fused_mgpu_kernel_times.py
 """
 import glob, gzip, json, os, sys, time, traceback, collections
-import jax, jax.numpy as jnp, numpy as np
+import jax, numpy as np
 sys.path.insert(0, os.getcwd())
+import bench_record  # noqa: E402 (docs/bench, the script's folder)
 from selattn.model import fused
 from selattn.model import fused_mgpu as fm
 from selattn.model import fused_mgpu_bwd as fmb
@@ -24,15 +25,8 @@ def save():
   json.dump(res, open(os.path.join(OUT, 'prof.json'), 'w'), indent=1)
 
 def case(f):
-  ks = jax.random.split(jax.random.key(f), 6)
-  d = N * H
-  scale, args = fm.fused_inputs(jax.random.normal(ks[0], (B, T, N, H)), 0.7 * jax.random.normal(ks[1], (B, T, f)),
-                                0.7 * jax.random.normal(ks[2], (B, T, f)),
-                                jax.random.normal(ks[3], (f, d)) / np.sqrt(f), 0.3 * jax.random.normal(ks[4], (d,)),
-                                jnp.arange(T), jnp.arange(T), 10000.0)
-  g, lse = jax.jit(lambda *a: fm.forward(*a, scale=scale, interpret=INTERP))(*args)
-  dgo = jax.random.normal(ks[5], g.shape)
-  return scale, args, (*args, g, lse, dgo)
+  return bench_record.mgpu_layer(f, B, T, N, H, INTERP)
+
 
 def summarize(tdir):
   files = glob.glob(os.path.join(tdir, '**', '*perfetto*'), recursive=True) + glob.glob(os.path.join(tdir, '**', '*.trace.json.gz'), recursive=True)

@@ -6,20 +6,13 @@ backward Options from OPTS), for Nsight Compute to profile, e.g. (docs/bench/fus
 """
 import os, sys
 sys.path.insert(0, os.getcwd())
-import jax, jax.numpy as jnp, numpy as np
-from selattn.model import fused_mgpu as fm
+import bench_record  # noqa: E402 (docs/bench, the script's folder)
+import jax
 from selattn.model import fused_mgpu_bwd as fmb
 B, T, N, H = 16, 299, 2, 32
 for f in [int(x) for x in os.environ.get('FS', '64').split(',')]:
-  ks = jax.random.split(jax.random.key(f), 6)
-  d = N * H
-  scale, args = fm.fused_inputs(jax.random.normal(ks[0], (B, T, N, H)), 0.7 * jax.random.normal(ks[1], (B, T, f)),
-                                0.7 * jax.random.normal(ks[2], (B, T, f)),
-                                jax.random.normal(ks[3], (f, d)) / np.sqrt(f), 0.3 * jax.random.normal(ks[4], (d,)),
-                                jnp.arange(T), jnp.arange(T), 10000.0)
-  g, lse = jax.jit(lambda *a: fm.forward(*a, scale=scale))(*args)
-  dgo = jax.random.normal(ks[5], g.shape)
+  scale, _, args = bench_record.mgpu_layer(f, B, T, N, H)
   opts = eval('fmb.Options(' + os.environ.get('OPTS', '') + ')')
-  out = jax.jit(lambda *a: fmb.backward(*a, scale=scale, opts=opts))(*args, g, lse, dgo)
+  out = jax.jit(lambda *a: fmb.backward(*a, scale=scale, opts=opts))(*args)
   jax.block_until_ready(out)
   print('done', f, flush=True)

@@ -313,6 +313,21 @@ def unsupported(d: _Dims) -> str | None:
   return None
 
 
+def copy_in(copies, bars, wgi, wgs: int, first: int = 0):
+  """TMA copies of (global source, shared-memory destination) pairs on barriers first, first + 1, ...: issued by
+  warpgroup 0, waited for by every warpgroup."""
+  from jax.experimental import pallas as pl  # noqa: PLC0415 (GPU-only module, imported on use)
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+
+  def issue():
+    for i, (src, dst) in enumerate(copies):
+      plgpu.copy_gmem_to_smem(src, dst, bars.at[first + i])
+
+  pl.when(wgi == 0)(issue) if wgs > 1 else issue()
+  for i in range(len(copies)):
+    plgpu.barrier_wait(bars.at[first + i])
+
+
 def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Options = Options(), interpret=None):
   """`_forward`'s inputs (its padded arrays) -> (G [B, T, N, F], lse [B, N, T]) through the Mosaic GPU kernel."""
   from jax.experimental import pallas as pl  # noqa: PLC0415 (GPU-only module, imported on use)
@@ -360,21 +375,11 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
               (w_g.at[bi, keys], w_s), (w2_g.at[:, heads], w2_s), (b2_g.at[heads], b2_s), (c_g.at[keys], c_s),
               (s_g.at[keys], s_s), (qpos_g.at[rows], qpos_s), (kpos_g.at[keys], kpos_s)]
 
-    def issue_count():
-      plgpu.copy_gmem_to_smem(cnt_g, cnt_s, bars.at[len(copies)])
-
-    pl.when(wgi == 0)(issue_count) if wgs > 1 else issue_count()
-    plgpu.barrier_wait(bars.at[len(copies)])
+    copy_in([(cnt_g, cnt_s)], bars, wgi, wgs, first=len(copies))
     count = cnt_s[qi * n_kb + kbi]
 
     def live():  # the rest: only where this program has keys to visit (else its partials are masked outside)
-      def issue():  # by one warpgroup; all wait
-        for i, (src, dst) in enumerate(copies):
-          plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-
-      pl.when(wgi == 0)(issue) if wgs > 1 else issue()
-      for i in range(len(copies)):
-        plgpu.barrier_wait(bars.at[i])
+      copy_in(copies, bars, wgi, wgs)
 
       qpos_v = load(qpos_s, (), row)
 

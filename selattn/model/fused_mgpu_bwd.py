@@ -334,22 +334,12 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     copies += [(w2b_g.at[ci, gi * hq + h], w2b_s.at[ci, h]) for ci in range(nc) for h in range(hq)]
     copies += [(w2t_g.at[ci, gi * hq + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hq)]
 
-    def issue_count():
-      plgpu.copy_gmem_to_smem(cnt_g, cnt_s, bars.at[len(copies)])
-
-    pl.when(wgi == 0)(issue_count) if wgs > 1 else issue_count()
-    plgpu.barrier_wait(bars.at[len(copies)])
+    fm.copy_in([(cnt_g, cnt_s)], bars, wgi, wgs, first=len(copies))
     count = cnt_s[qi * n_kb + kbi]
 
     def live():  # the rest: only where this program has pairs to visit (else its partial outputs are
       # masked outside)
-      def issue():  # by one warpgroup; all wait
-        for i, (src, dst) in enumerate(copies):
-          plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-
-      pl.when(wgi == 0)(issue) if wgs > 1 else issue()
-      for i in range(len(copies)):
-        plgpu.barrier_wait(bars.at[i])
+      fm.copy_in(copies, bars, wgi, wgs)
       ga_s, dka_s = (more[0].at[wgi], more[1].at[wgi]) if interp else (None, None)
       qp_v = load(qp_s, (), row)
       lse_v = [load(lse_s.at[h], (), row) for h in range(hq)]
@@ -471,23 +461,13 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     copies += [(w2b_g.at[ci, gi * hk + h], w2b_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
     copies += [(w2t_g.at[ci, gi * hk + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
 
-    def issue_range():
-      plgpu.copy_gmem_to_smem(rng_g, rng_s, bars.at[len(copies)])
-
-    pl.when(wgi == 0)(issue_range) if wgs > 1 else issue_range()
-    plgpu.barrier_wait(bars.at[len(copies)])
+    fm.copy_in([(rng_g, rng_s)], bars, wgi, wgs, first=len(copies))
     base = 2 * (qbi * n_kt + ki)
     lo, hi = rng_s[base], rng_s[base + 1]
 
     def live():  # the rest: only where this program has pairs to visit (else its partial outputs are
       # masked outside)
-      def issue():  # by one warpgroup; all wait
-        for i, (src, dst) in enumerate(copies):
-          plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-
-      pl.when(wgi == 0)(issue) if wgs > 1 else issue()
-      for i in range(len(copies)):
-        plgpu.barrier_wait(bars.at[i])
+      fm.copy_in(copies, bars, wgi, wgs)
       # This warpgroup's buffers: g (bfloat16, read transposed as wgmma's A; interpreted: a transposed copy) and dK.
       gs_w, dks_w = (more[0] if interp else gs_s).at[wgi], dks_s.at[wgi]
       ga_s, dka_s = (more[1].at[wgi], more[2].at[wgi]) if interp else (None, None)
