@@ -236,6 +236,7 @@ def _errs5(got, ref, floor=0.0):
   for k, a, r in zip(names, got, ref):
     a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
     assert a.shape == r.shape, (k, a.shape, r.shape)
+    assert np.isfinite(a).all(), k  # (max() over the errors would pass a NaN by)
     out[k] = float(np.abs(a - r).max() / max(np.abs(r).max(), floor))
   return out
 
@@ -259,12 +260,11 @@ def test_backward_transcription_in_float32_is_the_triton_backward(rope, n, h, f,
 # two hidden chunks.
 # keep_hidden (the default) applies with one hidden chunk (F <= 64): GELU' kept from the logits' pass; False
 # recomputes it (as with several chunks). T = 70: two query tiles and two key blocks, the first tile's second key
-# block (and the key kernel's tile pair likewise) has no visible pair: such programs write nothing, masked outside.
+# block (and the key kernel's tile pair likewise) has no visible pair: such programs write nothing, masked outside
+# (without the mask this case fails).
 @pytest.mark.parametrize('rope,n,h,f,t,small_smem,keep', [(True, 2, 8, 40, 37, False, True),
-                                                          (False, 1, 6, 40, 37, False, True),
-                                                          (True, 2, 8, 40, 37, False, False),
-                                                          (True, 2, 8, 100, 40, True, True),
-                                                          (True, 1, 8, 40, 70, False, True)])
+                                                          (False, 1, 6, 40, 70, False, False),
+                                                          (True, 2, 8, 100, 40, True, True)])
 def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, small_smem, keep, monkeypatch):
   scale, args, g, lse, dgo = _backward_args(3 * t + f, rope, n, h, f, t)
   if small_smem:
@@ -309,8 +309,8 @@ def test_backward_shared_memory_overflow_falls_back_to_merged(caplog):
 # hang in most runs (the forward's do too), with or without this kernel's own barriers, so interpreted runs use one.
 @pytest.mark.skipif(not _lowers_for_cuda(), reason='lowering for cuda is unavailable here')
 @pytest.mark.parametrize('f,expect,opts', [(64, (2, 2, 64, 64), {}), (256, (1, 1, 32, 32), {}),
-                                           (64, (2, 2, 64, 64), {'warpgroups': 1, 'keep_hidden': False}),
-                                           (256, (1, 1, 32, 32), {'warpgroups': 1, 'approx_math': False})])
+                                           (64, (2, 2, 64, 64), {'warpgroups': 1, 'keep_hidden': False,
+                                                                 'approx_math': False})])
 def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts):
   # B16 T299 N2 H32: Mosaic GPU's Python lowering (layouts, wgmma operands, TMA copies, shared memory), not ptxas.
   b, t, n, h = 16, 299, 2, 32

@@ -11,4 +11,5 @@ def rel(got, ref) -> float:
   assert got.shape == ref.shape, (got.shape, ref.shape)
   scale = np.abs(ref).max()
   assert scale > 0, 'reference is all zero'
+  assert np.isfinite(got).all(), 'not finite'  # a NaN error would slip past max() over several errors
   return float(np.abs(got - ref).max() / scale)
