@@ -5,24 +5,21 @@ EXTRA='warpgroups=1'). Writes $OUT/prof.json after each item. Off GPU: tiny shap
 
   OUT=. PYTHONPATH=$PWD python3 docs/bench/fused_mgpu_kernel_times.py
 """
-import glob, gzip, json, os, sys, time, traceback, collections
-import jax, numpy as np
+import collections, glob, gzip, json, os, sys
+import jax
 sys.path.insert(0, os.getcwd())
 import bench_record  # noqa: E402 (docs/bench, the script's folder)
 from selattn.model import fused
 from selattn.model import fused_mgpu as fm
 from selattn.model import fused_mgpu_bwd as fmb
 
-OUT = os.environ.get('OUT', '.')
 GPU = jax.default_backend() == 'gpu'
 B, T, N, H = (16, 299, 2, 32) if GPU else (1, 37, 2, 8)
 FS = tuple(int(x) for x in os.environ.get('FS', '64,256' if GPU else '40').split(','))
 INTERP = None if GPU else fm.interpreter()
-res = {'jax': jax.__version__, 'device': jax.devices()[0].device_kind, 'items': []}
-T0 = time.time()
+REC = bench_record.Record('prof.json', budget_s=float('inf'), error_tail=500)
+REC.res['items'] = []
 
-def save():
-  json.dump(res, open(os.path.join(OUT, 'prof.json'), 'w'), indent=1)
 
 def case(f):
   return bench_record.mgpu_layer(f, B, T, N, H, INTERP)
@@ -32,7 +29,7 @@ def summarize(tdir):
   files = glob.glob(os.path.join(tdir, '**', '*perfetto*'), recursive=True) + glob.glob(os.path.join(tdir, '**', '*.trace.json.gz'), recursive=True)
   if not files:
     return {'files': os.listdir(tdir)}
-  fn = files[0]
+  fn = max(files, key=os.path.getmtime)  # this trace's (the folder may hold an earlier run's)
   op = gzip.open if fn.endswith('.gz') else open
   tr = json.load(op(fn, 'rt'))
   evs = tr['traceEvents'] if isinstance(tr, dict) else tr
@@ -55,23 +52,14 @@ def summarize(tdir):
 
 def traced(name, fn, args, reps=5):
   def body():
-    jax.block_until_ready(fn(*args)); jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(10 if GPU else 1):
-      t = time.perf_counter(); jax.block_until_ready(fn(*args)); ts.append(time.perf_counter() - t)
+    ms = bench_record.median_ms(fn, args, 10 if GPU else 1)
     tdir = os.path.join('/tmp/prof', name.replace(' ', '_'))
     with jax.profiler.trace(tdir, create_perfetto_trace=True):
       for _ in range(reps):
         jax.block_until_ready(fn(*args))
-    return {'median_ms': 1e3 * float(np.median(ts)), 'reps_in_trace': reps, **summarize(tdir)}
-  t = time.time()
-  try:
-    rec = {'name': name, **body()}
-  except Exception:
-    rec = {'name': name, 'error': traceback.format_exc()[-2000:]}
-  rec['wall_s'] = round(time.time() - t, 1)
-  res['items'].append(rec); save()
-  print(name, rec.get('median_ms'), rec.get('error', '')[-500:], flush=True)
+    return {'median_ms': ms, 'reps_in_trace': reps, **summarize(tdir)}
+  REC.item(name, body)
+
 
 for f in FS:
   scale, fargs, bargs = case(f)
@@ -84,4 +72,4 @@ for f in FS:
     if extra:
       opts = eval('fmb.Options(' + extra + ')')
       traced(f'F{f} mgpu backward {extra}', jax.jit(lambda *a, o=opts: fmb.backward(*a, scale=scale, opts=o, interpret=INTERP)), bargs)
-res['total_s'] = round(time.time() - T0, 1); save()
+REC.done()

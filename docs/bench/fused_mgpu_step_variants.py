@@ -9,38 +9,35 @@ steps (selattn.perf.device_op_times: device time per op). Writes $OUT/step_prof.
   PROF=0 HIDDEN=64 VARIANTS=triton,mgpu-both+wg2,mgpu-both+wg2+fapprox OUT=. PYTHONPATH=$PWD \
     python3 docs/bench/fused_mgpu_step_variants.py
 """
-import json, os, sys, time, traceback
+import os, sys
 sys.path.insert(0, os.getcwd())
-import jax
+import bench_record  # noqa: E402 (docs/bench, the script's folder)
 from selattn import bench
-OUT = os.environ.get('OUT', '.')
+from selattn.model import fused_mgpu as fm
+from selattn.model import fused_mgpu_bwd as fmb
+
 PROF = os.environ.get('PROF', '1') == '1'
 BASE = {'model.num_layers': 4, 'train.steps_per_call': 10, 'train.flat_optimizer': True, 'model.kv_generator': 'mlp',
         'model.dtype': 'float32', 'model.selective_impl': 'fused'}
 VAR = {'triton': {'model.fused_forward': 'triton', 'model.fused_backward': 'merged'},
        'mgpu-both': {'model.fused_forward': 'mgpu', 'model.fused_backward': 'mgpu'}}
-res = []
-from selattn.model import fused_mgpu_bwd as fmb
-from selattn.model import fused_mgpu as fm
-DEF = fmb.backward.__kwdefaults__['opts']
+KEEP = ('ms_per_step', 'ms_per_step_synced_median', 'compile_s', 'final_loss', 'pair_tflops_per_s', 'profile')
+REC = bench_record.Record('step_prof.json', budget_s=float('inf'), error_tail=400)
+REC.res['items'] = []
 for f in [int(x) for x in os.environ.get('HIDDEN', '64').split(',')]:
   for v in os.environ.get('VARIANTS', 'triton,mgpu-both').split(','):
-    t = time.time()
     base, *mods = v.split('+')
     over = {**BASE, 'model.kv_hidden': f, **VAR[base]}
-    bo = dict(warpgroups=2 if 'wg2' in mods else 1, block_q=32 if 'bq32' in mods else 0,
-              block_k=32 if 'bk32' in mods else 0)
-    fmb.backward.__kwdefaults__['opts'] = fmb.Options(**bo)
+    fmb.backward.__kwdefaults__['opts'] = fmb.Options(warpgroups=2 if 'wg2' in mods else 1,
+                                                      block_q=32 if 'bq32' in mods else 0,
+                                                      block_k=32 if 'bk32' in mods else 0)
     fm.forward.__kwdefaults__['opts'] = fm.Options(approx_math='fapprox' in mods, warpgroups=2 if 'fwg2' in mods else 1)
     if 'nogemm' in mods:
       over['train.xla_options'] = 'xla_gpu_enable_triton_gemm=false'
-    try:
+
+    def body(v=v, f=f, over=over):
       r = bench.run_variant(f'{v}-h{f}', over, 1, 30, '', profile_dir='/tmp/sp' if PROF else None)
-      keep = ('ms_per_step', 'ms_per_step_synced_median', 'compile_s', 'final_loss', 'pair_tflops_per_s', 'profile')
-      rec = {'name': f'{v} F{f}', **{k: r[k] for k in keep if k in r}}
-    except Exception:
-      rec = {'name': f'{v} F{f}', 'error': traceback.format_exc()[-2000:]}
-    rec['wall_s'] = round(time.time() - t, 1)
-    res.append(rec)
-    json.dump({'jax': jax.__version__, 'items': res}, open(os.path.join(OUT, 'step_prof.json'), 'w'), indent=1)
-    print(rec['name'], rec.get('ms_per_step'), rec.get('error', '')[-400:], flush=True)
+      return {k: r[k] for k in KEEP if k in r}
+
+    REC.item(f'{v} F{f}', body)
+REC.done()

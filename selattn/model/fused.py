@@ -590,7 +590,6 @@ def unsupported(head_dim: int, blocks: Blocks = Blocks(), num_heads: int | None 
   return None
 
 
-
 def _asked(which: str, asked: dict) -> str:
   name = f'model.fused_{which}={asked[which]}'
   return name if asked[which] == 'mgpu' else f'{name} (the Mosaic GPU kernels)'
