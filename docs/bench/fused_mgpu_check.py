@@ -11,6 +11,8 @@ Recorded on one H200 (jax 0.11.2, 2026-12-01): docs/bench/fused_mgpu_check_h200.
 docs/bench/fused_mgpu_check_h200_log.txt.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +44,7 @@ def inputs(seed, b, t, n, h, f):
 GPU = jax.default_backend() == 'gpu'
 # Off GPU (a smoke test of this script): small shapes, both kernels interpreted.
 B, T, N, H = (16, 299, 2, 32) if GPU else (1, 70, 2, 8)
-FS = (64, 256) if GPU else (40, 100)
+FS = tuple(int(f) for f in os.environ.get('FS', '64,256').split(',')) if GPU else (40, 100)
 INTERPRET = None
 if not GPU:
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
@@ -116,7 +118,9 @@ for F in FS:
 # The variants, most informative first, each at both sizes before the next (the budget may cut the tail).
 # Two warpgroups per program last: interpreted on CPU they sometimes hung (see tests/fused_mgpu_test.py), so they
 # are skipped there, and on a GPU a hang there loses only what comes after (the JSON is written after each item).
-variants = [('approx_math', {'approx_math': True}), ('heads_per_program=1', {'heads_per_program': 1}),
+variants = [('one pass', {'logits_first': False}), ('logits first, warpgroups=1', {'logits_first': True, 'warpgroups': 1}),
+            ('logits first, warpgroups=2', {'logits_first': True, 'warpgroups': 2}),
+            ('approx_math', {'approx_math': True}), ('heads_per_program=1', {'heads_per_program': 1}),
             ('keep_q', {'keep_q': True}), ('keep_u', {'keep_u': True})]
 variants += [(f'block_k={k}', {'block_k': k}) for k in (32, 128, 256)]
 variants += [('warpgroups=2 heads_per_program=1', {'warpgroups': 2, 'heads_per_program': 1}),

@@ -37,10 +37,14 @@ the accurate tanh: ~800 issue cycles; `approx_math` uses tanh.approx), two wgmma
 of tensor core, waited on at once), the logits (~130) and the G update (~130): ~1,300 cycles, serial within a
 program. With 240 programs of <= 64 keys and two per SM (registers), about 64 x 1,300 / 1.8 GHz ~ 45 us a layer
 if two programs hide each other's latency, plus ~10 us of XLA around it, against 370 us for the Triton kernel.
-At kv_hidden 256, G alone is F / 2 = 128 registers a thread per head (64 queries): with both heads the kernel
-lowers but will spill; `heads_per_program=1` halves that at the price of the GELU once per head, and with four
-hidden chunks the GELU is recomputed for the G update anyway. A better split would put hidden chunks on separate
-warpgroups that exchange partial logits ([64] per head and key) through shared memory.
+At kv_hidden 256, G alone is F / 2 = 128 registers a thread per head (64 queries): with both heads the one-pass
+kernel spills (Nsight Compute: 255 registers, docs/bench/fused_mgpu_ncu_f256_h200.txt) and took 1.89 ms a layer.
+Hence "logits first" (`Options.logits_first`, the default with several hidden chunks): pass 1 over the keys
+computes the logits into shared memory and the softmax's (m, l); pass 2 takes one hidden chunk at a time (the two
+warpgroups take alternate chunks), its G over all keys with p = exp(s - m) final, no rescaling. The GELU is
+computed twice, G needs 32 registers a thread per head: 0.59 ms a layer at kv_hidden 256 on one H200, and a
+training step at the original config 13.46 ms against 17.03 (docs/bench/fused_mgpu_check_lf_h200.json,
+docs/bench/fused_mgpu_step_lf_h200.json).
 
 Precision: the key layer's operands are bfloat16 (g and W2k rounded, products exact, float32 accumulation); h, the
 GELU, the softmax and G are float32. `transcription` computes the same formulation in plain jnp (with
@@ -50,6 +54,7 @@ GELU, the softmax and G are float32. `transcription` computes the same formulati
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -84,11 +89,18 @@ class Options:
   # Heads per program (0 = all): fewer = more programs and fewer registers for G (N F / 2 a thread for 64
   # queries), the GELU recomputed once per head group.
   heads_per_program: int = 0
-  # Warpgroups per program (1 or 2): each takes every other key of the block for the same 64 queries, sharing the
-  # program's shared-memory inputs (two warpgroups per SM where one program's buffers fill shared memory, as at
-  # kv_hidden 256); their partial results are combined outside like the key blocks'. Suspect: interpreted on CPU
-  # it matched in most runs but hung in some (not understood).
-  warpgroups: int = 1
+  # Warpgroups per program (1 or 2; 0 = two where the logits come first and the kernel runs compiled, else one).
+  # One pass: each takes every other key of the block for the same 64 queries, sharing the program's shared-memory
+  # inputs; their partial results are combined outside like the key blocks'. Logits first: they take turns over
+  # the keys for the logits, then over the hidden chunks for G. Suspect interpreted: on CPU two matched in most
+  # runs but hung in some (not understood), so interpreted runs take one.
+  warpgroups: int = 0
+  # Logits first (None = where kv_hidden > 64, several hidden chunks): a first pass over the keys computes the
+  # logits (kept in shared memory) and the softmax's max and sum; a second takes one hidden chunk at a time, its
+  # G accumulators (64 x 64 per head) over all keys with p = exp(s - m) final, so no rescaling. The GELU is
+  # computed twice, but G no longer needs F / 2 registers a thread per head: at kv_hidden 256 the one-pass
+  # kernel holds 256 (both heads) and spills.
+  logits_first: bool | None = None
 
 
 def _gelu(h):
@@ -116,6 +128,7 @@ class _Dims:
   kb: int  # keys per program
   hp: int  # heads per program
   wgs: int  # warpgroups per program
+  lf: bool = False  # logits first (Options.logits_first)
 
   @property
   def hd(self):  # per-head width, both RoPE halves: 2 H2
@@ -134,7 +147,7 @@ class _Dims:
     return self.fp // FC
 
 
-def _dims(q, w, opts: Options) -> _Dims:
+def _dims(q, w, opts: Options, interpret: bool = False) -> _Dims:
   b, t, n, _, h2 = q.shape
   s, f = w.shape[1], w.shape[2]
   kb, hp = opts.block_k, opts.heads_per_program or n
@@ -142,12 +155,15 @@ def _dims(q, w, opts: Options) -> _Dims:
     raise ValueError(f'block_k={kb} is not a multiple of 32')
   if n % hp:
     raise ValueError(f'heads_per_program={hp} does not divide the {n} heads')
-  if opts.warpgroups not in (1, 2):
+  if opts.warpgroups not in (0, 1, 2):
     raise ValueError(f'warpgroups={opts.warpgroups} is not 1 or 2')
+  fp = _round_up(f, FC)
+  lf = fp > FC if opts.logits_first is None else opts.logits_first
+  wgs = opts.warpgroups or (2 if lf and not interpret else 1)
 
   def dims(kb):
-    return _Dims(b=b, t_in=t, s_in=s, f_in=f, n=n, h2=h2, tq=_round_up(t, BQ), sk=_round_up(s, kb),
-                 fp=_round_up(f, FC), kb=kb, hp=hp, wgs=opts.warpgroups)
+    return _Dims(b=b, t_in=t, s_in=s, f_in=f, n=n, h2=h2, tq=_round_up(t, BQ), sk=_round_up(s, kb), fp=fp, kb=kb,
+                 hp=hp, wgs=wgs, lf=lf)
 
   if kb:
     return dims(kb)
@@ -254,9 +270,12 @@ def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: 
 
 def _smem_bytes(d: _Dims) -> int:
   f32 = 4
-  return (BQ * 2 * d.hp * d.hd * f32 + BQ * d.fp * f32 + d.kb * d.fp * f32 + d.fp * d.hp * d.hd * 2
+  base = (BQ * 2 * d.hp * d.hd * f32 + BQ * d.fp * f32 + d.kb * d.fp * f32 + d.fp * d.hp * d.hd * 2
           + 2 * d.kb * d.hd * f32 + d.hp * d.hd * f32 + (d.kb + BQ) * 4 + _round_up(d.n_q * d.n_kb, 32) * 4
-          + 2 * d.hp * BQ * f32 + (d.wgs * (BQ * FC + 2 * d.hp * BQ) * f32 if d.wgs > 1 else 0))
+          + 2 * d.hp * BQ * f32)
+  if d.lf:  # the logits, (m, l) exchanged between warpgroups
+    return base + (d.hp * d.kb * BQ + d.wgs * 2 * d.hp * BQ) * f32
+  return base + (d.wgs * (BQ * FC + 2 * d.hp * BQ) * f32 if d.wgs > 1 else 0)
 
 
 def interpreter():
@@ -299,7 +318,7 @@ def cannot_run(act: str, interpret: bool, q, w, opts: Options = Options()) -> st
     cc = str(getattr(dev, 'compute_capability', ''))
     if dev.platform != 'gpu' or cc.split('.')[0] != '9':  # wgmma is Hopper's (sm_90a) alone
       return f'{dev.device_kind} is not a Hopper GPU (compute capability {cc or "none"}; wgmma needs 9.x)'
-  return unsupported(_dims(q, w, opts))
+  return unsupported(_dims(q, w, opts, interpret))
 
 
 def unsupported(d: _Dims) -> str | None:
@@ -333,7 +352,7 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
   from jax.experimental import pallas as pl  # noqa: PLC0415 (GPU-only module, imported on use)
   from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 
-  d = _dims(q, w, opts)
+  d = _dims(q, w, opts, interpret is not None)
   if opts.precision != 'bf16':
     raise ValueError(f'the kernel computes the key layer in bf16 only, not {opts.precision!r}')
   if (why := unsupported(d)) is not None:
@@ -343,7 +362,7 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
   groups = n // hp
   # B operand: [chunk, head, 64 hidden, 2 Hd] in bfloat16, tiled and swizzled for wgmma.
   w2b = w2.reshape(nc, FC, n, hd).transpose(0, 2, 1, 3).astype(jnp.bfloat16)
-  live = jnp.repeat((counts > 0).T, wgs, axis=0)  # [splits, query tiles]: programs that wrote their partials
+  live = jnp.repeat((counts > 0).T, 1 if d.lf else wgs, axis=0)  # [splits, query tiles]: which wrote partials
   counts = _pad(counts.reshape(-1), 0, _round_up(d.n_q * d.n_kb, 32))  # TMA copies of whole 128-byte lines
   n_kb = d.n_kb
   wg = plgpu.Layout.WGMMA
@@ -366,12 +385,13 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
              a_s, u_s, w_s, w2_s, b2_s, c_s, s_s, qpos_s, kpos_s, cnt_s, ml_s, bars, *more):
     z, qi, bi = jax.lax.axis_index('z'), jax.lax.axis_index('q'), jax.lax.axis_index('b')
     wgi = jax.lax.axis_index('wg') if wgs > 1 else 0
-    ga_s = more[-1:] if interpret is not None else ()  # A in shared memory (interpreted only)
+    extra = dict(zip(extra_names, more))
     kbi, gi = z // groups, z % groups  # key block, head group
     rows = pl.ds(qi * BQ, BQ)
     keys = pl.ds(kbi * kb, kb)
     heads = pl.ds(gi * hp, hp)
-    copies = [(a_g.at[bi, rows, pl.ds(gi * hp * 2 * hd, hp * 2 * hd)], a_s), (u_g.at[bi, rows], u_s),
+    copies = [(a_g.at[bi, rows, pl.ds(gi * hp * 2 * hd, hp * 2 * hd)], a_s),
+              *((u_g.at[bi, rows, pl.ds(ci * FC, FC)], u_s.at[ci]) for ci in range(nc)),  # u chunk-major
               (w_g.at[bi, keys], w_s), (w2_g.at[:, heads], w2_s), (b2_g.at[heads], b2_s), (c_g.at[keys], c_s),
               (s_g.at[keys], s_s), (qpos_g.at[rows], qpos_s), (kpos_g.at[keys], kpos_s)]
 
@@ -389,17 +409,15 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
 
       kept_q = queries() if opts.keep_q else None
 
-      u_regs = [load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg) for ci in range(nc)] if opts.keep_u else None
+      u_regs = [load(u_s.at[ci], (), wg) for ci in range(nc)] if opts.keep_u else None
 
       def hidden(j, ci):
-        uc = u_regs[ci] if u_regs else load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg)
+        uc = u_regs[ci] if u_regs else load(u_s.at[ci], (), wg)
         wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
         return _gelu(uc + jax.lax.broadcast_in_dim(wc, (BQ, FC), (1,)))
 
-      def key_step(i, carry):
-        m, l, gs = carry
-        j = i * wgs + wgi  # warpgroups take turns over the keys
-
+      def key_logits(j):
+        """Per head: this key's logits (masked), and whether the key is visible to each row; and g when one chunk."""
         def keys_of(acc_refs):
           cached = None
           for ci in range(nc):
@@ -407,8 +425,8 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
             cached = g if nc == 1 else None
             gb = g.astype(jnp.bfloat16)
             if interpret is not None:  # the interpreter's wgmma reads A from shared memory only
-              ga_s[0].at[wgi][...] = gb
-              gb = ga_s[0].at[wgi]
+              extra['ga'].at[wgi][...] = gb
+              gb = extra['ga'].at[wgi]
             for h in range(hp):
               plgpu.wgmma(acc_refs[h], gb, w2_s.at[ci, h])
           return [r[...] for r in acc_refs], cached
@@ -418,17 +436,28 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
         sj = jax.lax.broadcast_in_dim(load(s_s.at[j], (), col), (BQ, hd), (1,))
         visible = qpos_v >= kpos_s[j]
         a_heads, a_swapped = kept_q or queries()
-        bias = [load(b2_s.at[h], (), col) for h in range(hp)]
+        logits = []
+        for h in range(hp):
+          k = kv[h] + jax.lax.broadcast_in_dim(load(b2_s.at[h], (), col), (BQ, hd), (1,))
+          qr = a_heads[h] * cj + a_swapped[h] * sj  # R_j^T R_i q_i
+          logits.append(jnp.where(visible, jnp.sum(qr * k, axis=1) * scale, _MASKED))
+        return logits, visible, cached
+
+      def softmax_step(m, l, logits, visible):
         m_new, l_new, p, corr = [], [], [], []
         for h in range(hp):
-          k = kv[h] + jax.lax.broadcast_in_dim(bias[h], (BQ, hd), (1,))
-          qr = a_heads[h] * cj + a_swapped[h] * sj  # R_j^T R_i q_i
-          logit = jnp.where(visible, jnp.sum(qr * k, axis=1) * scale, _MASKED)
-          mn = jnp.maximum(m[h], logit)
+          mn = jnp.maximum(m[h], logits[h])
           corr.append(jnp.exp(m[h] - mn))
-          p.append(jnp.where(visible, jnp.exp(logit - mn), 0.0))
+          p.append(jnp.where(visible, jnp.exp(logits[h] - mn), 0.0))
           l_new.append(l[h] * corr[h] + p[h])
           m_new.append(mn)
+        return m_new, l_new, p, corr
+
+      def key_step(i, carry):
+        m, l, gs = carry
+        j = i * wgs + wgi  # warpgroups take turns over the keys
+        logits, visible, cached = key_logits(j)
+        m_new, l_new, p, corr = softmax_step(m, l, logits, visible)
         new_gs = list(gs)  # G of head h, chunk ci at h * nc + ci
         for ci in range(nc):
           g = cached if nc == 1 else hidden(j, ci)
@@ -438,14 +467,84 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
             new_gs[h * nc + ci] = gs[h * nc + ci] * cb + pb * g
         return tuple(m_new), tuple(l_new), tuple(new_gs)
 
-      init = (tuple(cast(jnp.full((BQ,), _MASKED, jnp.float32), row) for _ in range(hp)),
-              tuple(cast(jnp.zeros((BQ,), jnp.float32), row) for _ in range(hp)),
-              tuple(cast(jnp.zeros((BQ, FC), jnp.float32), wg) for _ in range(hp * nc)))
-      m, l, gs = jax.lax.fori_loop(0, jnp.maximum(count - wgi + wgs - 1, 0) // wgs, key_step, init)
+      def logits_first(my_keys, m_init, l_init):
+        """Pass 1 (warpgroups take turns over the keys): logits into shared memory, the softmax's (m, l); pass 2
+        (warpgroups take turns over the hidden chunks): G of a chunk over all keys, p = exp(s - m) with m final."""
+        lg_s = extra['lg']
+
+        def logit_step(i, carry):
+          m, l = carry
+          j = i * wgs + wgi
+          logits, visible, _ = key_logits(j)
+          m_new, l_new, _, _ = softmax_step(m, l, logits, visible)
+          for h in range(hp):
+            lg_s.at[h, j][...] = logits[h]
+          return tuple(m_new), tuple(l_new)
+
+        m, l = jax.lax.fori_loop(0, my_keys, logit_step, (m_init, l_init))
+        if wgs > 1:  # every warpgroup's (m, l) to all; the barrier also publishes the logits
+          xml_s = extra['xml']
+          for h in range(hp):
+            xml_s.at[wgi, 0, h][...] = m[h]
+            xml_s.at[wgi, 1, h][...] = l[h]
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(extra['done'])
+          plgpu.barrier_wait(extra['done'])
+          ms = [[load(xml_s.at[v, 0, h], (), row) for h in range(hp)] for v in range(wgs)]
+          ls = [[load(xml_s.at[v, 1, h], (), row) for h in range(hp)] for v in range(wgs)]
+          m = [functools.reduce(jnp.maximum, [ms[v][h] for v in range(wgs)]) for h in range(hp)]
+          l = [sum(ls[v][h] * jnp.exp(ms[v][h] - m[h]) for v in range(wgs)) for h in range(hp)]
+        def chunk(ci):
+          uc = load(u_s.at[ci], (), wg)  # held across the keys
+
+          def g_step(j, gs):
+            wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
+            g = _gelu(uc + jax.lax.broadcast_in_dim(wc, (BQ, FC), (1,)))
+            visible = qpos_v >= kpos_s[j]
+            new = []
+            for h in range(hp):
+              p = jnp.where(visible, jnp.exp(load(lg_s.at[h, j], (), row) - m[h]), 0.0)
+              new.append(gs[h] + jax.lax.broadcast_in_dim(p, (BQ, FC), (0,)) * g)
+            return tuple(new)
+
+          zeros = tuple(cast(jnp.zeros((BQ, FC), jnp.float32), wg) for _ in range(hp))
+          gs = jax.lax.fori_loop(0, count, g_step, zeros)
+          st_w = u_s.at[ci]  # out through u's chunk: only this warpgroup reads it now
+          for h in range(hp):
+            st_w[...] = gs[h]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(st_w, g_out.at[bi, kbi, rows, pl.ds((gi * hp + h) * fp + ci * FC, FC)])
+            plgpu.wait_smem_to_gmem(0)
+
+        def out_ml():
+          for h in range(hp):
+            ml_s[0, h] = m[h]
+            ml_s[1, h] = l[h]
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(ml_s.at[0], m_out.at[bi, kbi, heads, rows])
+          plgpu.copy_smem_to_gmem(ml_s.at[1], l_out.at[bi, kbi, heads, rows])
+          plgpu.wait_smem_to_gmem(0)
+
+        for v in range(wgs):  # static chunk indices per warpgroup
+          def mine(v=v):
+            for ci in range(v, nc, wgs):
+              chunk(ci)
+            if v == 0:
+              out_ml()
+          pl.when(wgi == v)(mine) if wgs > 1 else mine()
+
+      m_init = tuple(cast(jnp.full((BQ,), _MASKED, jnp.float32), row) for _ in range(hp))
+      l_init = tuple(cast(jnp.zeros((BQ,), jnp.float32), row) for _ in range(hp))
+      my_keys = jnp.maximum(count - wgi + wgs - 1, 0) // wgs
       split = kbi * wgs + wgi
+      if d.lf:
+        logits_first(my_keys, m_init, l_init)
+        return
+      init = (m_init, l_init, tuple(cast(jnp.zeros((BQ, FC), jnp.float32), wg) for _ in range(hp * nc)))
+      m, l, gs = jax.lax.fori_loop(0, my_keys, key_step, init)
 
       if wgs > 1:  # out through this warpgroup's own buffers, a chunk at a time (the other may still read u)
-        st_s, mlw_s = more[0].at[wgi], more[1].at[wgi]
+        st_s, mlw_s = extra['st'].at[wgi], extra['mlw'].at[wgi]
         for h in range(hp):
           for ci in range(nc):
             st_s[...] = gs[h * nc + ci]
@@ -463,11 +562,12 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
       # Out through shared memory: G per head in u's buffer (u is no longer read), m and l in ml_s.
       for h in range(hp):
         for ci in range(nc):
-          u_s[:, pl.ds(ci * FC, FC)] = gs[h * nc + ci]
+          u_s[ci] = gs[h * nc + ci]
         ml_s[0, h] = m[h]
         ml_s[1, h] = l[h]
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(u_s, g_out.at[bi, split, rows, pl.ds((gi * hp + h) * fp, fp)])
+        for ci in range(nc):
+          plgpu.copy_smem_to_gmem(u_s.at[ci], g_out.at[bi, split, rows, pl.ds((gi * hp + h) * fp + ci * FC, FC)])
         plgpu.wait_smem_to_gmem(0)
       plgpu.copy_smem_to_gmem(ml_s.at[0], m_out.at[bi, split, heads, rows])
       plgpu.copy_smem_to_gmem(ml_s.at[1], l_out.at[bi, split, heads, rows])
@@ -477,17 +577,25 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
 
   f32 = jnp.float32
   scratch = [
-      plgpu.SMEM((BQ, 2 * hp * hd), f32, transforms=f_transforms), plgpu.SMEM((BQ, fp), f32, transforms=f_transforms),
+      plgpu.SMEM((BQ, 2 * hp * hd), f32, transforms=f_transforms),
+      plgpu.SMEM((nc, BQ, FC), f32, transforms=f_transforms),
       plgpu.SMEM((kb, fp), f32),
       plgpu.SMEM((nc, hp, FC, hd), jnp.bfloat16, transforms=b_transforms), plgpu.SMEM((hp, hd), f32),
       plgpu.SMEM((kb, hd), f32), plgpu.SMEM((kb, hd), f32), plgpu.SMEM((BQ,), jnp.int32),
       plgpu.SMEM((kb,), jnp.int32), plgpu.SMEM(counts.shape, jnp.int32), plgpu.SMEM((2, hp, BQ), f32),
-      plgpu.Barrier(num_barriers=10)]
-  if wgs > 1:
-    scratch += [plgpu.SMEM((wgs, BQ, FC), f32, transforms=f_transforms), plgpu.SMEM((wgs, 2, hp, BQ), f32)]
-  if interpret is not None:
-    scratch.append(plgpu.SMEM((wgs, BQ, FC), jnp.bfloat16, transforms=b_transforms))
-  splits = n_kb * wgs
+      plgpu.Barrier(num_barriers=9 + nc)]
+  extras = {}  # more scratch, by name
+  if d.lf:
+    extras.update(lg=plgpu.SMEM((hp, kb, BQ), f32))
+    if wgs > 1:
+      extras.update(xml=plgpu.SMEM((wgs, 2, hp, BQ), f32), done=plgpu.Barrier(num_arrivals=wgs))
+  elif wgs > 1:
+    extras.update(st=plgpu.SMEM((wgs, BQ, FC), f32, transforms=f_transforms), mlw=plgpu.SMEM((wgs, 2, hp, BQ), f32))
+  if interpret is not None:  # A in shared memory (interpreted only)
+    extras.update(ga=plgpu.SMEM((wgs, BQ, FC), jnp.bfloat16, transforms=b_transforms))
+  extra_names = list(extras)
+  scratch += list(extras.values())
+  splits = n_kb * (1 if d.lf else wgs)
   out_type = [jax.ShapeDtypeStruct((d.b, splits, d.tq, n * fp), f32),
               jax.ShapeDtypeStruct((d.b, splits, n, d.tq), f32), jax.ShapeDtypeStruct((d.b, splits, n, d.tq), f32)]
   threads = dict(num_threads=wgs, thread_name='wg') if wgs > 1 else {}
