@@ -1,9 +1,11 @@
 """GPU: training steps (selattn.bench.run_variant, 30 steps) at the original config with the mlp generator, by
 kernel variant: triton (the Triton forward and merged backward) and mgpu-both (both Mosaic GPU kernels), the
-latter with `+`-joined modifiers: wg2 / bq32 / bk32 (the backward's warpgroups=2, block_q=32, block_k=32), fapprox
+latter with `+`-joined modifiers: wg2 / bq32 / bk32 / blf (the backward's warpgroups=2, block_q=32, block_k=32,
+logits_first), fapprox
 / fwg2 / flf (the forward's approx_math, warpgroups=2, logits_first), nogemm
 (train.xla_options=xla_gpu_enable_triton_gemm=false). Every modifier not named is set to its off value
-(warpgroups=1, approx_math=False and logits_first=False in the forward), whatever the Options defaults are. HIDDEN (kv_hidden values), VARIANTS (comma-separated), PROF=1 (default) also traces the
+(warpgroups=1, approx_math=False and logits_first=False in the forward; logits_first=False in the backward),
+whatever the Options defaults are. HIDDEN (kv_hidden values), VARIANTS (comma-separated), PROF=1 (default) also traces the
 steps (selattn.perf.device_op_times: device time per op). Writes $OUT/step_prof.json after each variant.
 
   PROF=0 HIDDEN=64 VARIANTS=triton,mgpu-both+wg2,mgpu-both+wg2+fapprox OUT=. PYTHONPATH=$PWD \
@@ -30,7 +32,8 @@ for f in [int(x) for x in os.environ.get('HIDDEN', '64').split(',')]:
     over = {**BASE, 'model.kv_hidden': f, **VAR[base]}
     fmb.backward.__kwdefaults__['opts'] = fmb.Options(warpgroups=2 if 'wg2' in mods else 1,
                                                       block_q=32 if 'bq32' in mods else 0,
-                                                      block_k=32 if 'bk32' in mods else 0)
+                                                      block_k=32 if 'bk32' in mods else 0,
+                                                      logits_first='blf' in mods)
     fm.forward.__kwdefaults__['opts'] = fm.Options(approx_math='fapprox' in mods, warpgroups=2 if 'fwg2' in mods else 1,
                                                    logits_first='flf' in mods)
     if 'nogemm' in mods:

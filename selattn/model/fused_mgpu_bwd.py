@@ -35,6 +35,7 @@ against 9.5 and 31.1 (docs/bench/mlp_mgpu2_h200.json). docs/bench/fused_mgpu_bwd
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +116,7 @@ class _Dims:
   hq: int  # query kernel: heads per program
   hk: int  # key kernel: heads per program
   wgs: int = 1  # warpgroups per program (both kernels)
+  lq: bool = False  # query kernel: logits first (Options.logits_first)
 
   @property
   def hd(self):
@@ -125,16 +127,18 @@ class _Dims:
     return self.fp // FC
 
 
-def _q_smem(d: _Dims, kb: int, hp: int, t: int, s: int) -> int:
+def _q_smem(d: _Dims, kb: int, hp: int, t: int, s: int, lf: bool = False) -> int:
+  """Logits first: p and ds of every key in place of dg's own copy of W2k (read transposed from K's)."""
   f32, hd, fp = 4, d.hd, d.fp
-  return (BQ * 2 * hp * hd * f32 + BQ * fp * f32 + kb * fp * f32 + 2 * fp * hp * hd * 2 + hp * hd * f32
-          + 2 * kb * hd * f32 + (kb + BQ) * 4 + 2 * hp * BQ * f32 + BQ * hp * fp * f32
-          + _round_up(-(-t // BQ) * -(-s // kb), 32) * 4)
+  return (BQ * 2 * hp * hd * f32 + BQ * fp * f32 + kb * fp * f32 + (1 if lf else 2) * fp * hp * hd * 2
+          + hp * hd * f32 + 2 * kb * hd * f32 + (kb + BQ) * 4 + 2 * hp * BQ * f32 + BQ * hp * fp * f32
+          + _round_up(-(-t // BQ) * -(-s // kb), 32) * 4 + (2 * hp * kb * BQ * f32 if lf else 0))
 
 
-def _k_smem(d: _Dims, qb: int, hp: int, t: int, s: int, wgs: int = 1) -> int:
+def _k_smem(d: _Dims, qb: int, hp: int, t: int, s: int, wgs: int = 1, lf: bool = False) -> int:
   f32, hd, fp = 4, d.hd, d.fp
-  return (qb * 2 * hp * hd * f32 + qb * fp * f32 + BK * fp * f32 + 2 * fp * hp * hd * 2 + hp * hd * f32
+  return (qb * 2 * hp * hd * f32 + qb * fp * f32 + BK * fp * f32 + (1 if lf else 2) * fp * hp * hd * 2
+          + hp * hd * f32 + (2 * hp * qb * BK * f32 if lf else 0)
           + 2 * BK * hd * f32 + (BK + qb) * 4 + 2 * hp * qb * f32 + qb * hp * fp * f32
           + _round_up(2 * -(-t // qb) * -(-s // BK), 32) * 4
           + wgs * ((BK * FC + hp * BK * hd) * 2) + BK * hd * f32)  # per warpgroup: g and dK in bfloat16
@@ -162,6 +166,10 @@ class Options:
   # kv_hidden <= 64 (one hidden chunk): GELU'(h) kept in registers from the logits' pass to dg's instead of h and
   # the GELU recomputed there.
   keep_hidden: bool = True
+  # Query kernel, None = with several hidden chunks (kv_hidden > 64): pass 1 over the keys computes p and ds
+  # (into shared memory) and A1, A2; pass 2 takes one hidden chunk at a time (warpgroups on alternate chunks), its
+  # du over all keys: 32 registers a thread for du instead of F / 2, which spills at kv_hidden 256.
+  logits_first: bool | None = None
 
 
 def _dims(q, w, opts: Options = Options()) -> _Dims | str:
@@ -184,14 +192,15 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
   heads = (opts.heads_per_program,) if opts.heads_per_program else (n, 1)
   kbs = (opts.block_k,) if opts.block_k else (64, 32)
   qbs = (opts.block_q,) if opts.block_q else (64, 32)
-  q_fit = [(kb, hp) for hp in heads for kb in kbs if _q_smem(probe, kb, hp, t, s) <= SMEM_BYTES]
-  k_fit = [(qb, hp) for hp in heads for qb in qbs if _k_smem(probe, qb, hp, t, s, wgs) <= SMEM_BYTES]
+  lq = fp > FC if opts.logits_first is None else opts.logits_first
+  q_fit = [(kb, hp) for hp in heads for kb in kbs if _q_smem(probe, kb, hp, t, s, lq) <= SMEM_BYTES]
+  k_fit = [(qb, hp) for hp in heads for qb in qbs if _k_smem(probe, qb, hp, t, s, wgs, lq) <= SMEM_BYTES]
   if not q_fit or not k_fit:
-    need = max(_q_smem(probe, kbs[-1], heads[-1], t, s), _k_smem(probe, qbs[-1], heads[-1], t, s, wgs))
+    need = max(_q_smem(probe, kbs[-1], heads[-1], t, s, lq), _k_smem(probe, qbs[-1], heads[-1], t, s, wgs, lq))
     return f'the backward needs {need} bytes of shared memory (> {SMEM_BYTES})'
   (kb, hq), (qb, hk) = q_fit[0], k_fit[0]
   return _Dims(tq=_round_up(t, max(BQ, qb)), sk=_round_up(s, max(BK, kb)), kb=kb, qb=qb, hq=hq, hk=hk, wgs=wgs,
-               **base)
+               lq=lq, **base)
 
 
 def cannot_run(act: str, interpret: bool, q, w) -> str | None:
@@ -317,13 +326,14 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
 
   def q_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, cnt_g, lse_g, dl_g, dgo_g,
                du_out, da_out,
-               a_s, u_s, w_s, w2b_s, w2t_s, b2_s, c_s, s_s, qp_s, kp_s, cnt_s, lse_s, dl_s, dgo_s, bars, done, turn,
-               *more):
+               a_s, u_s, w_s, w2b_s, b2_s, c_s, s_s, qp_s, kp_s, cnt_s, lse_s, dl_s, dgo_s, bars, done, turn, *more):
+    extra = dict(zip(q_extras, more))
+    w2t_s, pd_s, mid = extra.get('w2t'), extra.get('pd'), extra.get('mid')
     z, qi, bi = jax.lax.axis_index('z'), jax.lax.axis_index('q'), jax.lax.axis_index('b')
     wgi = jax.lax.axis_index('wg') if wgs > 1 else 0
     kbi, gi = z // gq, z % gq
     rows, keys, heads = pl.ds(qi * BQ, BQ), pl.ds(kbi * kb, kb), pl.ds(gi * hq, hq)
-    copies = [(u_g.at[bi, rows], u_s),
+    copies = [*((u_g.at[bi, rows, pl.ds(ci * FC, FC)], u_s.at[ci]) for ci in range(nc)),  # u chunk-major
               (w_g.at[bi, keys], w_s), (b2_g.at[heads], b2_s), (c_g.at[keys], c_s), (s_g.at[keys], s_s),
               (qp_g.at[rows], qp_s),
               (kp_g.at[keys], kp_s), (lse_g.at[bi, heads, rows], lse_s),
@@ -332,7 +342,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     copies += [(a_g.at[bi, gi * hq + h, rows], a_s.at[h]) for h in range(hq)]
     copies += [(dgo_g.at[bi, gi * hq + h, rows], dgo_s.at[h]) for h in range(hq)]
     copies += [(w2b_g.at[ci, gi * hq + h], w2b_s.at[ci, h]) for ci in range(nc) for h in range(hq)]
-    copies += [(w2t_g.at[ci, gi * hq + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hq)]
+    if w2t_s is not None:
+      copies += [(w2t_g.at[ci, gi * hq + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hq)]
 
     fm.copy_in([(cnt_g, cnt_s)], bars, wgi, wgs, first=len(copies))
     count = cnt_s[qi * n_kb + kbi]
@@ -340,18 +351,21 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     def live():  # the rest: only where this program has pairs to visit (else its partial outputs are
       # masked outside)
       fm.copy_in(copies, bars, wgi, wgs)
-      ga_s, dka_s = (more[0].at[wgi], more[1].at[wgi]) if interp else (None, None)
+      ga_s, dka_s = (extra['ga'].at[wgi], extra['dka'].at[wgi]) if interp else (None, None)
       qp_v = load(qp_s, (), row)
       lse_v = [load(lse_s.at[h], (), row) for h in range(hq)]
       dl_v = [load(dl_s.at[h], (), row) for h in range(hq)]
 
-      def hidden(j, ci):
-        uc = load(u_s, (slice(None), pl.ds(ci * FC, FC)), wg)
+      def hidden(j, ci, uc=None):
+        uc = load(u_s.at[ci], (), wg) if uc is None else uc
         wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
         return _gelu_both(uc + bcast_col(wc, BQ, FC))  # (g, gelu'); an unused one is dead code
 
       def dgo_chunk(h, ci):
         return load(dgo_s.at[h], (slice(None), pl.ds(ci * FC, FC)), wg)
+
+      def w2_t(ci, h):  # dg's B: W2k^T (compiled: K's B read transposed)
+        return w2t_s.at[ci, h] if w2t_s is not None else plgpu.transpose_ref(w2b_s.at[ci, h], (1, 0))
 
       def key_step(it, carry):
         du, a1, a2 = carry
@@ -387,26 +401,102 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
           gd = kept if keep else hidden(j, ci)[1]
           dg = jnp.zeros((BQ, FC), f32)
           for h in range(hq):
-            dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2t_s.at[ci, h], (BQ, FC))
+            dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2_t(ci, h), (BQ, FC))
             dg = dg + bcast_row(p[h], FC) * dgo_chunk(h, ci)
           new_du[ci] = du[ci] + dg * gd
         return tuple(new_du), tuple(new_a1), tuple(new_a2)
 
+      def query(h, cj, sj):  # R_j^T R_i q_i of head h: [64, Hd]
+        return (load(a_s.at[h], (slice(None), pl.ds(0, hd)), wg) * cj
+                + load(a_s.at[h], (slice(None), pl.ds(hd, hd)), wg) * sj)
+
+      def logits_first(my_keys):
+        """Pass 1 (warpgroups take turns over the keys): p and ds of each key into shared memory, A1 and A2; pass 2
+        (warpgroups take turns over the hidden chunks): du of a chunk over all keys."""
+        def logit_step(it, carry):
+          a1, a2 = carry
+          j = it * wgs + wgi
+          kv = [jnp.zeros((BQ, hd), f32) for _ in range(hq)]
+          dp = [jnp.zeros((BQ,), f32) for _ in range(hq)]
+          for ci in range(nc):
+            g = hidden(j, ci)[0]
+            gb = g.astype(jnp.bfloat16)
+            for h in range(hq):
+              kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BQ, hd))
+              dp[h] = dp[h] + jnp.sum(g * dgo_chunk(h, ci), axis=1)
+          cj = bcast_col(load(c_s.at[j], (), col), BQ, hd)
+          sj = bcast_col(load(s_s.at[j], (), col), BQ, hd)
+          visible = qp_v >= kp_s[j]
+          new_a1, new_a2 = list(a1), list(a2)
+          for h in range(hq):
+            k = kv[h] + bcast_col(load(b2_s.at[h], (), col), BQ, hd)
+            qr = query(h, cj, sj)
+            ph = jnp.where(visible, jnp.exp(jnp.sum(qr * k, axis=1) * scale - lse_v[h]), 0.0)
+            dsv = ph * (dp[h] - dl_v[h]) * scale  # scale ds
+            pd_s.at[0, h, j][...] = ph
+            pd_s.at[1, h, j][...] = dsv
+            dsc = bcast_row(dsv, hd)
+            new_a1[h] = a1[h] + dsc * (cj * k)
+            new_a2[h] = a2[h] + dsc * (sj * k)
+          return tuple(new_a1), tuple(new_a2)
+
+        a1, a2 = jax.lax.fori_loop(0, my_keys, logit_step, (tuple(zeros(hd) for _ in range(hq)),
+                                                             tuple(zeros(hd) for _ in range(hq))))
+        if wgs > 1:  # every warpgroup's p and ds to all
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(mid)
+          plgpu.barrier_wait(mid)
+
+        def chunk(ci):
+          uc = load(u_s.at[ci], (), wg)  # held across the keys, as dG's chunk
+          dgo_c = [dgo_chunk(h, ci) for h in range(hq)]
+
+          def du_step(j, du):
+            gd = hidden(j, ci, uc)[1]
+            cj = bcast_col(load(c_s.at[j], (), col), BQ, hd)
+            sj = bcast_col(load(s_s.at[j], (), col), BQ, hd)
+            dg = jnp.zeros((BQ, FC), f32)
+            for h in range(hq):
+              ph = load(pd_s.at[0, h, j], (), row)
+              dk = bcast_row(load(pd_s.at[1, h, j], (), row), hd) * query(h, cj, sj)
+              dg = dg + mm(dk.astype(jnp.bfloat16), dka_s, w2_t(ci, h), (BQ, FC))
+              dg = dg + bcast_row(ph, FC) * dgo_c[h]
+            return du + dg * gd
+
+          du = jax.lax.fori_loop(0, count, du_step, zeros(FC))
+          u_s[ci] = du  # out through u's chunk: only this warpgroup reads it now
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(u_s.at[ci], du_out.at[bi, z, rows, pl.ds(ci * FC, FC)])
+          plgpu.wait_smem_to_gmem(0)
+
+        for v in range(wgs):  # static chunk indices per warpgroup
+          def mine(v=v):
+            for ci in range(v, nc, wgs):
+              chunk(ci)
+          pl.when(wgi == v)(mine) if wgs > 1 else mine()
+        return a1, a2
+
       zeros = lambda cols: cast(jnp.zeros((BQ, cols), f32), wg)  # noqa: E731
-      init = (tuple(zeros(FC) for _ in range(nc)), tuple(zeros(hd) for _ in range(hq)),
-              tuple(zeros(hd) for _ in range(hq)))
-      du, a1, a2 = jax.lax.fori_loop(0, jnp.maximum(count - wgi + wgs - 1, 0) // wgs, key_step, init)
+      my_keys = jnp.maximum(count - wgi + wgs - 1, 0) // wgs
+      if d.lq:
+        a1, a2 = logits_first(my_keys)
+      else:
+        init = (tuple(zeros(FC) for _ in range(nc)), tuple(zeros(hd) for _ in range(hq)),
+                tuple(zeros(hd) for _ in range(hq)))
+        du, a1, a2 = jax.lax.fori_loop(0, my_keys, key_step, init)
 
       def out():
-        # Out through shared memory: du in u's buffer, A1 and A2 in a's (both no longer read).
-        split = z * wgs + wgi
-        for ci in range(nc):
-          u_s[:, pl.ds(ci * FC, FC)] = du[ci]
+        # Out through shared memory no warpgroup reads any more: du (one pass) in u's buffer, A1 and A2 in a's.
+        if not d.lq:
+          for ci in range(nc):
+            u_s[ci] = du[ci]
+          plgpu.commit_smem()
+          for ci in range(nc):
+            plgpu.copy_smem_to_gmem(u_s.at[ci], du_out.at[bi, z * wgs + wgi, rows, pl.ds(ci * FC, FC)])
         for h in range(hq):
           a_s[h, :, pl.ds(0, hd)] = a1[h]
           a_s[h, :, pl.ds(hd, hd)] = a2[h]
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(u_s, du_out.at[bi, split, rows])
         for h in range(hq):
           plgpu.copy_smem_to_gmem(a_s.at[h], da_out.at[bi, kbi * wgs + wgi, gi * hq + h, rows])
         plgpu.wait_smem_to_gmem(0)
@@ -415,25 +505,34 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
 
     pl.when(count > 0)(live)
 
-  scratch = [plgpu.SMEM((hq, BQ, 2 * hd), f32, transforms=f_tf), plgpu.SMEM((BQ, fp), f32, transforms=f_tf),
+  scratch = [plgpu.SMEM((hq, BQ, 2 * hd), f32, transforms=f_tf), plgpu.SMEM((nc, BQ, FC), f32, transforms=f_tf),
              plgpu.SMEM((kb, fp), f32), plgpu.SMEM((nc, hq, FC, hd), jnp.bfloat16, transforms=hd_tf),
-             plgpu.SMEM((nc, hq, hd, FC), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((hq, hd), f32),
-             plgpu.SMEM((kb, hd), f32), plgpu.SMEM((kb, hd), f32), plgpu.SMEM((BQ,), jnp.int32),
-             plgpu.SMEM((kb,), jnp.int32), plgpu.SMEM(cnt.shape, jnp.int32), plgpu.SMEM((hq, BQ), f32),
-             plgpu.SMEM((hq, BQ), f32), plgpu.SMEM((hq, BQ, fp), f32, transforms=f_tf),
-             plgpu.Barrier(num_barriers=10 + 2 * hq + 2 * nc * hq), *sync_barriers(wgs)]
+             plgpu.SMEM((hq, hd), f32), plgpu.SMEM((kb, hd), f32), plgpu.SMEM((kb, hd), f32),
+             plgpu.SMEM((BQ,), jnp.int32), plgpu.SMEM((kb,), jnp.int32), plgpu.SMEM(cnt.shape, jnp.int32),
+             plgpu.SMEM((hq, BQ), f32), plgpu.SMEM((hq, BQ), f32), plgpu.SMEM((hq, BQ, fp), f32, transforms=f_tf),
+             plgpu.Barrier(num_barriers=9 + nc + 2 * hq + 2 * nc * hq), *sync_barriers(wgs)]
+  extras = {}  # more scratch, by name
+  if not d.lq or interp:  # dg's B (compiled with the logits first: K's B read transposed)
+    extras['w2t'] = plgpu.SMEM((nc, hq, hd, FC), jnp.bfloat16, transforms=hd_tf)
+  if d.lq:  # p and ds of every (query, key), per head; the barrier between the passes
+    extras['pd'] = plgpu.SMEM((2, hq, kb, BQ), f32)
+    if wgs > 1:
+      extras['mid'] = plgpu.Barrier(num_arrivals=wgs)
   if interp:
-    scratch += [plgpu.SMEM((wgs, BQ, FC), jnp.bfloat16, transforms=fc_tf),
-                plgpu.SMEM((wgs, BQ, hd), jnp.bfloat16, transforms=hd_tf)]
+    extras.update(ga=plgpu.SMEM((wgs, BQ, FC), jnp.bfloat16, transforms=fc_tf),
+                  dka=plgpu.SMEM((wgs, BQ, hd), jnp.bfloat16, transforms=hd_tf))
+  q_extras = list(extras)
+  scratch += list(extras.values())
+  wdu = 1 if d.lq else wgs  # du's partials per program
   q_call = plgpu.kernel(
-      q_kernel, out_type=[jax.ShapeDtypeStruct((b, n_kb * gq * wgs, d.tq, fp), f32),
+      q_kernel, out_type=[jax.ShapeDtypeStruct((b, n_kb * gq * wdu, d.tq, fp), f32),
                           jax.ShapeDtypeStruct((b, n_kb * wgs, n, d.tq, 2 * hd), f32)],
       scratch_types=scratch, grid=(n_kb * gq, n_q, b), grid_names=('z', 'q', 'b'), interpret=interpret,
       kernel_name='selective_fused_bwd_query_mgpu', **params)
   du_p, da_p = q_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, cnt, lse_, delta, dgo_)
   # Programs with no pair to visit wrote nothing: their partials are masked.
   live_q = (k_hi > 0).T  # [key blocks, query tiles]
-  du = jnp.where(live_q[None, :, None, :, None, None], du_p.reshape(b, n_kb, gq * wgs, n_q, BQ, fp), 0.0)
+  du = jnp.where(live_q[None, :, None, :, None, None], du_p.reshape(b, n_kb, gq * wdu, n_q, BQ, fp), 0.0)
   du = du.sum((1, 2)).reshape(b, d.tq, fp)
   da = jnp.where(live_q[None, :, None, None, :, None, None], da_p.reshape(b, n_kb, wgs, n, n_q, BQ, 2 * hd), 0.0)
   da = jnp.transpose(da.sum((1, 2)).reshape(b, n, d.tq, 2 * hd), (0, 2, 1, 3)).reshape(b, d.tq, n, 2, hd)
@@ -447,19 +546,23 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
 
   def k_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, rng_g, lse_g, dl_g, dgo_g,
                dw_out, db_out, dw2_out,
-               a_s, u_s, w_s, w2b_s, w2t_s, b2_s, c_s, s_s, qp_s, kp_s, rng_s, lse_s, dl_s, dgo_s,
+               a_s, u_s, w_s, w2b_s, b2_s, c_s, s_s, qp_s, kp_s, rng_s, lse_s, dl_s, dgo_s,
                gs_s, dks_s, st_s, bars, done, turn, *more):
+    extra = dict(zip(k_extras, more))
+    w2t_s, pd_s, mid = extra.get('w2t'), extra.get('pd'), extra.get('mid')
     z, ki, bi = jax.lax.axis_index('z'), jax.lax.axis_index('k'), jax.lax.axis_index('b')
     wgi = jax.lax.axis_index('wg') if wgs > 1 else 0
     qbi, gi = z // gk, z % gk
     qrows, keys, heads = pl.ds(qbi * qb, qb), pl.ds(ki * BK, BK), pl.ds(gi * hk, hk)
     copies = [(a_g.at[bi, heads, qrows], a_s), (u_g.at[bi, qrows], u_s),
-              (w_g.at[bi, keys], w_s), (b2_g.at[heads], b2_s), (c_g.at[keys], c_s), (s_g.at[keys], s_s),
+              *((w_g.at[bi, keys, pl.ds(ci * FC, FC)], w_s.at[ci]) for ci in range(nc)),  # w chunk-major
+              (b2_g.at[heads], b2_s), (c_g.at[keys], c_s), (s_g.at[keys], s_s),
               (qp_g.at[qrows], qp_s),
               (kp_g.at[keys], kp_s), (lse_g.at[bi, heads, qrows], lse_s),
               (dl_g.at[bi, heads, qrows], dl_s), (dgo_g.at[bi, heads, qrows], dgo_s)]
     copies += [(w2b_g.at[ci, gi * hk + h], w2b_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
-    copies += [(w2t_g.at[ci, gi * hk + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
+    if w2t_s is not None:
+      copies += [(w2t_g.at[ci, gi * hk + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
 
     fm.copy_in([(rng_g, rng_s)], bars, wgi, wgs, first=len(copies))
     base = 2 * (qbi * n_kt + ki)
@@ -469,119 +572,208 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       # masked outside)
       fm.copy_in(copies, bars, wgi, wgs)
       # This warpgroup's buffers: g (bfloat16, read transposed as wgmma's A; interpreted: a transposed copy) and dK.
-      gs_w, dks_w = (more[0] if interp else gs_s).at[wgi], dks_s.at[wgi]
-      ga_s, dka_s = (more[1].at[wgi], more[2].at[wgi]) if interp else (None, None)
+      gs_w, dks_w = (extra['gsT'] if interp else gs_s).at[wgi], dks_s.at[wgi]
+      ga_s, dka_s = (extra['ga'].at[wgi], extra['dka'].at[wgi]) if interp else (None, None)
       kp_v = load(kp_s, (), row)
       c_v = load(c_s, (), wg)
       s_v = load(s_s, (), wg)
 
-      def hidden(i, ci):
-        wc = load(w_s, (slice(None), pl.ds(ci * FC, FC)), wg)
+      def hidden(i, ci, wc=None):
+        wc = load(w_s.at[ci], (), wg) if wc is None else wc
         uc = load(u_s.at[i], (pl.ds(ci * FC, FC),), col)
         return _gelu_both(wc + bcast_col(uc, BK, FC))  # (g, gelu')
 
       def dgo_row(i, h, ci):
         return bcast_col(load(dgo_s.at[h, i], (pl.ds(ci * FC, FC),), col), BK, FC)
 
-      def loop(dw2_acc):  # dW2k's accumulators stay wgmma accumulators across the loop
+      def w2_t(ci, h):  # dg's B: W2k^T (compiled, with the logits first: K's B read transposed)
+        return w2t_s.at[ci, h] if w2t_s is not None else plgpu.transpose_ref(w2b_s.at[ci, h], (1, 0))
+
+      def query(h, i):  # R_j^T R_i q_i of head h for the tile's keys: [64, Hd]
+        ah = bcast_col(load(a_s.at[h, i], (pl.ds(0, hd),), col), BK, hd)
+        ah_sw = bcast_col(load(a_s.at[h, i], (pl.ds(hd, hd),), col), BK, hd)
+        return ah * c_v + ah_sw * s_v
+
+      def logits(i, kept):
+        """Per head: p and scale ds of query i against the tile's keys ([64] each), dK, and (g, gelu') if kept."""
+        kv = [jnp.zeros((BK, hd), f32) for _ in range(hk)]
+        dp = [jnp.zeros((BK,), f32) for _ in range(hk)]
+        for ci in range(nc):
+          g, gd = hidden(i, ci)
+          kept = (g, gd) if kept is not None else None
+          gb = g.astype(jnp.bfloat16)
+          for h in range(hk):
+            kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BK, hd))
+            dp[h] = dp[h] + jnp.sum(g * dgo_row(i, h, ci), axis=1)
+        visible = kp_v <= qp_s[i]
+        p, ds, dk = [], [], []
+        for h in range(hk):
+          k = kv[h] + bcast_col(load(b2_s.at[h], (), col), BK, hd)
+          qr = query(h, i)
+          ph = jnp.where(visible, jnp.exp(jnp.sum(qr * k, axis=1) * scale - lse_s[h, i]), 0.0)
+          dsv = ph * (dp[h] - dl_s[h, i]) * scale
+          p.append(ph)
+          ds.append(dsv)
+          dk.append(bcast_row(dsv, hd) * qr)
+        return p, ds, dk, kept
+
+      def chunk_step(i, ci, g, gd, p, dk, dw_c, dw2_acc):
+        """dw's chunk ci += dg o gelu', dW2k's += g^T dK (wgmma, g and dK through this warpgroup's buffers)."""
+        dg = jnp.zeros((BK, FC), f32)
+        for h in range(hk):
+          dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2_t(ci, h), (BK, FC))
+          dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, ci)
+        gb = g.astype(jnp.bfloat16)
+        gs_w[...] = gb.T if interp else gb
+        for h in range(hk):
+          dks_w[h] = dk[h].astype(jnp.bfloat16)
+        plgpu.commit_smem()
+        a_op = gs_w if interp else plgpu.transpose_ref(gs_w, (1, 0))
+        for h in range(hk):
+          plgpu.wgmma(dw2_acc[h], a_op, dks_w.at[h])
+        plgpu.wgmma_wait(0)  # before g's and dK's buffers are written again
+        return dw_c + dg * gd
+
+      zeros = lambda r, cols: cast(jnp.zeros((r, cols), f32), wg)  # noqa: E731
+      my_queries = jnp.maximum(hi - lo - wgi + wgs - 1, 0) // wgs
+
+      def one_pass(dw2_acc):  # dW2k's accumulators stay wgmma accumulators across the loop
         def query_step(it, carry):
           dw, db = carry
           i = lo + it * wgs + wgi  # warpgroups take turns over the queries
-          kv = [jnp.zeros((BK, hd), f32) for _ in range(hk)]
-          dp = [jnp.zeros((BK,), f32) for _ in range(hk)]
-          kept = None
-          for ci in range(nc):
-            g, gd = hidden(i, ci)
-            kept = (g, gd) if keep else None
-            gb = g.astype(jnp.bfloat16)
-            for h in range(hk):
-              kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BK, hd))
-              dp[h] = dp[h] + jnp.sum(g * dgo_row(i, h, ci), axis=1)
-          visible = kp_v <= qp_s[i]
-          p, dk, new_db = [], [], list(db)
-          for h in range(hk):
-            k = kv[h] + bcast_col(load(b2_s.at[h], (), col), BK, hd)
-            ah = bcast_col(load(a_s.at[h, i], (pl.ds(0, hd),), col), BK, hd)
-            ah_sw = bcast_col(load(a_s.at[h, i], (pl.ds(hd, hd),), col), BK, hd)
-            qr = ah * c_v + ah_sw * s_v
-            logit = jnp.sum(qr * k, axis=1) * scale
-            ph = jnp.where(visible, jnp.exp(logit - lse_s[h, i]), 0.0)
-            dkh = bcast_row(ph * (dp[h] - dl_s[h, i]) * scale, hd) * qr
-            p.append(ph)
-            dk.append(dkh)
-            new_db[h] = db[h] + dkh
-            dks_w[h] = dkh.astype(jnp.bfloat16)
+          p, _, dk, kept = logits(i, () if keep else None)
           new_dw = list(dw)
           for ci in range(nc):
             g, gd = kept if keep else hidden(i, ci)
-            dg = jnp.zeros((BK, FC), f32)
-            for h in range(hk):
-              dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2t_s.at[ci, h], (BK, FC))
-              dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, ci)
-            new_dw[ci] = dw[ci] + dg * gd
-            # dW2k += g^T dK: g to shared memory (bfloat16), read transposed as wgmma's A.
-            gb = g.astype(jnp.bfloat16)
-            gs_w[...] = gb.T if interp else gb
-            plgpu.commit_smem()
-            a_op = gs_w if interp else plgpu.transpose_ref(gs_w, (1, 0))
-            for h in range(hk):
-              plgpu.wgmma(dw2_acc[ci * hk + h], a_op, dks_w.at[h])
-            plgpu.wgmma_wait(0)  # before g's and dK's buffers are written again
-          return tuple(new_dw), tuple(new_db)
+            new_dw[ci] = chunk_step(i, ci, g, gd, p, dk, dw[ci], dw2_acc[ci * hk:(ci + 1) * hk])
+          return tuple(new_dw), tuple(db[h] + dk[h] for h in range(hk))
 
-        zeros = lambda r, cols: cast(jnp.zeros((r, cols), f32), wg)  # noqa: E731
         init = (tuple(zeros(BK, FC) for _ in range(nc)), tuple(zeros(BK, hd) for _ in range(hk)))
-        dw, db = jax.lax.fori_loop(0, jnp.maximum(hi - lo - wgi + wgs - 1, 0) // wgs, query_step, init)
+        dw, db = jax.lax.fori_loop(0, my_queries, query_step, init)
         return dw, db, [acc[...] for acc in dw2_acc]
 
-      dw, db, dw2 = pl.run_scoped(loop, [plgpu.ACC((FC, hd), f32) for _ in range(nc * hk)])
-
-      def out():
+      def out_db(db):
         split = qbi * wgs + wgi
-        for ci in range(nc):
-          w_s[:, pl.ds(ci * FC, FC)] = dw[ci]
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(w_s, dw_out.at[bi, z * wgs + wgi, keys])
         for h in range(hk):
           st_s[...] = db[h]
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(st_s, db_out.at[bi, split, ki, :, pl.ds((gi * hk + h) * hd, hd)])
           plgpu.wait_smem_to_gmem(0)
-          for ci in range(nc):
-            st_s[...] = dw2[ci * hk + h]
-            plgpu.commit_smem()
-            cols = pl.ds((gi * hk + h) * hd, hd)
-            plgpu.copy_smem_to_gmem(st_s, dw2_out.at[bi, split, ki, pl.ds(ci * FC, FC), cols])
-            plgpu.wait_smem_to_gmem(0)
-        plgpu.wait_smem_to_gmem(0)
 
-      in_turn(wgs, wgi, done, turn, out)
+      def out_dw2(split, ci, dw2):  # dW2k of chunk ci, per head
+        for h in range(hk):
+          st_s[...] = dw2[h]
+          plgpu.commit_smem()
+          cols = pl.ds((gi * hk + h) * hd, hd)
+          plgpu.copy_smem_to_gmem(st_s, dw2_out.at[bi, split, ki, pl.ds(ci * FC, FC), cols])
+          plgpu.wait_smem_to_gmem(0)
+
+      if not d.lq:
+        dw, db, dw2 = pl.run_scoped(one_pass, [plgpu.ACC((FC, hd), f32) for _ in range(nc * hk)])
+
+        def out():  # through shared memory no warpgroup reads any more
+          for ci in range(nc):
+            w_s[ci] = dw[ci]
+          plgpu.commit_smem()
+          for ci in range(nc):
+            plgpu.copy_smem_to_gmem(w_s.at[ci], dw_out.at[bi, z * wgs + wgi, keys, pl.ds(ci * FC, FC)])
+          plgpu.wait_smem_to_gmem(0)
+          out_db(db)
+          for ci in range(nc):
+            out_dw2(qbi * wgs + wgi, ci, dw2[ci * hk:(ci + 1) * hk])
+
+        in_turn(wgs, wgi, done, turn, out)
+        return
+
+      # Logits first. Pass 1 (warpgroups take turns over the queries): p and ds into shared memory, db.
+      def logit_step(it, db):
+        i = lo + it * wgs + wgi
+        p, ds, dk, _ = logits(i, None)
+        for h in range(hk):
+          pd_s.at[0, h, i][...] = p[h]
+          pd_s.at[1, h, i][...] = ds[h]
+        return tuple(db[h] + dk[h] for h in range(hk))
+
+      db = jax.lax.fori_loop(0, my_queries, logit_step, tuple(zeros(BK, hd) for _ in range(hk)))
+      if wgs > 1:  # every warpgroup's p and ds to all
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(mid)
+        plgpu.barrier_wait(mid)
+
+      # Pass 2 (warpgroups take turns over the hidden chunks): dw and dW2k of a chunk over all queries.
+      def pass2(v, dw2_acc):
+        for r, ci in enumerate(range(v, nc, wgs)):
+          wc = load(w_s.at[ci], (), wg)  # held across the queries
+
+          def q_step(i, dw_c, ci=ci, wc=wc, r=r):
+            g, gd = hidden(i, ci, wc)
+            p = [load(pd_s.at[0, h, i], (), row) for h in range(hk)]
+            dk = [bcast_row(load(pd_s.at[1, h, i], (), row), hd) * query(h, i) for h in range(hk)]
+            return chunk_step(i, ci, g, gd, p, dk, dw_c, dw2_acc[r * hk:(r + 1) * hk])
+
+          dw_c = jax.lax.fori_loop(lo, hi, q_step, zeros(BK, FC))
+          w_s[ci] = dw_c  # out through w's chunk: only this warpgroup reads it now
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(w_s.at[ci], dw_out.at[bi, z, keys, pl.ds(ci * FC, FC)])
+          plgpu.wait_smem_to_gmem(0)
+
+        def out():  # db, then this warpgroup's dW2k chunks, through st_s in turn
+          out_db(db)
+          for r, ci in enumerate(range(v, nc, wgs)):
+            out_dw2(qbi, ci, [acc[...] for acc in dw2_acc[r * hk:(r + 1) * hk]])
+
+        if wgs == 1:
+          out()
+          return
+        plgpu.barrier_arrive(done)
+        plgpu.barrier_wait(done)
+        if v:
+          plgpu.barrier_wait(turn.at[v - 1])
+        out()
+        if v < wgs - 1:
+          plgpu.barrier_arrive(turn.at[v])
+
+      n_own = -(-nc // wgs) * hk
+      for v in range(wgs):  # static chunk indices per warpgroup
+        def mine(v=v):
+          pl.run_scoped(functools.partial(pass2, v), [plgpu.ACC((FC, hd), f32) for _ in range(n_own)])
+        pl.when(wgi == v)(mine) if wgs > 1 else mine()
 
     pl.when(hi > lo)(live)
 
   scratch = [plgpu.SMEM((hk, qb, 2 * hd), f32), plgpu.SMEM((qb, fp), f32),
-             plgpu.SMEM((BK, fp), f32, transforms=f_tf), plgpu.SMEM((nc, hk, FC, hd), jnp.bfloat16, transforms=hd_tf),
-             plgpu.SMEM((nc, hk, hd, FC), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((hk, hd), f32),
+             plgpu.SMEM((nc, BK, FC), f32, transforms=f_tf),
+             plgpu.SMEM((nc, hk, FC, hd), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((hk, hd), f32),
              plgpu.SMEM((BK, hd), f32, transforms=f_tf), plgpu.SMEM((BK, hd), f32, transforms=f_tf),
              plgpu.SMEM((qb,), jnp.int32), plgpu.SMEM((BK,), jnp.int32), plgpu.SMEM(rng.shape, jnp.int32),
              plgpu.SMEM((hk, qb), f32), plgpu.SMEM((hk, qb), f32), plgpu.SMEM((hk, qb, fp), f32),
              plgpu.SMEM((wgs, BK, FC), jnp.bfloat16, transforms=hd_tf),
              plgpu.SMEM((wgs, hk, BK, hd), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((BK, hd), f32, transforms=f_tf),
-             plgpu.Barrier(num_barriers=12 + 2 * nc * hk), *sync_barriers(wgs)]
+             plgpu.Barrier(num_barriers=11 + nc + 2 * nc * hk), *sync_barriers(wgs)]
+  extras = {}  # more scratch, by name
+  if not d.lq or interp:  # dg's B (compiled with the logits first: K's B read transposed)
+    extras['w2t'] = plgpu.SMEM((nc, hk, hd, FC), jnp.bfloat16, transforms=hd_tf)
+  if d.lq:  # p and ds of every (query, key), per head; the barrier between the passes
+    extras['pd'] = plgpu.SMEM((2, hk, qb, BK), f32)
+    if wgs > 1:
+      extras['mid'] = plgpu.Barrier(num_arrivals=wgs)
   if interp:
-    scratch += [plgpu.SMEM((wgs, FC, BK), jnp.bfloat16, transforms=hd_tf),
-                plgpu.SMEM((wgs, BK, FC), jnp.bfloat16, transforms=fc_tf),
-                plgpu.SMEM((wgs, BK, hd), jnp.bfloat16, transforms=hd_tf)]
+    extras.update(gsT=plgpu.SMEM((wgs, FC, BK), jnp.bfloat16, transforms=hd_tf),
+                  ga=plgpu.SMEM((wgs, BK, FC), jnp.bfloat16, transforms=fc_tf),
+                  dka=plgpu.SMEM((wgs, BK, hd), jnp.bfloat16, transforms=hd_tf))
+  k_extras = list(extras)
+  scratch += list(extras.values())
+  wdw = 1 if d.lq else wgs  # dw's and dW2k's partials per program
   k_call = plgpu.kernel(
-      k_kernel, out_type=[jax.ShapeDtypeStruct((b, n_qb * gk * wgs, d.sk, fp), f32),
+      k_kernel, out_type=[jax.ShapeDtypeStruct((b, n_qb * gk * wdw, d.sk, fp), f32),
                           jax.ShapeDtypeStruct((b, n_qb * wgs, n_kt, BK, n * hd), f32),
-                          jax.ShapeDtypeStruct((b, n_qb * wgs, n_kt, fp, n * hd), f32)],
+                          jax.ShapeDtypeStruct((b, n_qb * wdw, n_kt, fp, n * hd), f32)],
       scratch_types=scratch, grid=(n_qb * gk, n_kt, b), grid_names=('z', 'k', 'b'), interpret=interpret,
       kernel_name='selective_fused_bwd_key_mgpu', **params)
   dw_p, db_p, dw2_p = k_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, rng, lse_, delta, dgo_)
   live_k = (q_hi > q_lo)[None, :, None, :, None, None]  # [query blocks, key tiles]
-  dw = jnp.where(live_k, dw_p.reshape(b, n_qb, gk * wgs, n_kt, BK, fp), 0.0).sum((1, 2)).reshape(b, d.sk, fp)
+  dw = jnp.where(live_k, dw_p.reshape(b, n_qb, gk * wdw, n_kt, BK, fp), 0.0).sum((1, 2)).reshape(b, d.sk, fp)
   db2 = jnp.where(live_k, db_p.reshape(b, n_qb, wgs, n_kt, BK, n * hd), 0.0).sum((0, 1, 2, 3, 4)).reshape(n, 2, h2)
-  dw2 = jnp.where(live_k, dw2_p.reshape(b, n_qb, wgs, n_kt, fp, n * hd), 0.0).sum((0, 1, 2, 3)).reshape(fp, n, 2, h2)
+  dw2 = jnp.where(live_k, dw2_p.reshape(b, n_qb, wdw, n_kt, fp, n * hd), 0.0).sum((0, 1, 2, 3)).reshape(fp, n, 2, h2)
   f_in = w2.shape[0]
   return dq[:, :t_in], du[:, :t_in, :u.shape[-1]], dw[:, :s_in, :w.shape[-1]], dw2[:f_in], db2
