@@ -325,8 +325,9 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   keep = opts.keep_hidden and nc == 1
 
   def q_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, cnt_g, lse_g, dl_g, dgo_g,
-               du_out, da_out,
-               a_s, u_s, w_s, w2b_s, b2_s, c_s, s_s, qp_s, kp_s, cnt_s, lse_s, dl_s, dgo_s, bars, done, turn, *more):
+               du_out, da_out, *rest):
+    pd_out, rest = (rest[0], rest[1:]) if d.lq else (None, rest)  # logits first: p and ds out for the key kernel
+    a_s, u_s, w_s, w2b_s, b2_s, c_s, s_s, qp_s, kp_s, cnt_s, lse_s, dl_s, dgo_s, bars, done, turn, *more = rest
     extra = dict(zip(q_extras, more))
     w2t_s, pd_s, mid = extra.get('w2t'), extra.get('pd'), extra.get('mid')
     z, qi, bi = jax.lax.axis_index('z'), jax.lax.axis_index('q'), jax.lax.axis_index('b')
@@ -442,10 +443,16 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
 
         a1, a2 = jax.lax.fori_loop(0, my_keys, logit_step, (tuple(zeros(hd) for _ in range(hq)),
                                                              tuple(zeros(hd) for _ in range(hq))))
+        plgpu.commit_smem()
         if wgs > 1:  # every warpgroup's p and ds to all
-          plgpu.commit_smem()
           plgpu.barrier_arrive(mid)
           plgpu.barrier_wait(mid)
+
+        def pd_copy():  # p and ds out for the key kernel (pairs past `count` are stale: it masks them)
+          for x in range(2):
+            for h in range(hq):
+              plgpu.copy_smem_to_gmem(pd_s.at[x, h], pd_out.at[x, bi, gi * hq + h, keys, rows])
+        pl.when(wgi == 0)(pd_copy) if wgs > 1 else pd_copy()
 
         def chunk(ci):
           uc = load(u_s.at[ci], (), wg)  # held across the keys, as dG's chunk
@@ -474,6 +481,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
             for ci in range(v, nc, wgs):
               chunk(ci)
           pl.when(wgi == v)(mine) if wgs > 1 else mine()
+        plgpu.wait_smem_to_gmem(0)  # p and ds out (warpgroup 0) before the program ends
         return a1, a2
 
       zeros = lambda cols: cast(jnp.zeros((BQ, cols), f32), wg)  # noqa: E731
@@ -526,10 +534,12 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   wdu = 1 if d.lq else wgs  # du's partials per program
   q_call = plgpu.kernel(
       q_kernel, out_type=[jax.ShapeDtypeStruct((b, n_kb * gq * wdu, d.tq, fp), f32),
-                          jax.ShapeDtypeStruct((b, n_kb * wgs, n, d.tq, 2 * hd), f32)],
+                          jax.ShapeDtypeStruct((b, n_kb * wgs, n, d.tq, 2 * hd), f32),
+                          *([jax.ShapeDtypeStruct((2, b, n, d.sk, d.tq), f32)] if d.lq else [])],
       scratch_types=scratch, grid=(n_kb * gq, n_q, b), grid_names=('z', 'q', 'b'), interpret=interpret,
       kernel_name='selective_fused_bwd_query_mgpu', **params)
-  du_p, da_p = q_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, cnt, lse_, delta, dgo_)
+  du_p, da_p, *pd = q_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, cnt, lse_, delta, dgo_)
+  pd = [jnp.swapaxes(pd[0], 3, 4)] if d.lq else []  # [2, B, N, Tq, Sk]: the key kernel's rows are queries
   # Programs with no pair to visit wrote nothing: their partials are masked.
   live_q = (k_hi > 0).T  # [key blocks, query tiles]
   du = jnp.where(live_q[None, :, None, :, None, None], du_p.reshape(b, n_kb, gq * wdu, n_q, BQ, fp), 0.0)
@@ -544,12 +554,12 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   _, q_lo, q_hi = _ranges(qp, kp, n_qb, qb, n_kt, BK)
   rng = pad(jnp.stack([q_lo, q_hi], axis=-1).reshape(-1), 0, _round_up(2 * n_qb * n_kt, 32))
 
-  def k_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, rng_g, lse_g, dl_g, dgo_g,
-               dw_out, db_out, dw2_out,
-               a_s, u_s, w_s, w2b_s, b2_s, c_s, s_s, qp_s, kp_s, rng_s, lse_s, dl_s, dgo_s,
-               gs_s, dks_s, st_s, bars, done, turn, *more):
+  def k_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, rng_g, lse_g, dl_g, dgo_g, *rest):
+    pd_g, rest = (rest[0], rest[1:]) if d.lq else (None, rest)  # logits first: the query kernel's p and ds
+    (dw_out, db_out, dw2_out, a_s, u_s, w_s, w2b_s, b2_s, c_s, s_s, qp_s, kp_s, rng_s, lse_s, dl_s, dgo_s,
+     gs_s, dks_s, st_s, bars, done, turn, *more) = rest
     extra = dict(zip(k_extras, more))
-    w2t_s, pd_s, mid = extra.get('w2t'), extra.get('pd'), extra.get('mid')
+    w2t_s, pd_s = extra.get('w2t'), extra.get('pd')
     z, ki, bi = jax.lax.axis_index('z'), jax.lax.axis_index('k'), jax.lax.axis_index('b')
     wgi = jax.lax.axis_index('wg') if wgs > 1 else 0
     qbi, gi = z // gk, z % gk
@@ -563,6 +573,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     copies += [(w2b_g.at[ci, gi * hk + h], w2b_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
     if w2t_s is not None:
       copies += [(w2t_g.at[ci, gi * hk + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
+    if pd_s is not None:
+      copies.append((pd_g.at[:, bi, heads, qrows, keys], pd_s))
 
     fm.copy_in([(rng_g, rng_s)], bars, wgi, wgs, first=len(copies))
     base = 2 * (qbi * n_kt + ki)
@@ -652,8 +664,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         dw, db = jax.lax.fori_loop(0, my_queries, query_step, init)
         return dw, db, [acc[...] for acc in dw2_acc]
 
-      def out_db(db):
-        split = qbi * wgs + wgi
+      def out_db(db, split):
         for h in range(hk):
           st_s[...] = db[h]
           plgpu.commit_smem()
@@ -678,47 +689,46 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
           for ci in range(nc):
             plgpu.copy_smem_to_gmem(w_s.at[ci], dw_out.at[bi, z * wgs + wgi, keys, pl.ds(ci * FC, FC)])
           plgpu.wait_smem_to_gmem(0)
-          out_db(db)
+          out_db(db, qbi * wgs + wgi)
           for ci in range(nc):
             out_dw2(qbi * wgs + wgi, ci, dw2[ci * hk:(ci + 1) * hk])
 
         in_turn(wgs, wgi, done, turn, out)
         return
 
-      # Logits first. Pass 1 (warpgroups take turns over the queries): p and ds into shared memory, db.
-      def logit_step(it, db):
-        i = lo + it * wgs + wgi
-        p, ds, dk, _ = logits(i, None)
-        for h in range(hk):
-          pd_s.at[0, h, i][...] = p[h]
-          pd_s.at[1, h, i][...] = ds[h]
-        return tuple(db[h] + dk[h] for h in range(hk))
-
-      db = jax.lax.fori_loop(0, my_queries, logit_step, tuple(zeros(BK, hd) for _ in range(hk)))
-      if wgs > 1:  # every warpgroup's p and ds to all
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(mid)
-        plgpu.barrier_wait(mid)
-
-      # Pass 2 (warpgroups take turns over the hidden chunks): dw and dW2k of a chunk over all queries.
+      # Logits first: p and ds from the query kernel (masked here: it leaves pairs no query of its tile sees
+      # unwritten). Warpgroups take turns over the hidden chunks: dw and dW2k of a chunk over all queries;
+      # warpgroup 0's first chunk sums db as well.
       def pass2(v, dw2_acc):
+        db = None
         for r, ci in enumerate(range(v, nc, wgs)):
           wc = load(w_s.at[ci], (), wg)  # held across the queries
+          with_db = v == 0 and r == 0
 
-          def q_step(i, dw_c, ci=ci, wc=wc, r=r):
+          def q_step(i, carry, ci=ci, wc=wc, r=r, with_db=with_db):
+            dw_c, db = carry if with_db else (carry, None)
             g, gd = hidden(i, ci, wc)
-            p = [load(pd_s.at[0, h, i], (), row) for h in range(hk)]
-            dk = [bcast_row(load(pd_s.at[1, h, i], (), row), hd) * query(h, i) for h in range(hk)]
-            return chunk_step(i, ci, g, gd, p, dk, dw_c, dw2_acc[r * hk:(r + 1) * hk])
+            visible = kp_v <= qp_s[i]
+            p = [jnp.where(visible, load(pd_s.at[0, h, i], (), row), 0.0) for h in range(hk)]
+            ds = [jnp.where(visible, load(pd_s.at[1, h, i], (), row), 0.0) for h in range(hk)]
+            dk = [bcast_row(ds[h], hd) * query(h, i) for h in range(hk)]
+            dw_c = chunk_step(i, ci, g, gd, p, dk, dw_c, dw2_acc[r * hk:(r + 1) * hk])
+            return (dw_c, tuple(db[h] + dk[h] for h in range(hk))) if with_db else dw_c
 
-          dw_c = jax.lax.fori_loop(lo, hi, q_step, zeros(BK, FC))
+          init = zeros(BK, FC)
+          if with_db:
+            init = (init, tuple(zeros(BK, hd) for _ in range(hk)))
+          dw_c = jax.lax.fori_loop(lo, hi, q_step, init)
+          if with_db:
+            dw_c, db = dw_c
           w_s[ci] = dw_c  # out through w's chunk: only this warpgroup reads it now
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(w_s.at[ci], dw_out.at[bi, z, keys, pl.ds(ci * FC, FC)])
           plgpu.wait_smem_to_gmem(0)
 
-        def out():  # db, then this warpgroup's dW2k chunks, through st_s in turn
-          out_db(db)
+        def out():  # db (warpgroup 0), then this warpgroup's dW2k chunks, through st_s in turn
+          if db is not None:
+            out_db(db, qbi)
           for r, ci in enumerate(range(v, nc, wgs)):
             out_dw2(qbi, ci, [acc[...] for acc in dw2_acc[r * hk:(r + 1) * hk]])
 
@@ -749,31 +759,29 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
              plgpu.SMEM((hk, qb), f32), plgpu.SMEM((hk, qb), f32), plgpu.SMEM((hk, qb, fp), f32),
              plgpu.SMEM((wgs, BK, FC), jnp.bfloat16, transforms=hd_tf),
              plgpu.SMEM((wgs, hk, BK, hd), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((BK, hd), f32, transforms=f_tf),
-             plgpu.Barrier(num_barriers=11 + nc + 2 * nc * hk), *sync_barriers(wgs)]
+             plgpu.Barrier(num_barriers=12 + nc + 2 * nc * hk), *sync_barriers(wgs)]
   extras = {}  # more scratch, by name
   if not d.lq or interp:  # dg's B (compiled with the logits first: K's B read transposed)
     extras['w2t'] = plgpu.SMEM((nc, hk, hd, FC), jnp.bfloat16, transforms=hd_tf)
-  if d.lq:  # p and ds of every (query, key), per head; the barrier between the passes
+  if d.lq:  # p and ds of every (query, key), per head, from the query kernel
     extras['pd'] = plgpu.SMEM((2, hk, qb, BK), f32)
-    if wgs > 1:
-      extras['mid'] = plgpu.Barrier(num_arrivals=wgs)
   if interp:
     extras.update(gsT=plgpu.SMEM((wgs, FC, BK), jnp.bfloat16, transforms=hd_tf),
                   ga=plgpu.SMEM((wgs, BK, FC), jnp.bfloat16, transforms=fc_tf),
                   dka=plgpu.SMEM((wgs, BK, hd), jnp.bfloat16, transforms=hd_tf))
   k_extras = list(extras)
   scratch += list(extras.values())
-  wdw = 1 if d.lq else wgs  # dw's and dW2k's partials per program
+  wdw = 1 if d.lq else wgs  # dw's, db's and dW2k's partials per program
   k_call = plgpu.kernel(
       k_kernel, out_type=[jax.ShapeDtypeStruct((b, n_qb * gk * wdw, d.sk, fp), f32),
-                          jax.ShapeDtypeStruct((b, n_qb * wgs, n_kt, BK, n * hd), f32),
+                          jax.ShapeDtypeStruct((b, n_qb * wdw, n_kt, BK, n * hd), f32),
                           jax.ShapeDtypeStruct((b, n_qb * wdw, n_kt, fp, n * hd), f32)],
       scratch_types=scratch, grid=(n_qb * gk, n_kt, b), grid_names=('z', 'k', 'b'), interpret=interpret,
       kernel_name='selective_fused_bwd_key_mgpu', **params)
-  dw_p, db_p, dw2_p = k_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, rng, lse_, delta, dgo_)
+  dw_p, db_p, dw2_p = k_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, rng, lse_, delta, dgo_, *pd)
   live_k = (q_hi > q_lo)[None, :, None, :, None, None]  # [query blocks, key tiles]
   dw = jnp.where(live_k, dw_p.reshape(b, n_qb, gk * wdw, n_kt, BK, fp), 0.0).sum((1, 2)).reshape(b, d.sk, fp)
-  db2 = jnp.where(live_k, db_p.reshape(b, n_qb, wgs, n_kt, BK, n * hd), 0.0).sum((0, 1, 2, 3, 4)).reshape(n, 2, h2)
+  db2 = jnp.where(live_k, db_p.reshape(b, n_qb, wdw, n_kt, BK, n * hd), 0.0).sum((0, 1, 2, 3, 4)).reshape(n, 2, h2)
   dw2 = jnp.where(live_k, dw2_p.reshape(b, n_qb, wdw, n_kt, fp, n * hd), 0.0).sum((0, 1, 2, 3)).reshape(fp, n, 2, h2)
   f_in = w2.shape[0]
   return dq[:, :t_in], du[:, :t_in, :u.shape[-1]], dw[:, :s_in, :w.shape[-1]], dw2[:f_in], db2
