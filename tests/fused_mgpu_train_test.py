@@ -261,17 +261,22 @@ def test_backward_transcription_in_float32_is_the_triton_backward(rope, n, h, f,
 # keep_hidden (the default) applies with one hidden chunk (F <= 64): GELU' kept from the logits' pass; False
 # recomputes it (as with several chunks). T = 70: two query tiles and two key blocks, the first tile's second key
 # block (and the key kernel's tile pair likewise) has no visible pair: such programs write nothing, masked outside
-# (without the mask this case fails).
-@pytest.mark.parametrize('rope,n,h,f,t,small_smem,keep', [(True, 2, 8, 40, 37, False, True),
-                                                          (False, 1, 6, 40, 70, False, False),
-                                                          (True, 2, 8, 100, 40, True, True)])
-def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, small_smem, keep, monkeypatch):
+# (without the mask this case fails). With two hidden chunks the logits come first (the default there): the key
+# kernel reads the query kernel's p and ds, masking the pairs it left unwritten (without that mask the F = 100 case
+# fails); then the same in one pass (logits_first=False).
+@pytest.mark.parametrize('rope,n,h,f,t,small_smem,keep,first', [(True, 2, 8, 40, 37, False, True, None),
+                                                                (False, 1, 6, 40, 70, False, False, None),
+                                                                (True, 2, 8, 100, 40, True, True, None),
+                                                                (True, 2, 8, 100, 40, True, True, False)])
+def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, small_smem, keep, first,
+                                                              monkeypatch):
   scale, args, g, lse, dgo = _backward_args(3 * t + f, rope, n, h, f, t)
   if small_smem:
     monkeypatch.setattr(fmb, 'SMEM_BYTES', 140_000)
-  d = fmb._dims(args[0], args[2])
-  assert (d.hq, d.hk, d.kb, d.qb) == ((1, 1, 32, 32) if small_smem else (n, n, 64, 64)), d
-  opts = fmb.Options(keep_hidden=keep)
+  opts = fmb.Options(keep_hidden=keep, logits_first=first)
+  d = fmb._dims(args[0], args[2], opts)
+  blocks = (1, 1, 32, 32) if small_smem else (n, n, 64, 64)
+  assert (d.hq, d.hk, d.kb, d.qb, d.lq) == (*blocks, f > 64 and first is None), d
   got = jax.jit(lambda *a: fmb.backward(*a, scale=scale, opts=opts, interpret=fm.interpreter()))(*args, g, lse, dgo)
   ref = fmb.transcription(*args, g, lse, dgo, scale=scale)
   errs = _errs5(got, ref, floor=1.0 if not rope else 0.0)
@@ -305,10 +310,12 @@ def test_backward_shared_memory_overflow_falls_back_to_merged(caplog):
 
 
 # Two warpgroups (the default on a GPU) are checked here and on the GPU only (docs/bench/fused_mgpu_bwd_sweep_h200.json
-# records the same errors against the transcription as with one): interpreted, two warpgroups waiting on the same TMA barriers
-# hang in most runs (the forward's do too), with or without this kernel's own barriers, so interpreted runs use one.
+# and, logits first, fused_mgpu_bwd_sweep_lf2_h200.json record the same errors against the transcription as with
+# one): interpreted, two warpgroups waiting on the same TMA barriers hang in most runs (the forward's do too), with or
+# without this kernel's own barriers, so interpreted runs use one.
 @pytest.mark.skipif(not _lowers_for_cuda(), reason='lowering for cuda is unavailable here')
 @pytest.mark.parametrize('f,expect,opts', [(64, (2, 2, 64, 64), {}), (256, (1, 1, 32, 32), {}),
+                                           (256, (1, 1, 32, 32), {'logits_first': False}),
                                            (64, (2, 2, 64, 64), {'warpgroups': 1, 'keep_hidden': False,
                                                                  'approx_math': False})])
 def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts):
