@@ -44,7 +44,7 @@ computes the logits into shared memory and the softmax's (m, l); pass 2 takes on
 warpgroups take alternate chunks), its G over all keys with p = exp(s - m) final, no rescaling. The GELU is
 computed twice, G needs 32 registers a thread per head: 0.59 ms a layer at kv_hidden 256 on one H200, and a
 training step at the original config 13.46 ms against 17.03 (docs/bench/fused_mgpu_check_lf_h200.json,
-docs/bench/fused_mgpu_step_lf_h200.json).
+docs/bench/fused_mgpu_step_lf_h200.json; 9.59 ms with the backward's logits first too, fused_mgpu_bwd.py).
 
 Precision: the key layer's operands are bfloat16 (g and W2k rounded, products exact, float32 accumulation); h, the
 GELU, the softmax and G are float32. `transcription` computes the same formulation in plain jnp (with

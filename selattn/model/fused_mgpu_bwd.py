@@ -14,6 +14,13 @@ Query kernel (64 queries, a block of keys, one key at a time): du and A1, A2 in 
   one wgmma per head (g from registers) and its dg by one per head (dK from registers, W2k^T from shared memory).
 Key kernel (64 keys, a block of queries, one query at a time): dw and db2k's rows in registers, dW2k by a wgmma of
   g^T (shared memory, transposed) by dK per query: an [F, 2 H2] accumulator per head.
+Logits first (`Options.logits_first`, the default with several hidden chunks, kv_hidden > 64). In one pass du (or
+  dw) takes F / 2 registers a thread, which spills at kv_hidden 256. Instead the query kernel's pass 1 visits the
+  keys for p and ds (into shared memory, then out to the key kernel) and A1, A2; its pass 2 takes one hidden chunk
+  at a time, du of that chunk over all keys (the warpgroups on alternate chunks). The key kernel reads p and ds
+  (masked by visibility: pairs past a query tile's last visible key were never written) and only runs pass 2: dw
+  and dW2k of a chunk over all queries, db in warpgroup 0's first chunk. dg's B is then K's B read transposed
+  (shared memory for p and ds).
 Partial results of the blocks (and head groups) are summed outside by XLA; swap(A2) is taken there too (it moves
 columns between threads). The key layer's operands are bfloat16 as in the forward (so the recomputed logits are the
 forward's and its lse normalises them), as are those of dg's and dW2k's matmuls; everything else is float32.
@@ -25,11 +32,12 @@ most of an SM, so two warpgroups share each program (they take turns over its ke
 accumulators, and write their partials in turn), the GELU and its derivative share one approximate tanh, and a
 program with no visible pair returns before copying its inputs (its partial outputs are masked outside).
 Checked in Mosaic GPU's interpret mode (one warpgroup: two hang there) against `transcription` and `materialized`,
-and lowered for cuda with both (tests/fused_mgpu_train_test.py). On one H200 (docs/bench/fused_mgpu_bwd_sweep_h200.json,
-jax 0.11.2) one layer's backward at the original config takes 0.67 ms at kv_hidden 64 and 3.1 ms at 256, against
-2.0-2.1 and 6.7-7.0 for the merged Triton backward; with the MGPU forward a training step takes 2.99 and 17.1 ms
-against 9.5 and 31.1 (docs/bench/mlp_mgpu2_h200.json). docs/bench/fused_mgpu_bwd_sweep.py times the backward alone by
-`Options`.
+and lowered for cuda with both (tests/fused_mgpu_train_test.py). On one H200 (jax 0.11.2) one layer's backward at
+the original config takes 0.67-0.79 ms at kv_hidden 64 (docs/bench/fused_mgpu_bwd_sweep_h200.json,
+fused_mgpu_bwd_sweep_lf_h200.json) and at 256 2.15 ms with the logits first against 3.41 in one pass
+(fused_mgpu_bwd_sweep_lf2_h200.json), against 2.0-2.1 and 6.4-7.0 for the merged Triton backward; with the MGPU
+forward a training step takes 3.07 and 9.59 ms against 9.55 and 31.0 (docs/bench/mlp_mgpu4_h200.json,
+mlp_mgpu3_h64_h200.json). docs/bench/fused_mgpu_bwd_sweep.py times the backward alone by `Options`.
 """
 
 from __future__ import annotations
