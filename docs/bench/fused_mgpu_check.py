@@ -7,8 +7,9 @@ run is recorded with its error and the script goes on. Writes $OUT/fused_mgpu_ch
 
   OUT=. PYTHONPATH=$PWD python3 docs/bench/fused_mgpu_check.py
 
-Recorded on one H200 (jax 0.11.2, 2026-12-01): docs/bench/fused_mgpu_check_h200.json, its printed lines in
-docs/bench/fused_mgpu_check_h200_log.txt.
+FS sets the kv_hidden values (default 64,256). Recorded on one H200 (jax 0.11.2, 2026-12-01):
+docs/bench/fused_mgpu_check_h200.json (its printed lines in docs/bench/fused_mgpu_check_h200_log.txt); with the
+logits-first variants and FS=256,128,64: docs/bench/fused_mgpu_check_lf_h200.json (and its _log.txt).
 """
 
 import os
