@@ -516,22 +516,22 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
             plgpu.copy_smem_to_gmem(st_w, g_out.at[bi, kbi, rows, pl.ds((gi * hp + h) * fp + ci * FC, FC)])
             plgpu.wait_smem_to_gmem(0)
 
-        def out_ml():
-          for h in range(hp):
-            ml_s[0, h] = m[h]
-            ml_s[1, h] = l[h]
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(ml_s.at[0], m_out.at[bi, kbi, heads, rows])
-          plgpu.copy_smem_to_gmem(ml_s.at[1], l_out.at[bi, kbi, heads, rows])
-          plgpu.wait_smem_to_gmem(0)
-
         for v in range(wgs):  # static chunk indices per warpgroup
           def mine(v=v):
             for ci in range(v, nc, wgs):
               chunk(ci)
             if v == 0:
-              out_ml()
+              out_ml(ml_s, m, l, kbi)
           pl.when(wgi == v)(mine) if wgs > 1 else mine()
+
+      def out_ml(buf, m, l, split):  # (m, l) out through buf [2, heads, 64]
+        for h in range(hp):
+          buf[0, h] = m[h]
+          buf[1, h] = l[h]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf.at[0], m_out.at[bi, split, heads, rows])
+        plgpu.copy_smem_to_gmem(buf.at[1], l_out.at[bi, split, heads, rows])
+        plgpu.wait_smem_to_gmem(0)
 
       m_init = tuple(cast(jnp.full((BQ,), _MASKED, jnp.float32), row) for _ in range(hp))
       l_init = tuple(cast(jnp.zeros((BQ,), jnp.float32), row) for _ in range(hp))
@@ -551,12 +551,7 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(st_s, g_out.at[bi, split, rows, pl.ds((gi * hp + h) * fp + ci * FC, FC)])
             plgpu.wait_smem_to_gmem(0)
-          mlw_s[0, h] = m[h]
-          mlw_s[1, h] = l[h]
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(mlw_s.at[0], m_out.at[bi, split, heads, rows])
-        plgpu.copy_smem_to_gmem(mlw_s.at[1], l_out.at[bi, split, heads, rows])
-        plgpu.wait_smem_to_gmem(0)
+        out_ml(mlw_s, m, l, split)
         return
 
       # Out through shared memory: G per head in u's buffer (u is no longer read), m and l in ml_s.

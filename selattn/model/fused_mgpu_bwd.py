@@ -376,15 +376,19 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       def w2_t(ci, h):  # dg's B: W2k^T (compiled: K's B read transposed)
         return w2t_s.at[ci, h] if w2t_s is not None else plgpu.transpose_ref(w2b_s.at[ci, h], (1, 0))
 
-      def key_step(it, carry):
-        du, a1, a2 = carry
-        j = it * wgs + wgi  # warpgroups take turns over the keys
+      def query(h, cj, sj):  # R_j^T R_i q_i of head h: [64, Hd]
+        return (load(a_s.at[h], (slice(None), pl.ds(0, hd)), wg) * cj
+                + load(a_s.at[h], (slice(None), pl.ds(hd, hd)), wg) * sj)
+
+      def key_terms(j, a1, a2, keep_gd):
+        """Key j against the tile's queries, per head: p and scale ds ([64] each), dK, A1 and A2 with this key's
+        terms added; and GELU' if kept (one hidden chunk)."""
         kv = [jnp.zeros((BQ, hd), f32) for _ in range(hq)]
         dp = [jnp.zeros((BQ,), f32) for _ in range(hq)]
         kept = None
         for ci in range(nc):
           g, gd = hidden(j, ci)
-          kept = gd if keep else None
+          kept = gd if keep_gd else None
           gb = g.astype(jnp.bfloat16)
           for h in range(hq):
             kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BQ, hd))
@@ -392,19 +396,24 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         cj = bcast_col(load(c_s.at[j], (), col), BQ, hd)
         sj = bcast_col(load(s_s.at[j], (), col), BQ, hd)
         visible = qp_v >= kp_s[j]
-        p, dk, new_a1, new_a2 = [], [], list(a1), list(a2)
+        p, ds, dk, new_a1, new_a2 = [], [], [], list(a1), list(a2)
         for h in range(hq):
           k = kv[h] + bcast_col(load(b2_s.at[h], (), col), BQ, hd)
-          ah = load(a_s.at[h], (slice(None), pl.ds(0, hd)), wg)
-          ah_sw = load(a_s.at[h], (slice(None), pl.ds(hd, hd)), wg)
-          qr = ah * cj + ah_sw * sj
-          logit = jnp.sum(qr * k, axis=1) * scale
-          ph = jnp.where(visible, jnp.exp(logit - lse_v[h]), 0.0)
-          dsc = bcast_row(ph * (dp[h] - dl_v[h]) * scale, hd)  # scale ds, broadcast along the row
+          qr = query(h, cj, sj)
+          ph = jnp.where(visible, jnp.exp(jnp.sum(qr * k, axis=1) * scale - lse_v[h]), 0.0)
+          dsv = ph * (dp[h] - dl_v[h]) * scale  # scale ds
+          dsc = bcast_row(dsv, hd)  # broadcast along the row
           p.append(ph)
+          ds.append(dsv)
           dk.append(dsc * qr)
           new_a1[h] = a1[h] + dsc * (cj * k)
           new_a2[h] = a2[h] + dsc * (sj * k)
+        return p, ds, dk, tuple(new_a1), tuple(new_a2), kept
+
+      def key_step(it, carry):
+        du, a1, a2 = carry
+        j = it * wgs + wgi  # warpgroups take turns over the keys
+        p, _, dk, a1, a2, kept = key_terms(j, a1, a2, keep)
         new_du = list(du)
         for ci in range(nc):
           gd = kept if keep else hidden(j, ci)[1]
@@ -413,41 +422,18 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
             dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2_t(ci, h), (BQ, FC))
             dg = dg + bcast_row(p[h], FC) * dgo_chunk(h, ci)
           new_du[ci] = du[ci] + dg * gd
-        return tuple(new_du), tuple(new_a1), tuple(new_a2)
-
-      def query(h, cj, sj):  # R_j^T R_i q_i of head h: [64, Hd]
-        return (load(a_s.at[h], (slice(None), pl.ds(0, hd)), wg) * cj
-                + load(a_s.at[h], (slice(None), pl.ds(hd, hd)), wg) * sj)
+        return tuple(new_du), a1, a2
 
       def logits_first(my_keys):
         """Pass 1 (warpgroups take turns over the keys): p and ds of each key into shared memory, A1 and A2; pass 2
         (warpgroups take turns over the hidden chunks): du of a chunk over all keys."""
         def logit_step(it, carry):
-          a1, a2 = carry
           j = it * wgs + wgi
-          kv = [jnp.zeros((BQ, hd), f32) for _ in range(hq)]
-          dp = [jnp.zeros((BQ,), f32) for _ in range(hq)]
-          for ci in range(nc):
-            g = hidden(j, ci)[0]
-            gb = g.astype(jnp.bfloat16)
-            for h in range(hq):
-              kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BQ, hd))
-              dp[h] = dp[h] + jnp.sum(g * dgo_chunk(h, ci), axis=1)
-          cj = bcast_col(load(c_s.at[j], (), col), BQ, hd)
-          sj = bcast_col(load(s_s.at[j], (), col), BQ, hd)
-          visible = qp_v >= kp_s[j]
-          new_a1, new_a2 = list(a1), list(a2)
+          p, ds, _, a1, a2, _ = key_terms(j, *carry, False)
           for h in range(hq):
-            k = kv[h] + bcast_col(load(b2_s.at[h], (), col), BQ, hd)
-            qr = query(h, cj, sj)
-            ph = jnp.where(visible, jnp.exp(jnp.sum(qr * k, axis=1) * scale - lse_v[h]), 0.0)
-            dsv = ph * (dp[h] - dl_v[h]) * scale  # scale ds
-            pd_s.at[0, h, j][...] = ph
-            pd_s.at[1, h, j][...] = dsv
-            dsc = bcast_row(dsv, hd)
-            new_a1[h] = a1[h] + dsc * (cj * k)
-            new_a2[h] = a2[h] + dsc * (sj * k)
-          return tuple(new_a1), tuple(new_a2)
+            pd_s.at[0, h, j][...] = p[h]
+            pd_s.at[1, h, j][...] = ds[h]
+          return a1, a2
 
         a1, a2 = jax.lax.fori_loop(0, my_keys, logit_step, (tuple(zeros(hd) for _ in range(hq)),
                                                              tuple(zeros(hd) for _ in range(hq))))
