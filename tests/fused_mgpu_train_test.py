@@ -134,8 +134,11 @@ def test_off_a_gpu_the_model_falls_back_without_the_interpreter(caplog, monkeypa
   run, params = _layer(fused_backward='mgpu')
   x = jax.random.normal(jax.random.key(3), (1, 5, 16))
   fused_lib._log_once.cache_clear()
-  with caplog.at_level(logging.WARNING):
+  fused_lib._log_kernels.cache_clear()
+  with caplog.at_level(logging.INFO):
     out, grads = jax.value_and_grad(lambda params: jnp.sum(run(params, x, None) ** 2))(params)
+  ran = [r.getMessage() for r in caplog.records if r.getMessage().startswith('selective_impl=fused runs')]
+  assert ran == ['selective_impl=fused runs the Triton forward and the merged Triton backward'], ran  # after both
   lines = sorted(r.getMessage() for r in caplog.records if 'mgpu cannot' in r.getMessage())
   why = '(the cpu backend is not a Hopper GPU (the Mosaic GPU interpreter is for tests))'
   assert lines == [f'model.fused_backward=mgpu cannot take this call {why}: running the merged Triton backward',
@@ -465,9 +468,12 @@ def test_bf16_model_runs_the_mgpu_kernels_and_trains_like_materialized(caplog):
     return traced.lower().compile()(params, x), str(traced.jaxpr)
 
   fused_lib._log_once.cache_clear()
-  with caplog.at_level(logging.WARNING):
+  fused_lib._log_kernels.cache_clear()
+  with caplog.at_level(logging.INFO):
     (got, jaxpr) = run(None, fused_forward='mgpu', fused_backward='mgpu')
   assert not [r for r in caplog.records if 'cannot take' in r.getMessage()]
+  ran = [r.getMessage() for r in caplog.records if r.getMessage().startswith('selective_impl=fused runs')]
+  assert ran == ['selective_impl=fused runs the Mosaic GPU forward and the Mosaic GPU backward'], ran
   for name in ('selective_fused_fwd_mgpu', 'selective_fused_bwd_query_mgpu', 'selective_fused_bwd_key_mgpu'):
     assert name in jaxpr, name  # the Mosaic GPU kernels ran, no fallback
   assert got[1].dtype == jnp.bfloat16  # the layer's output in the model's dtype

@@ -564,6 +564,17 @@ def _log_once(msg: str) -> None:
   logging.warning(msg)
 
 
+_FORWARDS = {'triton': 'the Triton forward', 'mgpu': 'the Mosaic GPU forward'}
+_BACKWARDS = {'merged': 'the merged Triton backward', 'split': 'the split Triton backward',
+              'mgpu': 'the Mosaic GPU backward'}
+
+
+@functools.cache
+def _log_kernels(forward: str, backward: str) -> None:
+  """Which kernels `fused` runs (after 'auto' and any fallback), once per pair: a run's log says what it timed."""
+  logging.info('selective_impl=fused runs %s and %s', _FORWARDS[forward], _BACKWARDS[backward])
+
+
 def _halves(x: Array, h2: int) -> Array:
   """[..., H] -> [..., 2, H2]: the RoPE halves, each zero-padded to H2 (zeros add nothing to any dot product)."""
   half = (x.shape[-1] + 1) // 2
@@ -597,7 +608,7 @@ def _asked(which: str, asked: dict) -> str:
 
 def resolve_auto(forward: str, backward: str, interpret: bool, act: str = 'gelu') -> dict:
   """'auto' kernels: the Mosaic GPU ones compiled on a Hopper GPU outside a multi-device mesh, where they were
-  measured (one H200, the original config: a training step 3.2x faster at kv_hidden 64 and 1.8x at 256,
+  measured (one H200, the original config: a training step 3.0-3.2x faster at kv_hidden 64 and 3.2x at 256,
   BENCHMARKS.md) and trained (RESULTS.md: the same losses as the Triton kernels over 20k steps); else Triton's
   (forward, merged backward). Explicit names are kept; shapes the Mosaic GPU kernels cannot take still fall back."""
   if 'auto' not in (forward, backward):
@@ -658,6 +669,7 @@ def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Arr
     if (why := fused_mgpu_bwd.cannot_run(act, interpret, qh, w_p)) is not None:
       _log_once(f'{_asked("backward", asked)} cannot take this call ({why}): running the merged Triton backward')
       st = dataclasses.replace(st, backward='merged')
+  _log_kernels(st.forward, st.backward)
   g = _fused(st, qh, u_p, w_p, w2, b2, cos, sin, qpos, kpos)[:, :t, :, :f]  # [B, T, N, F] float32
   out = jnp.einsum('BTNF,FNH->BTNH', g.astype(w2v.dtype), w2v.reshape(f, n, h), preferred_element_type=jnp.float32)
   return (out + b2v.reshape(1, 1, n, h).astype(jnp.float32)).astype(q.dtype)
