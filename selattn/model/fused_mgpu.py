@@ -411,8 +411,9 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
 
       u_regs = [load(u_s.at[ci], (), wg) for ci in range(nc)] if opts.keep_u else None
 
-      def hidden(j, ci):
-        uc = u_regs[ci] if u_regs else load(u_s.at[ci], (), wg)
+      def hidden(j, ci, uc=None):
+        if uc is None:
+          uc = u_regs[ci] if u_regs else load(u_s.at[ci], (), wg)
         wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
         return _gelu(uc + jax.lax.broadcast_in_dim(wc, (BQ, FC), (1,)))
 
@@ -494,12 +495,12 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
           ls = [[load(xml_s.at[v, 1, h], (), row) for h in range(hp)] for v in range(wgs)]
           m = [functools.reduce(jnp.maximum, [ms[v][h] for v in range(wgs)]) for h in range(hp)]
           l = [sum(ls[v][h] * jnp.exp(ms[v][h] - m[h]) for v in range(wgs)) for h in range(hp)]
+
         def chunk(ci):
           uc = load(u_s.at[ci], (), wg)  # held across the keys
 
           def g_step(j, gs):
-            wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
-            g = _gelu(uc + jax.lax.broadcast_in_dim(wc, (BQ, FC), (1,)))
+            g = hidden(j, ci, uc)
             visible = qpos_v >= kpos_s[j]
             new = []
             for h in range(hp):
@@ -558,15 +559,11 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
       for h in range(hp):
         for ci in range(nc):
           u_s[ci] = gs[h * nc + ci]
-        ml_s[0, h] = m[h]
-        ml_s[1, h] = l[h]
         plgpu.commit_smem()
         for ci in range(nc):
           plgpu.copy_smem_to_gmem(u_s.at[ci], g_out.at[bi, split, rows, pl.ds((gi * hp + h) * fp + ci * FC, FC)])
         plgpu.wait_smem_to_gmem(0)
-      plgpu.copy_smem_to_gmem(ml_s.at[0], m_out.at[bi, split, heads, rows])
-      plgpu.copy_smem_to_gmem(ml_s.at[1], l_out.at[bi, split, heads, rows])
-      plgpu.wait_smem_to_gmem(0)
+      out_ml(ml_s, m, l, split)
 
     pl.when(count > 0)(live)
 

@@ -286,21 +286,32 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     """[all warpgroups are past their loops (the inputs' buffers are free), warpgroup i+1's turn to write out]."""
     return [plgpu.Barrier(num_arrivals=wgs), plgpu.Barrier(num_barriers=max(wgs - 1, 1))]
 
+  def all_done(wgs, done):
+    """Waits until every warpgroup has arrived here."""
+    if wgs > 1:
+      plgpu.barrier_arrive(done)
+      plgpu.barrier_wait(done)
+
+  def turn_of(i, wgs, turn, out):
+    """Warpgroup i's turn (static i): after warpgroup i-1's, `out`, then warpgroup i+1's."""
+    if i:
+      plgpu.barrier_wait(turn.at[i - 1])
+    out()  # ends with its copies out done, so the next may overwrite the buffers
+    if i < wgs - 1:
+      plgpu.barrier_arrive(turn.at[i])
+
   def in_turn(wgs, wgi, done, turn, out):
     """`out` (which writes through the inputs' buffers) by each warpgroup in turn, after all have finished."""
     if wgs == 1:
       out()
       return
-    plgpu.barrier_arrive(done)
-    plgpu.barrier_wait(done)
+    all_done(wgs, done)
     for i in range(wgs):
-      def mine(i=i):
-        if i:
-          plgpu.barrier_wait(turn.at[i - 1])
-        out()  # ends with its copies out done, so the next may overwrite the buffers
-        if i < wgs - 1:
-          plgpu.barrier_arrive(turn.at[i])
-      pl.when(wgi == i)(mine)
+      pl.when(wgi == i)(functools.partial(turn_of, i, wgs, turn, out))
+
+  def dg_b(w2t_s, w2b_s, ci, h):
+    """dg's B operand, W2k^T of chunk ci and head h: its own copy, or (compiled, logits first) K's B transposed."""
+    return w2t_s.at[ci, h] if w2t_s is not None else plgpu.transpose_ref(w2b_s.at[ci, h], (1, 0))
 
   def load(ref, idx, layout):
     return ref[idx] if interp else plgpu.load(ref, idx, layout=layout)
@@ -373,9 +384,6 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       def dgo_chunk(h, ci):
         return load(dgo_s.at[h], (slice(None), pl.ds(ci * FC, FC)), wg)
 
-      def w2_t(ci, h):  # dg's B: W2k^T (compiled: K's B read transposed)
-        return w2t_s.at[ci, h] if w2t_s is not None else plgpu.transpose_ref(w2b_s.at[ci, h], (1, 0))
-
       def query(h, cj, sj):  # R_j^T R_i q_i of head h: [64, Hd]
         return (load(a_s.at[h], (slice(None), pl.ds(0, hd)), wg) * cj
                 + load(a_s.at[h], (slice(None), pl.ds(hd, hd)), wg) * sj)
@@ -419,7 +427,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
           gd = kept if keep else hidden(j, ci)[1]
           dg = jnp.zeros((BQ, FC), f32)
           for h in range(hq):
-            dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2_t(ci, h), (BQ, FC))
+            dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, ci, h), (BQ, FC))
             dg = dg + bcast_row(p[h], FC) * dgo_chunk(h, ci)
           new_du[ci] = du[ci] + dg * gd
         return tuple(new_du), a1, a2
@@ -460,7 +468,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
             for h in range(hq):
               ph = load(pd_s.at[0, h, j], (), row)
               dk = bcast_row(load(pd_s.at[1, h, j], (), row), hd) * query(h, cj, sj)
-              dg = dg + mm(dk.astype(jnp.bfloat16), dka_s, w2_t(ci, h), (BQ, FC))
+              dg = dg + mm(dk.astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, ci, h), (BQ, FC))
               dg = dg + bcast_row(ph, FC) * dgo_c[h]
             return du + dg * gd
 
@@ -562,8 +570,9 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
               *((w_g.at[bi, keys, pl.ds(ci * FC, FC)], w_s.at[ci]) for ci in range(nc)),  # w chunk-major
               (b2_g.at[heads], b2_s), (c_g.at[keys], c_s), (s_g.at[keys], s_s),
               (qp_g.at[qrows], qp_s),
-              (kp_g.at[keys], kp_s), (lse_g.at[bi, heads, qrows], lse_s),
-              (dl_g.at[bi, heads, qrows], dl_s), (dgo_g.at[bi, heads, qrows], dgo_s)]
+              (kp_g.at[keys], kp_s), (dgo_g.at[bi, heads, qrows], dgo_s)]
+    if pd_s is None:  # one pass reads lse and Delta (logits first: p and ds come from the query kernel)
+      copies += [(lse_g.at[bi, heads, qrows], lse_s), (dl_g.at[bi, heads, qrows], dl_s)]
     copies += [(w2b_g.at[ci, gi * hk + h], w2b_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
     if w2t_s is not None:
       copies += [(w2t_g.at[ci, gi * hk + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
@@ -592,21 +601,20 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       def dgo_row(i, h, ci):
         return bcast_col(load(dgo_s.at[h, i], (pl.ds(ci * FC, FC),), col), BK, FC)
 
-      def w2_t(ci, h):  # dg's B: W2k^T (compiled, with the logits first: K's B read transposed)
-        return w2t_s.at[ci, h] if w2t_s is not None else plgpu.transpose_ref(w2b_s.at[ci, h], (1, 0))
-
       def query(h, i):  # R_j^T R_i q_i of head h for the tile's keys: [64, Hd]
         ah = bcast_col(load(a_s.at[h, i], (pl.ds(0, hd),), col), BK, hd)
         ah_sw = bcast_col(load(a_s.at[h, i], (pl.ds(hd, hd),), col), BK, hd)
         return ah * c_v + ah_sw * s_v
 
-      def logits(i, kept):
-        """Per head: p and scale ds of query i against the tile's keys ([64] each), dK, and (g, gelu') if kept."""
+      def logits(i, keep_g):
+        """Per head: p and scale ds of query i against the tile's keys ([64] each), dK, and (g, gelu') if keep_g
+        (one hidden chunk)."""
         kv = [jnp.zeros((BK, hd), f32) for _ in range(hk)]
         dp = [jnp.zeros((BK,), f32) for _ in range(hk)]
+        kept = None
         for ci in range(nc):
           g, gd = hidden(i, ci)
-          kept = (g, gd) if kept is not None else None
+          kept = (g, gd) if keep_g else None
           gb = g.astype(jnp.bfloat16)
           for h in range(hk):
             kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BK, hd))
@@ -627,7 +635,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         """dw's chunk ci += dg o gelu', dW2k's += g^T dK (wgmma, g and dK through this warpgroup's buffers)."""
         dg = jnp.zeros((BK, FC), f32)
         for h in range(hk):
-          dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, w2_t(ci, h), (BK, FC))
+          dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, ci, h), (BK, FC))
           dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, ci)
         gb = g.astype(jnp.bfloat16)
         gs_w[...] = gb.T if interp else gb
@@ -647,7 +655,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         def query_step(it, carry):
           dw, db = carry
           i = lo + it * wgs + wgi  # warpgroups take turns over the queries
-          p, _, dk, kept = logits(i, () if keep else None)
+          p, _, dk, kept = logits(i, keep)
           new_dw = list(dw)
           for ci in range(nc):
             g, gd = kept if keep else hidden(i, ci)
@@ -726,16 +734,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
           for r, ci in enumerate(range(v, nc, wgs)):
             out_dw2(qbi, ci, [acc[...] for acc in dw2_acc[r * hk:(r + 1) * hk]])
 
-        if wgs == 1:
-          out()
-          return
-        plgpu.barrier_arrive(done)
-        plgpu.barrier_wait(done)
-        if v:
-          plgpu.barrier_wait(turn.at[v - 1])
-        out()
-        if v < wgs - 1:
-          plgpu.barrier_arrive(turn.at[v])
+        all_done(wgs, done)
+        turn_of(v, wgs, turn, out)
 
       n_own = -(-nc // wgs) * hk
       for v in range(wgs):  # static chunk indices per warpgroup
