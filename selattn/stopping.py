@@ -1,5 +1,8 @@
 """SIGTERM and Ctrl-C (SIGINT): a flag the training loop polls, so it saves a checkpoint and stops.
 
+The loop sees the flag between its jitted calls (train.steps_per_call steps each); with `exit_early` a line says at
+once that the signal arrived, so a slow call (a large model, a CPU) does not look like a hang.
+
 Before the loop starts there is nothing new to save, and the program may be deep in XLA compilation, where a
 Python exception would unwind through C++ (tracebacks, then a segmentation fault). With `exit_early`, a signal
 then ends the process at once with one line and EXIT_STOPPED: it leaves the workdir as a SIGKILL would, which the
@@ -12,6 +15,8 @@ import os
 import signal
 import sys
 import threading
+
+from absl import logging
 
 EXIT_FINISHED = 0  # train.num_steps reached
 EXIT_FAILED = 1  # an error (bad input, NaN, full disk, workdir in use): rerunning as is will not help
@@ -32,6 +37,7 @@ class StopSignal:
     self._old_wakeup = None
     self._pipe = None
     self._exit_lock = threading.Lock()
+    self._acknowledged = False
     self.on_exit = []  # called with an early exit's line before it exits (train.py's: it goes to train.log too)
 
   def loop_started(self) -> None:
@@ -70,6 +76,7 @@ class StopSignal:
           return
         if data[0] in [int(s) for s in _SIGNALS]:
           self._maybe_exit(signal.Signals(data[0]).name)
+          self._acknowledge(signal.Signals(data[0]).name)
     except OSError:
       return
     finally:
@@ -77,6 +84,17 @@ class StopSignal:
         os.close(fd)
       except OSError:
         pass
+
+  def _acknowledge(self, name: str) -> None:
+    """In the loop, one line at once (from the watcher thread): the main thread sees the flag only when the jitted
+    call in flight returns, which on a slow device can take minutes. Once per run."""
+    if not self._loop_running:
+      return
+    with self._exit_lock:
+      if self._acknowledged:
+        return
+      self._acknowledged = True
+    logging.warning('%s received: the steps in flight finish, then the run saves a checkpoint and stops', name)
 
   def _handle(self, signum, frame) -> None:
     del frame

@@ -194,6 +194,10 @@ def test_sigterm_saves_a_checkpoint_and_the_restart_is_bit_identical(tmp_path, r
   m = re.search(r'SIGTERM received: saved a checkpoint at step (\d+) and stopping; rerun the same command to '
                 r'resume', text)
   assert m, _tail(log)
+  # The signal is acknowledged at once, once, before the save (the loop sees it only between jitted calls).
+  ack = 'SIGTERM received: the steps in flight finish, then the run saves a checkpoint and stops'
+  assert text.count(ack) == 1 and text.index(ack) < m.start(), _tail(log)
+  assert open(os.path.join(workdir, 'train.log')).read().count(ack) == 1
   stop = int(m.group(1))
   assert stop >= 15
   assert checkpoint_steps(workdir) == [stop]
@@ -205,6 +209,33 @@ def test_sigterm_saves_a_checkpoint_and_the_restart_is_bit_identical(tmp_path, r
   assert rc == 0, err[-3000:]
   assert re.search(rf'resumed from .* at step {stop}\b', err), err[-3000:]
   expect_losses(ref, scalars(workdir, files=new_event_files(workdir, first)), stop + 1, stop + 10)
+
+
+def test_a_signal_during_a_long_call_is_acknowledged_at_once(tmp_path):
+  # 1000 steps in one jitted call (~4 s on a CPU): the loop sees the flag only when the call returns, but the line
+  # saying the signal arrived must come while it is still running, before step 1000 is logged.
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log.txt')
+  every = [f'--config.train.{k}={v}' for k, v in (('steps_per_call', 1000), ('log_every', 1000),
+                                                  ('eval_every', 100000), ('checkpoint_every', 100000))]
+  proc = start_main(workdir, log, '--config.train.num_steps=100000', *every)
+  try:
+    wait_for_log(proc, log, r'training from step 0 to 100000')
+    proc.send_signal(signal.SIGINT)
+    wait_for_log(proc, log, r'SIGINT received: the steps in flight finish, then the run saves a checkpoint')
+    before = open(log).read()
+    assert not re.search(r'\bstep \d+/100000\b', before), _tail(log)
+    assert proc.wait(timeout=TIMEOUT) == stopping.EXIT_STOPPED, _tail(log)
+  finally:
+    _kill(proc)
+  text = open(log).read()
+  stop = int(re.search(r'SIGINT received: saved a checkpoint at step (\d+)', text).group(1))
+  assert stop % 1000 == 0 and checkpoint_steps(workdir) == [stop], (stop, _tail(log))
+  # At once, not when the call returned (a Python signal handler runs only then, just before the step's line).
+  def logged_at(pattern):
+    hh, mm, ss = re.search(r'^[IWE]\d{4} (\d\d):(\d\d):(\d\d\.\d+) .*' + pattern, text, re.MULTILINE).groups()
+    return int(hh) * 3600 + int(mm) * 60 + float(ss)
+  lead = logged_at(r'step 1000/100000\b') - logged_at('SIGINT received: the steps in flight')
+  assert lead > 1.0, (lead, _tail(log))
 
 
 def test_sigkill_resumes_from_the_last_complete_checkpoint(tmp_path, reference):
