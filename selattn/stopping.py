@@ -75,8 +75,9 @@ class StopSignal:
         if not data:
           return
         if data[0] in [int(s) for s in _SIGNALS]:
-          self._maybe_exit(signal.Signals(data[0]).name)
-          self._acknowledge(signal.Signals(data[0]).name)
+          name = signal.Signals(data[0]).name
+          self._maybe_exit(name)
+          self._acknowledge(name)
     except OSError:
       return
     finally:
