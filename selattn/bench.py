@@ -98,6 +98,16 @@ def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, i
                                                      'model.fused_forward': 'mgpu', 'model.fused_backward': 'mgpu'}, 1))
         out.append((f'blockwise-b320-h{hid}-{dt[:4]}', {**v, 'model.selective_impl': 'blockwise',
                                                          'model.block_q': 320, 'model.block_k': 320}, 1))
+    if n_dev > 1:
+      # The Mosaic GPU kernels under a mesh of all devices, float32: the sequence split (the W3 path), the head
+      # split (mesh.tensor; the original config has 2 heads) and data parallelism at the same per-device batch.
+      for hid in (64, 256):
+        v = {**base, 'model.kv_hidden': hid, 'model.selective_impl': 'fused', 'model.fused_forward': 'mgpu',
+             'model.fused_backward': 'mgpu', 'mesh.data': 1}
+        out.append((f'fused-mgpu2-h{hid}-floa-seq{n_dev}', {**v, 'mesh.seq': n_dev}, n_dev))
+        out.append((f'fused-mgpu2-h{hid}-floa-tensor{n_dev}', {**v, 'mesh.tensor': n_dev}, n_dev))
+        out.append((f'fused-mgpu2-h{hid}-floa-data{n_dev}', {**v, 'mesh.data': n_dev,
+                                                             'train.batch_size': 16 * n_dev}, n_dev))
     lin = {**base, 'model.kv_generator': 'linear'}
     out.append(('linear-factored', {**lin, 'model.selective_impl': 'factored'}, 1))
     out.append(('linear-fused', {**lin, 'model.selective_impl': 'fused', 'model.fused_backward': 'split'}, 1))

@@ -761,6 +761,12 @@ def _loop(cfg, mesh, steps: Steps, state, step: int, unlogged: list, data_iter, 
                         'resume', stopping_now, step)
         break
     jax.block_until_ready(state)  # before exiting: a peer process may still be in a collective with us
+    if step >= t.num_steps and stop.stopped_at is None:
+      ckpt.wait()  # the line names a checkpoint that is on disk
+      logging.info('finished at step %d: held-out loss %.4f | this call trained %s steps in %s | checkpoint in %s; '
+                   'sample from it with: python -m selattn.sample --workdir %s', step, result['eval/loss'],
+                   f'{step - progress.step:,}', _fmt_time(time.perf_counter() - progress.run_start), ckpt.directory,
+                   os.path.dirname(ckpt.directory.rstrip('/')))
   except jax.errors.JaxRuntimeError as e:
     if _resource_exhausted(e):
       raise TrainingError(f'out of device memory near step {step}: {ckpt_lib.one_line(e)}; {kept()}') from None

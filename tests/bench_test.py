@@ -107,3 +107,22 @@ def test_bench_nanogpt_flash_trains_as_the_dense_path(tmp_path):
   # The tiny model barely uses its attention yet: measured, the same masks end 1.3e-6 apart (bf16 rounding), the
   # kernel with another seed's masks 6.5e-5 apart.
   assert abs(dense['final_loss'] - flash['final_loss']) < 1e-5 * abs(dense['final_loss'])
+
+
+def test_bench_mlp_mesh_variants_split_the_mosaic_gpu_kernels_over_every_device():
+  """With several devices the mlp workload adds the Mosaic GPU kernels under the seq, tensor and data splits: valid
+  configs whose mesh uses every device, with the kernels named (not 'auto')."""
+  from selattn import bench, config as config_lib  # pylint: disable=g-import-not-at-top
+  one = {name for name, _, _ in bench._variants('mlp', 1, small=False)}  # pylint: disable=protected-access
+  two = bench._variants('mlp', 2, small=False)  # pylint: disable=protected-access
+  meshed = [(name, o, d) for name, o, d in two if d == 2]
+  assert {name for name, _, d in two if d == 1} == one
+  assert sorted(name for name, _, _ in meshed) == sorted(
+      f'fused-mgpu2-h{h}-floa-{axis}2' for h in (64, 256) for axis in ('seq', 'tensor', 'data'))
+  for name, o, _ in meshed:
+    cfg = config_lib.from_config(bench._config(o), vocab_size=83)  # pylint: disable=protected-access
+    sizes = cfg.mesh.resolve(2)
+    axis = name.rsplit('-', 1)[1][:-1]
+    assert sizes[axis] == 2 and all(v == 1 for k, v in sizes.items() if k != axis), (name, sizes)
+    assert (cfg.model.fused_forward, cfg.model.fused_backward, cfg.model.kv_generator) == ('mgpu', 'mgpu', 'mlp')
+    assert cfg.train.batch_size == (32 if axis == 'data' else 16), name

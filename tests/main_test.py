@@ -198,6 +198,7 @@ def test_sigterm_saves_a_checkpoint_and_the_restart_is_bit_identical(tmp_path, r
   ack = 'SIGTERM received: the steps in flight finish, then the run saves a checkpoint and stops'
   assert text.count(ack) == 1 and text.index(ack) < m.start(), _tail(log)
   assert open(os.path.join(workdir, 'train.log')).read().count(ack) == 1
+  assert 'finished at step' not in text  # a stopped run is not a finished one
   stop = int(m.group(1))
   assert stop >= 15
   assert checkpoint_steps(workdir) == [stop]
@@ -535,12 +536,20 @@ def test_train_log_keeps_the_runs_lines_and_each_resume_appends(tmp_path):
   for line in ('step 1/3 |', 'step 2/3 |', 'step 3/3 |', 'eval at step 3: loss', 'training from step 0 to 3'):
     assert len(re.findall(rf'^I\d{{4}} .*\] {re.escape(line)}', first, re.MULTILINE)) == 1, (line, first)
   assert set(first.splitlines()) <= set(err.splitlines())  # stderr's very lines
+  # A finished run ends with one line: its step, the last held-out loss (the eval line's), where it is saved.
+  loss = re.search(r'\] eval at step 3: loss ([0-9.]+) ', first).group(1)
+  ckpts = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  assert re.search(rf'\] finished at step 3: held-out loss {loss} \| this call trained 3 steps in 0m\d\ds \| '
+                   rf'checkpoint in {re.escape(ckpts)}; sample from it with: python -m selattn.sample --workdir '
+                   rf'{re.escape(os.path.abspath(workdir))}$', first.splitlines()[-1]), first[-2000:]
+  assert checkpoint_steps(workdir) == [3]
   # Each start begins with the run's header, naming the devices it ran on (a resume may run on others).
   assert re.search(r'\] run: .* on \d+ x cpu, JAX \d', first.splitlines()[0]), first
   rc, err = run_main(workdir, '--config.train.num_steps=5')
   assert rc == 0, err[-3000:]
   added = appended(first, workdir)  # the first run's lines kept as they were
   lines = added.splitlines()
+  assert re.search(r'\] finished at step 5: .* this call trained 2 steps in ', lines[-1]), added
   resumed = [i for i, l in enumerate(lines) if re.search(r'\] resumed from .* at step 3$', l)]
   steps = [i for i, l in enumerate(lines) if re.search(r'\] step [45]/5 \|', l)]
   assert len(resumed) == 1 and len(steps) == 2 and resumed[0] < steps[0] < steps[1], added

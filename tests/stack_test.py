@@ -231,6 +231,10 @@ def test_sweep_stack_on_cpu(tmp_path):
   stack_log = (work / 'stack.log').read_text()
   assert 'training 2 stacked seeds from step 0 to 4' in stack_log
   assert stack_log.count('] step 4/4 | loss seed 0 ') == 1  # the process's own lines, once
+  # Finished: one line naming every seed's last held-out loss (the eval line's) and where the checkpoints are.
+  losses = re.search(r'\] eval at step 4: loss (seed 0 [0-9.]+ \| seed 1 [0-9.]+)\n', stack_log).group(1)
+  assert re.search(rf'\] finished at step 4: held-out loss {re.escape(losses)} \| this call trained 4 steps in '
+                   r'0m\d\ds \| checkpoints in .*/seed<k>/checkpoints\n', stack_log), stack_log[-2000:]
   # No seed's own line (those go to seed<k>/train.log only): 'loss 4.1', not the process's 'loss seed 0 4.1 | ...'.
   for pattern in (r'\] step \d+/4 \| loss \d', r'\] eval at step \d+: loss \d', r'\] training from step',
                   r'\] stacked with seeds'):
@@ -241,6 +245,9 @@ def test_sweep_stack_on_cpu(tmp_path):
     for line in ('] step 2/4 | loss', '] step 4/4 | loss', '] eval at step 4: loss', '] training from step 0 to 4'):
       assert log.count(line) == 1, (k, line, log)  # each seed's lines once, none of the process's
     assert 'stacked seeds' not in log.replace('stacked with seeds', '')
+    loss = re.search(r'\] eval at step 4: loss ([0-9.]+) ', log).group(1)
+    assert re.search(rf'\] finished at step 4: held-out loss {loss} \| .*checkpoint in .*seed{k}/checkpoints; sample '
+                     rf'from it with: python -m selattn.sample --workdir .*seed{k}$', log.splitlines()[-1]), log[-2000:]
   assert not (work / 'train.log').exists() and not (work / 'output.log').exists()  # the stacked process: stack.log
   sweep.main(['--config', 'configs/tiny.py', '--seeds', '2', '--workdir', str(work), '--summarize', '--stack'])
   assert json.loads((work / 'summary.json').read_text())['seeds'] == summary['seeds']
@@ -314,6 +321,8 @@ def test_sigterm_saves_every_seed_and_the_rerun_resumes_them(tmp_path):
   stopped = steps[0][0]
   for k in SEEDS:
     assert f'SIGTERM received: saved a checkpoint at step {stopped}' in (work / f'seed{k}' / 'train.log').read_text()
+    assert 'finished at step' not in (work / f'seed{k}' / 'train.log').read_text()  # stopped is not finished
+  assert 'finished at step' not in log.read_text()
   r = subprocess.run([*argv, f'--config.train.num_steps={stopped + 2}'], capture_output=True, text=True, cwd=REPO,
                      env=env, timeout=120, check=False)
   assert r.returncode == 0, r.stderr[-2000:]
