@@ -30,6 +30,10 @@ jax.config.update('jax_numpy_rank_promotion', 'raise')
 # In-process only (jax.config, not the environment): subprocesses the tests start keep their own settings.
 _compile_cache = tempfile.mkdtemp(prefix='selattn-test-jax-cache-')
 atexit.register(shutil.rmtree, _compile_cache, ignore_errors=True)
+# Subprocesses: selattn.main's default cache is the user's (~/.cache/selattn/jax); the tests' runs use one of this
+# process's instead, with JAX's default threshold (programs that compile in 1 s or more), unless a test sets its
+# own (or none: main_test's runs that watch the compile).
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(_compile_cache, 'subprocesses'))
 jax.config.update('jax_compilation_cache_dir', _compile_cache)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.1)  # not the many trivial eager-op programs
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

@@ -54,6 +54,8 @@ def _env(cache=True):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
   for cluster in ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS'):  # main.py would join a cluster
     env.pop(cluster, None)
+  if not cache:
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)  # and start_main passes --compilation_cache=none
   if _compile_cache and cache:
     env.update(JAX_COMPILATION_CACHE_DIR=_compile_cache[-1], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
@@ -74,7 +76,8 @@ def run_main(workdir, *flags):
 def start_main(workdir, log_path, *flags, cache=True):
   log = open(log_path, 'w')  # a file, not a pipe: a pipe nobody reads would fill and block the child
   try:
-    return subprocess.Popen(_command(workdir, *flags), cwd=REPO, env=_env(cache), stdout=subprocess.DEVNULL,
+    off = () if cache else ('--compilation_cache=none',)
+    return subprocess.Popen(_command(workdir, *flags, *off), cwd=REPO, env=_env(cache), stdout=subprocess.DEVNULL,
                             stderr=log)
   finally:
     log.close()
@@ -789,3 +792,40 @@ def test_orbax_echoes_of_a_reported_failure_are_dropped(monkeypatch, caplog):
       asyncio_logger.error('Task exception was never retrieved', exc_info=(type(exc), exc, exc.__traceback__))
   assert printed == [other, other]
   assert [r.exc_info[1] for r in caplog.records] == [other]
+
+
+def test_the_compilation_cache_is_the_users_by_default_and_can_be_moved_or_turned_off(tmp_path):
+  """Compiled steps are cached in $XDG_CACHE_HOME/selattn/jax (a second run loads them), unless
+  JAX_COMPILATION_CACHE_DIR or --compilation_cache says otherwise; a directory it cannot use costs the cache, not the
+  run."""
+  def run(name, *flags, **env):
+    env = {**_env(cache=False), 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+           'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0', **env}
+    p = subprocess.run(_command(str(tmp_path / name), '--config.train.num_steps=2', *flags), cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stderr
+
+  xdg = tmp_path / 'xdg'
+  default = xdg / 'selattn' / 'jax'
+  hit = "Persistent compilation cache hit for '"  # JAX_LOG_COMPILES=1: JAX logs each hit (at WARNING)
+  err = run('a', XDG_CACHE_HOME=str(xdg), JAX_LOG_COMPILES='1')
+  assert f'; compilation cache: {default}\n' in err and hit not in err, err[-3000:]
+  cached = set(os.listdir(default))
+  assert cached
+  err = run('b', XDG_CACHE_HOME=str(xdg), JAX_LOG_COMPILES='1')  # the same programs: loaded from the cache
+  assert err.count(hit) >= 2 and set(os.listdir(default)) == cached, err[-3000:]  # the train and eval steps
+  # Off: nothing written anywhere.
+  assert '; compilation cache: off\n' in run('c', '--compilation_cache=none', XDG_CACHE_HOME=str(tmp_path / 'xdg2'))
+  assert not (tmp_path / 'xdg2').exists()
+  # JAX's own variable wins over the default.
+  env_dir = tmp_path / 'from_env'
+  assert f'; compilation cache: {env_dir}\n' in run('d', XDG_CACHE_HOME=str(xdg), JAX_COMPILATION_CACHE_DIR=str(env_dir))
+  assert os.listdir(env_dir)
+  # A directory it cannot create: one warning, and the run trains.
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  err = run('e', f'--compilation_cache={blocker}/jax')
+  assert re.search(rf'compilation cache off: cannot use {re.escape(str(blocker))}/jax \(.*\); steps compile on every '
+                   r'start', err), err[-3000:]
+  assert '; compilation cache: off\n' in err and checkpoint_steps(str(tmp_path / 'e')) == [2]
