@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from selattn import compile_cache
 from selattn import data as data_lib
 from selattn import sample as sample_lib
 from selattn import sharding
@@ -139,6 +140,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer('stride', None, 'Windows start every this many tokens and score their last `stride` targets, '
                        'so each has at least seq_len - stride tokens of context (default: data.seq_len, no overlap).')
   flags.DEFINE_string('out', None, 'Also write the result as JSON here.')
+  flags.DEFINE_string('compilation_cache', None, compile_cache.FLAG_HELP)
   flags.mark_flag_as_required('workdir')
 
 
@@ -147,6 +149,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   f = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # Orbax logs dozens of INFO lines per restore
+  compile_cache.use(f.compilation_cache)
   try:
     result = evaluate(f.workdir, split=f.split, step=f.step, batch_size=f.batch_size, num_batches=f.batches,
                       stride=f.stride)

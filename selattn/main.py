@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from selattn import compile_cache
 from selattn import stopping
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/selective.py[:variant].',
@@ -34,10 +35,7 @@ _ALLOW_DATA_CHANGE = flags.DEFINE_bool(
 _STACK_SEEDS = flags.DEFINE_string(
     'stack_seeds', None, 'Train these seeds (e.g. 0,1,2) in one process, stacked: seed k in WORKDIR/seed<k> with '
     'train.seed=k, as `python -m selattn.sweep --stack` runs them (selattn/stack.py).')
-_COMPILATION_CACHE = flags.DEFINE_string(
-    'compilation_cache', None, "JAX's persistent compilation cache, so that a resumed or repeated run loads its "
-    'compiled steps instead of compiling them again: a directory, or none to turn it off. Default: '
-    '$JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/selattn/jax (~/.cache/selattn/jax).')
+_COMPILATION_CACHE = flags.DEFINE_string('compilation_cache', None, compile_cache.FLAG_HELP)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 _HELP = ('--help', '-h', '-help', '--helpshort', '--helpfull', '-?')
@@ -161,31 +159,6 @@ def _drop_closed_loop_errors() -> None:
       lambda record: not (record.exc_info and echo(record.exc_info[0], record.exc_info[1])))
 
 
-def _compilation_cache(jax) -> str:
-  """Points JAX's persistent compilation cache at --compilation_cache's directory; returns it ('off' if none).
-  A directory that cannot be created costs the cache, not the run: one warning line."""
-  value = _COMPILATION_CACHE.value
-  if value is None and os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-    return os.environ['JAX_COMPILATION_CACHE_DIR']  # JAX reads it itself
-  if value is not None and value.strip().lower() in ('', 'none', 'off'):
-    jax.config.update('jax_compilation_cache_dir', None)
-    return 'off'
-  if value is None:
-    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    value = os.path.join(base, 'selattn', 'jax')
-  value = os.path.abspath(os.path.expanduser(value))
-  try:
-    os.makedirs(value, exist_ok=True)
-    if not os.access(value, os.W_OK | os.X_OK):
-      raise PermissionError(f'{value} is not writable')
-  except OSError as e:
-    logging.warning('compilation cache off: cannot use %s (%s); steps compile on every start', value, e)
-    jax.config.update('jax_compilation_cache_dir', None)
-    return 'off'
-  jax.config.update('jax_compilation_cache_dir', value)
-  return value
-
-
 def _fail(message: str) -> None:
   """Prints the one error line and exits 1 at once.
 
@@ -222,7 +195,7 @@ def main(argv):
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif multi_process:
     jax.distributed.initialize()  # auto-detects the cluster
-  cache = _compilation_cache(jax)
+  cache = compile_cache.use(_COMPILATION_CACHE.value)
   logging.info('JAX %s, process %d/%d, %d devices: %s; compilation cache: %s', jax.__version__, jax.process_index(),
                jax.process_count(), jax.device_count(), jax.devices()[:8], cache)
   try:

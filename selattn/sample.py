@@ -21,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from selattn import checkpoint as ckpt_lib
+from selattn import compile_cache
 from selattn import config as config_lib
 from selattn import data as data_lib
 from selattn import generate as generate_lib
@@ -105,6 +106,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
   flags.mark_flag_as_required('workdir')
+  flags.DEFINE_string('compilation_cache', None, compile_cache.FLAG_HELP)
 
 
 def main(argv):
@@ -112,6 +114,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   f = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # Orbax logs dozens of INFO lines per restore
+  compile_cache.use(f.compilation_cache)
   try:
     model, vocab, cfg, mesh = restore(f.workdir, f.step)
     prompt = default_prompt(cfg) if f.prompt is None else f.prompt

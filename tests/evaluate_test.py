@@ -154,8 +154,10 @@ def _cli(*args, cwd):
 
 def test_cli_as_users_type_it(run):
   root, _, _ = run
-  res = _cli('selattn.evaluate', '--workdir', 'runs/enwik8', '--split', 'test', '--out', 'test.json', cwd=root)
+  res = _cli('selattn.evaluate', '--workdir', 'runs/enwik8', '--split', 'test', '--out', 'test.json',
+             '--compilation_cache', 'jax_cache', cwd=root)
   assert res.returncode == 0, res.stderr[-3000:]
+  assert (root / 'jax_cache').is_dir()  # the flag's directory, relative to where the command runs
   lines = res.stdout.strip().splitlines()
   assert len(lines) == 1, res.stdout
   with open(root / 'test.json') as f:

@@ -826,6 +826,6 @@ def test_the_compilation_cache_is_the_users_by_default_and_can_be_moved_or_turne
   blocker = tmp_path / 'a_file'
   blocker.write_text('')
   err = run('e', f'--compilation_cache={blocker}/jax')
-  assert re.search(rf'compilation cache off: cannot use {re.escape(str(blocker))}/jax \(.*\); steps compile on every '
+  assert re.search(rf'compilation cache off: cannot use {re.escape(str(blocker))}/jax \(.*\); programs compile on every '
                    r'start', err), err[-3000:]
   assert '; compilation cache: off\n' in err and checkpoint_steps(str(tmp_path / 'e')) == [2]

@@ -28,8 +28,8 @@ VOCAB = data_lib.Vocab('\n :ABCDEMORabcdefghi')  # 19 symbols
 S = 12  # data.seq_len
 
 
-def _run_cli(*args, cwd):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+def _run_cli(*args, cwd, **env):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **env)
   return subprocess.run([sys.executable, '-m', 'selattn.sample', *args], capture_output=True, text=True, env=env,
                         cwd=cwd, timeout=120, check=False)
 
@@ -64,6 +64,11 @@ def test_cli_with_relative_paths(tmp_path):
   text = res.stdout[:-1]  # print's newline
   assert text == want  # the restored checkpoint samples what the live state did, from the corpus's first line
   assert text.startswith('ROMEO: abc') and len(text) == 30
+  # --compilation_cache (relative, as typed): the programs go there (every one: no minimum compile time here).
+  res = _run_cli('--workdir', 'runs/quick', '--length', '20', '--seed', '3', '--compilation_cache', 'cache',
+                 cwd=tmp_path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  assert res.returncode == 0 and res.stdout[:-1] == want, res.stderr[-3000:]
+  assert os.listdir(tmp_path / 'cache')
 
   res = _run_cli('--workdir', 'runs/missing', '--length', '20', cwd=tmp_path)
   assert res.returncode == 1
