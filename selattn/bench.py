@@ -59,6 +59,10 @@ W4_HOST_TOKENS_PER_S = 2_551_704.86
 W4_HOST_VARIANT = 'standard-fsdp4 (docs/bench/w4_scale_h200.json)'
 
 
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
 def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, int]]:
   """(name, config overrides, number of devices) for each variant of a workload."""
   if workload == 'seed':
@@ -99,13 +103,17 @@ def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, i
         out.append((f'blockwise-b320-h{hid}-{dt[:4]}', {**v, 'model.selective_impl': 'blockwise',
                                                          'model.block_q': 320, 'model.block_k': 320}, 1))
     if n_dev > 1:
-      # The Mosaic GPU kernels under a mesh of all devices, float32: the sequence split (the W3 path), the head
-      # split (mesh.tensor; the original config has 2 heads) and data parallelism at the same per-device batch.
+      # The Mosaic GPU kernels under a mesh of all devices, float32: the sequence split (the W3 path; its zigzag
+      # chunks need data.seq_len divisible by 2 * mesh.seq, so 300 here for the original's 299), the head split
+      # (mesh.tensor; the original config has 2 heads; the flat optimizer needs tensor 1) and data parallelism at
+      # the same per-device batch.
       for hid in (64, 256):
         v = {**base, 'model.kv_hidden': hid, 'model.selective_impl': 'fused', 'model.fused_forward': 'mgpu',
              'model.fused_backward': 'mgpu', 'mesh.data': 1}
-        out.append((f'fused-mgpu2-h{hid}-floa-seq{n_dev}', {**v, 'mesh.seq': n_dev}, n_dev))
-        out.append((f'fused-mgpu2-h{hid}-floa-tensor{n_dev}', {**v, 'mesh.tensor': n_dev}, n_dev))
+        out.append((f'fused-mgpu2-h{hid}-floa-seq{n_dev}', {**v, 'mesh.seq': n_dev,
+                                                            'data.seq_len': _round_up(299, 2 * n_dev)}, n_dev))
+        out.append((f'fused-mgpu2-h{hid}-floa-tensor{n_dev}', {**v, 'mesh.tensor': n_dev,
+                                                               'train.flat_optimizer': False}, n_dev))
         out.append((f'fused-mgpu2-h{hid}-floa-data{n_dev}', {**v, 'mesh.data': n_dev,
                                                              'train.batch_size': 16 * n_dev}, n_dev))
     lin = {**base, 'model.kv_generator': 'linear'}

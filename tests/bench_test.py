@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -112,7 +113,7 @@ def test_bench_nanogpt_flash_trains_as_the_dense_path(tmp_path):
 def test_bench_mlp_mesh_variants_split_the_mosaic_gpu_kernels_over_every_device():
   """With several devices the mlp workload adds the Mosaic GPU kernels under the seq, tensor and data splits: valid
   configs whose mesh uses every device, with the kernels named (not 'auto')."""
-  from selattn import bench, config as config_lib  # pylint: disable=g-import-not-at-top
+  from selattn import bench, config as config_lib, sharding  # pylint: disable=g-import-not-at-top
   one = {name for name, _, _ in bench._variants('mlp', 1, small=False)}  # pylint: disable=protected-access
   two = bench._variants('mlp', 2, small=False)  # pylint: disable=protected-access
   meshed = [(name, o, d) for name, o, d in two if d == 2]
@@ -126,3 +127,5 @@ def test_bench_mlp_mesh_variants_split_the_mosaic_gpu_kernels_over_every_device(
     assert sizes[axis] == 2 and all(v == 1 for k, v in sizes.items() if k != axis), (name, sizes)
     assert (cfg.model.fused_forward, cfg.model.fused_backward, cfg.model.kv_generator) == ('mgpu', 'mgpu', 'mlp')
     assert cfg.train.batch_size == (32 if axis == 'data' else 16), name
+    assert cfg.data.seq_len == (300 if axis == 'seq' else 299), name
+    sharding.check_fits(cfg, types.SimpleNamespace(shape=sizes))  # what the bench checks before it builds the step
