@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import time
 
 from absl import app
@@ -57,10 +58,6 @@ _WORKERS = flags.DEFINE_list('worker_counts', ['0', '4', '8'],
 # batch 48 x 1024 tokens, 19.26 ms/step on 4 H200s (docs/bench/w4_scale_h200.json, variant standard-fsdp4).
 W4_HOST_TOKENS_PER_S = 2_551_704.86
 W4_HOST_VARIANT = 'standard-fsdp4 (docs/bench/w4_scale_h200.json)'
-
-
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
 
 
 def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, int]]:
@@ -110,8 +107,8 @@ def _variants(workload: str, n_dev: int, small: bool) -> list[tuple[str, dict, i
       for hid in (64, 256):
         v = {**base, 'model.kv_hidden': hid, 'model.selective_impl': 'fused', 'model.fused_forward': 'mgpu',
              'model.fused_backward': 'mgpu', 'mesh.data': 1}
-        out.append((f'fused-mgpu2-h{hid}-floa-seq{n_dev}', {**v, 'mesh.seq': n_dev,
-                                                            'data.seq_len': _round_up(299, 2 * n_dev)}, n_dev))
+        seq_len = 2 * n_dev * math.ceil(299 / (2 * n_dev))
+        out.append((f'fused-mgpu2-h{hid}-floa-seq{n_dev}', {**v, 'mesh.seq': n_dev, 'data.seq_len': seq_len}, n_dev))
         out.append((f'fused-mgpu2-h{hid}-floa-tensor{n_dev}', {**v, 'mesh.tensor': n_dev,
                                                                'train.flat_optimizer': False}, n_dev))
         out.append((f'fused-mgpu2-h{hid}-floa-data{n_dev}', {**v, 'mesh.data': n_dev,

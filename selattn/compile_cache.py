@@ -13,14 +13,11 @@ import os
 
 from absl import logging
 
+from selattn import workdir
+
 FLAG_HELP = ("JAX's persistent compilation cache, so that a restarted or repeated command loads the programs it "
              'compiled before instead of compiling them again: a directory, or none to turn it off. Default: '
              '$JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/selattn/jax (~/.cache/selattn/jax).')
-
-
-def default_dir() -> str:
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 'selattn', 'jax')
 
 
 def use(value: str | None) -> str:
@@ -33,7 +30,7 @@ def use(value: str | None) -> str:
   if value is not None and value.strip().lower() in ('', 'none', 'off'):
     jax.config.update('jax_compilation_cache_dir', None)
     return 'off'
-  path = os.path.abspath(os.path.expanduser(default_dir() if value is None else value))
+  path = os.path.abspath(os.path.expanduser(workdir.user_cache_dir('jax') if value is None else value))
   try:
     os.makedirs(path, exist_ok=True)
     if not os.access(path, os.W_OK | os.X_OK):

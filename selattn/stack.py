@@ -419,12 +419,11 @@ def _loop(runs: list[_Seed], cfg, mesh, train_step, take, state, keys, rep, step
         break
     jax.block_until_ready(state)
     if step >= t.num_steps and stop.stopped_at is None:
-      took = train_lib._fmt_time(time.perf_counter() - progress.run_start)  # pylint: disable=protected-access
       for r in runs:
         r.ckpt.wait()  # the lines name checkpoints that are on disk
-        r.log.info('finished at step %d: held-out loss %.4f | this call trained %s steps in %s | checkpoint in %s; '
-                   'sample from it with: python -m selattn.sample --workdir %s', step, result[r.seed]['eval/loss'],
-                   f'{step - progress.step:,}', took, r.ckpt.directory, r.workdir)
+        r.log.info('%s', train_lib.finished_line(step, result[r.seed]['eval/loss'], progress, r.ckpt.directory,
+                                                 r.workdir))
+      took = train_lib._fmt_time(time.perf_counter() - progress.run_start)  # pylint: disable=protected-access
       logging.info('finished at step %d: held-out loss %s | this call trained %s steps in %s | checkpoints in %s',
                    step, ' | '.join(f'seed {k} {v["eval/loss"]:.4f}' for k, v in result.items()),
                    f'{step - progress.step:,}', took, f'{os.path.dirname(runs[0].workdir)}/seed<k>/checkpoints')

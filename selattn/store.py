@@ -42,18 +42,13 @@ _MAX_CODEPOINT = 0x110000
 DataError = data_lib.DataError
 
 
-def _cache_root() -> str:
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 'selattn', 'stores')
-
-
 def candidate_dirs(path: str, store_dir: str = '') -> list[str]:
   """The folders a corpus's store may live in, in the order they are tried."""
   path = os.path.abspath(path)
   folder = f'{os.path.basename(path)}-{hashlib.sha256(path.encode()).hexdigest()[:8]}'
   if store_dir:
     return [os.path.join(os.path.abspath(store_dir), folder)]
-  return [path + '.selattn', os.path.join(_cache_root(), folder)]
+  return [path + '.selattn', os.path.join(workdir_lib.user_cache_dir('stores'), folder)]
 
 
 def _check_corpus(path: str) -> os.stat_result:

@@ -154,6 +154,14 @@ def make_eval_step(graphdef: nnx.GraphDef, positions: np.ndarray | None):
   return step
 
 
+def finished_line(step: int, loss: float, progress: Progress, checkpoints: str, workdir: str) -> str:
+  """A finished run's last line (its train.log's too): the step, the last held-out loss, the call's steps and time,
+  where the checkpoint is and how to sample from it."""
+  took = _fmt_time(time.perf_counter() - progress.run_start)
+  return (f'finished at step {step}: held-out loss {loss:.4f} | this call trained {step - progress.step:,} steps in '
+          f'{took} | checkpoint in {checkpoints}; sample from it with: python -m selattn.sample --workdir {workdir}')
+
+
 def _fmt_time(seconds: float) -> str:
   seconds = int(seconds)
   h, rem = divmod(seconds, 3600)
@@ -763,10 +771,8 @@ def _loop(cfg, mesh, steps: Steps, state, step: int, unlogged: list, data_iter, 
     jax.block_until_ready(state)  # before exiting: a peer process may still be in a collective with us
     if step >= t.num_steps and stop.stopped_at is None:
       ckpt.wait()  # the line names a checkpoint that is on disk
-      logging.info('finished at step %d: held-out loss %.4f | this call trained %s steps in %s | checkpoint in %s; '
-                   'sample from it with: python -m selattn.sample --workdir %s', step, result['eval/loss'],
-                   f'{step - progress.step:,}', _fmt_time(time.perf_counter() - progress.run_start), ckpt.directory,
-                   os.path.dirname(ckpt.directory.rstrip('/')))
+      logging.info('%s', finished_line(step, result['eval/loss'], progress, ckpt.directory,
+                                       os.path.dirname(ckpt.directory)))
   except jax.errors.JaxRuntimeError as e:
     if _resource_exhausted(e):
       raise TrainingError(f'out of device memory near step {step}: {ckpt_lib.one_line(e)}; {kept()}') from None

@@ -25,6 +25,13 @@ def describe_os_error(e: OSError) -> str:
   return f'{e.strerror or e}' if e.errno is None else f'{os.strerror(e.errno)} (errno {e.errno})'
 
 
+def user_cache_dir(name: str) -> str:
+  """A folder of selattn's outside any run (token stores, compiled programs): $XDG_CACHE_HOME/selattn/<name>, by
+  default ~/.cache/selattn/<name>."""
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'selattn', name)
+
+
 def check_is_dir(workdir: str) -> None:
   """Refuses a workdir path that exists and is not a directory (a regular file, say)."""
   if os.path.lexists(workdir) and not os.path.isdir(workdir):
