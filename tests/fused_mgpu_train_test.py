@@ -317,7 +317,7 @@ def test_backward_shared_memory_overflow_falls_back_to_merged(caplog):
 # one): interpreted, two warpgroups waiting on the same TMA barriers hang in most runs (the forward's do too), with or
 # without this kernel's own barriers, so interpreted runs use one.
 @pytest.mark.skipif(not _lowers_for_cuda(), reason='lowering for cuda is unavailable here')
-@pytest.mark.parametrize('f,expect,opts', [(64, (2, 2, 64, 64), {}), (256, (1, 1, 32, 32), {}),
+@pytest.mark.parametrize('f,expect,opts', [(64, (2, 2, 64, 64), {}), (256, (1, 1, 32, 64), {}),
                                            (256, (1, 1, 32, 32), {'logits_first': False}),
                                            (64, (2, 2, 64, 64), {'warpgroups': 1, 'keep_hidden': False,
                                                                  'approx_math': False})])

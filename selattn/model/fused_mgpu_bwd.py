@@ -64,10 +64,12 @@ def _gelu_grad(h):
 
 
 def _gelu_both(h):
-  """(gelu(h), gelu'(h)) from one tanh; the first exactly as fused_mgpu._gelu computes it."""
-  t = jnp.tanh(fm._GELU_C * (h + fm._GELU_A * h * h * h))
-  g = 0.5 * h * (1.0 + t)
-  return g, 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * fm._GELU_C * (1.0 + 3.0 * fm._GELU_A * h * h)
+  """(gelu(h), gelu'(h)) from one tanh; the first exactly as fused_mgpu._gelu computes it. With k = C (1 + 3 A h^2):
+  gelu'(h) = (1 + t) / 2 + (h / 2) k (1 - t^2), five instructions after the GELU's (all fusable pairs)."""
+  hh, t, h2 = fm._gelu_t(h)
+  g = hh + hh * t
+  k = fm._GELU_C + (3.0 * fm._GELU_C * fm._GELU_A) * h2
+  return g, (0.5 + 0.5 * t) + (hh * k) * (1.0 - t * t)
 
 
 def _swap(x, h2):
@@ -144,10 +146,12 @@ def _q_smem(d: _Dims, kb: int, hp: int, t: int, s: int, lf: bool = False) -> int
 
 
 def _k_smem(d: _Dims, qb: int, hp: int, t: int, s: int, wgs: int = 1, lf: bool = False) -> int:
+  """Logits first: u, w, dG and W2k of one hidden chunk per warpgroup (copied chunk by chunk) in place of all."""
   f32, hd, fp = 4, d.hd, d.fp
-  return (qb * 2 * hp * hd * f32 + qb * fp * f32 + BK * fp * f32 + (1 if lf else 2) * fp * hp * hd * 2
+  per = wgs * FC if lf else fp  # hidden units held of u, w, dG and W2k
+  return (qb * 2 * hp * hd * f32 + qb * per * f32 + BK * per * f32 + (1 if lf else 2) * per * hp * hd * 2
           + hp * hd * f32 + (2 * hp * qb * BK * f32 if lf else 0)
-          + 2 * BK * hd * f32 + (BK + qb) * 4 + 2 * hp * qb * f32 + qb * hp * fp * f32
+          + 2 * BK * hd * f32 + (BK + qb) * 4 + 2 * hp * qb * f32 + qb * hp * per * f32
           + _round_up(2 * -(-t // qb) * -(-s // BK), 32) * 4
           + wgs * ((BK * FC + hp * BK * hd) * 2) + BK * hd * f32)  # per warpgroup: g and dK in bfloat16
 
@@ -201,8 +205,12 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
   kbs = (opts.block_k,) if opts.block_k else (64, 32)
   qbs = (opts.block_q,) if opts.block_q else (64, 32)
   lq = fp > FC if opts.logits_first is None else opts.logits_first
+  # The key kernel with the logits first: one head per program first (on one H200 at kv_hidden 256, B16 T299 N2
+  # H32: 2.09 ms a layer with one head and 64 queries against 2.36 with both heads and 32,
+  # docs/bench/fused_mgpu_bwd_sweep_kh_h200.json).
+  k_heads = heads[::-1] if lq and not opts.heads_per_program else heads
   q_fit = [(kb, hp) for hp in heads for kb in kbs if _q_smem(probe, kb, hp, t, s, lq) <= SMEM_BYTES]
-  k_fit = [(qb, hp) for hp in heads for qb in qbs if _k_smem(probe, qb, hp, t, s, wgs, lq) <= SMEM_BYTES]
+  k_fit = [(qb, hp) for hp in k_heads for qb in qbs if _k_smem(probe, qb, hp, t, s, wgs, lq) <= SMEM_BYTES]
   if not q_fit or not k_fit:
     need = max(_q_smem(probe, kbs[-1], heads[-1], t, s, lq), _k_smem(probe, qbs[-1], heads[-1], t, s, wgs, lq))
     return f'the backward needs {need} bytes of shared memory (> {SMEM_BYTES})'
@@ -566,18 +574,36 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     wgi = jax.lax.axis_index('wg') if wgs > 1 else 0
     qbi, gi = z // gk, z % gk
     qrows, keys, heads = pl.ds(qbi * qb, qb), pl.ds(ki * BK, BK), pl.ds(gi * hk, hk)
-    copies = [(a_g.at[bi, heads, qrows], a_s), (u_g.at[bi, qrows], u_s),
-              *((w_g.at[bi, keys, pl.ds(ci * FC, FC)], w_s.at[ci]) for ci in range(nc)),  # w chunk-major
-              (b2_g.at[heads], b2_s), (c_g.at[keys], c_s), (s_g.at[keys], s_s),
-              (qp_g.at[qrows], qp_s),
-              (kp_g.at[keys], kp_s), (dgo_g.at[bi, heads, qrows], dgo_s)]
-    if pd_s is None:  # one pass reads lse and Delta (logits first: p and ds come from the query kernel)
+
+    def chunk_copies(ci, slot):
+      """u, w, dG and W2k (and its transposed copy) of hidden chunk ci into buffer `slot` (logits first: this
+      warpgroup's; one pass: the chunk's own)."""
+      cols = pl.ds(ci * FC, FC)
+      cps = [(u_g.at[bi, qrows, cols], u_s.at[slot]), (w_g.at[bi, keys, cols], w_s.at[slot]),
+             (dgo_g.at[bi, heads, qrows, cols], dgo_s.at[slot])]
+      cps += [(w2b_g.at[ci, gi * hk + h], w2b_s.at[slot, h]) for h in range(hk)]
+      if w2t_s is not None:
+        cps += [(w2t_g.at[ci, gi * hk + h], w2t_s.at[slot, h]) for h in range(hk)]
+      return cps
+
+    copies = [(a_g.at[bi, heads, qrows], a_s), (b2_g.at[heads], b2_s), (c_g.at[keys], c_s), (s_g.at[keys], s_s),
+              (qp_g.at[qrows], qp_s), (kp_g.at[keys], kp_s)]
+    if pd_s is None:  # one pass: every chunk's inputs, and lse and Delta
+      copies += [cp for ci in range(nc) for cp in chunk_copies(ci, ci)]
       copies += [(lse_g.at[bi, heads, qrows], lse_s), (dl_g.at[bi, heads, qrows], dl_s)]
-    copies += [(w2b_g.at[ci, gi * hk + h], w2b_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
-    if w2t_s is not None:
-      copies += [(w2t_g.at[ci, gi * hk + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hk)]
-    if pd_s is not None:
+    else:  # logits first: p and ds from the query kernel; a chunk's inputs when a warpgroup comes to it
       copies.append((pd_g.at[:, bi, heads, qrows, keys], pd_s))
+    n_common = len(copies) + 1  # and the range table's
+
+    def fetch_chunk(ci, slot):
+      """Logits first: chunk ci's inputs into `slot`, issued and waited for by this warpgroup alone (its buffers
+      are free: its last chunk's results went out through them, and wgmma_wait(0) ended each query)."""
+      cps = chunk_copies(ci, slot)
+      first = n_common + ci * len(cps)
+      for k, (src, dst) in enumerate(cps):
+        plgpu.copy_gmem_to_smem(src, dst, bars.at[first + k])
+      for k in range(len(cps)):
+        plgpu.barrier_wait(bars.at[first + k])
 
     fm.copy_in([(rng_g, rng_s)], bars, wgi, wgs, first=len(copies))
     base = 2 * (qbi * n_kt + ki)
@@ -593,13 +619,14 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       c_v = load(c_s, (), wg)
       s_v = load(s_s, (), wg)
 
-      def hidden(i, ci, wc=None):
-        wc = load(w_s.at[ci], (), wg) if wc is None else wc
-        uc = load(u_s.at[i], (pl.ds(ci * FC, FC),), col)
+      # Chunk ci's inputs are in buffer `slot`: ci itself in one pass, the warpgroup's own with the logits first.
+      def hidden(i, slot, wc=None):
+        wc = load(w_s.at[slot], (), wg) if wc is None else wc
+        uc = load(u_s.at[slot, i], (), col)
         return _gelu_both(wc + bcast_col(uc, BK, FC))  # (g, gelu')
 
-      def dgo_row(i, h, ci):
-        return bcast_col(load(dgo_s.at[h, i], (pl.ds(ci * FC, FC),), col), BK, FC)
+      def dgo_row(i, h, slot):
+        return bcast_col(load(dgo_s.at[slot, h, i], (), col), BK, FC)
 
       def query(h, i):  # R_j^T R_i q_i of head h for the tile's keys: [64, Hd]
         ah = bcast_col(load(a_s.at[h, i], (pl.ds(0, hd),), col), BK, hd)
@@ -631,12 +658,13 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
           dk.append(bcast_row(dsv, hd) * qr)
         return p, ds, dk, kept
 
-      def chunk_step(i, ci, g, gd, p, dk, dw_c, dw2_acc):
-        """dw's chunk ci += dg o gelu', dW2k's += g^T dK (wgmma, g and dK through this warpgroup's buffers)."""
+      def chunk_step(i, slot, g, gd, p, dk, dw_c, dw2_acc):
+        """dw's chunk += dg o gelu', dW2k's += g^T dK (wgmma, g and dK through this warpgroup's buffers); the chunk's
+        inputs in buffer `slot`."""
         dg = jnp.zeros((BK, FC), f32)
         for h in range(hk):
-          dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, ci, h), (BK, FC))
-          dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, ci)
+          dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, slot, h), (BK, FC))
+          dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, slot)
         gb = g.astype(jnp.bfloat16)
         gs_w[...] = gb.T if interp else gb
         for h in range(hk):
@@ -699,22 +727,24 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         return
 
       # Logits first: p and ds from the query kernel (masked here: it leaves pairs no query of its tile sees
-      # unwritten). Warpgroups take turns over the hidden chunks: dw and dW2k of a chunk over all queries;
-      # warpgroup 0's first chunk sums db as well.
+      # unwritten). Warpgroups take turns over the hidden chunks: dw and dW2k of a chunk over all queries, the
+      # chunk's inputs copied into the warpgroup's own buffers (slot v) when it comes to it; warpgroup 0's first
+      # chunk sums db as well.
       def pass2(v, dw2_acc):
         db = None
         for r, ci in enumerate(range(v, nc, wgs)):
-          wc = load(w_s.at[ci], (), wg)  # held across the queries
+          fetch_chunk(ci, v)
+          wc = load(w_s.at[v], (), wg)  # held across the queries
           with_db = v == 0 and r == 0
 
-          def q_step(i, carry, ci=ci, wc=wc, r=r, with_db=with_db):
+          def q_step(i, carry, wc=wc, r=r, with_db=with_db):
             dw_c, db = carry if with_db else (carry, None)
-            g, gd = hidden(i, ci, wc)
+            g, gd = hidden(i, v, wc)
             visible = kp_v <= qp_s[i]
             p = [jnp.where(visible, load(pd_s.at[0, h, i], (), row), 0.0) for h in range(hk)]
             ds = [jnp.where(visible, load(pd_s.at[1, h, i], (), row), 0.0) for h in range(hk)]
             dk = [bcast_row(ds[h], hd) * query(h, i) for h in range(hk)]
-            dw_c = chunk_step(i, ci, g, gd, p, dk, dw_c, dw2_acc[r * hk:(r + 1) * hk])
+            dw_c = chunk_step(i, v, g, gd, p, dk, dw_c, dw2_acc[r * hk:(r + 1) * hk])
             return (dw_c, tuple(db[h] + dk[h] for h in range(hk))) if with_db else dw_c
 
           init = zeros(BK, FC)
@@ -723,9 +753,9 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
           dw_c = jax.lax.fori_loop(lo, hi, q_step, init)
           if with_db:
             dw_c, db = dw_c
-          w_s[ci] = dw_c  # out through w's chunk: only this warpgroup reads it now
+          w_s[v] = dw_c  # out through w's buffer: only this warpgroup reads it
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(w_s.at[ci], dw_out.at[bi, z, keys, pl.ds(ci * FC, FC)])
+          plgpu.copy_smem_to_gmem(w_s.at[v], dw_out.at[bi, z, keys, pl.ds(ci * FC, FC)])
           plgpu.wait_smem_to_gmem(0)
 
         def out():  # db (warpgroup 0), then this warpgroup's dW2k chunks, through st_s in turn
@@ -745,18 +775,20 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
 
     pl.when(hi > lo)(live)
 
-  scratch = [plgpu.SMEM((hk, qb, 2 * hd), f32), plgpu.SMEM((qb, fp), f32),
-             plgpu.SMEM((nc, BK, FC), f32, transforms=f_tf),
-             plgpu.SMEM((nc, hk, FC, hd), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((hk, hd), f32),
+  slots = wgs if d.lq else nc  # buffers of u, w, dG and W2k: per warpgroup (logits first) or per chunk
+  per_chunk = 3 + hk * (2 if (not d.lq or interp) else 1)  # copies of a chunk's inputs
+  scratch = [plgpu.SMEM((hk, qb, 2 * hd), f32), plgpu.SMEM((slots, qb, FC), f32),
+             plgpu.SMEM((slots, BK, FC), f32, transforms=f_tf),
+             plgpu.SMEM((slots, hk, FC, hd), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((hk, hd), f32),
              plgpu.SMEM((BK, hd), f32, transforms=f_tf), plgpu.SMEM((BK, hd), f32, transforms=f_tf),
              plgpu.SMEM((qb,), jnp.int32), plgpu.SMEM((BK,), jnp.int32), plgpu.SMEM(rng.shape, jnp.int32),
-             plgpu.SMEM((hk, qb), f32), plgpu.SMEM((hk, qb), f32), plgpu.SMEM((hk, qb, fp), f32),
+             plgpu.SMEM((hk, qb), f32), plgpu.SMEM((hk, qb), f32), plgpu.SMEM((slots, hk, qb, FC), f32),
              plgpu.SMEM((wgs, BK, FC), jnp.bfloat16, transforms=hd_tf),
              plgpu.SMEM((wgs, hk, BK, hd), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((BK, hd), f32, transforms=f_tf),
-             plgpu.Barrier(num_barriers=12 + nc + 2 * nc * hk), *sync_barriers(wgs)]
+             plgpu.Barrier(num_barriers=10 + nc * per_chunk), *sync_barriers(wgs)]
   extras = {}  # more scratch, by name
   if not d.lq or interp:  # dg's B (compiled with the logits first: K's B read transposed)
-    extras['w2t'] = plgpu.SMEM((nc, hk, hd, FC), jnp.bfloat16, transforms=hd_tf)
+    extras['w2t'] = plgpu.SMEM((slots, hk, hd, FC), jnp.bfloat16, transforms=hd_tf)
   if d.lq:  # p and ds of every (query, key), per head, from the query kernel
     extras['pd'] = plgpu.SMEM((2, hk, qb, BK), f32)
   if interp:
