@@ -86,13 +86,15 @@ def _gpu_interpreter():
 # layouts): against the bf16 transcription, the same arithmetic. T = 70 is two query tiles (the second part
 # padding), block_k 32 three key blocks (the last part padding, the first query tile sees one), F = 100 two hidden
 # chunks (G of each head and chunk kept apart: a mixed-up index once passed N = 1 and F <= 64), two heads, the
-# logits first (the default with several chunks), then the same in one pass; three heads without RoPE, u and the
+# logits first (the default with several chunks), then the same in one pass, then 4 keys a step of the logits' pass
+# (the second tile's last step runs past its last key); three heads without RoPE, u and the
 # queries held in registers; RoPE with one head per program (three head groups). Not `warpgroups=2`: interpreted,
 # it matched the transcription in most runs but hung in some (T = 70, kv_hidden 100 or one head per program; not
 # understood), so it is only lowered here and run on the GPU (docs/bench/fused_mgpu_check.py).
 @pytest.mark.skipif(_gpu_interpreter() is None, reason='no Mosaic GPU interpret mode in this jax')
 @pytest.mark.parametrize('n,h,f,t,block_k,rope,opts', [(2, 6, 100, 70, 32, True, {}),
                                                        (2, 6, 100, 70, 32, True, {'logits_first': False}),
+                                                       (2, 6, 100, 70, 32, True, {'keys_per_step': 4}),
                                                        (3, 8, 40, 37, 0, False, {'keep_u': True, 'keep_q': True}),
                                                        (3, 8, 40, 37, 0, True, {'heads_per_program': 1})])
 def test_kernel_interpreted_matches_the_transcription(n, h, f, t, block_k, rope, opts):
@@ -125,7 +127,7 @@ def _lowers_for_cuda() -> bool:
 # ptxas.
 @pytest.mark.skipif(not _lowers_for_cuda(), reason='lowering for cuda is unavailable here')
 @pytest.mark.parametrize('f,opts', [(64, {}), (256, {}), (256, {'logits_first': False}),
-                                    (256, {'heads_per_program': 1}),
+                                    (256, {'heads_per_program': 1}), (256, {'keys_per_step': 2}),
                                     (64, {'keep_u': True, 'keep_q': True}),
                                     (256, {'warpgroups': 2, 'heads_per_program': 1})])
 def test_kernel_lowers_for_cuda_at_the_original_config(f, opts):
@@ -142,6 +144,7 @@ def test_kernel_lowers_for_cuda_at_the_original_config(f, opts):
 @pytest.mark.parametrize('opts,match', [({'block_k': 48}, 'block_k=48 is not a multiple of 32'),
                                         ({'heads_per_program': 2}, 'heads_per_program=2 does not divide the 3 heads'),
                                         ({'precision': 'float32'}, "bf16 only, not 'float32'"),
+                                        ({'keys_per_step': 3}, 'keys_per_step=3 is not 1, 2 or 4'),
                                         ({'block_k': 4096}, 'bytes of shared memory')])
 def test_options_the_kernel_cannot_take_are_refused_in_one_line(opts, match):
   p, q, x = _params(1, 1, 37, 3, 8, 40)

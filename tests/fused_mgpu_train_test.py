@@ -267,16 +267,22 @@ def test_backward_transcription_in_float32_is_the_triton_backward(rope, n, h, f,
 # (without the mask this case fails). With two hidden chunks the logits come first (the default there): the key
 # kernel reads the query kernel's p and ds, masking the pairs it left unwritten (without that mask the F = 100 case
 # fails); then the same in one pass (logits_first=False).
-@pytest.mark.parametrize('rope,n,h,f,t,small_smem,keep,first', [(True, 2, 8, 40, 37, False, True, None),
-                                                                (False, 1, 6, 40, 70, False, False, None),
-                                                                (True, 2, 8, 100, 40, True, True, None),
-                                                                (True, 2, 8, 100, 40, True, True, False)])
-def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, small_smem, keep, first,
+@pytest.mark.parametrize('rope,n,h,f,t,small_smem,keep,first,kps', [(True, 2, 8, 40, 37, False, True, None, 2),
+                                                                    (False, 1, 6, 40, 70, False, False, None, 2),
+                                                                    (True, 2, 8, 100, 40, True, True, None, 2),
+                                                                    (True, 2, 8, 100, 39, True, True, None, 4),
+                                                                    (True, 2, 8, 100, 40, True, True, None, 'q'),
+                                                                    (True, 2, 8, 100, 40, True, True, False, 2)])
+def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, small_smem, keep, first, kps,
                                                               monkeypatch):
+  # keys_per_step (kps): the logits' pass takes that many keys a step; at T = 39 the second key block has 7 keys,
+  # so its last step of 4 takes a key that no query sees (p and ds 0, as the transcription has them).
   scale, args, g, lse, dgo = _backward_args(3 * t + f, rope, n, h, f, t)
   if small_smem:
     monkeypatch.setattr(fmb, 'SMEM_BYTES', 140_000)
-  opts = fmb.Options(keep_hidden=keep, logits_first=first)
+  # 'q': keys_per_step 1, and pass 2 of the query kernel holds the rotated queries in registers (keep_q).
+  extra = dict(keys_per_step=1, keep_q=True) if kps == 'q' else dict(keys_per_step=kps)
+  opts = fmb.Options(keep_hidden=keep, logits_first=first, **extra)
   d = fmb._dims(args[0], args[2], opts)
   blocks = (1, 1, 32, 32) if small_smem else (n, n, 64, 64)
   assert (d.hq, d.hk, d.kb, d.qb, d.lq) == (*blocks, f > 64 and first is None), d
@@ -341,6 +347,7 @@ def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts)
                                         ({'block_q': 16}, 'block_q=16 is not 32, 64 or 128'),
                                         ({'heads_per_program': 2}, 'heads_per_program=2 does not divide the 3 heads'),
                                         ({'warpgroups': 3}, 'warpgroups=3 is not 1 or 2'),
+                                        ({'keys_per_step': 3}, 'keys_per_step=3 is not 1, 2 or 4'),
                                         ({'block_q': 128}, 'bytes of shared memory')])
 def test_backward_options_it_cannot_take_are_refused_in_one_line(opts, match):
   f = 1024 if opts.get('block_q') == 128 else 40  # 128 queries of 1024 hidden units: > 227 KB

@@ -7,7 +7,8 @@ run is recorded with its error and the script goes on. Writes $OUT/fused_mgpu_ch
 
   OUT=. PYTHONPATH=$PWD python3 docs/bench/fused_mgpu_check.py
 
-FS sets the kv_hidden values (default 64,256). Recorded on one H200 (jax 0.11.2, 2026-12-01):
+FS sets the kv_hidden values (default 64,256), VARIANTS (`;`-separated labels) the variants run after the
+defaults. Recorded on one H200 (jax 0.11.2, 2026-12-01):
 docs/bench/fused_mgpu_check_h200.json (its printed lines in docs/bench/fused_mgpu_check_h200_log.txt); with the
 logits-first variants and FS=256,128,64: docs/bench/fused_mgpu_check_lf_h200.json (and its _log.txt).
 """
@@ -125,7 +126,10 @@ variants = [('one pass', {'logits_first': False}), ('logits first, warpgroups=1'
             ('keep_q', {'keep_q': True}), ('keep_u', {'keep_u': True})]
 variants += [(f'block_k={k}', {'block_k': k}) for k in (32, 128, 256)]
 variants += [('warpgroups=2 heads_per_program=1', {'warpgroups': 2, 'heads_per_program': 1}),
-             ('warpgroups=2', {'warpgroups': 2})]
+             ('warpgroups=2', {'warpgroups': 2}), ('keys_per_step=2', {'keys_per_step': 2}),
+             ('keys_per_step=4', {'keys_per_step': 4})]
+if os.environ.get('VARIANTS'):  # only these labels, `;`-separated (e.g. VARIANTS='keys_per_step=2;keys_per_step=4')
+  variants = [v for v in variants if v[0] in os.environ['VARIANTS'].split(';')]
 for label, kw in variants:
   for F in FS:
     if not GPU and kw.get('warpgroups', 1) > 1:

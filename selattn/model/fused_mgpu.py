@@ -101,6 +101,9 @@ class Options:
   # computed twice, but G no longer needs F / 2 registers a thread per head: at kv_hidden 256 the one-pass
   # kernel holds 256 (both heads) and spills.
   logits_first: bool | None = None
+  # With the logits first: keys per step of the logits' pass (1, 2 or 4; it divides the warpgroup's share of a
+  # block), each hidden chunk's u rows and the rotated queries read from shared memory once per step.
+  keys_per_step: int = 1
 
 
 def _gelu_t(h):
@@ -167,6 +170,8 @@ def _dims(q, w, opts: Options, interpret: bool = False) -> _Dims:
     raise ValueError(f'heads_per_program={hp} does not divide the {n} heads')
   if opts.warpgroups not in (0, 1, 2):
     raise ValueError(f'warpgroups={opts.warpgroups} is not 1 or 2')
+  if opts.keys_per_step not in (1, 2, 4):
+    raise ValueError(f'keys_per_step={opts.keys_per_step} is not 1, 2 or 4')
   fp = _round_up(f, FC)
   lf = fp > FC if opts.logits_first is None else opts.logits_first
   wgs = opts.warpgroups or (2 if lf and not interpret else 1)
@@ -427,32 +432,39 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
         wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
         return _gelu(uc + jax.lax.broadcast_in_dim(wc, (BQ, FC), (1,)))
 
-      def key_logits(j):
-        """Per head: this key's logits (masked), and whether the key is visible to each row; and g when one chunk."""
+      def key_logits(js):
+        """Keys js (a static number of them), per key: per head its logits (masked), whether it is visible to each
+        row, and g when one chunk and one key. A chunk's u rows and the rotated queries are read from shared memory
+        once for all of js."""
         def keys_of(acc_refs):
           cached = None
           for ci in range(nc):
-            g = hidden(j, ci)
-            cached = g if nc == 1 else None
-            gb = g.astype(jnp.bfloat16)
-            if interpret is not None:  # the interpreter's wgmma reads A from shared memory only
-              extra['ga'].at[wgi][...] = gb
-              gb = extra['ga'].at[wgi]
-            for h in range(hp):
-              plgpu.wgmma(acc_refs[h], gb, w2_s.at[ci, h])
+            uc = u_regs[ci] if u_regs else load(u_s.at[ci], (), wg)
+            for x, j in enumerate(js):
+              g = hidden(j, ci, uc)
+              cached = g if nc == 1 and len(js) == 1 else None
+              gb = g.astype(jnp.bfloat16)
+              if interpret is not None:  # the interpreter's wgmma reads A from shared memory only
+                extra['ga'].at[wgi][...] = gb
+                gb = extra['ga'].at[wgi]
+              for h in range(hp):
+                plgpu.wgmma(acc_refs[x * hp + h], gb, w2_s.at[ci, h])
           return [r[...] for r in acc_refs], cached
 
-        kv, cached = pl.run_scoped(keys_of, [plgpu.ACC((BQ, hd), jnp.float32) for _ in range(hp)])
-        cj = jax.lax.broadcast_in_dim(load(c_s.at[j], (), col), (BQ, hd), (1,))
-        sj = jax.lax.broadcast_in_dim(load(s_s.at[j], (), col), (BQ, hd), (1,))
-        visible = qpos_v >= kpos_s[j]
+        kv, cached = pl.run_scoped(keys_of, [plgpu.ACC((BQ, hd), jnp.float32) for _ in range(len(js) * hp)])
         a_heads, a_swapped = kept_q or queries()
-        logits = []
-        for h in range(hp):
-          k = kv[h] + jax.lax.broadcast_in_dim(load(b2_s.at[h], (), col), (BQ, hd), (1,))
-          qr = a_heads[h] * cj + a_swapped[h] * sj  # R_j^T R_i q_i
-          logits.append(jnp.where(visible, jnp.sum(qr * k, axis=1) * scale, _MASKED))
-        return logits, visible, cached
+        out = []
+        for x, j in enumerate(js):
+          cj = jax.lax.broadcast_in_dim(load(c_s.at[j], (), col), (BQ, hd), (1,))
+          sj = jax.lax.broadcast_in_dim(load(s_s.at[j], (), col), (BQ, hd), (1,))
+          visible = qpos_v >= kpos_s[j]
+          logits = []
+          for h in range(hp):
+            k = kv[x * hp + h] + jax.lax.broadcast_in_dim(load(b2_s.at[h], (), col), (BQ, hd), (1,))
+            qr = a_heads[h] * cj + a_swapped[h] * sj  # R_j^T R_i q_i
+            logits.append(jnp.where(visible, jnp.sum(qr * k, axis=1) * scale, _MASKED))
+          out.append((logits, visible))
+        return out, cached
 
       def softmax_step(m, l, logits, visible):
         m_new, l_new, p, corr = [], [], [], []
@@ -467,7 +479,7 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
       def key_step(i, carry):
         m, l, gs = carry
         j = i * wgs + wgi  # warpgroups take turns over the keys
-        logits, visible, cached = key_logits(j)
+        ((logits, visible),), cached = key_logits((j,))
         m_new, l_new, p, corr = softmax_step(m, l, logits, visible)
         new_gs = list(gs)  # G of head h, chunk ci at h * nc + ci
         for ci in range(nc):
@@ -483,16 +495,21 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
         (warpgroups take turns over the hidden chunks): G of a chunk over all keys, p = exp(s - m) with m final."""
         lg_s = extra['lg']
 
-        def logit_step(i, carry):
-          m, l = carry
-          j = i * wgs + wgi
-          logits, visible, _ = key_logits(j)
-          m_new, l_new, _, _ = softmax_step(m, l, logits, visible)
-          for h in range(hp):
-            lg_s.at[h, j][...] = logits[h]
-          return tuple(m_new), tuple(l_new)
+        kps = opts.keys_per_step
 
-        m, l = jax.lax.fori_loop(0, my_keys, logit_step, (m_init, l_init))
+        def logit_step(i, carry):
+          # This warpgroup's keys i * kps ... (i + 1) * kps - 1. The last step's may run past `count` but not past
+          # the block (kps divides kb / wgs): no query of the tile sees such keys (count is one past the last key
+          # any sees), so their logits are masked and leave (m, l) as they were.
+          m, l = carry
+          js = [(i * kps + x) * wgs + wgi for x in range(kps)]
+          for j, (logits, visible) in zip(js, key_logits(js)[0]):
+            m, l, _, _ = softmax_step(m, l, logits, visible)
+            for h in range(hp):
+              lg_s.at[h, j][...] = logits[h]
+          return tuple(m), tuple(l)
+
+        m, l = jax.lax.fori_loop(0, (my_keys + kps - 1) // kps, logit_step, (m_init, l_init))
         if wgs > 1:  # every warpgroup's (m, l) to all; the barrier also publishes the logits
           xml_s = extra['xml']
           for h in range(hp):

@@ -182,6 +182,12 @@ class Options:
   # (into shared memory) and A1, A2; pass 2 takes one hidden chunk at a time (warpgroups on alternate chunks), its
   # du over all keys: 32 registers a thread for du instead of F / 2, which spills at kv_hidden 256.
   logits_first: bool | None = None
+  # Query kernel with the logits first: keys per step of the logits' pass (1, 2 or 4; it divides the warpgroup's
+  # share of a block, 16 keys at least), each hidden chunk's u and dG read from shared memory once per step.
+  keys_per_step: int = 2
+  # Query kernel with the logits first: its pass 2 holds the rotated queries in registers (2 Hd a thread per head)
+  # instead of reading them from shared memory for every key and chunk.
+  keep_q: bool = False
 
 
 def _dims(q, w, opts: Options = Options()) -> _Dims | str:
@@ -197,6 +203,8 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
     return f'heads_per_program={opts.heads_per_program} does not divide the {n} heads'
   if opts.warpgroups not in (0, 1, 2):
     return f'warpgroups={opts.warpgroups} is not 1 or 2'
+  if opts.keys_per_step not in (1, 2, 4):
+    return f'keys_per_step={opts.keys_per_step} is not 1, 2 or 4'
   if not opts.warpgroups:
     two = _dims(q, w, dataclasses.replace(opts, warpgroups=2))
     return two if not isinstance(two, str) else _dims(q, w, dataclasses.replace(opts, warpgroups=1))
@@ -346,6 +354,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
 
   # ------------------------------------------------------------------ query kernel: du, A1, A2
   kb, hq, wgs = d.kb, d.hq, d.wgs
+  assert kb % (wgs * opts.keys_per_step) == 0, (kb, wgs, opts.keys_per_step)  # blocks of 32 at least
   n_q, n_kb, gq = d.tq // BQ, d.sk // kb, n // hq
   k_hi, _, _ = _ranges(qp, kp, n_q, BQ, n_kb, kb)
   cnt = pad(k_hi.reshape(-1), 0, _round_up(n_q * n_kb, 32))
@@ -392,44 +401,54 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       def dgo_chunk(h, ci):
         return load(dgo_s.at[h], (slice(None), pl.ds(ci * FC, FC)), wg)
 
-      def query(h, cj, sj):  # R_j^T R_i q_i of head h: [64, Hd]
-        return (load(a_s.at[h], (slice(None), pl.ds(0, hd)), wg) * cj
-                + load(a_s.at[h], (slice(None), pl.ds(hd, hd)), wg) * sj)
+      def rotated(h):  # R_i q_i of head h and it with RoPE halves swapped: [64, Hd] each
+        return (load(a_s.at[h], (slice(None), pl.ds(0, hd)), wg), load(a_s.at[h], (slice(None), pl.ds(hd, hd)), wg))
 
-      def key_terms(j, a1, a2, keep_gd):
-        """Key j against the tile's queries, per head: p and scale ds ([64] each), dK, A1 and A2 with this key's
-        terms added; and GELU' if kept (one hidden chunk)."""
-        kv = [jnp.zeros((BQ, hd), f32) for _ in range(hq)]
-        dp = [jnp.zeros((BQ,), f32) for _ in range(hq)]
+      def query(h, cj, sj, held=None):  # R_j^T R_i q_i of head h: [64, Hd]
+        a, a_sw = held[h] if held else rotated(h)
+        return a * cj + a_sw * sj
+
+      def key_terms(js, a1, a2, keep_gd):
+        """Keys js (a static number of them) against the tile's queries: per key and head p and scale ds ([64]
+        each) and dK; A1 and A2 with their terms added; and GELU' if kept (one key, one hidden chunk). A chunk's u
+        and dG are read from shared memory once for all of js (the pass's largest reads: 2 x 64 KB a key at
+        kv_hidden 256)."""
+        kv = [[jnp.zeros((BQ, hd), f32) for _ in range(hq)] for _ in js]
+        dp = [[jnp.zeros((BQ,), f32) for _ in range(hq)] for _ in js]
         kept = None
         for ci in range(nc):
-          g, gd = hidden(j, ci)
-          kept = gd if keep_gd else None
-          gb = g.astype(jnp.bfloat16)
-          for h in range(hq):
-            kv[h] = kv[h] + mm(gb, ga_s, w2b_s.at[ci, h], (BQ, hd))
-            dp[h] = dp[h] + jnp.sum(g * dgo_chunk(h, ci), axis=1)
-        cj = bcast_col(load(c_s.at[j], (), col), BQ, hd)
-        sj = bcast_col(load(s_s.at[j], (), col), BQ, hd)
-        visible = qp_v >= kp_s[j]
+          uc = load(u_s.at[ci], (), wg)
+          dgo_c = [dgo_chunk(h, ci) for h in range(hq)]
+          for x, j in enumerate(js):
+            g, gd = hidden(j, ci, uc)
+            kept = gd if keep_gd else None
+            gb = g.astype(jnp.bfloat16)
+            for h in range(hq):
+              kv[x][h] = kv[x][h] + mm(gb, ga_s, w2b_s.at[ci, h], (BQ, hd))
+              dp[x][h] = dp[x][h] + jnp.sum(g * dgo_c[h], axis=1)
         p, ds, dk, new_a1, new_a2 = [], [], [], list(a1), list(a2)
-        for h in range(hq):
-          k = kv[h] + bcast_col(load(b2_s.at[h], (), col), BQ, hd)
-          qr = query(h, cj, sj)
-          ph = jnp.where(visible, jnp.exp(jnp.sum(qr * k, axis=1) * scale - lse_v[h]), 0.0)
-          dsv = ph * (dp[h] - dl_v[h]) * scale  # scale ds
-          dsc = bcast_row(dsv, hd)  # broadcast along the row
-          p.append(ph)
-          ds.append(dsv)
-          dk.append(dsc * qr)
-          new_a1[h] = a1[h] + dsc * (cj * k)
-          new_a2[h] = a2[h] + dsc * (sj * k)
+        for x, j in enumerate(js):
+          cj = bcast_col(load(c_s.at[j], (), col), BQ, hd)
+          sj = bcast_col(load(s_s.at[j], (), col), BQ, hd)
+          visible = qp_v >= kp_s[j]
+          p.append([]), ds.append([]), dk.append([])
+          for h in range(hq):
+            k = kv[x][h] + bcast_col(load(b2_s.at[h], (), col), BQ, hd)
+            qr = query(h, cj, sj)
+            ph = jnp.where(visible, jnp.exp(jnp.sum(qr * k, axis=1) * scale - lse_v[h]), 0.0)
+            dsv = ph * (dp[x][h] - dl_v[h]) * scale  # scale ds
+            dsc = bcast_row(dsv, hd)  # broadcast along the row
+            p[x].append(ph)
+            ds[x].append(dsv)
+            dk[x].append(dsc * qr)
+            new_a1[h] = new_a1[h] + dsc * (cj * k)
+            new_a2[h] = new_a2[h] + dsc * (sj * k)
         return p, ds, dk, tuple(new_a1), tuple(new_a2), kept
 
       def key_step(it, carry):
         du, a1, a2 = carry
         j = it * wgs + wgi  # warpgroups take turns over the keys
-        p, _, dk, a1, a2, kept = key_terms(j, a1, a2, keep)
+        (p,), _, (dk,), a1, a2, kept = key_terms((j,), a1, a2, keep)
         new_du = list(du)
         for ci in range(nc):
           gd = kept if keep else hidden(j, ci)[1]
@@ -443,16 +462,22 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       def logits_first(my_keys):
         """Pass 1 (warpgroups take turns over the keys): p and ds of each key into shared memory, A1 and A2; pass 2
         (warpgroups take turns over the hidden chunks): du of a chunk over all keys."""
+        kps = opts.keys_per_step
+
         def logit_step(it, carry):
-          j = it * wgs + wgi
-          p, ds, _, a1, a2, _ = key_terms(j, *carry, False)
-          for h in range(hq):
-            pd_s.at[0, h, j][...] = p[h]
-            pd_s.at[1, h, j][...] = ds[h]
+          # This warpgroup's keys it * kps ... (it + 1) * kps - 1. The last step's may run past `count` but not past
+          # the block (kps divides kb / wgs): such keys are seen by no query of the tile (count is one past the last
+          # key any sees), so their p and ds are 0, as where `count` ends within a step of one key.
+          js = [(it * kps + x) * wgs + wgi for x in range(kps)]
+          p, ds, _, a1, a2, _ = key_terms(js, *carry, False)
+          for x, j in enumerate(js):
+            for h in range(hq):
+              pd_s.at[0, h, j][...] = p[x][h]
+              pd_s.at[1, h, j][...] = ds[x][h]
           return a1, a2
 
-        a1, a2 = jax.lax.fori_loop(0, my_keys, logit_step, (tuple(zeros(hd) for _ in range(hq)),
-                                                             tuple(zeros(hd) for _ in range(hq))))
+        a1, a2 = jax.lax.fori_loop(0, (my_keys + kps - 1) // kps, logit_step,
+                                   (tuple(zeros(hd) for _ in range(hq)), tuple(zeros(hd) for _ in range(hq))))
         plgpu.commit_smem()
         if wgs > 1:  # every warpgroup's p and ds to all
           plgpu.barrier_arrive(mid)
@@ -467,6 +492,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         def chunk(ci):
           uc = load(u_s.at[ci], (), wg)  # held across the keys, as dG's chunk
           dgo_c = [dgo_chunk(h, ci) for h in range(hq)]
+          held = [rotated(h) for h in range(hq)] if opts.keep_q else None  # and the rotated queries
 
           def du_step(j, du):
             gd = hidden(j, ci, uc)[1]
@@ -475,7 +501,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
             dg = jnp.zeros((BQ, FC), f32)
             for h in range(hq):
               ph = load(pd_s.at[0, h, j], (), row)
-              dk = bcast_row(load(pd_s.at[1, h, j], (), row), hd) * query(h, cj, sj)
+              dk = bcast_row(load(pd_s.at[1, h, j], (), row), hd) * query(h, cj, sj, held)
               dg = dg + mm(dk.astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, ci, h), (BQ, FC))
               dg = dg + bcast_row(ph, FC) * dgo_c[h]
             return du + dg * gd
