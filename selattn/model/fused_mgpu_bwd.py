@@ -19,25 +19,29 @@ Logits first (`Options.logits_first`, the default with several hidden chunks, kv
   keys for p and ds (into shared memory, then out to the key kernel) and A1, A2; its pass 2 takes one hidden chunk
   at a time, du of that chunk over all keys (the warpgroups on alternate chunks). The key kernel reads p and ds
   (masked by visibility: pairs past a query tile's last visible key were never written) and only runs pass 2: dw
-  and dW2k of a chunk over all queries, db in warpgroup 0's first chunk. dg's B is then K's B read transposed
-  (shared memory for p and ds).
+  and dW2k of a chunk over all queries, db in warpgroup 0's first chunk, each chunk's u, w, dG and W2k copied into
+  the warpgroup's own buffers when it comes to it (a quarter of the shared memory at kv_hidden 256: 64 queries a
+  program). dg's B is then K's B read transposed (shared memory for p and ds). The query kernel's pass 1 takes two
+  keys a step (`Options.keys_per_step`), reading each chunk of u and dG from shared memory once for both.
 Partial results of the blocks (and head groups) are summed outside by XLA; swap(A2) is taken there too (it moves
 columns between threads). The key layer's operands are bfloat16 as in the forward (so the recomputed logits are the
 forward's and its lse normalises them), as are those of dg's and dW2k's matmuls; everything else is float32.
 `transcription` computes the same formulation over whole [B, T, S, ...] arrays in jnp (with precision='float32'
 exact float32: it must equal fused.py's `_backward`).
 Shared memory decides the blocks (`Options` overrides them): at the original config (N2 H32) kv_hidden 64 takes
-both heads and blocks of 64, kv_hidden 256 one head per program and blocks of 32. A program's shared memory fills
-most of an SM, so two warpgroups share each program (they take turns over its keys or queries, each with its own
-accumulators, and write their partials in turn), the GELU and its derivative share one approximate tanh, and a
-program with no visible pair returns before copying its inputs (its partial outputs are masked outside).
+both heads and blocks of 64, kv_hidden 256 one head per program, 32 keys (query kernel) and 64 queries (key
+kernel). A program's shared memory fills most of an SM, so two warpgroups share each program (they take turns over
+its keys or queries, each with its own accumulators, and write their partials in turn), the GELU and its derivative
+share one approximate tanh, and a program with no visible pair returns before copying its inputs (its partial
+outputs are masked outside).
 Checked in Mosaic GPU's interpret mode (one warpgroup: two hang there) against `transcription` and `materialized`,
 and lowered for cuda with both (tests/fused_mgpu_train_test.py). On one H200 (jax 0.11.2) one layer's backward at
 the original config takes 0.67-0.79 ms at kv_hidden 64 (docs/bench/fused_mgpu_bwd_sweep_h200.json,
-fused_mgpu_bwd_sweep_lf_h200.json) and at 256 2.15 ms with the logits first against 3.41 in one pass
-(fused_mgpu_bwd_sweep_lf2_h200.json), against 2.0-2.1 and 6.4-7.0 for the merged Triton backward; with the MGPU
-forward a training step takes 3.07 and 9.59 ms against 9.55 and 31.0 (docs/bench/mlp_mgpu4_h200.json,
-mlp_mgpu3_h64_h200.json). docs/bench/fused_mgpu_bwd_sweep.py times the backward alone by `Options`.
+fused_mgpu_bwd_sweep_lf_h200.json) and at 256 1.94-2.01 ms with the logits first (fused_mgpu_bwd_sweep_kps_h200.json,
+fused_mgpu_ab_kps_h200.json; 2.15 before the chunk copies and two keys a step, 3.41 in one pass), against 2.0-2.1
+and 6.4-7.0 for the merged Triton backward; with the MGPU forward a training step takes 3.07 and 8.93 ms against
+9.55 and 32.0 (docs/bench/mlp_mgpu5_h200.json, mlp_mgpu3_h64_h200.json). docs/bench/fused_mgpu_bwd_sweep.py times
+the backward alone by `Options`.
 """
 
 from __future__ import annotations
