@@ -8,7 +8,10 @@ read from git into scratch/ (the command below), the old backward made to import
     sed 's/from selattn.model import fused_mgpu as fm/import old_fwd as fm/' > scratch/old_bwd.py && \
     OUT=. PYTHONPATH=$PWD python3 docs/bench/fused_mgpu_ab.py
 
-Recorded on one H200 (jax 0.11.2, 2026-12-01, 9cd3d75 against 2c86c37): docs/bench/fused_mgpu_ab_h200.json.
+Recorded on one H200 (jax 0.11.2, 2026-12-01, 9cd3d75 against 2c86c37): docs/bench/fused_mgpu_ab_h200.json. On
+2026-12-02 (the old kernels from the commit named first): fused_mgpu_ab_gelu_h200.json (0bc899e against the tree
+that became 6feb3bb, before its key kernel took one head a program first), fused_mgpu_ab_overlap_h200.json (6feb3bb
+against 6feb3bb plus docs/bench/fused_mgpu_overlap.diff), fused_mgpu_ab_kps_h200.json (0bc899e against 41a8415).
 """
 import json
 import os

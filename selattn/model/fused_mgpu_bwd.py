@@ -624,6 +624,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     else:  # logits first: p and ds from the query kernel; a chunk's inputs when a warpgroup comes to it
       copies.append((pd_g.at[:, bi, heads, qrows, keys], pd_s))
     n_common = len(copies) + 1  # and the range table's
+    assert len(chunk_copies(0, 0)) == per_chunk, (len(chunk_copies(0, 0)), per_chunk)  # the barriers' count
 
     def fetch_chunk(ci, slot):
       """Logits first: chunk ci's inputs into `slot`, issued and waited for by this warpgroup alone (its buffers
