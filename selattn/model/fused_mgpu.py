@@ -349,7 +349,8 @@ def unsupported(d: _Dims) -> str | None:
 
 def copy_in(copies, bars, wgi, wgs: int, first: int = 0):
   """TMA copies of (global source, shared-memory destination) pairs on barriers first, first + 1, ...: issued by
-  warpgroup 0, waited for by every warpgroup."""
+  warpgroup 0, waited for by every warpgroup; with wgs=1 issued and waited for by the calling warpgroup alone
+  (also inside one warpgroup's branch of a program that has several)."""
   from jax.experimental import pallas as pl  # noqa: PLC0415 (GPU-only module, imported on use)
   from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
 

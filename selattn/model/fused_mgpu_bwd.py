@@ -298,6 +298,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   fc_tf = (plgpu.TilingTransform((8, FC)), plgpu.SwizzleTransform(128))  # rows of FC bfloat16
   f_tf = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))  # float32 tiles
   interp = interpret is not None
+  with_w2t = not d.lq or interp  # dg's B in its own copy (compiled with the logits first: K's B read transposed)
   params = dict(compiler_params=plgpu.CompilerParams(approx_math=opts.approx_math))
   if d.wgs > 1:
     params.update(num_threads=d.wgs, thread_name='wg')
@@ -560,7 +561,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
              plgpu.SMEM((hq, BQ), f32), plgpu.SMEM((hq, BQ), f32), plgpu.SMEM((hq, BQ, fp), f32, transforms=f_tf),
              plgpu.Barrier(num_barriers=9 + nc + 2 * hq + 2 * nc * hq), *sync_barriers(wgs)]
   extras = {}  # more scratch, by name
-  if not d.lq or interp:  # dg's B (compiled with the logits first: K's B read transposed)
+  if with_w2t:
     extras['w2t'] = plgpu.SMEM((nc, hq, hd, FC), jnp.bfloat16, transforms=hd_tf)
   if d.lq:  # p and ds of every (query, key), per head; the barrier between the passes
     extras['pd'] = plgpu.SMEM((2, hq, kb, BQ), f32)
@@ -629,12 +630,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     def fetch_chunk(ci, slot):
       """Logits first: chunk ci's inputs into `slot`, issued and waited for by this warpgroup alone (its buffers
       are free: its last chunk's results went out through them, and wgmma_wait(0) ended each query)."""
-      cps = chunk_copies(ci, slot)
-      first = n_common + ci * len(cps)
-      for k, (src, dst) in enumerate(cps):
-        plgpu.copy_gmem_to_smem(src, dst, bars.at[first + k])
-      for k in range(len(cps)):
-        plgpu.barrier_wait(bars.at[first + k])
+      fm.copy_in(chunk_copies(ci, slot), bars, 0, 1, first=n_common + ci * per_chunk)
 
     fm.copy_in([(rng_g, rng_s)], bars, wgi, wgs, first=len(copies))
     base = 2 * (qbi * n_kt + ki)
@@ -807,7 +803,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     pl.when(hi > lo)(live)
 
   slots = wgs if d.lq else nc  # buffers of u, w, dG and W2k: per warpgroup (logits first) or per chunk
-  per_chunk = 3 + hk * (2 if (not d.lq or interp) else 1)  # copies of a chunk's inputs
+  per_chunk = 3 + hk * (2 if with_w2t else 1)  # copies of a chunk's inputs
   scratch = [plgpu.SMEM((hk, qb, 2 * hd), f32), plgpu.SMEM((slots, qb, FC), f32),
              plgpu.SMEM((slots, BK, FC), f32, transforms=f_tf),
              plgpu.SMEM((slots, hk, FC, hd), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((hk, hd), f32),
@@ -818,7 +814,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
              plgpu.SMEM((wgs, hk, BK, hd), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((BK, hd), f32, transforms=f_tf),
              plgpu.Barrier(num_barriers=10 + nc * per_chunk), *sync_barriers(wgs)]
   extras = {}  # more scratch, by name
-  if not d.lq or interp:  # dg's B (compiled with the logits first: K's B read transposed)
+  if with_w2t:
     extras['w2t'] = plgpu.SMEM((slots, hk, hd, FC), jnp.bfloat16, transforms=hd_tf)
   if d.lq:  # p and ds of every (query, key), per head, from the query kernel
     extras['pd'] = plgpu.SMEM((2, hk, qb, BK), f32)
