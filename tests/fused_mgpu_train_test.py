@@ -266,7 +266,10 @@ def test_backward_transcription_in_float32_is_the_triton_backward(rope, n, h, f,
 # block (and the key kernel's tile pair likewise) has no visible pair: such programs write nothing, masked outside
 # (without the mask this case fails). With two hidden chunks the logits come first (the default there): the key
 # kernel reads the query kernel's p and ds, masking the pairs it left unwritten (without that mask the F = 100 case
-# fails); then the same in one pass (logits_first=False).
+# fails); then the same in one pass (logits_first=False). With the logits first the key kernel sums du too
+# (du_by_keys, the default): its terms dh rounded to bfloat16 per head group, as the transcription with du_heads
+# rounds them (seen: 5.5e-5 of scale, rounding boundaries again; without du_heads 1.6e-3, and a wrong row of the
+# one-hot A gives O(1)).
 @pytest.mark.parametrize('rope,n,h,f,t,small_smem,keep,first,kps', [(True, 2, 8, 40, 37, False, True, None, 2),
                                                                     (False, 1, 6, 40, 70, False, False, None, 2),
                                                                     (True, 2, 8, 100, 40, True, True, None, 2),
@@ -280,14 +283,15 @@ def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, 
   scale, args, g, lse, dgo = _backward_args(3 * t + f, rope, n, h, f, t)
   if small_smem:
     monkeypatch.setattr(fmb, 'SMEM_BYTES', 140_000)
-  # 'q': keys_per_step 1, and pass 2 of the query kernel holds the rotated queries in registers (keep_q).
-  extra = dict(keys_per_step=1, keep_q=True) if kps == 'q' else dict(keys_per_step=kps)
+  # 'q': keys_per_step 1, du summed by the query kernel's pass 2 (du_by_keys off), which holds the rotated queries
+  # in registers (keep_q).
+  extra = dict(keys_per_step=1, keep_q=True, du_by_keys=False) if kps == 'q' else dict(keys_per_step=kps)
   opts = fmb.Options(keep_hidden=keep, logits_first=first, **extra)
   d = fmb._dims(args[0], args[2], opts)
   blocks = (1, 1, 32, 32) if small_smem else (n, n, 64, 64)
   assert (d.hq, d.hk, d.kb, d.qb, d.lq) == (*blocks, f > 64 and first is None), d
   got = jax.jit(lambda *a: fmb.backward(*a, scale=scale, opts=opts, interpret=fm.interpreter()))(*args, g, lse, dgo)
-  ref = fmb.transcription(*args, g, lse, dgo, scale=scale)
+  ref = fmb.transcription(*args, g, lse, dgo, scale=scale, du_heads=d.hk if d.kdu else 0)
   errs = _errs5(got, ref, floor=1.0 if not rope else 0.0)
   assert max(errs.values()) <= 1e-3 and max(errs['dq'], errs['du'], errs['db2k']) <= 1e-4, errs
 
@@ -348,7 +352,8 @@ def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts)
                                         ({'heads_per_program': 2}, 'heads_per_program=2 does not divide the 3 heads'),
                                         ({'warpgroups': 3}, 'warpgroups=3 is not 1 or 2'),
                                         ({'keys_per_step': 3}, 'keys_per_step=3 is not 1, 2 or 4'),
-                                        ({'block_q': 128}, 'bytes of shared memory')])
+                                        ({'block_q': 128, 'du_by_keys': False}, 'bytes of shared memory'),
+                                        ({'block_q': 128}, 'block_q=128 with du_by_keys')])
 def test_backward_options_it_cannot_take_are_refused_in_one_line(opts, match):
   f = 1024 if opts.get('block_q') == 128 else 40  # 128 queries of 1024 hidden units: > 227 KB
   scale, args = fm.fused_inputs(jnp.zeros((1, 37, 3, 8)), jnp.zeros((1, 37, f)), jnp.zeros((1, 37, f)),

@@ -81,8 +81,11 @@ def _swap(x, h2):
   return jnp.concatenate([x[..., h2:], x[..., :h2]], axis=-1)
 
 
-def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: float, precision: str = 'bf16'):
-  """fused.py's `_backward` outputs (dq, du, dw, dW2k, db2k) by this module's formulation, dense over pairs."""
+def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: float, precision: str = 'bf16',
+                  du_heads: int = 0):
+  """fused.py's `_backward` outputs (dq, du, dw, dW2k, db2k) by this module's formulation, dense over pairs.
+  du_heads > 0: du as the key kernel sums it (`Options.du_by_keys`): per group of du_heads heads (a program's),
+  that group's part of dh rounded as precision says."""
   rnd = {'bf16': lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), 'float32': lambda x: x}[precision]
   b, t, n, _, h2 = q.shape
   f = u.shape[-1]
@@ -108,7 +111,12 @@ def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, sca
   a2 = jnp.sum(scale * ds[..., None] * s[None, None, :, None] * k, axis=2)
   dq = (a1 + _swap(a2, h2)).reshape(b, t, n, 2, h2)
   dw2 = jnp.einsum('btsf,btsne->fne', rnd(g), rnd(dk), **hi).reshape(f, n, 2, h2)
-  return dq, dh.sum(2), dh.sum(1), dw2, dk.sum((0, 1, 2)).reshape(n, 2, h2)
+  du = dh.sum(2)
+  if du_heads:
+    dg_n = jnp.einsum('btsn,btnf->btsnf', p, dgo, **hi) + jnp.einsum('btsne,fne->btsnf', rnd(dk), w2r, **hi)
+    dg_n = dg_n.reshape(b, t, -1, n // du_heads, du_heads, f).sum(4)  # per head group
+    du = rnd(dg_n * _gelu_grad(h)[:, :, :, None]).sum((2, 3))
+  return dq, du, dh.sum(1), dw2, dk.sum((0, 1, 2)).reshape(n, 2, h2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,6 +139,7 @@ class _Dims:
   hk: int  # key kernel: heads per program
   wgs: int = 1  # warpgroups per program (both kernels)
   lq: bool = False  # query kernel: logits first (Options.logits_first)
+  kdu: bool = False  # logits first: du summed by the key kernel (Options.du_by_keys)
 
   @property
   def hd(self):
@@ -149,15 +158,17 @@ def _q_smem(d: _Dims, kb: int, hp: int, t: int, s: int, lf: bool = False) -> int
           + _round_up(-(-t // BQ) * -(-s // kb), 32) * 4 + (2 * hp * kb * BQ * f32 if lf else 0))
 
 
-def _k_smem(d: _Dims, qb: int, hp: int, t: int, s: int, wgs: int = 1, lf: bool = False) -> int:
-  """Logits first: u, w, dG and W2k of one hidden chunk per warpgroup (copied chunk by chunk) in place of all."""
+def _k_smem(d: _Dims, qb: int, hp: int, t: int, s: int, wgs: int = 1, lf: bool = False, kdu: bool = False) -> int:
+  """Logits first: u, w, dG and W2k of one hidden chunk per warpgroup (copied chunk by chunk) in place of all;
+  with du summed here (kdu), dh in bfloat16 per warpgroup."""
   f32, hd, fp = 4, d.hd, d.fp
   per = wgs * FC if lf else fp  # hidden units held of u, w, dG and W2k
   return (qb * 2 * hp * hd * f32 + qb * per * f32 + BK * per * f32 + (1 if lf else 2) * per * hp * hd * 2
           + hp * hd * f32 + (2 * hp * qb * BK * f32 if lf else 0)
           + 2 * BK * hd * f32 + (BK + qb) * 4 + 2 * hp * qb * f32 + qb * hp * per * f32
           + _round_up(2 * -(-t // qb) * -(-s // BK), 32) * 4
-          + wgs * ((BK * FC + hp * BK * hd) * 2) + BK * hd * f32)  # per warpgroup: g and dK in bfloat16
+          + wgs * ((BK * FC * (2 if kdu else 1) + hp * BK * hd) * 2)  # per warpgroup: g, dK (and dh) in bfloat16
+          + BK * hd * f32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +203,12 @@ class Options:
   # Query kernel with the logits first: its pass 2 holds the rotated queries in registers (2 Hd a thread per head)
   # instead of reading them from shared memory for every key and chunk.
   keep_q: bool = False
+  # Logits first: the key kernel sums du too, and the query kernel has no pass 2 (one GELU evaluation a pair and
+  # head fewer). The key kernel holds a tile's keys as rows, so du_i = sum_j dh_ij is a sum down its rows: one
+  # wgmma per query and hidden chunk, A a one-hot [64, 64] (row i of the query block all ones, from registers), B
+  # dh in bfloat16 (shared memory), accumulated in float32 over the queries of the block. So du's terms are
+  # rounded to bfloat16 (as dW2k's factors are); blocks of at most 64 queries.
+  du_by_keys: bool = True
 
 
 def _dims(q, w, opts: Options = Options()) -> _Dims | str:
@@ -217,18 +234,22 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
   kbs = (opts.block_k,) if opts.block_k else (64, 32)
   qbs = (opts.block_q,) if opts.block_q else (64, 32)
   lq = fp > FC if opts.logits_first is None else opts.logits_first
+  kdu = lq and opts.du_by_keys
+  if kdu and opts.block_q > 64:
+    return f'block_q={opts.block_q} with du_by_keys: du is summed over at most 64 queries a program'
   # The key kernel with the logits first: one head per program first (on one H200 at kv_hidden 256, B16 T299 N2
   # H32: 2.09 ms a layer with one head and 64 queries against 2.36 with both heads and 32,
   # docs/bench/fused_mgpu_bwd_sweep_kh_h200.json).
   k_heads = heads[::-1] if lq and not opts.heads_per_program else heads
   q_fit = [(kb, hp) for hp in heads for kb in kbs if _q_smem(probe, kb, hp, t, s, lq) <= SMEM_BYTES]
-  k_fit = [(qb, hp) for hp in k_heads for qb in qbs if _k_smem(probe, qb, hp, t, s, wgs, lq) <= SMEM_BYTES]
+  k_fit = [(qb, hp) for hp in k_heads for qb in qbs if _k_smem(probe, qb, hp, t, s, wgs, lq, kdu) <= SMEM_BYTES]
   if not q_fit or not k_fit:
-    need = max(_q_smem(probe, kbs[-1], heads[-1], t, s, lq), _k_smem(probe, qbs[-1], heads[-1], t, s, wgs, lq))
+    need = max(_q_smem(probe, kbs[-1], heads[-1], t, s, lq),
+               _k_smem(probe, qbs[-1], heads[-1], t, s, wgs, lq, kdu))
     return f'the backward needs {need} bytes of shared memory (> {SMEM_BYTES})'
   (kb, hq), (qb, hk) = q_fit[0], k_fit[0]
   return _Dims(tq=_round_up(t, max(BQ, qb)), sk=_round_up(s, max(BK, kb)), kb=kb, qb=qb, hq=hq, hk=hk, wgs=wgs,
-               lq=lq, **base)
+               lq=lq, kdu=kdu, **base)
 
 
 def cannot_run(act: str, interpret: bool, q, w) -> str | None:
@@ -365,8 +386,9 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   cnt = pad(k_hi.reshape(-1), 0, _round_up(n_q * n_kb, 32))
   keep = opts.keep_hidden and nc == 1
 
-  def q_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, cnt_g, lse_g, dl_g, dgo_g,
-               du_out, da_out, *rest):
+  def q_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, cnt_g, lse_g, dl_g, dgo_g, *rest):
+    du_out, rest = (None, rest) if d.kdu else (rest[0], rest[1:])  # du summed by the key kernel: none here
+    da_out, rest = rest[0], rest[1:]
     pd_out, rest = (rest[0], rest[1:]) if d.lq else (None, rest)  # logits first: p and ds out for the key kernel
     a_s, u_s, w_s, w2b_s, b2_s, c_s, s_s, qp_s, kp_s, cnt_s, lse_s, dl_s, dgo_s, bars, done, turn, *more = rest
     extra = dict(zip(q_extras, more))
@@ -517,7 +539,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
           plgpu.copy_smem_to_gmem(u_s.at[ci], du_out.at[bi, z, rows, pl.ds(ci * FC, FC)])
           plgpu.wait_smem_to_gmem(0)
 
-        for v in range(wgs):  # static chunk indices per warpgroup
+        for v in range(wgs if not d.kdu else 0):  # static chunk indices per warpgroup (none: du by keys)
           def mine(v=v):
             for ci in range(v, nc, wgs):
               chunk(ci)
@@ -574,17 +596,19 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   scratch += list(extras.values())
   wdu = 1 if d.lq else wgs  # du's partials per program
   q_call = plgpu.kernel(
-      q_kernel, out_type=[jax.ShapeDtypeStruct((b, n_kb * gq * wdu, d.tq, fp), f32),
+      q_kernel, out_type=[*([] if d.kdu else [jax.ShapeDtypeStruct((b, n_kb * gq * wdu, d.tq, fp), f32)]),
                           jax.ShapeDtypeStruct((b, n_kb * wgs, n, d.tq, 2 * hd), f32),
                           *([jax.ShapeDtypeStruct((2, b, n, d.sk, d.tq), f32)] if d.lq else [])],
       scratch_types=scratch, grid=(n_kb * gq, n_q, b), grid_names=('z', 'q', 'b'), interpret=interpret,
       kernel_name='selective_fused_bwd_query_mgpu', **params)
-  du_p, da_p, *pd = q_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, cnt, lse_, delta, dgo_)
+  outs = q_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, cnt, lse_, delta, dgo_)
+  du_p, (da_p, *pd) = (None, outs) if d.kdu else (outs[0], outs[1:])
   pd = [jnp.swapaxes(pd[0], 3, 4)] if d.lq else []  # [2, B, N, Tq, Sk]: the key kernel's rows are queries
   # Programs with no pair to visit wrote nothing: their partials are masked.
   live_q = (k_hi > 0).T  # [key blocks, query tiles]
-  du = jnp.where(live_q[None, :, None, :, None, None], du_p.reshape(b, n_kb, gq * wdu, n_q, BQ, fp), 0.0)
-  du = du.sum((1, 2)).reshape(b, d.tq, fp)
+  if not d.kdu:
+    du = jnp.where(live_q[None, :, None, :, None, None], du_p.reshape(b, n_kb, gq * wdu, n_q, BQ, fp), 0.0)
+    du = du.sum((1, 2)).reshape(b, d.tq, fp)
   da = jnp.where(live_q[None, :, None, None, :, None, None], da_p.reshape(b, n_kb, wgs, n, n_q, BQ, 2 * hd), 0.0)
   da = jnp.transpose(da.sum((1, 2)).reshape(b, n, d.tq, 2 * hd), (0, 2, 1, 3)).reshape(b, d.tq, n, 2, hd)
   dq = (da[:, :, :, 0] + _swap(da[:, :, :, 1], h2)).reshape(b, d.tq, n, 2, h2)
@@ -592,13 +616,16 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   # ------------------------------------------------------------------ key kernel: dw, db2k, dW2k
   qb, hk = d.qb, d.hk
   n_qb, n_kt, gk = d.tq // qb, d.sk // BK, n // hk
+  DQ = 64  # du's accumulator rows (wgmma M): the block's queries, qb <= 64 of them  # noqa: N806
   _, q_lo, q_hi = _ranges(qp, kp, n_qb, qb, n_kt, BK)
   rng = pad(jnp.stack([q_lo, q_hi], axis=-1).reshape(-1), 0, _round_up(2 * n_qb * n_kt, 32))
 
   def k_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, rng_g, lse_g, dl_g, dgo_g, *rest):
     pd_g, rest = (rest[0], rest[1:]) if d.lq else (None, rest)  # logits first: the query kernel's p and ds
-    (dw_out, db_out, dw2_out, a_s, u_s, w_s, w2b_s, b2_s, c_s, s_s, qp_s, kp_s, rng_s, lse_s, dl_s, dgo_s,
-     gs_s, dks_s, st_s, bars, done, turn, *more) = rest
+    (dw_out, db_out, dw2_out), rest = rest[:3], rest[3:]
+    du_out, rest = (rest[0], rest[1:]) if d.kdu else (None, rest)  # du summed here (logits first)
+    (a_s, u_s, w_s, w2b_s, b2_s, c_s, s_s, qp_s, kp_s, rng_s, lse_s, dl_s, dgo_s, gs_s, dks_s, st_s, bars, done,
+     turn, *more) = rest
     extra = dict(zip(k_extras, more))
     w2t_s, pd_s = extra.get('w2t'), extra.get('pd')
     z, ki, bi = jax.lax.axis_index('z'), jax.lax.axis_index('k'), jax.lax.axis_index('b')
@@ -641,6 +668,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       fm.copy_in(copies, bars, wgi, wgs)
       # This warpgroup's buffers: g (bfloat16, read transposed as wgmma's A; interpreted: a transposed copy) and dK.
       gs_w, dks_w = (extra['gsT'] if interp else gs_s).at[wgi], dks_s.at[wgi]
+      dhs_w = extra['dhs'].at[wgi] if d.kdu else None  # dh in bfloat16: B of du's wgmma
       ga_s, dka_s = (extra['ga'].at[wgi], extra['dka'].at[wgi]) if interp else (None, None)
       kp_v = load(kp_s, (), row)
       c_v = load(c_s, (), wg)
@@ -685,23 +713,35 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
           dk.append(bcast_row(dsv, hd) * qr)
         return p, ds, dk, kept
 
-      def chunk_step(i, slot, g, gd, p, dk, dw_c, dw2_acc):
-        """dw's chunk += dg o gelu', dW2k's += g^T dK (wgmma, g and dK through this warpgroup's buffers); the chunk's
-        inputs in buffer `slot`."""
+      def chunk_step(i, slot, g, gd, p, dk, dw_c, dw2_acc, du_acc=None):
+        """dw's chunk += dh = dg o gelu', dW2k's += g^T dK (wgmma, g and dK through this warpgroup's buffers); the
+        chunk's inputs in buffer `slot`. With du_acc ([64 queries of the block, FC]): its row for query i (of the block) += the
+        sum of dh down the keys, by a wgmma with a one-hot A."""
         dg = jnp.zeros((BK, FC), f32)
         for h in range(hk):
           dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, slot, h), (BK, FC))
           dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, slot)
+        dh = dg * gd
         gb = g.astype(jnp.bfloat16)
         gs_w[...] = gb.T if interp else gb
         for h in range(hk):
           dks_w[h] = dk[h].astype(jnp.bfloat16)
+        if du_acc is not None:
+          dhs_w[...] = dh.astype(jnp.bfloat16)
         plgpu.commit_smem()
         a_op = gs_w if interp else plgpu.transpose_ref(gs_w, (1, 0))
         for h in range(hk):
           plgpu.wgmma(dw2_acc[h], a_op, dks_w.at[h])
-        plgpu.wgmma_wait(0)  # before g's and dK's buffers are written again
-        return dw_c + dg * gd
+        if du_acc is not None:
+          iota = (jax.lax.broadcasted_iota(jnp.int32, (DQ, BK), 0) if interp
+                  else plgpu.broadcasted_iota(jnp.int32, (DQ, BK), 0, layout=wg))
+          one_hot = jnp.where(iota == i, 1.0, 0.0).astype(jnp.bfloat16)
+          if interp:  # A from shared memory only
+            ga_s[...] = one_hot
+            one_hot = ga_s
+          plgpu.wgmma(du_acc, one_hot, dhs_w)
+        plgpu.wgmma_wait(0)  # before g's, dK's and dh's buffers are written again
+        return dw_c + dh
 
       zeros = lambda r, cols: cast(jnp.zeros((r, cols), f32), wg)  # noqa: E731
       my_queries = jnp.maximum(hi - lo - wgi + wgs - 1, 0) // wgs
@@ -764,26 +804,37 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
           wc = load(w_s.at[v], (), wg)  # held across the queries
           with_db = v == 0 and r == 0
 
-          def q_step(i, carry, wc=wc, r=r, with_db=with_db):
+          def q_step(i, carry, wc=wc, r=r, with_db=with_db, du_acc=None):
             dw_c, db = carry if with_db else (carry, None)
             g, gd = hidden(i, v, wc)
             visible = kp_v <= qp_s[i]
             p = [jnp.where(visible, load(pd_s.at[0, h, i], (), row), 0.0) for h in range(hk)]
             ds = [jnp.where(visible, load(pd_s.at[1, h, i], (), row), 0.0) for h in range(hk)]
             dk = [bcast_row(ds[h], hd) * query(h, i) for h in range(hk)]
-            dw_c = chunk_step(i, v, g, gd, p, dk, dw_c, dw2_acc[r * hk:(r + 1) * hk])
+            dw_c = chunk_step(i, v, g, gd, p, dk, dw_c, dw2_acc[r * hk:(r + 1) * hk], du_acc)
             return (dw_c, tuple(db[h] + dk[h] for h in range(hk))) if with_db else dw_c
 
           init = zeros(BK, FC)
           if with_db:
             init = (init, tuple(zeros(BK, hd) for _ in range(hk)))
-          dw_c = jax.lax.fori_loop(lo, hi, q_step, init)
+          if d.kdu:  # du of the block's queries in a wgmma accumulator across them
+            def with_du(du_acc, q_step=q_step, init=init):
+              res = jax.lax.fori_loop(lo, hi, functools.partial(q_step, du_acc=du_acc), init)
+              return res, du_acc[...]
+            dw_c, du_c = pl.run_scoped(with_du, plgpu.ACC((DQ, FC), f32))
+          else:
+            dw_c = jax.lax.fori_loop(lo, hi, q_step, init)
           if with_db:
             dw_c, db = dw_c
           w_s[v] = dw_c  # out through w's buffer: only this warpgroup reads it
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(w_s.at[v], dw_out.at[bi, z, keys, pl.ds(ci * FC, FC)])
           plgpu.wait_smem_to_gmem(0)
+          if d.kdu:  # then du's rows of the block, the same way
+            w_s[v] = du_c
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(w_s.at[v], du_out.at[bi, ki * gk + gi, qbi, :, pl.ds(ci * FC, FC)])
+            plgpu.wait_smem_to_gmem(0)
 
         def out():  # db (warpgroup 0), then this warpgroup's dW2k chunks, through st_s in turn
           if db is not None:
@@ -818,6 +869,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     extras['w2t'] = plgpu.SMEM((slots, hk, hd, FC), jnp.bfloat16, transforms=hd_tf)
   if d.lq:  # p and ds of every (query, key), per head, from the query kernel
     extras['pd'] = plgpu.SMEM((2, hk, qb, BK), f32)
+  if d.kdu:
+    extras['dhs'] = plgpu.SMEM((wgs, BK, FC), jnp.bfloat16, transforms=fc_tf)
   if interp:
     extras.update(gsT=plgpu.SMEM((wgs, FC, BK), jnp.bfloat16, transforms=hd_tf),
                   ga=plgpu.SMEM((wgs, BK, FC), jnp.bfloat16, transforms=fc_tf),
@@ -828,11 +881,15 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   k_call = plgpu.kernel(
       k_kernel, out_type=[jax.ShapeDtypeStruct((b, n_qb * gk * wdw, d.sk, fp), f32),
                           jax.ShapeDtypeStruct((b, n_qb * wdw, n_kt, BK, n * hd), f32),
-                          jax.ShapeDtypeStruct((b, n_qb * wdw, n_kt, fp, n * hd), f32)],
+                          jax.ShapeDtypeStruct((b, n_qb * wdw, n_kt, fp, n * hd), f32),
+                          *([jax.ShapeDtypeStruct((b, n_kt * gk, n_qb, DQ, fp), f32)] if d.kdu else [])],
       scratch_types=scratch, grid=(n_qb * gk, n_kt, b), grid_names=('z', 'k', 'b'), interpret=interpret,
       kernel_name='selective_fused_bwd_key_mgpu', **params)
-  dw_p, db_p, dw2_p = k_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, rng, lse_, delta, dgo_, *pd)
+  dw_p, db_p, dw2_p, *du_k = k_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, rng, lse_, delta, dgo_, *pd)
   live_k = (q_hi > q_lo)[None, :, None, :, None, None]  # [query blocks, key tiles]
+  if d.kdu:  # du's partials per key tile and head group, [B, parts, query blocks, DQ rows (qb used), Fp]
+    live_du = jnp.repeat((q_hi > q_lo).T, gk, axis=0)[None, :, :, None, None]  # [parts, query blocks]
+    du = jnp.where(live_du, du_k[0], 0.0)[:, :, :, :qb].sum(1).reshape(b, d.tq, fp)
   dw = jnp.where(live_k, dw_p.reshape(b, n_qb, gk * wdw, n_kt, BK, fp), 0.0).sum((1, 2)).reshape(b, d.sk, fp)
   db2 = jnp.where(live_k, db_p.reshape(b, n_qb, wdw, n_kt, BK, n * hd), 0.0).sum((0, 1, 2, 3, 4)).reshape(n, 2, h2)
   dw2 = jnp.where(live_k, dw2_p.reshape(b, n_qb, wdw, n_kt, fp, n * hd), 0.0).sum((0, 1, 2, 3)).reshape(fp, n, 2, h2)
