@@ -23,6 +23,11 @@ Logits first (`Options.logits_first`, the default with several hidden chunks, kv
   the warpgroup's own buffers when it comes to it (a quarter of the shared memory at kv_hidden 256: 64 queries a
   program). dg's B is then K's B read transposed (shared memory for p and ds). The query kernel's pass 1 takes two
   keys a step (`Options.keys_per_step`), reading each chunk of u and dG from shared memory once for both.
+  du by keys (`Options.du_by_keys`, the default with the logits first): the key kernel, which computes dh_ij for
+  dw anyway, sums du too, and the query kernel has no pass 2. Its rows are keys, so du_i = sum_j dh_ij is a sum
+  down them: a wgmma per query and chunk, D [64 queries, FC] += A [64, 64 keys] B [64 keys, FC] with A one-hot
+  (row i all ones, the rest 0: built in registers) and B = dh in bfloat16; partial du per key tile, summed outside.
+  The GELU is then evaluated twice a pair and head in the backward instead of three times.
 Partial results of the blocks (and head groups) are summed outside by XLA; swap(A2) is taken there too (it moves
 columns between threads). The key layer's operands are bfloat16 as in the forward (so the recomputed logits are the
 forward's and its lse normalises them), as are those of dg's and dW2k's matmuls; everything else is float32.
@@ -209,6 +214,9 @@ class Options:
   # dh in bfloat16 (shared memory), accumulated in float32 over the queries of the block. So du's terms are
   # rounded to bfloat16 (as dW2k's factors are); blocks of at most 64 queries.
   du_by_keys: bool = True
+  # Key kernel with the logits first: a hidden chunk's w rows of the tile held in registers across the queries
+  # (32 registers a thread) instead of read from shared memory for each.
+  hold_w: bool = False
 
 
 def _dims(q, w, opts: Options = Options()) -> _Dims | str:
@@ -732,10 +740,10 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         a_op = gs_w if interp else plgpu.transpose_ref(gs_w, (1, 0))
         for h in range(hk):
           plgpu.wgmma(dw2_acc[h], a_op, dks_w.at[h])
-        if du_acc is not None:
-          iota = (jax.lax.broadcasted_iota(jnp.int32, (DQ, BK), 0) if interp
-                  else plgpu.broadcasted_iota(jnp.int32, (DQ, BK), 0, layout=wg))
-          one_hot = jnp.where(iota == i, 1.0, 0.0).astype(jnp.bfloat16)
+        if du_acc is not None:  # a [64] row vector (a value or two a thread) compared, then broadcast along rows
+          iota = (jax.lax.broadcasted_iota(jnp.int32, (DQ,), 0) if interp
+                  else plgpu.broadcasted_iota(jnp.int32, (DQ,), 0, layout=row))
+          one_hot = bcast_row(jnp.where(iota == i, 1.0, 0.0), BK).astype(jnp.bfloat16)
           if interp:  # A from shared memory only
             ga_s[...] = one_hot
             one_hot = ga_s
@@ -801,7 +809,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         db = None
         for r, ci in enumerate(range(v, nc, wgs)):
           fetch_chunk(ci, v)
-          wc = load(w_s.at[v], (), wg)  # held across the queries
+          wc = load(w_s.at[v], (), wg) if opts.hold_w else None  # held across the queries, or read for each
           with_db = v == 0 and r == 0
 
           def q_step(i, carry, wc=wc, r=r, with_db=with_db, du_acc=None):
