@@ -4,6 +4,11 @@ and 256; FS overrides), five calls each after warm-up; EXTRA adds backward Optio
 EXTRA='warpgroups=1'). Writes $OUT/prof.json after each item. Off GPU: tiny shapes, interpreted (a smoke test).
 
   OUT=. PYTHONPATH=$PWD python3 docs/bench/fused_mgpu_kernel_times.py
+
+Records (one H200, jax 0.11.2): fused_mgpu_kernel_times_h200.json (2026-12-01); on 2026-12-02 with FS=256,
+fused_mgpu_kernel_times_dk_h200.json (commit ebf14a7, EXTRA='du_by_keys=False': the backward before and after the
+key kernel summed du) and fused_mgpu_kernel_times_holdw_h200.json (commit 8e8ea6b's kernels, but with hold_w on by
+default as they ran then, and EXTRA='hold_w=False').
 """
 import collections, glob, gzip, json, os, sys
 import jax

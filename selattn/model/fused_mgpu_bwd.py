@@ -44,9 +44,11 @@ and lowered for cuda with both (tests/fused_mgpu_train_test.py). On one H200 (ja
 the original config takes 0.67-0.79 ms at kv_hidden 64 (docs/bench/fused_mgpu_bwd_sweep_h200.json,
 fused_mgpu_bwd_sweep_lf_h200.json) and at 256 1.94-2.01 ms with the logits first (fused_mgpu_bwd_sweep_kps_h200.json,
 fused_mgpu_ab_kps_h200.json; 2.15 before the chunk copies and two keys a step, 3.41 in one pass), against 2.0-2.1
-and 6.4-7.0 for the merged Triton backward; with the MGPU forward a training step takes 3.07 and 8.93 ms against
-9.55 and 32.0 (docs/bench/mlp_mgpu5_h200.json, mlp_mgpu3_h64_h200.json). docs/bench/fused_mgpu_bwd_sweep.py times
-the backward alone by `Options`.
+and 6.4-7.0 for the merged Triton backward. With du by keys its two kernels take 1,280 us of device time a layer at
+kv_hidden 256 against 1,518 without (docs/bench/fused_mgpu_kernel_times_dk_h200.json,
+fused_mgpu_kernel_times_holdw_h200.json). With the MGPU forward a training step takes 3.02 and 7.93 ms against 9.55
+and 32.2 (docs/bench/mlp_mgpu6_h200.json, mlp_mgpu3_h64_h200.json). docs/bench/fused_mgpu_bwd_sweep.py times the
+backward alone by `Options`, docs/bench/fused_mgpu_kernel_times.py each kernel's device time.
 """
 
 from __future__ import annotations
