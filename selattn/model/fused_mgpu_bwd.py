@@ -725,8 +725,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
 
       def chunk_step(i, slot, g, gd, p, dk, dw_c, dw2_acc, du_acc=None):
         """dw's chunk += dh = dg o gelu', dW2k's += g^T dK (wgmma, g and dK through this warpgroup's buffers); the
-        chunk's inputs in buffer `slot`. With du_acc ([64 queries of the block, FC]): its row for query i (of the block) += the
-        sum of dh down the keys, by a wgmma with a one-hot A."""
+        chunk's inputs in buffer `slot`. With du_acc ([64 queries of the block, FC]): its row for query i (of the
+        block) += the sum of dh down the keys, by a wgmma with a one-hot A."""
         dg = jnp.zeros((BK, FC), f32)
         for h in range(hk):
           dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, slot, h), (BK, FC))
