@@ -423,10 +423,9 @@ def _loop(runs: list[_Seed], cfg, mesh, train_step, take, state, keys, rep, step
         r.ckpt.wait()  # the lines name checkpoints that are on disk
         r.log.info('%s', train_lib.finished_line(step, result[r.seed]['eval/loss'], progress, r.ckpt.directory,
                                                  r.workdir))
-      took = train_lib._fmt_time(time.perf_counter() - progress.run_start)  # pylint: disable=protected-access
-      logging.info('finished at step %d: held-out loss %s | this call trained %s steps in %s | checkpoints in %s',
-                   step, ' | '.join(f'seed {k} {v["eval/loss"]:.4f}' for k, v in result.items()),
-                   f'{step - progress.step:,}', took, f'{os.path.dirname(runs[0].workdir)}/seed<k>/checkpoints')
+      logging.info('finished at step %d: held-out loss %s | %s | checkpoints in %s', step,
+                   ' | '.join(f'seed {k} {v["eval/loss"]:.4f}' for k, v in result.items()),
+                   train_lib.call_summary(step, progress), f'{os.path.dirname(runs[0].workdir)}/seed<k>/checkpoints')
   except jax.errors.JaxRuntimeError as e:
     if train_lib._resource_exhausted(e):  # pylint: disable=protected-access
       raise TrainingError(f'out of device memory near step {step}: {ckpt_lib.one_line(e)}; {kept()}') from None

@@ -154,12 +154,17 @@ def make_eval_step(graphdef: nnx.GraphDef, positions: np.ndarray | None):
   return step
 
 
+def call_summary(step: int, progress: Progress) -> str:
+  """'this call trained N steps in T': what this call (of a run that may have resumed) did by `step`."""
+  took = _fmt_time(time.perf_counter() - progress.run_start)
+  return f'this call trained {step - progress.step:,} steps in {took}'
+
+
 def finished_line(step: int, loss: float, progress: Progress, checkpoints: str, workdir: str) -> str:
   """A finished run's last line (its train.log's too): the step, the last held-out loss, the call's steps and time,
   where the checkpoint is and how to sample from it."""
-  took = _fmt_time(time.perf_counter() - progress.run_start)
-  return (f'finished at step {step}: held-out loss {loss:.4f} | this call trained {step - progress.step:,} steps in '
-          f'{took} | checkpoint in {checkpoints}; sample from it with: python -m selattn.sample --workdir {workdir}')
+  return (f'finished at step {step}: held-out loss {loss:.4f} | {call_summary(step, progress)} | checkpoint in '
+          f'{checkpoints}; sample from it with: python -m selattn.sample --workdir {workdir}')
 
 
 def _fmt_time(seconds: float) -> str:
