@@ -4,6 +4,8 @@ docs/bench/fused_mgpu_check.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,9 +131,11 @@ def _lowers_for_cuda() -> bool:
 @pytest.mark.parametrize('f,opts', [(64, {}), (256, {}), (256, {'logits_first': False}),
                                     (256, {'heads_per_program': 1}), (256, {'keys_per_step': 2}),
                                     (64, {'keep_u': True, 'keep_q': True}),
-                                    (256, {'warpgroups': 2, 'heads_per_program': 1})])
+                                    (256, {'warpgroups': 2, 'heads_per_program': 1}), ((4, 64, 256), {})])
 def test_kernel_lowers_for_cuda_at_the_original_config(f, opts):
   b, t, n, h = 16, 299, 2, 32
+  if isinstance(f, tuple):  # heads of 64 at kv_hidden 256: one head a program (the fallback above)
+    n, h, f = f
   shapes = fm.fused_inputs(jnp.zeros((b, t, n, h)), jnp.zeros((b, t, f)), jnp.zeros((b, t, f)),
                            jnp.zeros((f, n * h)), jnp.zeros((n * h,)), jnp.arange(t), jnp.arange(t), 10000.0)
   scale, args = shapes
@@ -139,6 +143,38 @@ def test_kernel_lowers_for_cuda_at_the_original_config(f, opts):
   opts = fm.Options(**opts)
   lowered = jax.jit(lambda *a: fm.forward(*a, scale=scale, opts=opts)).trace(*args).lower(lowering_platforms=('cuda',))
   assert 'mosaic_gpu' in lowered.as_text()
+
+
+def _dims_of(b, t, n, h, f, opts=fm.Options()):
+  _, args = fm.fused_inputs(jnp.zeros((b, t, n, h)), jnp.zeros((b, t, f)), jnp.zeros((b, t, f)), jnp.zeros((f, n * h)),
+                            jnp.zeros((n * h,)), jnp.arange(t), jnp.arange(t), 10000.0)
+  return fm._dims(args[0], args[2], opts)
+
+
+# Heads per program by shared memory: all heads where they fit (the original config: both heads, 32 keys at
+# kv_hidden 256, 64 at 64), else fewer. Heads of 64 at kv_hidden 256 need 417,408 bytes with all 4 heads (> 224,256)
+# and 190,848 with one; 128 hidden units 184,448 with 2 of the 4. An explicit heads_per_program is kept.
+@pytest.mark.parametrize('shape,expect', [((16, 299, 2, 32, 256), (32, 2)), ((16, 299, 2, 32, 64), (64, 2)),
+                                          ((16, 299, 4, 64, 256), (32, 1)), ((16, 299, 4, 64, 128), (32, 2)),
+                                          ((16, 299, 4, 64, 64), (32, 4))])
+def test_heads_per_program_fall_back_to_what_fits_in_shared_memory(shape, expect):
+  d = _dims_of(*shape)
+  assert (d.kb, d.hp) == expect and fm.unsupported(d) is None, d
+  assert fm._smem_bytes(d) <= fm.SMEM_BYTES
+  if d.hp < shape[2]:  # the next larger head group that divides the heads did not fit
+    larger = min(h for h in range(d.hp + 1, shape[2] + 1) if shape[2] % h == 0)
+    assert fm._smem_bytes(dataclasses.replace(d, hp=larger)) > fm.SMEM_BYTES
+  assert _dims_of(*shape, fm.Options(heads_per_program=shape[2])).hp == shape[2]
+
+
+# One unnormalised G per key block goes out and XLA combines them: at B4 T4096 N4 H64 kv_hidden 256 (blocks of 32
+# keys, one head a program: it fits in shared memory) that is 128 of them, 8 GiB, so the kernel refuses it (the
+# Triton forward runs there); the original config's 10 take 105 MB.
+def test_a_forward_whose_partial_results_would_not_fit_is_refused():
+  d = _dims_of(4, 4096, 4, 64, 256)
+  assert (d.kb, d.hp) == (32, 1) and fm._smem_bytes(d) <= fm.SMEM_BYTES
+  assert fm.unsupported(d) == 'its partial results (one G per block of 32 keys: 128 of them) would take 8.0 GiB (> 1)'
+  assert fm._partial_bytes(_dims_of(16, 299, 2, 32, 256)) == 16 * 10 * 320 * 2 * 256 * 4
 
 
 @pytest.mark.parametrize('opts,match', [({'block_k': 48}, 'block_k=48 is not a multiple of 32'),

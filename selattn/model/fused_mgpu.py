@@ -86,8 +86,9 @@ class Options:
   keep_u: bool = False
   # Likewise the tile's rotated queries (both RoPE orders: 2 H2 registers a thread per head).
   keep_q: bool = False
-  # Heads per program (0 = all): fewer = more programs and fewer registers for G (N F / 2 a thread for 64
-  # queries), the GELU recomputed once per head group.
+  # Heads per program (0 = all, or the most that fit in shared memory with a block of 32 keys at least): fewer =
+  # more programs and fewer registers for G (N F / 2 a thread for 64 queries), the GELU recomputed once per head
+  # group.
   heads_per_program: int = 0
   # Warpgroups per program (1 or 2; 0 = two where the logits come first and the kernel runs compiled, else one).
   # One pass: each takes every other key of the block for the same 64 queries, sharing the program's shared-memory
@@ -163,11 +164,11 @@ class _Dims:
 def _dims(q, w, opts: Options, interpret: bool = False) -> _Dims:
   b, t, n, _, h2 = q.shape
   s, f = w.shape[1], w.shape[2]
-  kb, hp = opts.block_k, opts.heads_per_program or n
+  kb = opts.block_k
   if kb % 32 or kb < 0:
     raise ValueError(f'block_k={kb} is not a multiple of 32')
-  if n % hp:
-    raise ValueError(f'heads_per_program={hp} does not divide the {n} heads')
+  if opts.heads_per_program and n % opts.heads_per_program:
+    raise ValueError(f'heads_per_program={opts.heads_per_program} does not divide the {n} heads')
   if opts.warpgroups not in (0, 1, 2):
     raise ValueError(f'warpgroups={opts.warpgroups} is not 1 or 2')
   if opts.keys_per_step not in (1, 2, 4):
@@ -176,14 +177,15 @@ def _dims(q, w, opts: Options, interpret: bool = False) -> _Dims:
   lf = fp > FC if opts.logits_first is None else opts.logits_first
   wgs = opts.warpgroups or (2 if lf and not interpret else 1)
 
-  def dims(kb):
+  def dims(kb, hp):
     return _Dims(b=b, t_in=t, s_in=s, f_in=f, n=n, h2=h2, tq=_round_up(t, BQ), sk=_round_up(s, kb), fp=fp, kb=kb,
                  hp=hp, wgs=wgs, lf=lf)
 
-  if kb:
-    return dims(kb)
-  fits = [k for k in (64, 32) if _smem_bytes(dims(k)) <= SMEM_BYTES]
-  return dims(fits[0] if fits else 32)
+  # All heads a program first (the GELU shared by them), blocks of 64 keys before 32; then fewer heads.
+  heads = [opts.heads_per_program] if opts.heads_per_program else [h for h in range(n, 0, -1) if n % h == 0]
+  tries = [(k, h) for h in heads for k in ([kb] if kb else [64, 32])]
+  fits = [d for d in (dims(k, h) for k, h in tries) if _smem_bytes(d) <= SMEM_BYTES]
+  return fits[0] if fits else dims(*tries[-1])
 
 
 def _pad(x, axis, size, value=0):
@@ -344,7 +346,20 @@ def unsupported(d: _Dims) -> str | None:
     return f'wgmma N = 2*H2 = {d.hd} > 256'
   if (need := _smem_bytes(d)) > SMEM_BYTES:
     return f'needs {need} bytes of shared memory (> {SMEM_BYTES}): use a smaller block_k'
+  if (part := _partial_bytes(d)) > PARTIAL_BYTES:
+    return (f'its partial results (one G per block of {d.kb} keys: {d.n_kb} of them) would take '
+            f'{part / 2**30:.1f} GiB (> {PARTIAL_BYTES / 2**30:.0f})')
   return None
+
+
+# The kernel writes one unnormalised G [B, T, N, F] (float32) per key block (and warpgroup in one pass), combined
+# by XLA: at the original config 10 of them, 105 MB at kv_hidden 256; at B4 T4096 N4 kv_hidden 256 with blocks of
+# 32 keys 128, 8.6 GB. Past this the Triton forward (which loops over the keys inside a program) runs instead.
+PARTIAL_BYTES = 2**30
+
+
+def _partial_bytes(d: _Dims) -> int:
+  return d.b * d.n_kb * (1 if d.lf else d.wgs) * d.tq * d.n * d.fp * 4
 
 
 def copy_in(copies, bars, wgi, wgs: int, first: int = 0):
