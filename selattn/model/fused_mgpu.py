@@ -157,6 +157,10 @@ class _Dims:
     return self.sk // self.kb
 
   @property
+  def per_block(self):  # partial results per key block: one, or one per warpgroup in one pass
+    return 1 if self.lf else self.wgs
+
+  @property
   def n_chunks(self):
     return self.fp // FC
 
@@ -359,7 +363,7 @@ PARTIAL_BYTES = 2**30
 
 
 def _partial_bytes(d: _Dims) -> int:
-  return d.b * d.n_kb * (1 if d.lf else d.wgs) * d.tq * d.n * d.fp * 4
+  return d.b * d.n_kb * d.per_block * d.tq * d.n * d.fp * 4
 
 
 def copy_in(copies, bars, wgi, wgs: int, first: int = 0):
@@ -393,7 +397,7 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
   groups = n // hp
   # B operand: [chunk, head, 64 hidden, 2 Hd] in bfloat16, tiled and swizzled for wgmma.
   w2b = w2.reshape(nc, FC, n, hd).transpose(0, 2, 1, 3).astype(jnp.bfloat16)
-  live = jnp.repeat((counts > 0).T, 1 if d.lf else wgs, axis=0)  # [splits, query tiles]: which wrote partials
+  live = jnp.repeat((counts > 0).T, d.per_block, axis=0)  # [splits, query tiles]: which wrote partials
   counts = _pad(counts.reshape(-1), 0, _round_up(d.n_q * d.n_kb, 32))  # TMA copies of whole 128-byte lines
   n_kb = d.n_kb
   wg = plgpu.Layout.WGMMA
@@ -630,7 +634,7 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
     extras.update(ga=plgpu.SMEM((wgs, BQ, FC), jnp.bfloat16, transforms=b_transforms))
   extra_names = list(extras)
   scratch += list(extras.values())
-  splits = n_kb * (1 if d.lf else wgs)
+  splits = n_kb * d.per_block
   out_type = [jax.ShapeDtypeStruct((d.b, splits, d.tq, n * fp), f32),
               jax.ShapeDtypeStruct((d.b, splits, n, d.tq), f32), jax.ShapeDtypeStruct((d.b, splits, n, d.tq), f32)]
   threads = dict(num_threads=wgs, thread_name='wg') if wgs > 1 else {}

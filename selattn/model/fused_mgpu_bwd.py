@@ -113,7 +113,8 @@ def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, sca
   ds = p * (dp - delta[:, :, None])
   dk = scale * ds[..., None] * qr  # [B, T, S, N, Hd]
   dg = jnp.einsum('btsn,btnf->btsf', p, dgo, **hi) + jnp.einsum('btsne,fne->btsf', rnd(dk), w2r, **hi)
-  dh = dg * _gelu_grad(h)
+  gd = _gelu_grad(h)
+  dh = dg * gd
   a1 = jnp.sum(scale * ds[..., None] * c[None, None, :, None] * k, axis=2)
   a2 = jnp.sum(scale * ds[..., None] * s[None, None, :, None] * k, axis=2)
   dq = (a1 + _swap(a2, h2)).reshape(b, t, n, 2, h2)
@@ -122,7 +123,7 @@ def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, sca
   if du_heads:
     dg_n = jnp.einsum('btsn,btnf->btsnf', p, dgo, **hi) + jnp.einsum('btsne,fne->btsnf', rnd(dk), w2r, **hi)
     dg_n = dg_n.reshape(b, t, -1, n // du_heads, du_heads, f).sum(4)  # per head group
-    du = rnd(dg_n * _gelu_grad(h)[:, :, :, None]).sum((2, 3))
+    du = rnd(dg_n * gd[:, :, :, None]).sum((2, 3))
   return dq, du, dh.sum(1), dw2, dk.sum((0, 1, 2)).reshape(n, 2, h2)
 
 
@@ -549,11 +550,12 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
           plgpu.copy_smem_to_gmem(u_s.at[ci], du_out.at[bi, z, rows, pl.ds(ci * FC, FC)])
           plgpu.wait_smem_to_gmem(0)
 
-        for v in range(wgs if not d.kdu else 0):  # static chunk indices per warpgroup (none: du by keys)
-          def mine(v=v):
-            for ci in range(v, nc, wgs):
-              chunk(ci)
-          pl.when(wgi == v)(mine) if wgs > 1 else mine()
+        if not d.kdu:  # pass 2 (du by keys: the key kernel sums du)
+          for v in range(wgs):  # static chunk indices per warpgroup
+            def mine(v=v):
+              for ci in range(v, nc, wgs):
+                chunk(ci)
+            pl.when(wgi == v)(mine) if wgs > 1 else mine()
         plgpu.wait_smem_to_gmem(0)  # p and ds out (warpgroup 0) before the program ends
         return a1, a2
 
@@ -896,9 +898,10 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       scratch_types=scratch, grid=(n_qb * gk, n_kt, b), grid_names=('z', 'k', 'b'), interpret=interpret,
       kernel_name='selective_fused_bwd_key_mgpu', **params)
   dw_p, db_p, dw2_p, *du_k = k_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, rng, lse_, delta, dgo_, *pd)
-  live_k = (q_hi > q_lo)[None, :, None, :, None, None]  # [query blocks, key tiles]
+  live_qk = q_hi > q_lo  # [query blocks, key tiles]: the programs that wrote partials
+  live_k = live_qk[None, :, None, :, None, None]
   if d.kdu:  # du's partials per key tile and head group, [B, parts, query blocks, DQ rows (qb used), Fp]
-    live_du = jnp.repeat((q_hi > q_lo).T, gk, axis=0)[None, :, :, None, None]  # [parts, query blocks]
+    live_du = jnp.repeat(live_qk.T, gk, axis=0)[None, :, :, None, None]  # [parts, query blocks]
     du = jnp.where(live_du, du_k[0], 0.0)[:, :, :, :qb].sum(1).reshape(b, d.tq, fp)
   dw = jnp.where(live_k, dw_p.reshape(b, n_qb, gk * wdw, n_kt, BK, fp), 0.0).sum((1, 2)).reshape(b, d.sk, fp)
   db2 = jnp.where(live_k, db_p.reshape(b, n_qb, wdw, n_kt, BK, n * hd), 0.0).sum((0, 1, 2, 3, 4)).reshape(n, 2, h2)
