@@ -220,6 +220,18 @@ class Options:
   # Key kernel with the logits first: a hidden chunk's w rows of the tile held in registers across the queries
   # (32 registers a thread) instead of read from shared memory for each.
   hold_w: bool = False
+  # Key kernel with the logits first: dg's wgmma issued before the GELU (which runs while it does), and each
+  # query's dW2k and du wgmmas left in flight until the next query's dg is read, instead of waiting for each product
+  # where it is issued.
+  overlap: bool = False
+  # Query kernel's logits pass: K's products accumulate in wgmma accumulators over the hidden chunks, read once
+  # after the last (the GELU of the next chunk runs while they do), instead of each waited for where issued.
+  logits_acc: bool = False
+  # Key kernel: RoPE's cos and sin rows of the tile's keys held in registers (32 a thread) instead of read from
+  # shared memory for each query.
+  hold_rope: bool = False
+  # Key kernel: heads per program (0: as heads_per_program says; with the logits first one head first).
+  key_heads: int = 0
 
 
 def _dims(q, w, opts: Options = Options()) -> _Dims | str:
@@ -233,6 +245,8 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
       return f'{name}={getattr(opts, name)} is not 32, 64 or 128'
   if opts.heads_per_program and n % opts.heads_per_program:
     return f'heads_per_program={opts.heads_per_program} does not divide the {n} heads'
+  if opts.key_heads and n % opts.key_heads:
+    return f'key_heads={opts.key_heads} does not divide the {n} heads'
   if opts.warpgroups not in (0, 1, 2):
     return f'warpgroups={opts.warpgroups} is not 1 or 2'
   if opts.keys_per_step not in (1, 2, 4):
@@ -252,6 +266,8 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
   # H32: 2.09 ms a layer with one head and 64 queries against 2.36 with both heads and 32,
   # docs/bench/fused_mgpu_bwd_sweep_kh_h200.json).
   k_heads = heads[::-1] if lq and not opts.heads_per_program else heads
+  if opts.key_heads:
+    k_heads = (opts.key_heads,)
   q_fit = [(kb, hp) for hp in heads for kb in kbs if _q_smem(probe, kb, hp, t, s, lq) <= SMEM_BYTES]
   k_fit = [(qb, hp) for hp in k_heads for qb in qbs if _k_smem(probe, qb, hp, t, s, wgs, lq, kdu) <= SMEM_BYTES]
   if not q_fit or not k_fit:
@@ -451,19 +467,38 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         each) and dK; A1 and A2 with their terms added; and GELU' if kept (one key, one hidden chunk). A chunk's u
         and dG are read from shared memory once for all of js (the pass's largest reads: 2 x 64 KB a key at
         kv_hidden 256)."""
-        kv = [[jnp.zeros((BQ, hd), f32) for _ in range(hq)] for _ in js]
-        dp = [[jnp.zeros((BQ,), f32) for _ in range(hq)] for _ in js]
         kept = None
-        for ci in range(nc):
-          uc = load(u_s.at[ci], (), wg)
-          dgo_c = [dgo_chunk(h, ci) for h in range(hq)]
-          for x, j in enumerate(js):
-            g, gd = hidden(j, ci, uc)
-            kept = gd if keep_gd else None
-            gb = g.astype(jnp.bfloat16)
-            for h in range(hq):
-              kv[x][h] = kv[x][h] + mm(gb, ga_s, w2b_s.at[ci, h], (BQ, hd))
-              dp[x][h] = dp[x][h] + jnp.sum(g * dgo_c[h], axis=1)
+        if opts.logits_acc and not keep_gd:  # K's products accumulated in flight over the chunks, read at the end
+          def body(*accs):
+            dp = [[jnp.zeros((BQ,), f32) for _ in range(hq)] for _ in js]
+            for ci in range(nc):
+              uc = load(u_s.at[ci], (), wg)
+              dgo_c = [dgo_chunk(h, ci) for h in range(hq)]
+              for x, j in enumerate(js):
+                g = hidden(j, ci, uc)[0]
+                gb = g.astype(jnp.bfloat16)
+                for h in range(hq):
+                  a_op = gb
+                  if interp:  # A from shared memory only
+                    ga_s[...] = gb
+                    a_op = ga_s
+                  plgpu.wgmma(accs[x * hq + h], a_op, w2b_s.at[ci, h])
+                  dp[x][h] = dp[x][h] + jnp.sum(g * dgo_c[h], axis=1)
+            return [[accs[x * hq + h][...] for h in range(hq)] for x in range(len(js))], dp
+          kv, dp = pl.run_scoped(body, *[plgpu.ACC((BQ, hd), f32) for _ in range(len(js) * hq)])
+        else:
+          kv = [[jnp.zeros((BQ, hd), f32) for _ in range(hq)] for _ in js]
+          dp = [[jnp.zeros((BQ,), f32) for _ in range(hq)] for _ in js]
+          for ci in range(nc):
+            uc = load(u_s.at[ci], (), wg)
+            dgo_c = [dgo_chunk(h, ci) for h in range(hq)]
+            for x, j in enumerate(js):
+              g, gd = hidden(j, ci, uc)
+              kept = gd if keep_gd else None
+              gb = g.astype(jnp.bfloat16)
+              for h in range(hq):
+                kv[x][h] = kv[x][h] + mm(gb, ga_s, w2b_s.at[ci, h], (BQ, hd))
+                dp[x][h] = dp[x][h] + jnp.sum(g * dgo_c[h], axis=1)
         p, ds, dk, new_a1, new_a2 = [], [], [], list(a1), list(a2)
         for x, j in enumerate(js):
           cj = bcast_col(load(c_s.at[j], (), col), BQ, hd)
@@ -615,7 +650,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       kernel_name='selective_fused_bwd_query_mgpu', **params)
   outs = q_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, cnt, lse_, delta, dgo_)
   du_p, (da_p, *pd) = (None, outs) if d.kdu else (outs[0], outs[1:])
-  pd = [jnp.swapaxes(pd[0], 3, 4)] if d.lq else []  # [2, B, N, Tq, Sk]: the key kernel's rows are queries
+  pd_raw = pd[0] if d.lq else None  # [2, B, N, Sk, Tq]
+  pd = [jnp.swapaxes(pd_raw, 3, 4)] if d.lq else []  # [2, B, N, Tq, Sk]: the key kernel's rows are queries
   # Programs with no pair to visit wrote nothing: their partials are masked.
   live_q = (k_hi > 0).T  # [key blocks, query tiles]
   if not d.kdu:
@@ -634,7 +670,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
 
   def k_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, rng_g, lse_g, dl_g, dgo_g, *rest):
     pd_g, rest = (rest[0], rest[1:]) if d.lq else (None, rest)  # logits first: the query kernel's p and ds
-    (dw_out, db_out, dw2_out), rest = rest[:3], rest[3:]
+    (dw_out, db_out, dw2_out), rest = ((rest[0], None, rest[1]), rest[2:]) if d.lq else (rest[:3], rest[3:])
     du_out, rest = (rest[0], rest[1:]) if d.kdu else (None, rest)  # du summed here (logits first)
     (a_s, u_s, w_s, w2b_s, b2_s, c_s, s_s, qp_s, kp_s, rng_s, lse_s, dl_s, dgo_s, gs_s, dks_s, st_s, bars, done,
      turn, *more) = rest
@@ -683,8 +719,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       dhs_w = extra['dhs'].at[wgi] if d.kdu else None  # dh in bfloat16: B of du's wgmma
       ga_s, dka_s = (extra['ga'].at[wgi], extra['dka'].at[wgi]) if interp else (None, None)
       kp_v = load(kp_s, (), row)
-      c_v = load(c_s, (), wg)
-      s_v = load(s_s, (), wg)
+      # RoPE's [cos, cos] and [sin, -sin] of the tile's keys: held in registers (32 a thread), or read per query.
+      c_v, s_v = (load(c_s, (), wg), load(s_s, (), wg)) if opts.hold_rope else (None, None)
 
       # Chunk ci's inputs are in buffer `slot`: ci itself in one pass, the warpgroup's own with the logits first.
       def hidden(i, slot, wc=None):
@@ -698,6 +734,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       def query(h, i):  # R_j^T R_i q_i of head h for the tile's keys: [64, Hd]
         ah = bcast_col(load(a_s.at[h, i], (pl.ds(0, hd),), col), BK, hd)
         ah_sw = bcast_col(load(a_s.at[h, i], (pl.ds(hd, hd),), col), BK, hd)
+        if c_v is None:
+          return ah * load(c_s, (), wg) + ah_sw * load(s_s, (), wg)
         return ah * c_v + ah_sw * s_v
 
       def logits(i, keep_g):
@@ -755,6 +793,42 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         plgpu.wgmma_wait(0)  # before g's, dK's and dh's buffers are written again
         return dw_c + dh
 
+      def chunk_step_overlap(i, slot, wc, p, dk, dw_c, dw2_acc, du_acc=None):
+        """chunk_step (logits first) with its waits moved: dg's wgmma is issued before the GELU is evaluated and
+        waited for after it, and this query's dW2k and du wgmmas are left in flight, waited for by the next
+        query's dg (before it writes g's, dK's and dh's buffers) or after the loop."""
+        def body(acc):
+          for h in range(hk):
+            a_op = dk[h].astype(jnp.bfloat16)
+            if interp:  # A from shared memory only
+              dka_s[...] = a_op
+              a_op = dka_s
+            plgpu.wgmma(acc, a_op, dg_b(w2t_s, w2b_s, slot, h))
+          g, gd = hidden(i, slot, wc)  # while dg's product runs
+          return acc[...], g, gd  # waits for every wgmma of this warpgroup (the last query's too)
+        dg, g, gd = pl.run_scoped(body, plgpu.ACC((BK, FC), f32))
+        for h in range(hk):
+          dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, slot)
+        dh = dg * gd
+        gs_w[...] = g.astype(jnp.bfloat16).T if interp else g.astype(jnp.bfloat16)
+        for h in range(hk):
+          dks_w[h] = dk[h].astype(jnp.bfloat16)
+        if du_acc is not None:
+          dhs_w[...] = dh.astype(jnp.bfloat16)
+        plgpu.commit_smem()
+        a_op = gs_w if interp else plgpu.transpose_ref(gs_w, (1, 0))
+        for h in range(hk):
+          plgpu.wgmma(dw2_acc[h], a_op, dks_w.at[h])
+        if du_acc is not None:
+          iota = (jax.lax.broadcasted_iota(jnp.int32, (DQ,), 0) if interp
+                  else plgpu.broadcasted_iota(jnp.int32, (DQ,), 0, layout=row))
+          one_hot = bcast_row(jnp.where(iota == i, 1.0, 0.0), BK).astype(jnp.bfloat16)
+          if interp:
+            ga_s[...] = one_hot
+            one_hot = ga_s
+          plgpu.wgmma(du_acc, one_hot, dhs_w)
+        return dw_c + dh
+
       zeros = lambda r, cols: cast(jnp.zeros((r, cols), f32), wg)  # noqa: E731
       my_queries = jnp.maximum(hi - lo - wgi + wgs - 1, 0) // wgs
 
@@ -807,28 +881,24 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
 
       # Logits first: p and ds from the query kernel (masked here: it leaves pairs no query of its tile sees
       # unwritten). Warpgroups take turns over the hidden chunks: dw and dW2k of a chunk over all queries, the
-      # chunk's inputs copied into the warpgroup's own buffers (slot v) when it comes to it; warpgroup 0's first
-      # chunk sums db as well.
+      # chunk's inputs copied into the warpgroup's own buffers (slot v) when it comes to it. db2k is summed
+      # outside, from the query kernel's ds.
       def pass2(v, dw2_acc):
-        db = None
         for r, ci in enumerate(range(v, nc, wgs)):
           fetch_chunk(ci, v)
           wc = load(w_s.at[v], (), wg) if opts.hold_w else None  # held across the queries, or read for each
-          with_db = v == 0 and r == 0
 
-          def q_step(i, carry, wc=wc, r=r, with_db=with_db, du_acc=None):
-            dw_c, db = carry if with_db else (carry, None)
-            g, gd = hidden(i, v, wc)
+          def q_step(i, dw_c, wc=wc, r=r, du_acc=None):
             visible = kp_v <= qp_s[i]
             p = [jnp.where(visible, load(pd_s.at[0, h, i], (), row), 0.0) for h in range(hk)]
             ds = [jnp.where(visible, load(pd_s.at[1, h, i], (), row), 0.0) for h in range(hk)]
             dk = [bcast_row(ds[h], hd) * query(h, i) for h in range(hk)]
-            dw_c = chunk_step(i, v, g, gd, p, dk, dw_c, dw2_acc[r * hk:(r + 1) * hk], du_acc)
-            return (dw_c, tuple(db[h] + dk[h] for h in range(hk))) if with_db else dw_c
+            if opts.overlap:
+              return chunk_step_overlap(i, v, wc, p, dk, dw_c, dw2_acc[r * hk:(r + 1) * hk], du_acc)
+            g, gd = hidden(i, v, wc)
+            return chunk_step(i, v, g, gd, p, dk, dw_c, dw2_acc[r * hk:(r + 1) * hk], du_acc)
 
           init = zeros(BK, FC)
-          if with_db:
-            init = (init, tuple(zeros(BK, hd) for _ in range(hk)))
           if d.kdu:  # du of the block's queries in a wgmma accumulator across them
             def with_du(du_acc, q_step=q_step, init=init):
               res = jax.lax.fori_loop(lo, hi, functools.partial(q_step, du_acc=du_acc), init)
@@ -836,8 +906,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
             dw_c, du_c = pl.run_scoped(with_du, plgpu.ACC((DQ, FC), f32))
           else:
             dw_c = jax.lax.fori_loop(lo, hi, q_step, init)
-          if with_db:
-            dw_c, db = dw_c
+          plgpu.wgmma_wait(0)  # the last query's (overlap): before the buffers are written or reused
           w_s[v] = dw_c  # out through w's buffer: only this warpgroup reads it
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(w_s.at[v], dw_out.at[bi, z, keys, pl.ds(ci * FC, FC)])
@@ -848,9 +917,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
             plgpu.copy_smem_to_gmem(w_s.at[v], du_out.at[bi, ki * gk + gi, qbi, :, pl.ds(ci * FC, FC)])
             plgpu.wait_smem_to_gmem(0)
 
-        def out():  # db (warpgroup 0), then this warpgroup's dW2k chunks, through st_s in turn
-          if db is not None:
-            out_db(db, qbi)
+        def out():  # this warpgroup's dW2k chunks, through st_s in turn
           for r, ci in enumerate(range(v, nc, wgs)):
             out_dw2(qbi, ci, [acc[...] for acc in dw2_acc[r * hk:(r + 1) * hk]])
 
@@ -892,19 +959,26 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   wdw = 1 if d.lq else wgs  # dw's, db's and dW2k's partials per program
   k_call = plgpu.kernel(
       k_kernel, out_type=[jax.ShapeDtypeStruct((b, n_qb * gk * wdw, d.sk, fp), f32),
-                          jax.ShapeDtypeStruct((b, n_qb * wdw, n_kt, BK, n * hd), f32),
+                          *([] if d.lq else [jax.ShapeDtypeStruct((b, n_qb * wdw, n_kt, BK, n * hd), f32)]),
                           jax.ShapeDtypeStruct((b, n_qb * wdw, n_kt, fp, n * hd), f32),
                           *([jax.ShapeDtypeStruct((b, n_kt * gk, n_qb, DQ, fp), f32)] if d.kdu else [])],
       scratch_types=scratch, grid=(n_qb * gk, n_kt, b), grid_names=('z', 'k', 'b'), interpret=interpret,
       kernel_name='selective_fused_bwd_key_mgpu', **params)
-  dw_p, db_p, dw2_p, *du_k = k_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, rng, lse_, delta, dgo_, *pd)
+  outs = k_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, rng, lse_, delta, dgo_, *pd)
+  (dw_p, dw2_p, *du_k), db_p = ((outs[0], *outs[2:]), outs[1]) if not d.lq else (outs, None)
   live_qk = q_hi > q_lo  # [query blocks, key tiles]: the programs that wrote partials
   live_k = live_qk[None, :, None, :, None, None]
   if d.kdu:  # du's partials per key tile and head group, [B, parts, query blocks, DQ rows (qb used), Fp]
     live_du = jnp.repeat(live_qk.T, gk, axis=0)[None, :, :, None, None]  # [parts, query blocks]
     du = jnp.where(live_du, du_k[0], 0.0)[:, :, :, :qb].sum(1).reshape(b, d.tq, fp)
   dw = jnp.where(live_k, dw_p.reshape(b, n_qb, gk * wdw, n_kt, BK, fp), 0.0).sum((1, 2)).reshape(b, d.sk, fp)
-  db2 = jnp.where(live_k, db_p.reshape(b, n_qb, wdw, n_kt, BK, n * hd), 0.0).sum((0, 1, 2, 3, 4)).reshape(n, 2, h2)
+  if d.lq:  # db2k = sum_ij scale ds_ij (a_i o c_j + a'_i o s_j), from the query kernel's ds (visible pairs: written)
+    ds_ = jnp.where((qp[None, :] >= kp[:, None])[None, None], pd_raw[1], 0.0)  # [B, N, Sk, Tq]
+    hi_ = dict(precision='highest')
+    db2 = (jnp.einsum('bnid,bnji,jd->nd', a[..., :hd], ds_, c, **hi_)
+           + jnp.einsum('bnid,bnji,jd->nd', a[..., hd:], ds_, s, **hi_)).reshape(n, 2, h2)
+  else:
+    db2 = jnp.where(live_k, db_p.reshape(b, n_qb, wdw, n_kt, BK, n * hd), 0.0).sum((0, 1, 2, 3, 4)).reshape(n, 2, h2)
   dw2 = jnp.where(live_k, dw2_p.reshape(b, n_qb, wdw, n_kt, fp, n * hd), 0.0).sum((0, 1, 2, 3)).reshape(fp, n, 2, h2)
   f_in = w2.shape[0]
   return dq[:, :t_in], du[:, :t_in, :u.shape[-1]], dw[:, :s_in, :w.shape[-1]], dw2[:f_in], db2
