@@ -8,7 +8,10 @@ EXTRA='warpgroups=1'). Writes $OUT/prof.json after each item. Off GPU: tiny shap
 Records (one H200, jax 0.11.2): fused_mgpu_kernel_times_h200.json (2026-12-01); on 2026-12-02 with FS=256,
 fused_mgpu_kernel_times_dk_h200.json (commit ebf14a7, EXTRA='du_by_keys=False': the backward before and after the
 key kernel summed du) and fused_mgpu_kernel_times_holdw_h200.json (commit 8e8ea6b's kernels, but with hold_w on by
-default as they ran then, and EXTRA='hold_w=False').
+default as they ran then, and EXTRA='hold_w=False'); fused_mgpu_kernel_times_kh_h200.json (commit f8c0863's
+kernels with a key_heads option added, EXTRA='key_heads=2,block_q=32;key_heads=2,warpgroups=1'),
+fused_mgpu_kernel_times_spill_h200.json and fused_mgpu_kernel_times_db_h200.json (commit f98b58c's Options; the
+ptxas reports of those calls in fused_mgpu_spill_h200.txt, with their commands).
 """
 import collections, glob, gzip, json, os, sys
 import jax

@@ -19,10 +19,11 @@ Logits first (`Options.logits_first`, the default with several hidden chunks, kv
   keys for p and ds (into shared memory, then out to the key kernel) and A1, A2; its pass 2 takes one hidden chunk
   at a time, du of that chunk over all keys (the warpgroups on alternate chunks). The key kernel reads p and ds
   (masked by visibility: pairs past a query tile's last visible key were never written) and only runs pass 2: dw
-  and dW2k of a chunk over all queries, db in warpgroup 0's first chunk, each chunk's u, w, dG and W2k copied into
-  the warpgroup's own buffers when it comes to it (a quarter of the shared memory at kv_hidden 256: 64 queries a
-  program). dg's B is then K's B read transposed (shared memory for p and ds). The query kernel's pass 1 takes two
-  keys a step (`Options.keys_per_step`), reading each chunk of u and dG from shared memory once for both.
+  and dW2k of a chunk over all queries (db2k is summed outside, from the query kernel's ds), each chunk's u, w, dG
+  and W2k copied into the warpgroup's own buffers when it comes to it (a quarter of the shared memory at kv_hidden
+  256: 64 queries a program). dg's B is then K's B read transposed (shared memory for p and ds). The query
+  kernel's pass 1 takes two keys a step (`Options.keys_per_step`), reading each chunk of u and dG from shared
+  memory once for both.
   du by keys (`Options.du_by_keys`, the default with the logits first): the key kernel, which computes dh_ij for
   dw anyway, sums du too, and the query kernel has no pass 2. Its rows are keys, so du_i = sum_j dh_ij is a sum
   down them: a wgmma per query and chunk, D [64 queries, FC] += A [64, 64 keys] B [64 keys, FC] with A one-hot
@@ -46,9 +47,12 @@ fused_mgpu_bwd_sweep_lf_h200.json) and at 256 1.94-2.01 ms with the logits first
 fused_mgpu_ab_kps_h200.json; 2.15 before the chunk copies and two keys a step, 3.41 in one pass), against 2.0-2.1
 and 6.4-7.0 for the merged Triton backward. With du by keys its two kernels take 1,280 us of device time a layer at
 kv_hidden 256 against 1,518 without (docs/bench/fused_mgpu_kernel_times_dk_h200.json,
-fused_mgpu_kernel_times_holdw_h200.json). With the MGPU forward a training step takes 3.02 and 7.93 ms against 9.55
-and 32.2 (docs/bench/mlp_mgpu6_h200.json, mlp_mgpu3_h64_h200.json). docs/bench/fused_mgpu_bwd_sweep.py times the
-backward alone by `Options`, docs/bench/fused_mgpu_kernel_times.py each kernel's device time.
+fused_mgpu_kernel_times_holdw_h200.json), and 1,203 with db2k summed outside and RoPE's rows read per query (the
+key kernel's register spills went from 332 to 4 bytes: fused_mgpu_kernel_times_db_h200.json,
+fused_mgpu_spill_h200.txt). With the MGPU forward a training step takes 3.02 and 7.72 ms against 9.55 and 31.3
+(docs/bench/mlp_mgpu7_h200.json; kv_hidden 64: mlp_mgpu6_h200.json, mlp_mgpu3_h64_h200.json).
+docs/bench/fused_mgpu_bwd_sweep.py times the backward alone by `Options`, docs/bench/fused_mgpu_kernel_times.py
+each kernel's device time.
 """
 
 from __future__ import annotations
@@ -220,18 +224,6 @@ class Options:
   # Key kernel with the logits first: a hidden chunk's w rows of the tile held in registers across the queries
   # (32 registers a thread) instead of read from shared memory for each.
   hold_w: bool = False
-  # Key kernel with the logits first: dg's wgmma issued before the GELU (which runs while it does), and each
-  # query's dW2k and du wgmmas left in flight until the next query's dg is read, instead of waiting for each product
-  # where it is issued.
-  overlap: bool = False
-  # Query kernel's logits pass: K's products accumulate in wgmma accumulators over the hidden chunks, read once
-  # after the last (the GELU of the next chunk runs while they do), instead of each waited for where issued.
-  logits_acc: bool = False
-  # Key kernel: RoPE's cos and sin rows of the tile's keys held in registers (32 a thread) instead of read from
-  # shared memory for each query.
-  hold_rope: bool = False
-  # Key kernel: heads per program (0: as heads_per_program says; with the logits first one head first).
-  key_heads: int = 0
 
 
 def _dims(q, w, opts: Options = Options()) -> _Dims | str:
@@ -245,8 +237,6 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
       return f'{name}={getattr(opts, name)} is not 32, 64 or 128'
   if opts.heads_per_program and n % opts.heads_per_program:
     return f'heads_per_program={opts.heads_per_program} does not divide the {n} heads'
-  if opts.key_heads and n % opts.key_heads:
-    return f'key_heads={opts.key_heads} does not divide the {n} heads'
   if opts.warpgroups not in (0, 1, 2):
     return f'warpgroups={opts.warpgroups} is not 1 or 2'
   if opts.keys_per_step not in (1, 2, 4):
@@ -266,8 +256,6 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
   # H32: 2.09 ms a layer with one head and 64 queries against 2.36 with both heads and 32,
   # docs/bench/fused_mgpu_bwd_sweep_kh_h200.json).
   k_heads = heads[::-1] if lq and not opts.heads_per_program else heads
-  if opts.key_heads:
-    k_heads = (opts.key_heads,)
   q_fit = [(kb, hp) for hp in heads for kb in kbs if _q_smem(probe, kb, hp, t, s, lq) <= SMEM_BYTES]
   k_fit = [(qb, hp) for hp in k_heads for qb in qbs if _k_smem(probe, qb, hp, t, s, wgs, lq, kdu) <= SMEM_BYTES]
   if not q_fit or not k_fit:
@@ -467,38 +455,19 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         each) and dK; A1 and A2 with their terms added; and GELU' if kept (one key, one hidden chunk). A chunk's u
         and dG are read from shared memory once for all of js (the pass's largest reads: 2 x 64 KB a key at
         kv_hidden 256)."""
+        kv = [[jnp.zeros((BQ, hd), f32) for _ in range(hq)] for _ in js]
+        dp = [[jnp.zeros((BQ,), f32) for _ in range(hq)] for _ in js]
         kept = None
-        if opts.logits_acc and not keep_gd:  # K's products accumulated in flight over the chunks, read at the end
-          def body(*accs):
-            dp = [[jnp.zeros((BQ,), f32) for _ in range(hq)] for _ in js]
-            for ci in range(nc):
-              uc = load(u_s.at[ci], (), wg)
-              dgo_c = [dgo_chunk(h, ci) for h in range(hq)]
-              for x, j in enumerate(js):
-                g = hidden(j, ci, uc)[0]
-                gb = g.astype(jnp.bfloat16)
-                for h in range(hq):
-                  a_op = gb
-                  if interp:  # A from shared memory only
-                    ga_s[...] = gb
-                    a_op = ga_s
-                  plgpu.wgmma(accs[x * hq + h], a_op, w2b_s.at[ci, h])
-                  dp[x][h] = dp[x][h] + jnp.sum(g * dgo_c[h], axis=1)
-            return [[accs[x * hq + h][...] for h in range(hq)] for x in range(len(js))], dp
-          kv, dp = pl.run_scoped(body, *[plgpu.ACC((BQ, hd), f32) for _ in range(len(js) * hq)])
-        else:
-          kv = [[jnp.zeros((BQ, hd), f32) for _ in range(hq)] for _ in js]
-          dp = [[jnp.zeros((BQ,), f32) for _ in range(hq)] for _ in js]
-          for ci in range(nc):
-            uc = load(u_s.at[ci], (), wg)
-            dgo_c = [dgo_chunk(h, ci) for h in range(hq)]
-            for x, j in enumerate(js):
-              g, gd = hidden(j, ci, uc)
-              kept = gd if keep_gd else None
-              gb = g.astype(jnp.bfloat16)
-              for h in range(hq):
-                kv[x][h] = kv[x][h] + mm(gb, ga_s, w2b_s.at[ci, h], (BQ, hd))
-                dp[x][h] = dp[x][h] + jnp.sum(g * dgo_c[h], axis=1)
+        for ci in range(nc):
+          uc = load(u_s.at[ci], (), wg)
+          dgo_c = [dgo_chunk(h, ci) for h in range(hq)]
+          for x, j in enumerate(js):
+            g, gd = hidden(j, ci, uc)
+            kept = gd if keep_gd else None
+            gb = g.astype(jnp.bfloat16)
+            for h in range(hq):
+              kv[x][h] = kv[x][h] + mm(gb, ga_s, w2b_s.at[ci, h], (BQ, hd))
+              dp[x][h] = dp[x][h] + jnp.sum(g * dgo_c[h], axis=1)
         p, ds, dk, new_a1, new_a2 = [], [], [], list(a1), list(a2)
         for x, j in enumerate(js):
           cj = bcast_col(load(c_s.at[j], (), col), BQ, hd)
@@ -719,8 +688,10 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       dhs_w = extra['dhs'].at[wgi] if d.kdu else None  # dh in bfloat16: B of du's wgmma
       ga_s, dka_s = (extra['ga'].at[wgi], extra['dka'].at[wgi]) if interp else (None, None)
       kp_v = load(kp_s, (), row)
-      # RoPE's [cos, cos] and [sin, -sin] of the tile's keys: held in registers (32 a thread), or read per query.
-      c_v, s_v = (load(c_s, (), wg), load(s_s, (), wg)) if opts.hold_rope else (None, None)
+      # RoPE's [cos, cos] and [sin, -sin] of the tile's keys: in one pass held in registers across the queries;
+      # with the logits first read for each query (held, they took 32 registers a thread and the kernel spilled:
+      # docs/bench/fused_mgpu_spill_h200.txt).
+      c_v, s_v = (None, None) if d.lq else (load(c_s, (), wg), load(s_s, (), wg))
 
       # Chunk ci's inputs are in buffer `slot`: ci itself in one pass, the warpgroup's own with the logits first.
       def hidden(i, slot, wc=None):
@@ -793,42 +764,6 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         plgpu.wgmma_wait(0)  # before g's, dK's and dh's buffers are written again
         return dw_c + dh
 
-      def chunk_step_overlap(i, slot, wc, p, dk, dw_c, dw2_acc, du_acc=None):
-        """chunk_step (logits first) with its waits moved: dg's wgmma is issued before the GELU is evaluated and
-        waited for after it, and this query's dW2k and du wgmmas are left in flight, waited for by the next
-        query's dg (before it writes g's, dK's and dh's buffers) or after the loop."""
-        def body(acc):
-          for h in range(hk):
-            a_op = dk[h].astype(jnp.bfloat16)
-            if interp:  # A from shared memory only
-              dka_s[...] = a_op
-              a_op = dka_s
-            plgpu.wgmma(acc, a_op, dg_b(w2t_s, w2b_s, slot, h))
-          g, gd = hidden(i, slot, wc)  # while dg's product runs
-          return acc[...], g, gd  # waits for every wgmma of this warpgroup (the last query's too)
-        dg, g, gd = pl.run_scoped(body, plgpu.ACC((BK, FC), f32))
-        for h in range(hk):
-          dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, slot)
-        dh = dg * gd
-        gs_w[...] = g.astype(jnp.bfloat16).T if interp else g.astype(jnp.bfloat16)
-        for h in range(hk):
-          dks_w[h] = dk[h].astype(jnp.bfloat16)
-        if du_acc is not None:
-          dhs_w[...] = dh.astype(jnp.bfloat16)
-        plgpu.commit_smem()
-        a_op = gs_w if interp else plgpu.transpose_ref(gs_w, (1, 0))
-        for h in range(hk):
-          plgpu.wgmma(dw2_acc[h], a_op, dks_w.at[h])
-        if du_acc is not None:
-          iota = (jax.lax.broadcasted_iota(jnp.int32, (DQ,), 0) if interp
-                  else plgpu.broadcasted_iota(jnp.int32, (DQ,), 0, layout=row))
-          one_hot = bcast_row(jnp.where(iota == i, 1.0, 0.0), BK).astype(jnp.bfloat16)
-          if interp:
-            ga_s[...] = one_hot
-            one_hot = ga_s
-          plgpu.wgmma(du_acc, one_hot, dhs_w)
-        return dw_c + dh
-
       zeros = lambda r, cols: cast(jnp.zeros((r, cols), f32), wg)  # noqa: E731
       my_queries = jnp.maximum(hi - lo - wgi + wgs - 1, 0) // wgs
 
@@ -893,8 +828,6 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
             p = [jnp.where(visible, load(pd_s.at[0, h, i], (), row), 0.0) for h in range(hk)]
             ds = [jnp.where(visible, load(pd_s.at[1, h, i], (), row), 0.0) for h in range(hk)]
             dk = [bcast_row(ds[h], hd) * query(h, i) for h in range(hk)]
-            if opts.overlap:
-              return chunk_step_overlap(i, v, wc, p, dk, dw_c, dw2_acc[r * hk:(r + 1) * hk], du_acc)
             g, gd = hidden(i, v, wc)
             return chunk_step(i, v, g, gd, p, dk, dw_c, dw2_acc[r * hk:(r + 1) * hk], du_acc)
 
@@ -906,7 +839,6 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
             dw_c, du_c = pl.run_scoped(with_du, plgpu.ACC((DQ, FC), f32))
           else:
             dw_c = jax.lax.fori_loop(lo, hi, q_step, init)
-          plgpu.wgmma_wait(0)  # the last query's (overlap): before the buffers are written or reused
           w_s[v] = dw_c  # out through w's buffer: only this warpgroup reads it
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(w_s.at[v], dw_out.at[bi, z, keys, pl.ds(ci * FC, FC)])
