@@ -10,8 +10,9 @@ fused_mgpu_kernel_times_dk_h200.json (commit ebf14a7, EXTRA='du_by_keys=False': 
 key kernel summed du) and fused_mgpu_kernel_times_holdw_h200.json (commit 8e8ea6b's kernels, but with hold_w on by
 default as they ran then, and EXTRA='hold_w=False'); fused_mgpu_kernel_times_kh_h200.json (commit f8c0863's
 kernels with a key_heads option added, EXTRA='key_heads=2,block_q=32;key_heads=2,warpgroups=1'),
-fused_mgpu_kernel_times_spill_h200.json and fused_mgpu_kernel_times_db_h200.json (commit f98b58c's Options; the
-ptxas reports of those calls in fused_mgpu_spill_h200.txt, with their commands).
+fused_mgpu_kernel_times_spill_h200.json (a working tree before commit f98b58c: db2k still summed in the key kernel,
+with f98b58c's overlap, logits_acc and hold_rope options) and fused_mgpu_kernel_times_db_h200.json (commit
+f98b58c); the ptxas reports of those calls are in fused_mgpu_spill_h200.txt, with their commands.
 """
 import collections, glob, gzip, json, os, sys
 import jax
