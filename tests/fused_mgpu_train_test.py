@@ -285,10 +285,11 @@ def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, 
     monkeypatch.setattr(fmb, 'SMEM_BYTES', 140_000)
   # 'q': keys_per_step 1, du summed by the query kernel's pass 2 (du_by_keys off), which holds the rotated queries
   # in registers (keep_q).
-  # With 4 keys a step the key kernel also holds a chunk's w rows in registers (hold_w).
+  # With 4 keys a step the key kernel also holds a chunk's w rows in registers (hold_w) and writes each chunk's dW2k
+  # out after its round of chunks (dw2_rounds: two rounds here, one warpgroup).
   extra = dict(keys_per_step=1, keep_q=True, du_by_keys=False) if kps == 'q' else dict(keys_per_step=kps)
   if kps == 4:
-    extra['hold_w'] = True
+    extra.update(hold_w=True, dw2_rounds=True)
   opts = fmb.Options(keep_hidden=keep, logits_first=first, **extra)
   d = fmb._dims(args[0], args[2], opts)
   blocks = (1, 1, 32, 32) if small_smem else (n, n, 64, 64)
@@ -334,6 +335,7 @@ def test_backward_shared_memory_overflow_falls_back_to_merged(caplog):
 @pytest.mark.skipif(not _lowers_for_cuda(), reason='lowering for cuda is unavailable here')
 @pytest.mark.parametrize('f,expect,opts', [(64, (2, 2, 64, 64), {}), (256, (1, 1, 32, 64), {}),
                                            (256, (1, 1, 32, 32), {'logits_first': False}),
+                                           (256, (1, 1, 32, 64), {'dw2_rounds': True}),
                                            (64, (2, 2, 64, 64), {'warpgroups': 1, 'keep_hidden': False,
                                                                  'approx_math': False})])
 def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts):

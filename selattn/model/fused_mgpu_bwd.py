@@ -224,6 +224,11 @@ class Options:
   # Key kernel with the logits first: a hidden chunk's w rows of the tile held in registers across the queries
   # (32 registers a thread) instead of read from shared memory for each.
   hold_w: bool = False
+  # Key kernel with the logits first: each hidden chunk's dW2k accumulators live through that chunk only (16
+  # registers a thread a head, instead of all of the warpgroup's chunks' through the whole pass), written out after
+  # each round of chunks (one chunk a warpgroup), the warpgroups in turn through the one staging buffer. Not yet
+  # timed on a GPU.
+  dw2_rounds: bool = False
 
 
 def _dims(q, w, opts: Options = Options()) -> _Dims | str:
@@ -349,13 +354,14 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       plgpu.barrier_arrive(done)
       plgpu.barrier_wait(done)
 
-  def turn_of(i, wgs, turn, out):
-    """Warpgroup i's turn (static i): after warpgroup i-1's, `out`, then warpgroup i+1's."""
+  def turn_of(i, wgs, turn, out, first=0):
+    """Warpgroup i's turn (static i): after warpgroup i-1's, `out`, then warpgroup i+1's (on barriers first, first
+    + 1, ... of `turn`)."""
     if i:
-      plgpu.barrier_wait(turn.at[i - 1])
+      plgpu.barrier_wait(turn.at[first + i - 1])
     out()  # ends with its copies out done, so the next may overwrite the buffers
     if i < wgs - 1:
-      plgpu.barrier_arrive(turn.at[i])
+      plgpu.barrier_arrive(turn.at[first + i])
 
   def in_turn(wgs, wgi, done, turn, out):
     """`out` (which writes through the inputs' buffers) by each warpgroup in turn, after all have finished."""
@@ -818,36 +824,40 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       # unwritten). Warpgroups take turns over the hidden chunks: dw and dW2k of a chunk over all queries, the
       # chunk's inputs copied into the warpgroup's own buffers (slot v) when it comes to it. db2k is summed
       # outside, from the query kernel's ds.
-      def pass2(v, dw2_acc):
-        for r, ci in enumerate(range(v, nc, wgs)):
-          fetch_chunk(ci, v)
-          wc = load(w_s.at[v], (), wg) if opts.hold_w else None  # held across the queries, or read for each
+      def chunk_pass(v, ci, dw2_acc):
+        """Chunk ci over all the block's queries, its inputs in buffer v: dw (and du) out, dW2k into dw2_acc."""
+        fetch_chunk(ci, v)
+        wc = load(w_s.at[v], (), wg) if opts.hold_w else None  # held across the queries, or read for each
 
-          def q_step(i, dw_c, wc=wc, r=r, du_acc=None):
-            visible = kp_v <= qp_s[i]
-            p = [jnp.where(visible, load(pd_s.at[0, h, i], (), row), 0.0) for h in range(hk)]
-            ds = [jnp.where(visible, load(pd_s.at[1, h, i], (), row), 0.0) for h in range(hk)]
-            dk = [bcast_row(ds[h], hd) * query(h, i) for h in range(hk)]
-            g, gd = hidden(i, v, wc)
-            return chunk_step(i, v, g, gd, p, dk, dw_c, dw2_acc[r * hk:(r + 1) * hk], du_acc)
+        def q_step(i, dw_c, du_acc=None):
+          visible = kp_v <= qp_s[i]
+          p = [jnp.where(visible, load(pd_s.at[0, h, i], (), row), 0.0) for h in range(hk)]
+          ds = [jnp.where(visible, load(pd_s.at[1, h, i], (), row), 0.0) for h in range(hk)]
+          dk = [bcast_row(ds[h], hd) * query(h, i) for h in range(hk)]
+          g, gd = hidden(i, v, wc)
+          return chunk_step(i, v, g, gd, p, dk, dw_c, dw2_acc, du_acc)
 
-          init = zeros(BK, FC)
-          if d.kdu:  # du of the block's queries in a wgmma accumulator across them
-            def with_du(du_acc, q_step=q_step, init=init):
-              res = jax.lax.fori_loop(lo, hi, functools.partial(q_step, du_acc=du_acc), init)
-              return res, du_acc[...]
-            dw_c, du_c = pl.run_scoped(with_du, plgpu.ACC((DQ, FC), f32))
-          else:
-            dw_c = jax.lax.fori_loop(lo, hi, q_step, init)
-          w_s[v] = dw_c  # out through w's buffer: only this warpgroup reads it
+        init = zeros(BK, FC)
+        if d.kdu:  # du of the block's queries in a wgmma accumulator across them
+          def with_du(du_acc):
+            res = jax.lax.fori_loop(lo, hi, functools.partial(q_step, du_acc=du_acc), init)
+            return res, du_acc[...]
+          dw_c, du_c = pl.run_scoped(with_du, plgpu.ACC((DQ, FC), f32))
+        else:
+          dw_c = jax.lax.fori_loop(lo, hi, q_step, init)
+        w_s[v] = dw_c  # out through w's buffer: only this warpgroup reads it
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(w_s.at[v], dw_out.at[bi, z, keys, pl.ds(ci * FC, FC)])
+        plgpu.wait_smem_to_gmem(0)
+        if d.kdu:  # then du's rows of the block, the same way
+          w_s[v] = du_c
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(w_s.at[v], dw_out.at[bi, z, keys, pl.ds(ci * FC, FC)])
+          plgpu.copy_smem_to_gmem(w_s.at[v], du_out.at[bi, ki * gk + gi, qbi, :, pl.ds(ci * FC, FC)])
           plgpu.wait_smem_to_gmem(0)
-          if d.kdu:  # then du's rows of the block, the same way
-            w_s[v] = du_c
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(w_s.at[v], du_out.at[bi, ki * gk + gi, qbi, :, pl.ds(ci * FC, FC)])
-            plgpu.wait_smem_to_gmem(0)
+
+      def pass2(v, dw2_acc):  # all of warpgroup v's chunks, then their dW2k out in turn
+        for r, ci in enumerate(range(v, nc, wgs)):
+          chunk_pass(v, ci, dw2_acc[r * hk:(r + 1) * hk])
 
         def out():  # this warpgroup's dW2k chunks, through st_s in turn
           for r, ci in enumerate(range(v, nc, wgs)):
@@ -856,10 +866,27 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         all_done(wgs, done)
         turn_of(v, wgs, turn, out)
 
-      n_own = -(-nc // wgs) * hk
+      n_rounds = -(-nc // wgs)
+
+      def round_of(v, r, dw2_acc):  # dw2_rounds: chunk v + r wgs (if any), then every warpgroup's dW2k out in turn
+        ci = v + r * wgs
+        if ci < nc:
+          chunk_pass(v, ci, dw2_acc)
+
+        def out():
+          if ci < nc:
+            out_dw2(qbi, ci, [acc[...] for acc in dw2_acc])
+
+        all_done(wgs, extra['rdone'].at[r] if wgs > 1 else None)
+        turn_of(v, wgs, extra['rturn'], out, first=r * (wgs - 1))
+
       for v in range(wgs):  # static chunk indices per warpgroup
         def mine(v=v):
-          pl.run_scoped(functools.partial(pass2, v), [plgpu.ACC((FC, hd), f32) for _ in range(n_own)])
+          if opts.dw2_rounds:
+            for r in range(n_rounds):
+              pl.run_scoped(functools.partial(round_of, v, r), [plgpu.ACC((FC, hd), f32) for _ in range(hk)])
+          else:
+            pl.run_scoped(functools.partial(pass2, v), [plgpu.ACC((FC, hd), f32) for _ in range(n_rounds * hk)])
         pl.when(wgi == v)(mine) if wgs > 1 else mine()
 
     pl.when(hi > lo)(live)
@@ -882,6 +909,10 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     extras['pd'] = plgpu.SMEM((2, hk, qb, BK), f32)
   if d.kdu:
     extras['dhs'] = plgpu.SMEM((wgs, BK, FC), jnp.bfloat16, transforms=fc_tf)
+  if d.lq and opts.dw2_rounds:  # per round of chunks: all warpgroups done, then each one's turn to write out
+    n_rounds = -(-nc // wgs)
+    extras.update(rdone=plgpu.Barrier(num_arrivals=wgs, num_barriers=n_rounds),
+                  rturn=plgpu.Barrier(num_barriers=max(n_rounds * (wgs - 1), 1)))
   if interp:
     extras.update(gsT=plgpu.SMEM((wgs, FC, BK), jnp.bfloat16, transforms=hd_tf),
                   ga=plgpu.SMEM((wgs, BK, FC), jnp.bfloat16, transforms=fc_tf),
