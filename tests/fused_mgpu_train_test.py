@@ -285,11 +285,12 @@ def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, 
     monkeypatch.setattr(fmb, 'SMEM_BYTES', 140_000)
   # 'q': keys_per_step 1, du summed by the query kernel's pass 2 (du_by_keys off), which holds the rotated queries
   # in registers (keep_q).
-  # With 4 keys a step the key kernel also holds a chunk's w rows in registers (hold_w) and writes each chunk's dW2k
-  # out after its round of chunks (dw2_rounds: two rounds here, one warpgroup).
+  # With 4 keys a step the key kernel also holds a chunk's w rows in registers (hold_w) and writes all its dW2k out
+  # at the end (dw2_rounds off); the others write each chunk's out after its round of chunks (dw2_rounds, the
+  # default: two rounds here, one warpgroup).
   extra = dict(keys_per_step=1, keep_q=True, du_by_keys=False) if kps == 'q' else dict(keys_per_step=kps)
   if kps == 4:
-    extra.update(hold_w=True, dw2_rounds=True)
+    extra.update(hold_w=True, dw2_rounds=False)
   opts = fmb.Options(keep_hidden=keep, logits_first=first, **extra)
   d = fmb._dims(args[0], args[2], opts)
   blocks = (1, 1, 32, 32) if small_smem else (n, n, 64, 64)
@@ -297,7 +298,11 @@ def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, 
   got = jax.jit(lambda *a: fmb.backward(*a, scale=scale, opts=opts, interpret=fm.interpreter()))(*args, g, lse, dgo)
   ref = fmb.transcription(*args, g, lse, dgo, scale=scale, du_heads=d.hk if d.kdu else 0)
   errs = _errs5(got, ref, floor=1.0 if not rope else 0.0)
-  assert max(errs.values()) <= 1e-3 and max(errs['dq'], errs['du'], errs['db2k']) <= 1e-4, errs
+  # du summed by the key kernel has bfloat16 terms, so it sees rounding-boundary flips too (this machine's CPU
+  # decides which: 1.1e-4 of scale in the 4-keys case on one, under 1e-4 on another); summed by the query kernel
+  # it is float32.
+  tight = ('dq', 'db2k') if d.kdu else ('dq', 'du', 'db2k')
+  assert max(errs.values()) <= 1e-3 and max(errs[k] for k in tight) <= 1e-4, errs
 
 
 @pytest.mark.parametrize('rope,n,h,f,t', [*KERNEL_CASES, (True, 2, 8, 100, 37)])
@@ -335,7 +340,7 @@ def test_backward_shared_memory_overflow_falls_back_to_merged(caplog):
 @pytest.mark.skipif(not _lowers_for_cuda(), reason='lowering for cuda is unavailable here')
 @pytest.mark.parametrize('f,expect,opts', [(64, (2, 2, 64, 64), {}), (256, (1, 1, 32, 64), {}),
                                            (256, (1, 1, 32, 32), {'logits_first': False}),
-                                           (256, (1, 1, 32, 64), {'dw2_rounds': True}),
+                                           (256, (1, 1, 32, 64), {'dw2_rounds': False}),
                                            (64, (2, 2, 64, 64), {'warpgroups': 1, 'keep_hidden': False,
                                                                  'approx_math': False})])
 def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts):
