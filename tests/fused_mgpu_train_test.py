@@ -289,6 +289,8 @@ def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, 
   # at the end (dw2_rounds off); the others write each chunk's out after its round of chunks (dw2_rounds, the
   # default: two rounds here, one warpgroup).
   extra = dict(keys_per_step=1, keep_q=True, du_by_keys=False) if kps == 'q' else dict(keys_per_step=kps)
+  if f <= 64 and rope:  # one pass: the key kernel holds RoPE's rows across the queries (hold_rope, off by default)
+    extra['hold_rope'] = True
   if kps == 4:
     extra.update(hold_w=True, dw2_rounds=False)
   opts = fmb.Options(keep_hidden=keep, logits_first=first, **extra)

@@ -12,7 +12,11 @@ default as they ran then, and EXTRA='hold_w=False'); fused_mgpu_kernel_times_kh_
 kernels with a key_heads option added, EXTRA='key_heads=2,block_q=32;key_heads=2,warpgroups=1'),
 fused_mgpu_kernel_times_spill_h200.json (a working tree before commit f98b58c: db2k still summed in the key kernel,
 with f98b58c's overlap, logits_acc and hold_rope options) and fused_mgpu_kernel_times_db_h200.json (commit
-f98b58c); the ptxas reports of those calls are in fused_mgpu_spill_h200.txt, with their commands.
+f98b58c); the ptxas reports of those calls are in fused_mgpu_spill_h200.txt, with their commands. On 2026-12-03:
+fused_mgpu_kernel_times_rounds_h200.json (FS=256, commit c88d04f, EXTRA='dw2_rounds=True'),
+fused_mgpu_kernel_times_rope64_h200.json (FS=64, commit a517309 with a hold_rope option on by default,
+EXTRA='hold_rope=False'; its ptxas report: fused_mgpu_spill_rope64_h200.txt) and
+fused_mgpu_kernel_times_rope64b_h200.json (FS=64, the seventh version, EXTRA='hold_rope=True;keep_hidden=False').
 """
 import collections, glob, gzip, json, os, sys
 import jax

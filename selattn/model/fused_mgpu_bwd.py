@@ -49,8 +49,10 @@ and 6.4-7.0 for the merged Triton backward. With du by keys its two kernels take
 kv_hidden 256 against 1,518 without (docs/bench/fused_mgpu_kernel_times_dk_h200.json,
 fused_mgpu_kernel_times_holdw_h200.json), and 1,203 with db2k summed outside and RoPE's rows read per query (the
 key kernel's register spills went from 332 to 4 bytes: fused_mgpu_kernel_times_db_h200.json,
-fused_mgpu_spill_h200.txt). With the MGPU forward a training step takes 3.02 and 7.72 ms against 9.55 and 31.3
-(docs/bench/mlp_mgpu7_h200.json; kv_hidden 64: mlp_mgpu6_h200.json, mlp_mgpu3_h64_h200.json).
+fused_mgpu_spill_h200.txt); dW2k written out per round of chunks (dw2_rounds) took the key kernel from 789.5 to
+748.3 us (fused_mgpu_kernel_times_rounds_h200.json), and RoPE's rows read per query in one pass (hold_rope off)
+the kv_hidden 64 key kernel from 228.3 to 200.7 (fused_mgpu_kernel_times_rope64_h200.json). With the MGPU forward
+a training step takes 2.94 and 7.57 ms against 9.18 and 31.5 (docs/bench/mlp_mgpu9_h200.json).
 docs/bench/fused_mgpu_bwd_sweep.py times the backward alone by `Options`, docs/bench/fused_mgpu_kernel_times.py
 each kernel's device time.
 """
@@ -230,6 +232,11 @@ class Options:
   # H200 at kv_hidden 256 the key kernel took 748.3 us a layer against 789.5 without
   # (docs/bench/fused_mgpu_kernel_times_rounds_h200.json).
   dw2_rounds: bool = True
+  # Key kernel in one pass (kv_hidden <= 64): RoPE's cos and sin rows of the tile held in registers across the
+  # queries (32 registers a thread) instead of read from shared memory for each, as the logits-first path reads
+  # them. On one H200 at kv_hidden 64 reading them took the key kernel from 228.3 to 200.7 us a layer and its
+  # spills from 444/460 to 300/300 bytes (docs/bench/fused_mgpu_kernel_times_rope64_h200.json).
+  hold_rope: bool = False
 
 
 def _dims(q, w, opts: Options = Options()) -> _Dims | str:
@@ -695,10 +702,10 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       dhs_w = extra['dhs'].at[wgi] if d.kdu else None  # dh in bfloat16: B of du's wgmma
       ga_s, dka_s = (extra['ga'].at[wgi], extra['dka'].at[wgi]) if interp else (None, None)
       kp_v = load(kp_s, (), row)
-      # RoPE's [cos, cos] and [sin, -sin] of the tile's keys: in one pass held in registers across the queries;
-      # with the logits first read for each query (held, they took 32 registers a thread and the kernel spilled:
-      # docs/bench/fused_mgpu_spill_h200.txt).
-      c_v, s_v = (None, None) if d.lq else (load(c_s, (), wg), load(s_s, (), wg))
+      # RoPE's [cos, cos] and [sin, -sin] of the tile's keys: read for each query (held in registers across the
+      # queries they take 32 registers a thread, and both paths spilled: docs/bench/fused_mgpu_spill_h200.txt,
+      # fused_mgpu_spill_rope64_h200.txt); Options.hold_rope holds them in one pass.
+      c_v, s_v = (None, None) if d.lq or not opts.hold_rope else (load(c_s, (), wg), load(s_s, (), wg))
 
       # Chunk ci's inputs are in buffer `slot`: ci itself in one pass, the warpgroup's own with the logits first.
       def hidden(i, slot, wc=None):
