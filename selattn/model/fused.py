@@ -635,11 +635,19 @@ def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Arr
   interpret = jax.default_backend() != 'gpu' if interpret is None else interpret
   fc = min(blocks.block_f, max(16, tiles.pow2(f)))
   h2 = max(16, tiles.pow2((h + 1) // 2))
-  tp, sp, fp = -(-t // blocks.block_q) * blocks.block_q, -(-s // blocks.block_k) * blocks.block_k, -(-f // fc) * fc
   st = _Static(scale=1.0 / math.sqrt(h), act=act, bq=blocks.block_q, bk=blocks.block_k, fc=fc,
                num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret,
                backward=blocks.backward, forward=blocks.forward, hp=math.gcd(blocks.heads_per_program or n, n),
                ks=blocks.fwd_splits, qs=blocks.bwd_splits)
+  asked = {'forward': st.forward, 'backward': st.backward}
+  st = dataclasses.replace(st, **resolve_auto(st.forward, st.backward, interpret, act))
+  mq, mk, mf = blocks.block_q, blocks.block_k, fc
+  if 'mgpu' in (st.forward, st.backward):
+    # The Mosaic GPU kernels tile queries, keys and hidden units by 64: padded to those here, once, so that they
+    # pad and slice back nothing (each such copy of a [B, T, F] array is a pass over it).
+    from selattn.model import fused_mgpu  # noqa: PLC0415 (imports this module)
+    mq, mk, mf = math.lcm(mq, fused_mgpu.BQ), math.lcm(mk, fused_mgpu.BQ), math.lcm(mf, fused_mgpu.FC)
+  tp, sp, fp = -(-t // mq) * mq, -(-s // mk) * mk, -(-f // mf) * mf
 
   if rope_theta is not None:
     q = rope_lib.apply(q, *rope_lib.angles(q_pos, h, rope_theta))
@@ -657,8 +665,6 @@ def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Arr
   cos, sin = (tiles.pad(tiles.pad(a, 1, h2), 0, sp) for a in (cos, sin))
   qpos = tiles.pad(q_pos.astype(jnp.int32), 0, tp, -1)
   kpos = tiles.pad(k_pos.astype(jnp.int32), 0, sp, big)
-  asked = {'forward': st.forward, 'backward': st.backward}
-  st = dataclasses.replace(st, **resolve_auto(st.forward, st.backward, interpret, act))
   if st.forward == 'mgpu':
     from selattn.model import fused_mgpu  # noqa: PLC0415 (imports this module)
     if (why := fused_mgpu.cannot_run(act, interpret, qh, w_p)) is not None:

@@ -944,10 +944,12 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     du = jnp.where(live_du, du_k[0], 0.0)[:, :, :, :qb].sum(1).reshape(b, d.tq, fp)
   dw = jnp.where(live_k, dw_p.reshape(b, n_qb, gk * wdw, n_kt, BK, fp), 0.0).sum((1, 2)).reshape(b, d.sk, fp)
   if d.lq:  # db2k = sum_ij scale ds_ij (a_i o c_j + a'_i o s_j), from the query kernel's ds (visible pairs: written)
+    # One product for both halves: [c_j, s_j] summed against ds over the keys ([B, N, Tq, 2 Hd]), then times
+    # [a_i, a'_i] and summed over the queries.
     ds_ = jnp.where((qp[None, :] >= kp[:, None])[None, None], pd_raw[1], 0.0)  # [B, N, Sk, Tq]
-    hi_ = dict(precision='highest')
-    db2 = (jnp.einsum('bnid,bnji,jd->nd', a[..., :hd], ds_, c, **hi_)
-           + jnp.einsum('bnid,bnji,jd->nd', a[..., hd:], ds_, s, **hi_)).reshape(n, 2, h2)
+    dsr = jnp.einsum('bnji,jd->bnid', ds_, jnp.concatenate([c, s], axis=1), precision='highest')
+    db2 = (a * dsr).sum((0, 2))
+    db2 = (db2[:, :hd] + db2[:, hd:]).reshape(n, 2, h2)
   else:
     db2 = jnp.where(live_k, db_p.reshape(b, n_qb, wdw, n_kt, BK, n * hd), 0.0).sum((0, 1, 2, 3, 4)).reshape(n, 2, h2)
   dw2 = jnp.where(live_k, dw2_p.reshape(b, n_qb, wdw, n_kt, fp, n * hd), 0.0).sum((0, 1, 2, 3)).reshape(fp, n, 2, h2)
