@@ -49,7 +49,8 @@ _SMALL = flags.DEFINE_bool('small', False, 'Shrink every workload to CPU size (f
 _SET = flags.DEFINE_list('set', None, 'Config overrides added to every variant, key=value (e.g. '
                          'model.fused_bwd_splits=2); a variant that sets the same key keeps its own value.')
 _PROFILE = flags.DEFINE_string('profile', None, 'Also trace each variant\'s pipelined steps with jax.profiler into '
-                                'PROFILE/<variant> and add the device time per op (per step) to the JSON.')
+                                'PROFILE/<variant> and add the device time per op (per step) to the JSON, '
+                                'with the source line of each op that names an instruction of the compiled step.')
 _CORPUS_MB = flags.DEFINE_integer('corpus_mb', 100, "data workload: size of the generated corpus when --data_path=''.")
 _WORKERS = flags.DEFINE_list('worker_counts', ['0', '4', '8'],
                              'data workload: the data.worker_count values to measure (0 = a prefetch thread only).')
@@ -278,9 +279,10 @@ def run_variant(name: str, overrides: dict, n_dev: int, steps: int, data_path: s
         state, metrics = compiled(state, next_batches())
       jax.block_until_ready((state, metrics))
       jax.profiler.stop_trace()
-      profile = perf.device_op_times(where, calls * t.steps_per_call)
+      hlo = (compiled_keyed if stack else compiled).as_text()
+      profile = perf.device_op_times(where, calls * t.steps_per_call, hlo_text=hlo)  # each op's source line
       with open(os.path.join(where, 'step.hlo.txt'), 'w') as f:  # the fusions the profile names, as compiled
-        f.write((compiled_keyed if stack else compiled).as_text())
+        f.write(hlo)
   ms_step = 1000 * pipelined
   tokens = t.batch_size * cfg.data.seq_len * max(stack, 1)  # a stacked step trains every seed's batch
   flops = perf.flops_per_token(cfg, num_params) * tokens

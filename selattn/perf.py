@@ -7,6 +7,7 @@ import collections
 import contextlib
 import glob
 import os
+import re
 
 from absl import logging
 import jax
@@ -92,10 +93,51 @@ class ProfileWindow:
     self._start, self._done = None, True
 
 
-def device_op_times(trace_dir: str, steps: int, top: int = 40) -> dict:
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+  """Each instruction of a compiled module's text (`compiled.as_text()`) by name -> where it came from, from its
+  metadata: 'op_name at file:line (function)', the line being the innermost frame jax kept (the user's code). A GPU
+  profile names a fusion's kernel after its instruction (with '_' for '.'): this says which line of ours it is."""
+  tables: dict[str, dict] = {}
+  section = None
+  srcs = {}
+  for line in hlo_text.splitlines():
+    if line in ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames'):
+      section = line
+      tables[section] = {}
+      continue
+    if section and (m := re.match(r'(\d+) (.*)$', line)):
+      key, rest = int(m.group(1)), m.group(2)
+      if section in ('FileNames', 'FunctionNames'):
+        tables[section][key] = rest.strip('"')
+      else:
+        tables[section][key] = {k: int(v) for k, v in re.findall(r'(\w+)=(\d+)', rest)}
+      continue
+    section = None
+    m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = .*metadata=\{([^}]*)\}', line)
+    if not m:
+      continue
+    meta = m.group(2)
+    op = re.search(r'op_name="([^"]*)"', meta)
+    where = ''
+    if (f := re.search(r'source_file="([^"]*)" source_line=(\d+)', meta)):
+      where = f'{f.group(1)}:{f.group(2)}'
+    elif (sf := re.search(r'stack_frame_id=(\d+)', meta)):
+      frame = tables.get('StackFrames', {}).get(int(sf.group(1)), {})
+      loc = tables.get('FileLocations', {}).get(frame.get('file_location_id', -1), {})
+      if loc:
+        fname = tables.get('FileNames', {}).get(loc.get('file_name_id'), '?')
+        func = tables.get('FunctionNames', {}).get(loc.get('function_name_id'), '?')
+        where = f'{fname}:{loc.get("line")} ({func})'
+    srcs[m.group(1)] = ' at '.join(x for x in ((op.group(1) if op else ''), where) if x)
+  return srcs
+
+
+def device_op_times(trace_dir: str, steps: int, top: int = 40, hlo_text: str | None = None) -> dict:
   """Device time per optimizer step from a jax.profiler trace in `trace_dir` (its newest .xplane.pb): the total of
   each timeline line of the first device plane (on a GPU: 'XLA Ops', the streams' kernels, ...) and the `top` events
-  of each line by time, in ms per step over `steps` traced steps. {} when the trace has no device plane (CPU)."""
+  of each line by time, in ms per step over `steps` traced steps. {} when the trace has no device plane (CPU). With
+  the step's compiled HLO text, each event that names one of its instructions says where it came from
+  (`hlo_sources`: its 'source')."""
   files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True), key=os.path.getmtime)
   if not files:
     return {}
@@ -117,4 +159,11 @@ def device_op_times(trace_dir: str, steps: int, top: int = 40) -> dict:
         'ms_per_step': sum(times.values()) / 1e6 / steps,
         'top': [{'name': n[:200], 'ms_per_step': t / 1e6 / steps, 'calls_per_step': counts[n] / steps}
                 for n, t in times.most_common(top)]}
+  if hlo_text:
+    srcs = hlo_sources(hlo_text)
+    for line in out['lines'].values():
+      for ev in line['top']:
+        found = srcs.get(ev['name']) or srcs.get(re.sub(r'_(\d+)$', r'.\1', ev['name']))
+        if found:
+          ev['source'] = found[:300]
   return out

@@ -6,6 +6,7 @@ import os
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import tiny
@@ -111,3 +112,33 @@ def test_device_op_times_sums_each_op_of_the_device_plane_per_step(tmp_path):
                             {'name': 'gelu', 'ms_per_step': pytest.approx(0.0005), 'calls_per_step': 0.5}]
   assert got['lines']['Stream #15(MemcpyH2D)']['ms_per_step'] == pytest.approx(0.001)
   assert perf.device_op_times(str(tmp_path / 'none'), steps=2) == {}
+
+
+def _pad_then_sin(x):
+  return jnp.sin(jnp.pad(x, ((0, 3), (0, 0)))) * 2.0  # the line the test looks for
+
+
+def test_device_op_times_names_the_source_line_of_each_fusion(tmp_path):
+  """A GPU kernel is named after its HLO instruction with '_' for '.': the profile says which line made it (here the
+  line of `_pad_then_sin`, from a module compiled on this machine), and events that name no instruction get none."""
+  hlo = jax.jit(lambda x: _pad_then_sin(x).sum(0)).lower(jnp.ones((5, 4))).compile().as_text()
+  srcs = perf.hlo_sources(hlo)
+  line = _pad_then_sin.__code__.co_firstlineno + 1
+  ours = {n: s for n, s in srcs.items() if f'perf_test.py:{line}' in s}
+  assert ours, srcs
+  name = next(n for n in ours if '.' in n)  # e.g. 'pad.2'
+  kernel = name.replace('.', '_')  # as the GPU's trace names it
+  text = f'''
+  planes {{ id: 1 name: "/device:GPU:0"
+    lines {{ id: 1 name: "Stream #14(Compute)"
+      events {{ metadata_id: 1 offset_ps: 0 duration_ps: 3000000 }}
+      events {{ metadata_id: 2 offset_ps: 4000000 duration_ps: 1000000 }} }}
+    event_metadata {{ key: 1 value {{ id: 1 name: "{kernel}" }} }}
+    event_metadata {{ key: 2 value {{ id: 2 name: "selective_fused_bwd_key_mgpu_mosaic_gpu_kernel" }} }} }}
+  '''
+  (tmp_path / 'plugins' / 'profile' / 'run').mkdir(parents=True)
+  (tmp_path / 'plugins' / 'profile' / 'run' / 'h.xplane.pb').write_bytes(
+      jax.profiler.ProfileData.text_proto_to_serialized_xspace(text))
+  top = perf.device_op_times(str(tmp_path), steps=1, hlo_text=hlo)['lines']['Stream #14(Compute)']['top']
+  assert top[0]['name'] == kernel and f'perf_test.py:{line} (_pad_then_sin)' in top[0]['source'], top
+  assert 'source' not in top[1]
