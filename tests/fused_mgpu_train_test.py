@@ -116,6 +116,28 @@ def _logged_run(caplog, run, params, x):
   return out, [r.getMessage() for r in caplog.records if 'fused_forward' in r.getMessage()]
 
 
+@pytest.mark.parametrize('t,f', [(37, 40), (70, 100)])
+def test_the_mosaic_gpu_kernels_get_arrays_already_padded_to_their_tiles(t, f, monkeypatch):
+  # fused.attention pads queries, keys and hidden units to 64 when a Mosaic GPU kernel runs, so that the kernels
+  # pad and slice back nothing (before, T = 299 went to 304 for the Triton tiles, then 320 and back inside them).
+  seen = []
+
+  def recording(fn, name):
+    def call(*args, **kw):
+      q, w = args[0], args[2]
+      seen.append((name, q.shape[1], w.shape[1], w.shape[2]))
+      return fn(*args, **kw)
+    return call
+
+  monkeypatch.setattr(fm, 'forward', recording(fm.forward, 'forward'))
+  monkeypatch.setattr(fmb, 'backward', recording(fmb.backward, 'backward'))
+  run, params = _layer(kv_hidden=f, fused_backward='mgpu')
+  x = jax.random.normal(jax.random.key(3), (1, t, 16))
+  jax.make_jaxpr(jax.grad(lambda params: jnp.sum(run(params, x, None) ** 2)))(params)  # traced, not run
+  tile = lambda n: -(-n // 64) * 64  # noqa: E731
+  assert set(seen) == {('backward', tile(t), tile(t), tile(f)), ('forward', tile(t), tile(t), tile(f))}, seen
+
+
 def test_the_linear_generator_falls_back_to_the_triton_forward(caplog):
   run, params = _layer(kv_generator='linear')
   x = jax.random.normal(jax.random.key(1), (1, 5, 16))
