@@ -280,9 +280,9 @@ def test_backward_transcription_in_float32_is_the_triton_backward(rope, n, h, f,
 # The kernels interpreted against the bf16 transcription: the same arithmetic summed in another order, so dp, ds
 # and dK differ in float32 rounding, and a dK element near a bfloat16 rounding boundary rounds the other way (one
 # bfloat16 ulp, 2^-8 relative, on its products into dg and dW2k): seen up to 1.9e-4 of scale on dW2k and 8e-5 on
-# dw, 1e-6 elsewhere; a wrong index or mask gives O(1). `small_smem` forces one head per program and blocks of 32
-# (what kv_hidden 256 gets on a GPU): two head groups, T = 40 in two key blocks and two query blocks, F = 100 in
-# two hidden chunks.
+# dw, 1e-6 elsewhere; a wrong index or mask gives O(1). `small_smem` (a shared-memory limit) forces blocks of 32
+# and one head per program in the query kernel, and at 150,000 bytes both heads in the key kernel (what kv_hidden
+# 256 gets on a GPU), at 140,000 one: T = 40 in two key blocks and two query blocks, F = 100 in two hidden chunks.
 # keep_hidden (the default) applies with one hidden chunk (F <= 64): GELU' kept from the logits' pass; False
 # recomputes it (as with several chunks). T = 70: two query tiles and two key blocks, the first tile's second key
 # block (and the key kernel's tile pair likewise) has no visible pair: such programs write nothing, masked outside
@@ -292,19 +292,19 @@ def test_backward_transcription_in_float32_is_the_triton_backward(rope, n, h, f,
 # (du_by_keys, the default): its terms dh rounded to bfloat16 per head group, as the transcription with du_heads
 # rounds them (seen: 5.5e-5 of scale, rounding boundaries again; without du_heads 1.6e-3, and a wrong row of the
 # one-hot A gives O(1)).
-@pytest.mark.parametrize('rope,n,h,f,t,small_smem,keep,first,kps', [(True, 2, 8, 40, 37, False, True, None, 2),
-                                                                    (False, 1, 6, 40, 70, False, False, None, 2),
-                                                                    (True, 2, 8, 100, 40, True, True, None, 2),
-                                                                    (True, 2, 8, 100, 39, True, True, None, 4),
-                                                                    (True, 2, 8, 100, 40, True, True, None, 'q'),
-                                                                    (True, 2, 8, 100, 40, True, True, False, 2)])
+@pytest.mark.parametrize('rope,n,h,f,t,small_smem,keep,first,kps', [(True, 2, 8, 40, 37, 0, True, None, 2),
+                                                                    (False, 1, 6, 40, 70, 0, False, None, 2),
+                                                                    (True, 2, 8, 100, 40, 150_000, True, None, 2),
+                                                                    (True, 2, 8, 100, 39, 140_000, True, None, 4),
+                                                                    (True, 2, 8, 100, 40, 140_000, True, None, 'q'),
+                                                                    (True, 2, 8, 100, 40, 140_000, True, False, 2)])
 def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, small_smem, keep, first, kps,
                                                               monkeypatch):
   # keys_per_step (kps): the logits' pass takes that many keys a step; at T = 39 the second key block has 7 keys,
   # so its last step of 4 takes a key that no query sees (p and ds 0, as the transcription has them).
   scale, args, g, lse, dgo = _backward_args(3 * t + f, rope, n, h, f, t)
   if small_smem:
-    monkeypatch.setattr(fmb, 'SMEM_BYTES', 140_000)
+    monkeypatch.setattr(fmb, 'SMEM_BYTES', small_smem)
   # 'q': keys_per_step 1, du summed by the query kernel's pass 2 (du_by_keys off), which holds the rotated queries
   # in registers (keep_q).
   # With 4 keys a step the key kernel also holds a chunk's w rows in registers (hold_w) and writes all its dW2k out
@@ -317,7 +317,7 @@ def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, 
     extra.update(hold_w=True, dw2_rounds=False)
   opts = fmb.Options(keep_hidden=keep, logits_first=first, **extra)
   d = fmb._dims(args[0], args[2], opts)
-  blocks = (1, 1, 32, 32) if small_smem else (n, n, 64, 64)
+  blocks = {0: (n, n, 64, 64), 140_000: (1, 1, 32, 32), 150_000: (1, 2, 32, 32)}[small_smem]
   assert (d.hq, d.hk, d.kb, d.qb, d.lq) == (*blocks, f > 64 and first is None), d
   got = jax.jit(lambda *a: fmb.backward(*a, scale=scale, opts=opts, interpret=fm.interpreter()))(*args, g, lse, dgo)
   ref = fmb.transcription(*args, g, lse, dgo, scale=scale, du_heads=d.hk if d.kdu else 0)
@@ -362,9 +362,10 @@ def test_backward_shared_memory_overflow_falls_back_to_merged(caplog):
 # one): interpreted, two warpgroups waiting on the same TMA barriers hang in most runs (the forward's do too), with or
 # without this kernel's own barriers, so interpreted runs use one.
 @pytest.mark.skipif(not _lowers_for_cuda(), reason='lowering for cuda is unavailable here')
-@pytest.mark.parametrize('f,expect,opts', [(64, (2, 2, 64, 64), {}), (256, (1, 1, 32, 64), {}),
+@pytest.mark.parametrize('f,expect,opts', [(64, (2, 2, 64, 64), {}), (256, (1, 2, 32, 32), {}),
                                            (256, (1, 1, 32, 32), {'logits_first': False}),
-                                           (256, (1, 1, 32, 64), {'dw2_rounds': False}),
+                                           (256, (1, 2, 32, 32), {'dw2_rounds': False}),
+                                           (256, (1, 1, 32, 64), {'key_heads': 1}),
                                            (64, (2, 2, 64, 64), {'warpgroups': 1, 'keep_hidden': False,
                                                                  'approx_math': False})])
 def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts):

@@ -193,6 +193,10 @@ class Options:
   block_k: int = 0  # query kernel: keys per program (32, 64 or 128)
   block_q: int = 0  # key kernel: queries per program (32, 64 or 128)
   heads_per_program: int = 0  # both kernels
+  # Key kernel only (overrides heads_per_program there): heads per program. Several heads share each pair's GELU
+  # and its derivative (the elementwise work that bounds the kernel), but need more shared memory: at kv_hidden 256
+  # both heads fit with blocks of 32 queries only.
+  key_heads: int = 0
   # Warpgroups per program (1 or 2), both kernels: they take turns over the program's keys (query kernel) or
   # queries (key kernel), sharing its shared-memory inputs, each with its own accumulators; their partial results
   # are summed outside like the blocks'. One program fills an SM's shared memory, so one warpgroup alone leaves the
@@ -248,8 +252,9 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
   for name in ('block_k', 'block_q'):
     if getattr(opts, name) not in (0, 32, 64, 128):
       return f'{name}={getattr(opts, name)} is not 32, 64 or 128'
-  if opts.heads_per_program and n % opts.heads_per_program:
-    return f'heads_per_program={opts.heads_per_program} does not divide the {n} heads'
+  for name in ('heads_per_program', 'key_heads'):
+    if getattr(opts, name) and n % getattr(opts, name):
+      return f'{name}={getattr(opts, name)} does not divide the {n} heads'
   if opts.warpgroups not in (0, 1, 2):
     return f'warpgroups={opts.warpgroups} is not 1 or 2'
   if opts.keys_per_step not in (1, 2, 4):
@@ -265,10 +270,12 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
   kdu = lq and opts.du_by_keys
   if kdu and opts.block_q > 64:
     return f'block_q={opts.block_q} with du_by_keys: du is summed over at most 64 queries a program'
-  # The key kernel with the logits first: one head per program first (on one H200 at kv_hidden 256, B16 T299 N2
-  # H32: 2.09 ms a layer with one head and 64 queries against 2.36 with both heads and 32,
-  # docs/bench/fused_mgpu_bwd_sweep_kh_h200.json).
-  k_heads = heads[::-1] if lq and not opts.heads_per_program else heads
+  # The key kernel takes all heads a program first, as the query kernel does: its heads share each pair's GELU and
+  # derivative. On one H200 at kv_hidden 256 (B16 T299 N2 H32) both heads with 32 queries a program took 658-671 us
+  # a layer against 752-774 for one head with 64 (docs/bench/fused_mgpu_kernel_times_kh2_h200.json); before its
+  # register spills were cut (fused_mgpu_spill_h200.txt) it was the other way round (1,065 against 884,
+  # docs/bench/fused_mgpu_kernel_times_kh_h200.json).
+  k_heads = (opts.key_heads,) if opts.key_heads else heads
   q_fit = [(kb, hp) for hp in heads for kb in kbs if _q_smem(probe, kb, hp, t, s, lq) <= SMEM_BYTES]
   k_fit = [(qb, hp) for hp in k_heads for qb in qbs if _k_smem(probe, qb, hp, t, s, wgs, lq, kdu) <= SMEM_BYTES]
   if not q_fit or not k_fit:
