@@ -197,6 +197,9 @@ class Options:
   # and its derivative (the elementwise work that bounds the kernel), but need more shared memory: at kv_hidden 256
   # both heads fit with blocks of 32 queries only.
   key_heads: int = 0
+  # Key kernel with several heads a program: dg's products of all heads into one wgmma accumulator, instead of one
+  # accumulator per head added after (a [64, 64] float32 accumulator and its adds fewer).
+  dg_one_acc: bool = True
   # Warpgroups per program (1 or 2), both kernels: they take turns over the program's keys (query kernel) or
   # queries (key kernel), sharing its shared-memory inputs, each with its own accumulators; their partial results
   # are summed outside like the blocks'. One program fills an SM's shared memory, so one warpgroup alone leaves the
@@ -759,9 +762,21 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         """dw's chunk += dh = dg o gelu', dW2k's += g^T dK (wgmma, g and dK through this warpgroup's buffers); the
         chunk's inputs in buffer `slot`. With du_acc ([64 queries of the block, FC]): its row for query i (of the
         block) += the sum of dh down the keys, by a wgmma with a one-hot A."""
-        dg = jnp.zeros((BK, FC), f32)
+        if opts.dg_one_acc:  # every head's product into one accumulator
+          def dg_products(acc):
+            for h in range(hk):
+              a_op = dk[h].astype(jnp.bfloat16)
+              if interp:  # the interpreter's wgmma reads A from shared memory only (and runs each at once)
+                dka_s[...] = a_op
+                a_op = dka_s
+              plgpu.wgmma(acc, a_op, dg_b(w2t_s, w2b_s, slot, h))
+            return acc[...]
+          dg = pl.run_scoped(dg_products, plgpu.ACC((BK, FC), f32))
+        else:
+          dg = jnp.zeros((BK, FC), f32)
+          for h in range(hk):
+            dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, slot, h), (BK, FC))
         for h in range(hk):
-          dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, slot, h), (BK, FC))
           dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, slot)
         dh = dg * gd
         gb = g.astype(jnp.bfloat16)
