@@ -366,7 +366,6 @@ def test_backward_shared_memory_overflow_falls_back_to_merged(caplog):
                                            (256, (1, 1, 32, 32), {'logits_first': False}),
                                            (256, (1, 2, 32, 32), {'dw2_rounds': False}),
                                            (256, (1, 1, 32, 64), {'key_heads': 1}),
-                                           (256, (1, 2, 32, 32), {'dg_one_acc': False}),
                                            (64, (2, 2, 64, 64), {'warpgroups': 1, 'keep_hidden': False,
                                                                  'approx_math': False})])
 def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts):
@@ -388,6 +387,7 @@ def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts)
 @pytest.mark.parametrize('opts,match', [({'block_k': 48}, 'block_k=48 is not 32, 64 or 128'),
                                         ({'block_q': 16}, 'block_q=16 is not 32, 64 or 128'),
                                         ({'heads_per_program': 2}, 'heads_per_program=2 does not divide the 3 heads'),
+                                        ({'key_heads': 2}, 'key_heads=2 does not divide the 3 heads'),
                                         ({'warpgroups': 3}, 'warpgroups=3 is not 1 or 2'),
                                         ({'keys_per_step': 3}, 'keys_per_step=3 is not 1, 2 or 4'),
                                         ({'block_q': 128, 'du_by_keys': False}, 'bytes of shared memory'),

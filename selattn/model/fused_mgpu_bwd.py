@@ -35,11 +35,11 @@ forward's and its lse normalises them), as are those of dg's and dW2k's matmuls;
 `transcription` computes the same formulation over whole [B, T, S, ...] arrays in jnp (with precision='float32'
 exact float32: it must equal fused.py's `_backward`).
 Shared memory decides the blocks (`Options` overrides them): at the original config (N2 H32) kv_hidden 64 takes
-both heads and blocks of 64, kv_hidden 256 one head per program, 32 keys (query kernel) and 64 queries (key
-kernel). A program's shared memory fills most of an SM, so two warpgroups share each program (they take turns over
-its keys or queries, each with its own accumulators, and write their partials in turn), the GELU and its derivative
-share one approximate tanh, and a program with no visible pair returns before copying its inputs (its partial
-outputs are masked outside).
+both heads and blocks of 64; kv_hidden 256 one head and 32 keys a query-kernel program, both heads (sharing each
+pair's GELU) and 32 queries a key-kernel program. A program's shared memory fills most of an SM, so two
+warpgroups share each program (they take turns over its keys or queries, each with its own accumulators, and write
+their partials in turn), the GELU and its derivative share one approximate tanh, and a program with no visible
+pair returns before copying its inputs (its partial outputs are masked outside).
 Checked in Mosaic GPU's interpret mode (one warpgroup: two hang there) against `transcription` and `materialized`,
 and lowered for cuda with both (tests/fused_mgpu_train_test.py). On one H200 (jax 0.11.2) one layer's backward at
 the original config takes 0.67-0.79 ms at kv_hidden 64 (docs/bench/fused_mgpu_bwd_sweep_h200.json,
@@ -51,8 +51,10 @@ fused_mgpu_kernel_times_holdw_h200.json), and 1,203 with db2k summed outside and
 key kernel's register spills went from 332 to 4 bytes: fused_mgpu_kernel_times_db_h200.json,
 fused_mgpu_spill_h200.txt); dW2k written out per round of chunks (dw2_rounds) took the key kernel from 789.5 to
 748.3 us (fused_mgpu_kernel_times_rounds_h200.json), and RoPE's rows read per query in one pass (hold_rope off)
-the kv_hidden 64 key kernel from 228.3 to 200.7 (fused_mgpu_kernel_times_rope64_h200.json). With the MGPU forward
-a training step takes 2.94 and 7.57 ms against 9.18 and 31.5 (docs/bench/mlp_mgpu9_h200.json).
+the kv_hidden 64 key kernel from 228.3 to 200.7 (fused_mgpu_kernel_times_rope64_h200.json); both heads in a
+key-kernel program took it at kv_hidden 256 from 752.7-774.3 to 658.4-661.0 us (fused_mgpu_kernel_times_kh2_h200.json,
+fused_mgpu_kernel_times_kh2a_h200.json). With the MGPU forward a training step took 2.94 and 7.57 ms against 9.18
+and 31.5 before that last change (docs/bench/mlp_mgpu9_h200.json).
 docs/bench/fused_mgpu_bwd_sweep.py times the backward alone by `Options`, docs/bench/fused_mgpu_kernel_times.py
 each kernel's device time.
 """
@@ -197,9 +199,6 @@ class Options:
   # and its derivative (the elementwise work that bounds the kernel), but need more shared memory: at kv_hidden 256
   # both heads fit with blocks of 32 queries only.
   key_heads: int = 0
-  # Key kernel with several heads a program: dg's products of all heads into one wgmma accumulator, instead of one
-  # accumulator per head added after (a [64, 64] float32 accumulator and its adds fewer).
-  dg_one_acc: bool = True
   # Warpgroups per program (1 or 2), both kernels: they take turns over the program's keys (query kernel) or
   # queries (key kernel), sharing its shared-memory inputs, each with its own accumulators; their partial results
   # are summed outside like the blocks'. One program fills an SM's shared memory, so one warpgroup alone leaves the
@@ -762,21 +761,9 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         """dw's chunk += dh = dg o gelu', dW2k's += g^T dK (wgmma, g and dK through this warpgroup's buffers); the
         chunk's inputs in buffer `slot`. With du_acc ([64 queries of the block, FC]): its row for query i (of the
         block) += the sum of dh down the keys, by a wgmma with a one-hot A."""
-        if opts.dg_one_acc:  # every head's product into one accumulator
-          def dg_products(acc):
-            for h in range(hk):
-              a_op = dk[h].astype(jnp.bfloat16)
-              if interp:  # the interpreter's wgmma reads A from shared memory only (and runs each at once)
-                dka_s[...] = a_op
-                a_op = dka_s
-              plgpu.wgmma(acc, a_op, dg_b(w2t_s, w2b_s, slot, h))
-            return acc[...]
-          dg = pl.run_scoped(dg_products, plgpu.ACC((BK, FC), f32))
-        else:
-          dg = jnp.zeros((BK, FC), f32)
-          for h in range(hk):
-            dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, slot, h), (BK, FC))
+        dg = jnp.zeros((BK, FC), f32)
         for h in range(hk):
+          dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, slot, h), (BK, FC))
           dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, slot)
         dh = dg * gd
         gb = g.astype(jnp.bfloat16)
