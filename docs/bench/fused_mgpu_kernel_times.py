@@ -16,7 +16,12 @@ f98b58c); the ptxas reports of those calls are in fused_mgpu_spill_h200.txt, wit
 fused_mgpu_kernel_times_rounds_h200.json (FS=256, commit c88d04f, EXTRA='dw2_rounds=True'),
 fused_mgpu_kernel_times_rope64_h200.json (FS=64, commit a517309 with a hold_rope option on by default,
 EXTRA='hold_rope=False'; its ptxas report: fused_mgpu_spill_rope64_h200.txt) and
-fused_mgpu_kernel_times_rope64b_h200.json (FS=64, the seventh version, EXTRA='hold_rope=True;keep_hidden=False').
+fused_mgpu_kernel_times_rope64b_h200.json (FS=64, the seventh version, EXTRA='hold_rope=True;keep_hidden=False');
+fused_mgpu_kernel_times_holdw2_h200.json (FS=256, commit 376eb8f, EXTRA='hold_w=True'),
+fused_mgpu_kernel_times_kh2a_h200.json (FS=256, the eighth version's code before its default changed,
+EXTRA='key_heads=2,block_q=32') and fused_mgpu_kernel_times_kh2_h200.json (FS=256, with a dk_smem option since
+removed, EXTRA='key_heads=2,block_q=32,dk_smem=True;dk_smem=True;key_heads=2,block_q=32'); their ptxas reports are
+in fused_mgpu_spill_kh2_h200.txt.
 """
 import collections, glob, gzip, json, os, sys
 import jax

@@ -3,6 +3,13 @@ backward Options from OPTS), for Nsight Compute to profile, e.g. (docs/bench/fus
 
   FS=64 PYTHONPATH=$PWD ncu --kernel-name regex:selective_fused --launch-count 3 --set full --import-source no \
     --page details --print-units base python3 docs/bench/fused_mgpu_ncu_driver.py
+
+At kv_hidden 256 (2026-12-03, commit 376eb8f) the key kernel alone, with its stall reasons and pipes
+(docs/bench/fused_mgpu_ncu_key256_h200.txt; the full command is in BENCHMARKS.md, "eighth version"): FS=256 ncu
+--kernel-name regex:bwd_key --launch-count 1 with the SpeedOfLight, SchedulerStats, WarpStateStats and
+InstructionStats sections and --metrics; the query kernel (docs/bench/fused_mgpu_ncu_query256_h200.txt) with
+--kernel-name regex:selective_fused_bwd --launch-count 2, whose second launch (the key kernel) ran past its time
+limit.
 """
 import os, sys
 sys.path.insert(0, os.getcwd())
