@@ -5,13 +5,18 @@ logits_first), fapprox
 / fwg2 / flf (the forward's approx_math, warpgroups=2, logits_first), nogemm
 (train.xla_options=xla_gpu_enable_triton_gemm=false). Every modifier not named is set to its off value
 (warpgroups=1, approx_math=False and logits_first=False in the forward; logits_first=False in the backward),
-whatever the Options defaults are. HIDDEN (kv_hidden values), VARIANTS (comma-separated), PROF=1 (default) also traces the
-steps (selattn.perf.device_op_times: device time per op). Writes $OUT/step_prof.json after each variant.
+whatever the Options defaults are. `mgpu` is both Mosaic GPU kernels at their Options defaults, with `+`-joined
+modifiers b:NAME=VALUE / f:NAME=VALUE setting one backward / forward Options field on top (e.g. mgpu+b:key_heads=1).
+HIDDEN (kv_hidden values), VARIANTS (comma-separated), PROF=1 (default) also traces the steps
+(selattn.perf.device_op_times: device time per op). Writes $OUT/step_prof.json after each variant.
+
+  PROF=0 HIDDEN=256 VARIANTS=triton,mgpu,mgpu+b:key_heads=1 OUT=. PYTHONPATH=$PWD \
+    python3 docs/bench/fused_mgpu_step_variants.py
 
   PROF=0 HIDDEN=64 VARIANTS=triton,mgpu-both+wg2,mgpu-both+wg2+fapprox OUT=. PYTHONPATH=$PWD \
     python3 docs/bench/fused_mgpu_step_variants.py
 """
-import os, sys
+import ast, os, sys
 sys.path.insert(0, os.getcwd())
 import bench_record  # noqa: E402 (docs/bench, the script's folder)
 from selattn import bench
@@ -22,7 +27,19 @@ PROF = os.environ.get('PROF', '1') == '1'
 BASE = {'model.num_layers': 4, 'train.steps_per_call': 10, 'train.flat_optimizer': True, 'model.kv_generator': 'mlp',
         'model.dtype': 'float32', 'model.selective_impl': 'fused'}
 VAR = {'triton': {'model.fused_forward': 'triton', 'model.fused_backward': 'merged'},
-       'mgpu-both': {'model.fused_forward': 'mgpu', 'model.fused_backward': 'mgpu'}}
+       'mgpu-both': {'model.fused_forward': 'mgpu', 'model.fused_backward': 'mgpu'},
+       'mgpu': {'model.fused_forward': 'mgpu', 'model.fused_backward': 'mgpu'}}
+
+
+def options(mods, prefix, cls):
+  """`cls` at its defaults with the modifiers `prefix`NAME=VALUE applied (VALUE a Python literal)."""
+  fields = {}
+  for m in mods:
+    if m.startswith(prefix):
+      name, value = m[len(prefix):].split('=', 1)
+      fields[name] = ast.literal_eval(value)
+  return cls(**fields)
+
 KEEP = ('ms_per_step', 'ms_per_step_synced_median', 'compile_s', 'final_loss', 'pair_tflops_per_s', 'profile')
 REC = bench_record.Record('step_prof.json', budget_s=float('inf'), error_tail=400)
 REC.res['items'] = []
@@ -30,12 +47,16 @@ for f in [int(x) for x in os.environ.get('HIDDEN', '64').split(',')]:
   for v in os.environ.get('VARIANTS', 'triton,mgpu-both').split(','):
     base, *mods = v.split('+')
     over = {**BASE, 'model.kv_hidden': f, **VAR[base]}
-    fmb.backward.__kwdefaults__['opts'] = fmb.Options(warpgroups=2 if 'wg2' in mods else 1,
-                                                      block_q=32 if 'bq32' in mods else 0,
-                                                      block_k=32 if 'bk32' in mods else 0,
-                                                      logits_first='blf' in mods)
-    fm.forward.__kwdefaults__['opts'] = fm.Options(approx_math='fapprox' in mods, warpgroups=2 if 'fwg2' in mods else 1,
-                                                   logits_first='flf' in mods)
+    if base == 'mgpu':
+      fmb.backward.__kwdefaults__['opts'] = options(mods, 'b:', fmb.Options)
+      fm.forward.__kwdefaults__['opts'] = options(mods, 'f:', fm.Options)
+    else:
+      fmb.backward.__kwdefaults__['opts'] = fmb.Options(warpgroups=2 if 'wg2' in mods else 1,
+                                                        block_q=32 if 'bq32' in mods else 0,
+                                                        block_k=32 if 'bk32' in mods else 0,
+                                                        logits_first='blf' in mods)
+      fm.forward.__kwdefaults__['opts'] = fm.Options(approx_math='fapprox' in mods,
+                                                     warpgroups=2 if 'fwg2' in mods else 1, logits_first='flf' in mods)
     if 'nogemm' in mods:
       over['train.xla_options'] = 'xla_gpu_enable_triton_gemm=false'
 
