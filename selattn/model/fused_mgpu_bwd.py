@@ -273,7 +273,7 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
   if kdu and opts.block_q > 64:
     return f'block_q={opts.block_q} with du_by_keys: du is summed over at most 64 queries a program'
   # The key kernel takes all heads a program first, as the query kernel does: its heads share each pair's GELU and
-  # derivative. On one H200 at kv_hidden 256 (B16 T299 N2 H32) both heads with 32 queries a program took 658-671 us
+  # derivative. On one H200 at kv_hidden 256 (B16 T299 N2 H32) both heads with 32 queries a program took 658-661 us
   # a layer against 752-774 for one head with 64 (docs/bench/fused_mgpu_kernel_times_kh2_h200.json); before its
   # register spills were cut (fused_mgpu_spill_h200.txt) it was the other way round (1,065 against 884,
   # docs/bench/fused_mgpu_kernel_times_kh_h200.json).
