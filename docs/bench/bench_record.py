@@ -4,6 +4,7 @@ A script in this folder imports it by name (`import bench_record`): Python puts 
 sys.path, so that works however the script is started (`PYTHONPATH=$PWD python3 docs/bench/<script>.py`).
 """
 
+import ast
 import json
 import os
 import time
@@ -11,6 +12,13 @@ import traceback
 
 import jax
 import numpy as np
+
+
+def options(cls, fields: str):
+  """`cls` (a kernel's Options dataclass) with comma-separated NAME=VALUE fields set, each VALUE a Python literal:
+  options(fmb.Options, 'key_heads=1,logits_first=None')."""
+  pairs = (field.split('=', 1) for field in fields.split(',') if field)
+  return cls(**{name.strip(): ast.literal_eval(value) for name, value in pairs})
 
 
 class Record:

@@ -88,6 +88,6 @@ for f in FS:
     traced(f'F{f} triton backward', jax.jit(lambda *a: fused._backward(st, a[:11], a[11])[:5]), bargs)
   for extra in os.environ.get('EXTRA', '').split(';'):
     if extra:
-      opts = eval('fmb.Options(' + extra + ')')
+      opts = bench_record.options(fmb.Options, extra)
       traced(f'F{f} mgpu backward {extra}', jax.jit(lambda *a, o=opts: fmb.backward(*a, scale=scale, opts=o, interpret=INTERP)), bargs)
 REC.done()

@@ -19,7 +19,7 @@ from selattn.model import fused_mgpu_bwd as fmb
 B, T, N, H = 16, 299, 2, 32
 for f in [int(x) for x in os.environ.get('FS', '64').split(',')]:
   scale, _, args = bench_record.mgpu_layer(f, B, T, N, H)
-  opts = eval('fmb.Options(' + os.environ.get('OPTS', '') + ')')
+  opts = bench_record.options(fmb.Options, os.environ.get('OPTS', ''))
   out = jax.jit(lambda *a: fmb.backward(*a, scale=scale, opts=opts))(*args)
   jax.block_until_ready(out)
   print('done', f, flush=True)

@@ -16,7 +16,7 @@ HIDDEN (kv_hidden values), VARIANTS (comma-separated), PROF=1 (default) also tra
   PROF=0 HIDDEN=64 VARIANTS=triton,mgpu-both+wg2,mgpu-both+wg2+fapprox OUT=. PYTHONPATH=$PWD \
     python3 docs/bench/fused_mgpu_step_variants.py
 """
-import ast, os, sys
+import os, sys
 sys.path.insert(0, os.getcwd())
 import bench_record  # noqa: E402 (docs/bench, the script's folder)
 from selattn import bench
@@ -26,19 +26,13 @@ from selattn.model import fused_mgpu_bwd as fmb
 PROF = os.environ.get('PROF', '1') == '1'
 BASE = {'model.num_layers': 4, 'train.steps_per_call': 10, 'train.flat_optimizer': True, 'model.kv_generator': 'mlp',
         'model.dtype': 'float32', 'model.selective_impl': 'fused'}
-VAR = {'triton': {'model.fused_forward': 'triton', 'model.fused_backward': 'merged'},
-       'mgpu-both': {'model.fused_forward': 'mgpu', 'model.fused_backward': 'mgpu'},
-       'mgpu': {'model.fused_forward': 'mgpu', 'model.fused_backward': 'mgpu'}}
+MGPU = {'model.fused_forward': 'mgpu', 'model.fused_backward': 'mgpu'}
+VAR = {'triton': {'model.fused_forward': 'triton', 'model.fused_backward': 'merged'}, 'mgpu-both': MGPU, 'mgpu': MGPU}
 
 
-def options(mods, prefix, cls):
-  """`cls` at its defaults with the modifiers `prefix`NAME=VALUE applied (VALUE a Python literal)."""
-  fields = {}
-  for m in mods:
-    if m.startswith(prefix):
-      name, value = m[len(prefix):].split('=', 1)
-      fields[name] = ast.literal_eval(value)
-  return cls(**fields)
+def fields(mods, prefix):
+  """The modifiers `prefix`NAME=VALUE as bench_record.options' comma-separated fields."""
+  return ','.join(m[len(prefix):] for m in mods if m.startswith(prefix))
 
 KEEP = ('ms_per_step', 'ms_per_step_synced_median', 'compile_s', 'final_loss', 'pair_tflops_per_s', 'profile')
 REC = bench_record.Record('step_prof.json', budget_s=float('inf'), error_tail=400)
@@ -48,8 +42,8 @@ for f in [int(x) for x in os.environ.get('HIDDEN', '64').split(',')]:
     base, *mods = v.split('+')
     over = {**BASE, 'model.kv_hidden': f, **VAR[base]}
     if base == 'mgpu':
-      fmb.backward.__kwdefaults__['opts'] = options(mods, 'b:', fmb.Options)
-      fm.forward.__kwdefaults__['opts'] = options(mods, 'f:', fm.Options)
+      fmb.backward.__kwdefaults__['opts'] = bench_record.options(fmb.Options, fields(mods, 'b:'))
+      fm.forward.__kwdefaults__['opts'] = bench_record.options(fm.Options, fields(mods, 'f:'))
     else:
       fmb.backward.__kwdefaults__['opts'] = fmb.Options(warpgroups=2 if 'wg2' in mods else 1,
                                                         block_q=32 if 'bq32' in mods else 0,
