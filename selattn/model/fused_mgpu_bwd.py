@@ -199,6 +199,12 @@ class Options:
   # and its derivative (the elementwise work that bounds the kernel), but need more shared memory: at kv_hidden 256
   # both heads fit with blocks of 32 queries only.
   key_heads: int = 0
+  # Key kernel: dg's products of all the program's heads into one wgmma accumulator, instead of one accumulator per
+  # head added after (a [64, 64] float32 add a head fewer per query and chunk).
+  dg_one_acc: bool = True
+  # Key kernel summing du (du_by_keys) with blocks of fewer than 64 queries: du's partial output holds the block's
+  # rows only, not the accumulator's 64 (half of them zero with blocks of 32).
+  du_block_rows: bool = True
   # Warpgroups per program (1 or 2), both kernels: they take turns over the program's keys (query kernel) or
   # queries (key kernel), sharing its shared-memory inputs, each with its own accumulators; their partial results
   # are summed outside like the blocks'. One program fills an SM's shared memory, so one warpgroup alone leaves the
@@ -657,6 +663,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   qb, hk = d.qb, d.hk
   n_qb, n_kt, gk = d.tq // qb, d.sk // BK, n // hk
   DQ = 64  # du's accumulator rows (wgmma M): the block's queries, qb <= 64 of them  # noqa: N806
+  du_rows = qb if opts.du_block_rows else DQ  # of them written out
   _, q_lo, q_hi = _ranges(qp, kp, n_qb, qb, n_kt, BK)
   rng = pad(jnp.stack([q_lo, q_hi], axis=-1).reshape(-1), 0, _round_up(2 * n_qb * n_kt, 32))
 
@@ -761,9 +768,21 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         """dw's chunk += dh = dg o gelu', dW2k's += g^T dK (wgmma, g and dK through this warpgroup's buffers); the
         chunk's inputs in buffer `slot`. With du_acc ([64 queries of the block, FC]): its row for query i (of the
         block) += the sum of dh down the keys, by a wgmma with a one-hot A."""
-        dg = jnp.zeros((BK, FC), f32)
+        if opts.dg_one_acc:  # every head's product into one accumulator
+          def dg_products(acc):
+            for h in range(hk):
+              a_op = dk[h].astype(jnp.bfloat16)
+              if interp:  # the interpreter's wgmma reads A from shared memory only (and runs each at once)
+                dka_s[...] = a_op
+                a_op = dka_s
+              plgpu.wgmma(acc, a_op, dg_b(w2t_s, w2b_s, slot, h))
+            return acc[...]
+          dg = pl.run_scoped(dg_products, plgpu.ACC((BK, FC), f32))
+        else:
+          dg = jnp.zeros((BK, FC), f32)
+          for h in range(hk):
+            dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, slot, h), (BK, FC))
         for h in range(hk):
-          dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, slot, h), (BK, FC))
           dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, slot)
         dh = dg * gd
         gb = g.astype(jnp.bfloat16)
@@ -869,7 +888,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         if d.kdu:  # then du's rows of the block, the same way
           w_s[v] = du_c
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(w_s.at[v], du_out.at[bi, ki * gk + gi, qbi, :, pl.ds(ci * FC, FC)])
+          src = w_s.at[v] if du_rows == DQ else w_s.at[v, pl.ds(0, du_rows)]
+          plgpu.copy_smem_to_gmem(src, du_out.at[bi, ki * gk + gi, qbi, :, pl.ds(ci * FC, FC)])
           plgpu.wait_smem_to_gmem(0)
 
       def pass2(v, dw2_acc):  # all of warpgroup v's chunks, then their dW2k out in turn
@@ -941,14 +961,14 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       k_kernel, out_type=[jax.ShapeDtypeStruct((b, n_qb * gk * wdw, d.sk, fp), f32),
                           *([] if d.lq else [jax.ShapeDtypeStruct((b, n_qb * wdw, n_kt, BK, n * hd), f32)]),
                           jax.ShapeDtypeStruct((b, n_qb * wdw, n_kt, fp, n * hd), f32),
-                          *([jax.ShapeDtypeStruct((b, n_kt * gk, n_qb, DQ, fp), f32)] if d.kdu else [])],
+                          *([jax.ShapeDtypeStruct((b, n_kt * gk, n_qb, du_rows, fp), f32)] if d.kdu else [])],
       scratch_types=scratch, grid=(n_qb * gk, n_kt, b), grid_names=('z', 'k', 'b'), interpret=interpret,
       kernel_name='selective_fused_bwd_key_mgpu', **params)
   outs = k_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, rng, lse_, delta, dgo_, *pd)
   (dw_p, dw2_p, *du_k), db_p = ((outs[0], *outs[2:]), outs[1]) if not d.lq else (outs, None)
   live_qk = q_hi > q_lo  # [query blocks, key tiles]: the programs that wrote partials
   live_k = live_qk[None, :, None, :, None, None]
-  if d.kdu:  # du's partials per key tile and head group, [B, parts, query blocks, DQ rows (qb used), Fp]
+  if d.kdu:  # du's partials per key tile and head group, [B, parts, query blocks, du_rows (qb used), Fp]
     live_du = jnp.repeat(live_qk.T, gk, axis=0)[None, :, :, None, None]  # [parts, query blocks]
     du = jnp.where(live_du, du_k[0], 0.0)[:, :, :, :qb].sum(1).reshape(b, d.tq, fp)
   dw = jnp.where(live_k, dw_p.reshape(b, n_qb, gk * wdw, n_kt, BK, fp), 0.0).sum((1, 2)).reshape(b, d.sk, fp)
