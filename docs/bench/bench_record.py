@@ -15,10 +15,15 @@ import numpy as np
 
 
 def options(cls, fields: str):
-  """`cls` (a kernel's Options dataclass) with comma-separated NAME=VALUE fields set, each VALUE a Python literal:
-  options(fmb.Options, 'key_heads=1,logits_first=None')."""
+  """`cls` (a kernel's Options dataclass) with comma-separated NAME=VALUE fields set, each VALUE a Python literal or
+  else a bare string: options(fmb.Options, 'key_heads=1,logits_first=None,precision=bf16')."""
+  def value(text):
+    try:
+      return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      return text.strip()
   pairs = (field.split('=', 1) for field in fields.split(',') if field)
-  return cls(**{name.strip(): ast.literal_eval(value) for name, value in pairs})
+  return cls(**{name.strip(): value(text) for name, text in pairs})
 
 
 class Record:

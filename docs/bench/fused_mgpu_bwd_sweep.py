@@ -84,7 +84,7 @@ OPTIONS = [('default', fmb.Options()), ('keep_hidden=False', fmb.Options(keep_hi
            ('warpgroups=2 heads_per_program=1', fmb.Options(warpgroups=2, heads_per_program=1))]
 if os.environ.get('OPTIONS'):  # e.g. OPTIONS='warpgroups=2;warpgroups=2,approx_math=True'
   OPTIONS = [('default', fmb.Options())] + [
-      (o, fmb.Options(**{k: int(v) if v.isdigit() else v == 'True' for k, v in (kv.split('=') for kv in o.split(','))}))
+      (o, bench_record.options(fmb.Options, o))
       for o in os.environ['OPTIONS'].split(';')]
 for f in FS:  # all of one kv_hidden, then the next; the baseline again at the end (drift)
   item(f'F{f} inputs (MGPU forward)', lambda f=f: cases.__setitem__(f, case(f)) or {})

@@ -205,6 +205,9 @@ class Options:
   # Key kernel summing du (du_by_keys) with blocks of fewer than 64 queries: du's partial output holds the block's
   # rows only, not the accumulator's 64 (half of them zero with blocks of 32).
   du_block_rows: bool = True
+  # Query kernel: each key's K accumulated over the hidden chunks in one wgmma accumulator a head, read once after
+  # the last chunk, instead of one accumulator a chunk read (waited for) at once and added.
+  q_one_acc: bool = True
   # Warpgroups per program (1 or 2), both kernels: they take turns over the program's keys (query kernel) or
   # queries (key kernel), sharing its shared-memory inputs, each with its own accumulators; their partial results
   # are summed outside like the blocks'. One program fills an SM's shared memory, so one warpgroup alone leaves the
@@ -484,19 +487,35 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         each) and dK; A1 and A2 with their terms added; and GELU' if kept (one key, one hidden chunk). A chunk's u
         and dG are read from shared memory once for all of js (the pass's largest reads: 2 x 64 KB a key at
         kv_hidden 256)."""
-        kv = [[jnp.zeros((BQ, hd), f32) for _ in range(hq)] for _ in js]
-        dp = [[jnp.zeros((BQ,), f32) for _ in range(hq)] for _ in js]
-        kept = None
-        for ci in range(nc):
-          uc = load(u_s.at[ci], (), wg)
-          dgo_c = [dgo_chunk(h, ci) for h in range(hq)]
-          for x, j in enumerate(js):
-            g, gd = hidden(j, ci, uc)
-            kept = gd if keep_gd else None
-            gb = g.astype(jnp.bfloat16)
-            for h in range(hq):
-              kv[x][h] = kv[x][h] + mm(gb, ga_s, w2b_s.at[ci, h], (BQ, hd))
-              dp[x][h] = dp[x][h] + jnp.sum(g * dgo_c[h], axis=1)
+        def products(*accs):  # with q_one_acc: K of key x and head h in accs[x * hq + h] over the chunks
+          kv = [[jnp.zeros((BQ, hd), f32) for _ in range(hq)] for _ in js]
+          dp = [[jnp.zeros((BQ,), f32) for _ in range(hq)] for _ in js]
+          kept = None
+          for ci in range(nc):
+            uc = load(u_s.at[ci], (), wg)
+            dgo_c = [dgo_chunk(h, ci) for h in range(hq)]
+            for x, j in enumerate(js):
+              g, gd = hidden(j, ci, uc)
+              kept = gd if keep_gd else None
+              gb = g.astype(jnp.bfloat16)
+              for h in range(hq):
+                if accs:
+                  a_op = gb
+                  if interp:  # the interpreter's wgmma reads A from shared memory only (and runs each at once)
+                    ga_s[...] = gb
+                    a_op = ga_s
+                  plgpu.wgmma(accs[x * hq + h], a_op, w2b_s.at[ci, h])
+                else:
+                  kv[x][h] = kv[x][h] + mm(gb, ga_s, w2b_s.at[ci, h], (BQ, hd))
+                dp[x][h] = dp[x][h] + jnp.sum(g * dgo_c[h], axis=1)
+          if accs:
+            kv = [[accs[x * hq + h][...] for h in range(hq)] for x in range(len(js))]
+          return kv, dp, kept
+
+        if opts.q_one_acc:
+          kv, dp, kept = pl.run_scoped(products, *[plgpu.ACC((BQ, hd), f32) for _ in range(len(js) * hq)])
+        else:
+          kv, dp, kept = products()
         p, ds, dk, new_a1, new_a2 = [], [], [], list(a1), list(a2)
         for x, j in enumerate(js):
           cj = bcast_col(load(c_s.at[j], (), col), BQ, hd)
