@@ -369,6 +369,7 @@ def test_backward_shared_memory_overflow_falls_back_to_merged(caplog):
                                            (256, (1, 2, 32, 32), {'dg_one_acc': False}),
                                            (256, (1, 2, 32, 32), {'du_block_rows': False}),
                                            (256, (1, 2, 32, 32), {'q_one_acc': False}),
+                                           (256, (1, 2, 32, 32), {'wgmma_overlap': False}),
                                            (64, (2, 2, 64, 64), {'warpgroups': 1, 'keep_hidden': False,
                                                                  'approx_math': False})])
 def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts):

@@ -208,6 +208,10 @@ class Options:
   # Query kernel: each key's K accumulated over the hidden chunks in one wgmma accumulator a head, read once after
   # the last chunk, instead of one accumulator a chunk read (waited for) at once and added.
   q_one_acc: bool = True
+  # Key kernel: dg's wgmmas issued before the pair's GELU is computed (which then overlaps them; with dg_one_acc),
+  # and no wait for a query's dW2k and du wgmmas at its end: reading the next query's dg waits for them, before
+  # their operands' buffers are written again.
+  wgmma_overlap: bool = True
   # Warpgroups per program (1 or 2), both kernels: they take turns over the program's keys (query kernel) or
   # queries (key kernel), sharing its shared-memory inputs, each with its own accumulators; their partial results
   # are summed outside like the blocks'. One program fills an SM's shared memory, so one warpgroup alone leaves the
@@ -783,10 +787,15 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
           dk.append(bcast_row(dsv, hd) * qr)
         return p, ds, dk, kept
 
-      def chunk_step(i, slot, g, gd, p, dk, dw_c, dw2_acc, du_acc=None):
+      def chunk_step(i, slot, hid, p, dk, dw_c, dw2_acc, du_acc=None):
         """dw's chunk += dh = dg o gelu', dW2k's += g^T dK (wgmma, g and dK through this warpgroup's buffers); the
-        chunk's inputs in buffer `slot`. With du_acc ([64 queries of the block, FC]): its row for query i (of the
-        block) += the sum of dh down the keys, by a wgmma with a one-hot A."""
+        chunk's inputs in buffer `slot`; hid: (g, gelu') or a function computing them (with wgmma_overlap, called
+        while dg's wgmmas run). With du_acc ([64 queries of the block, FC]): its row for query i (of the block) +=
+        the sum of dh down the keys, by a wgmma with a one-hot A. Reading dg waits for every wgmma issued before, so
+        the previous query's (which read g's, dK's and dh's buffers) are done before they are written."""
+        early = opts.wgmma_overlap and opts.dg_one_acc and callable(hid)
+        if callable(hid) and not early:
+          hid = hid()
         if opts.dg_one_acc:  # every head's product into one accumulator
           def dg_products(acc):
             for h in range(hk):
@@ -795,9 +804,10 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
                 dka_s[...] = a_op
                 a_op = dka_s
               plgpu.wgmma(acc, a_op, dg_b(w2t_s, w2b_s, slot, h))
-            return acc[...]
-          dg = pl.run_scoped(dg_products, plgpu.ACC((BK, FC), f32))
+            return acc[...], (hid() if early else hid)  # the GELU while the wgmmas run
+          dg, (g, gd) = pl.run_scoped(dg_products, plgpu.ACC((BK, FC), f32))
         else:
+          g, gd = hid
           dg = jnp.zeros((BK, FC), f32)
           for h in range(hk):
             dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, slot, h), (BK, FC))
@@ -822,7 +832,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
             ga_s[...] = one_hot
             one_hot = ga_s
           plgpu.wgmma(du_acc, one_hot, dhs_w)
-        plgpu.wgmma_wait(0)  # before g's, dK's and dh's buffers are written again
+        if not opts.wgmma_overlap:
+          plgpu.wgmma_wait(0)  # before g's, dK's and dh's buffers are written again (else: dg's read waits)
         return dw_c + dh
 
       zeros = lambda r, cols: cast(jnp.zeros((r, cols), f32), wg)  # noqa: E731
@@ -835,8 +846,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
           p, _, dk, kept = logits(i, keep)
           new_dw = list(dw)
           for ci in range(nc):
-            g, gd = kept if keep else hidden(i, ci)
-            new_dw[ci] = chunk_step(i, ci, g, gd, p, dk, dw[ci], dw2_acc[ci * hk:(ci + 1) * hk])
+            hid = kept if keep else functools.partial(hidden, i, ci)
+            new_dw[ci] = chunk_step(i, ci, hid, p, dk, dw[ci], dw2_acc[ci * hk:(ci + 1) * hk])
           return tuple(new_dw), tuple(db[h] + dk[h] for h in range(hk))
 
         init = (tuple(zeros(BK, FC) for _ in range(nc)), tuple(zeros(BK, hd) for _ in range(hk)))
@@ -889,8 +900,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
           p = [jnp.where(visible, load(pd_s.at[0, h, i], (), row), 0.0) for h in range(hk)]
           ds = [jnp.where(visible, load(pd_s.at[1, h, i], (), row), 0.0) for h in range(hk)]
           dk = [bcast_row(ds[h], hd) * query(h, i) for h in range(hk)]
-          g, gd = hidden(i, v, wc)
-          return chunk_step(i, v, g, gd, p, dk, dw_c, dw2_acc, du_acc)
+          return chunk_step(i, v, functools.partial(hidden, i, v, wc), p, dk, dw_c, dw2_acc, du_acc)
 
         init = zeros(BK, FC)
         if d.kdu:  # du of the block's queries in a wgmma accumulator across them
