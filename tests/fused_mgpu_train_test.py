@@ -309,12 +309,17 @@ def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, 
   # in registers (keep_q).
   # With 4 keys a step the key kernel also holds a chunk's w rows in registers (hold_w) and writes all its dW2k out
   # at the end (dw2_rounds off); the others write each chunk's out after its round of chunks (dw2_rounds, the
-  # default: two rounds here, one warpgroup).
+  # default: two rounds here, one warpgroup). Options off by default are turned on in one case each, and those on
+  # by default off in one.
   extra = dict(keys_per_step=1, keep_q=True, du_by_keys=False) if kps == 'q' else dict(keys_per_step=kps)
   if f <= 64 and rope:  # one pass: the key kernel holds RoPE's rows across the queries (hold_rope, off by default)
     extra['hold_rope'] = True
-  if kps == 4:
-    extra.update(hold_w=True, dw2_rounds=False)
+  if kps == 4:  # and the key kernel's dg per head, each query's wgmmas waited for, du's 64 rows out
+    extra.update(hold_w=True, dw2_rounds=False, dg_one_acc=False, wgmma_overlap=False, du_block_rows=False)
+  if f <= 64 and not rope:  # one pass: dg's heads in one accumulator, issued before the GELU (default: not here)
+    extra.update(dg_one_acc=True, wgmma_overlap=True)
+  if small_smem == 150_000:  # the query kernel's K in one accumulator over the chunks (off by default)
+    extra['q_one_acc'] = True
   opts = fmb.Options(keep_hidden=keep, logits_first=first, **extra)
   d = fmb._dims(args[0], args[2], opts)
   blocks = {0: (n, n, 64, 64), 140_000: (1, 1, 32, 32), 150_000: (1, 2, 32, 32)}[small_smem]
@@ -368,8 +373,9 @@ def test_backward_shared_memory_overflow_falls_back_to_merged(caplog):
                                            (256, (1, 1, 32, 64), {'key_heads': 1}),
                                            (256, (1, 2, 32, 32), {'dg_one_acc': False}),
                                            (256, (1, 2, 32, 32), {'du_block_rows': False}),
-                                           (256, (1, 2, 32, 32), {'q_one_acc': False}),
+                                           (256, (1, 2, 32, 32), {'q_one_acc': True}),
                                            (256, (1, 2, 32, 32), {'wgmma_overlap': False}),
+                                           (64, (2, 2, 64, 64), {'dg_one_acc': True, 'wgmma_overlap': True}),
                                            (64, (2, 2, 64, 64), {'warpgroups': 1, 'keep_hidden': False,
                                                                  'approx_math': False})])
 def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts):

@@ -10,7 +10,8 @@ on; $OUT/fused_mgpu_bwd_sweep.json is written after each. Off GPU: tiny shapes, 
   OUT=. PYTHONPATH=$PWD python3 docs/bench/fused_mgpu_bwd_sweep.py
 
 Environment: FS (kv_hidden values, default 64,256), BUDGET_S (no new item past it, default 300) and OPTIONS
-(instead of the built-in list, `;`-separated Options fields, e.g. OPTIONS='warpgroups=2;warpgroups=2,approx_math=True').
+(instead of the built-in list, `;`-separated Options fields, e.g. OPTIONS='warpgroups=2;warpgroups=2,approx_math=True';
+values as bench_record.options reads them). The ninth version's record: fused_mgpu_bwd_sweep_v9_h200.json.
 """
 
 import os

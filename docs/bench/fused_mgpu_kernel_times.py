@@ -21,7 +21,9 @@ fused_mgpu_kernel_times_holdw2_h200.json (FS=256, commit 376eb8f, EXTRA='hold_w=
 fused_mgpu_kernel_times_kh2a_h200.json (FS=256, the eighth version's code before its default changed,
 EXTRA='key_heads=2,block_q=32') and fused_mgpu_kernel_times_kh2_h200.json (FS=256, with a dk_smem option since
 removed, EXTRA='key_heads=2,block_q=32,dk_smem=True;dk_smem=True;key_heads=2,block_q=32'); their ptxas reports are
-in fused_mgpu_spill_kh2_h200.txt.
+in fused_mgpu_spill_kh2_h200.txt. The ninth version's: fused_mgpu_kernel_times_v9_h200.json (FS=256, the tree of
+commit 3a42863, EXTRA='wgmma_overlap=False,q_one_acc=False,dg_one_acc=False,du_block_rows=False;wgmma_overlap=False;
+q_one_acc=False'), ptxas in fused_mgpu_spill_v9_h200.txt.
 """
 import collections, glob, gzip, json, os, sys
 import jax

@@ -53,8 +53,10 @@ fused_mgpu_spill_h200.txt); dW2k written out per round of chunks (dw2_rounds) to
 748.3 us (fused_mgpu_kernel_times_rounds_h200.json), and RoPE's rows read per query in one pass (hold_rope off)
 the kv_hidden 64 key kernel from 228.3 to 200.7 (fused_mgpu_kernel_times_rope64_h200.json); both heads in a
 key-kernel program took it at kv_hidden 256 from 752.7-774.3 to 658.4-661.0 us (fused_mgpu_kernel_times_kh2_h200.json,
-fused_mgpu_kernel_times_kh2a_h200.json). With the MGPU forward a training step took 2.94 and 7.57 ms against 9.18
-and 31.5 before that last change (docs/bench/mlp_mgpu9_h200.json).
+fused_mgpu_kernel_times_kh2a_h200.json), and dg's wgmmas issued before the GELU (Options.wgmma_overlap) took it to
+559.9 against 592.7 in one call (docs/bench/fused_mgpu_kernel_times_v9_h200.json). With the MGPU forward a training
+step took 2.94 and 7.57 ms against 9.18 and 31.5 before the last two changes (docs/bench/mlp_mgpu9_h200.json), and
+6.86 at kv_hidden 256 after them (docs/bench/mlp_mgpu11_h200.json).
 docs/bench/fused_mgpu_bwd_sweep.py times the backward alone by `Options`, docs/bench/fused_mgpu_kernel_times.py
 each kernel's device time.
 """
@@ -200,18 +202,21 @@ class Options:
   # both heads fit with blocks of 32 queries only.
   key_heads: int = 0
   # Key kernel: dg's products of all the program's heads into one wgmma accumulator, instead of one accumulator per
-  # head added after (a [64, 64] float32 add a head fewer per query and chunk).
-  dg_one_acc: bool = True
+  # head added after (a [64, 64] float32 add a head fewer per query and chunk). Alone it was slower (631.4 us a
+  # layer at kv_hidden 256 on one H200 against 592.7 with neither); with wgmma_overlap, 559.9
+  # (docs/bench/fused_mgpu_kernel_times_v9_h200.json). None = with the logits first (where it was timed).
+  dg_one_acc: bool | None = None
   # Key kernel summing du (du_by_keys) with blocks of fewer than 64 queries: du's partial output holds the block's
   # rows only, not the accumulator's 64 (half of them zero with blocks of 32).
   du_block_rows: bool = True
   # Query kernel: each key's K accumulated over the hidden chunks in one wgmma accumulator a head, read once after
-  # the last chunk, instead of one accumulator a chunk read (waited for) at once and added.
-  q_one_acc: bool = True
+  # the last chunk, instead of one accumulator a chunk read (waited for) at once and added. Off: on one H200 at
+  # kv_hidden 256 it spilled 216 bytes and took 418.7 us a layer against 395.8 (fused_mgpu_kernel_times_v9_h200.json).
+  q_one_acc: bool = False
   # Key kernel: dg's wgmmas issued before the pair's GELU is computed (which then overlaps them; with dg_one_acc),
   # and no wait for a query's dW2k and du wgmmas at its end: reading the next query's dg waits for them, before
-  # their operands' buffers are written again.
-  wgmma_overlap: bool = True
+  # their operands' buffers are written again. None = with the logits first (where it was timed).
+  wgmma_overlap: bool | None = None
   # Warpgroups per program (1 or 2), both kernels: they take turns over the program's keys (query kernel) or
   # queries (key kernel), sharing its shared-memory inputs, each with its own accumulators; their partial results
   # are summed outside like the blocks'. One program fills an SM's shared memory, so one warpgroup alone leaves the
@@ -686,6 +691,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   qb, hk = d.qb, d.hk
   n_qb, n_kt, gk = d.tq // qb, d.sk // BK, n // hk
   DQ = 64  # du's accumulator rows (wgmma M): the block's queries, qb <= 64 of them  # noqa: N806
+  dg_one = d.lq if opts.dg_one_acc is None else opts.dg_one_acc
+  overlap = d.lq if opts.wgmma_overlap is None else opts.wgmma_overlap
   du_rows = qb if opts.du_block_rows else DQ  # of them written out
   _, q_lo, q_hi = _ranges(qp, kp, n_qb, qb, n_kt, BK)
   rng = pad(jnp.stack([q_lo, q_hi], axis=-1).reshape(-1), 0, _round_up(2 * n_qb * n_kt, 32))
@@ -793,10 +800,10 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         while dg's wgmmas run). With du_acc ([64 queries of the block, FC]): its row for query i (of the block) +=
         the sum of dh down the keys, by a wgmma with a one-hot A. Reading dg waits for every wgmma issued before, so
         the previous query's (which read g's, dK's and dh's buffers) are done before they are written."""
-        early = opts.wgmma_overlap and opts.dg_one_acc and callable(hid)
+        early = overlap and dg_one and callable(hid)
         if callable(hid) and not early:
           hid = hid()
-        if opts.dg_one_acc:  # every head's product into one accumulator
+        if dg_one:  # every head's product into one accumulator
           def dg_products(acc):
             for h in range(hk):
               a_op = dk[h].astype(jnp.bfloat16)
@@ -832,7 +839,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
             ga_s[...] = one_hot
             one_hot = ga_s
           plgpu.wgmma(du_acc, one_hot, dhs_w)
-        if not opts.wgmma_overlap:
+        if not overlap:
           plgpu.wgmma_wait(0)  # before g's, dK's and dh's buffers are written again (else: dg's read waits)
         return dw_c + dh
 
