@@ -97,6 +97,7 @@ def _gpu_interpreter():
 @pytest.mark.parametrize('n,h,f,t,block_k,rope,opts', [(2, 6, 100, 70, 32, True, {}),
                                                        (2, 6, 100, 70, 32, True, {'logits_first': False}),
                                                        (2, 6, 100, 70, 32, True, {'keys_per_step': 4}),
+                                                       (2, 6, 100, 70, 32, True, {'tables_in_gmem': True}),
                                                        (3, 8, 40, 37, 0, False, {'keep_u': True, 'keep_q': True}),
                                                        (3, 8, 40, 37, 0, True, {'heads_per_program': 1})])
 def test_kernel_interpreted_matches_the_transcription(n, h, f, t, block_k, rope, opts):
@@ -131,7 +132,8 @@ def _lowers_for_cuda() -> bool:
 @pytest.mark.parametrize('f,opts', [(64, {}), (256, {}), (256, {'logits_first': False}),
                                     (256, {'heads_per_program': 1}), (256, {'keys_per_step': 2}),
                                     (64, {'keep_u': True, 'keep_q': True}),
-                                    (256, {'warpgroups': 2, 'heads_per_program': 1}), ((4, 64, 256), {})])
+                                    (256, {'warpgroups': 2, 'heads_per_program': 1}), ((4, 64, 256), {}),
+                                    (256, {'tables_in_gmem': True})])
 def test_kernel_lowers_for_cuda_at_the_original_config(f, opts):
   b, t, n, h = 16, 299, 2, 32
   if isinstance(f, tuple):  # heads of 64 at kv_hidden 256: one head a program (the fallback above)
@@ -165,6 +167,21 @@ def test_heads_per_program_fall_back_to_what_fits_in_shared_memory(shape, expect
     larger = min(h for h in range(d.hp + 1, shape[2] + 1) if shape[2] % h == 0)
     assert fm._smem_bytes(dataclasses.replace(d, hp=larger)) > fm.SMEM_BYTES
   assert _dims_of(*shape, fm.Options(heads_per_program=shape[2])).hp == shape[2]
+
+
+# The keys-to-visit table grows as T^2 / (64 block_k): copied into shared memory it leaves room for one head a
+# program at T 4096 (original config, kv_hidden 256) and none at 8192; read from global memory (tables_in_gmem),
+# both heads and the T 299 blocks at any length.
+@pytest.mark.parametrize('t,expect', [(299, (32, 2)), (4096, (64, 1)), (8192, None)])
+def test_the_table_in_global_memory_keeps_the_blocks_at_long_contexts(t, expect):
+  d = _dims_of(1, t, 2, 32, 256)
+  if expect is None:
+    assert fm._smem_bytes(d) > fm.SMEM_BYTES
+  else:
+    assert (d.kb, d.hp) == expect and fm._smem_bytes(d) <= fm.SMEM_BYTES
+  g = _dims_of(1, t, 2, 32, 256, fm.Options(tables_in_gmem=True))
+  assert (g.kb, g.hp) == (32, 2) and fm._smem_bytes(g) == fm._smem_bytes(_dims_of(1, 64, 2, 32, 256, fm.Options(
+      tables_in_gmem=True)))
 
 
 # One unnormalised G per key block goes out and XLA combines them: at B4 T4096 N4 H64 kv_hidden 256 (blocks of 32

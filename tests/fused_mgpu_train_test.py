@@ -314,10 +314,12 @@ def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, 
   extra = dict(keys_per_step=1, keep_q=True, du_by_keys=False) if kps == 'q' else dict(keys_per_step=kps)
   if f <= 64 and rope:  # one pass: the key kernel holds RoPE's rows across the queries (hold_rope, off by default)
     extra['hold_rope'] = True
-  if kps == 4:  # and the key kernel's dg per head, each query's wgmmas waited for, du's 64 rows out
-    extra.update(hold_w=True, dw2_rounds=False, dg_one_acc=False, wgmma_overlap=False, du_block_rows=False)
-  if f <= 64 and not rope:  # one pass: dg's heads in one accumulator, issued before the GELU (default: not here)
-    extra.update(dg_one_acc=True, wgmma_overlap=True)
+  if kps == 4:  # and the key kernel's dg per head, each query's wgmmas waited for, du's 64 rows out; the tables
+    # read from global memory
+    extra.update(hold_w=True, dw2_rounds=False, dg_one_acc=False, wgmma_overlap=False, du_block_rows=False,
+                 tables_in_gmem=True)
+  if f <= 64 and not rope:  # one pass: dg's heads in one accumulator, issued before the GELU (default: not here);
+    extra.update(dg_one_acc=True, wgmma_overlap=True, tables_in_gmem=True)  # the tables from global memory
   if small_smem == 150_000:  # the query kernel's K in one accumulator over the chunks (off by default)
     extra['q_one_acc'] = True
   opts = fmb.Options(keep_hidden=keep, logits_first=first, **extra)
@@ -375,6 +377,7 @@ def test_backward_shared_memory_overflow_falls_back_to_merged(caplog):
                                            (256, (1, 2, 32, 32), {'du_block_rows': False}),
                                            (256, (1, 2, 32, 32), {'q_one_acc': True}),
                                            (256, (1, 2, 32, 32), {'wgmma_overlap': False}),
+                                           (256, (1, 2, 32, 32), {'tables_in_gmem': True}),
                                            (64, (2, 2, 64, 64), {'dg_one_acc': True, 'wgmma_overlap': True}),
                                            (64, (2, 2, 64, 64), {'warpgroups': 1, 'keep_hidden': False,
                                                                  'approx_math': False})])
@@ -390,6 +393,29 @@ def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts)
   res = [jnp.zeros((b, tp, n, fp)), jnp.zeros((b, n, tp)), jnp.zeros((b, tp, n, fp))]
   shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (*args, *res)]
   lowered = jax.jit(lambda *a: fmb.backward(*a, scale=scale, opts=opts)).trace(*shapes).lower(
+      lowering_platforms=('cuda',))
+  assert lowered.as_text().count('mosaic_gpu') >= 2
+
+
+# The per-tile tables grow as T^2: in shared memory the key kernel takes one head a program at T 1024 (original
+# config, kv_hidden 256) and the backward does not fit at 2048; read from global memory (tables_in_gmem) the blocks
+# of T 299 stay, and the kernels lower there.
+@pytest.mark.skipif(not _lowers_for_cuda(), reason='lowering for cuda is unavailable here')
+def test_backward_tables_in_global_memory_keep_long_contexts():
+  def dims(t, **opts):
+    _, args = fm.fused_inputs(jnp.zeros((1, t, 2, 32)), jnp.zeros((1, t, 256)), jnp.zeros((1, t, 256)),
+                              jnp.zeros((256, 64)), jnp.zeros((64,)), jnp.arange(t), jnp.arange(t), 10000.0)
+    d = fmb._dims(args[0], args[2], fmb.Options(**opts))
+    return args, (d if isinstance(d, str) else (d.hq, d.hk, d.kb, d.qb))
+  assert dims(1024)[1] == (1, 1, 32, 32)
+  assert 'bytes of shared memory' in dims(2048)[1]
+  args, got = dims(2048, tables_in_gmem=True)
+  assert got == (1, 2, 32, 32)
+  tp, fp = args[0].shape[1], args[2].shape[2]
+  res = [jnp.zeros((1, tp, 2, fp)), jnp.zeros((1, 2, tp)), jnp.zeros((1, tp, 2, fp))]
+  shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (*args, *res)]
+  opts = fmb.Options(tables_in_gmem=True)
+  lowered = jax.jit(lambda *a: fmb.backward(*a, scale=1.0, opts=opts)).trace(*shapes).lower(
       lowering_platforms=('cuda',))
   assert lowered.as_text().count('mosaic_gpu') >= 2
 

@@ -105,6 +105,11 @@ class Options:
   # With the logits first: keys per step of the logits' pass (1, 2 or 4; it divides the warpgroup's share of a
   # block), each hidden chunk's u rows and the rotated queries read from shared memory once per step.
   keys_per_step: int = 1
+  # The table of keys to visit per (query tile, key block) read from global memory, one value a program, instead of
+  # copied whole into shared memory, where it grows as the square of the context (T 4096 at the original config:
+  # one head a program instead of both; T 8192: no fit, the Triton forward instead). Checked interpreted and
+  # lowered for cuda; not yet run on a GPU, so off.
+  tables_in_gmem: bool = False
 
 
 def _gelu_t(h):
@@ -143,6 +148,7 @@ class _Dims:
   hp: int  # heads per program
   wgs: int  # warpgroups per program
   lf: bool = False  # logits first (Options.logits_first)
+  gm: bool = False  # the counts table read from global memory (Options.tables_in_gmem)
 
   @property
   def hd(self):  # per-head width, both RoPE halves: 2 H2
@@ -183,7 +189,7 @@ def _dims(q, w, opts: Options, interpret: bool = False) -> _Dims:
 
   def dims(kb, hp):
     return _Dims(b=b, t_in=t, s_in=s, f_in=f, n=n, h2=h2, tq=_round_up(t, BQ), sk=_round_up(s, kb), fp=fp, kb=kb,
-                 hp=hp, wgs=wgs, lf=lf)
+                 hp=hp, wgs=wgs, lf=lf, gm=opts.tables_in_gmem)
 
   # All heads a program first (the GELU shared by them), blocks of 64 keys before 32; then fewer heads.
   heads = [opts.heads_per_program] if opts.heads_per_program else [h for h in range(n, 0, -1) if n % h == 0]
@@ -292,7 +298,8 @@ def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: 
 def _smem_bytes(d: _Dims) -> int:
   f32 = 4
   base = (BQ * 2 * d.hp * d.hd * f32 + BQ * d.fp * f32 + d.kb * d.fp * f32 + d.fp * d.hp * d.hd * 2
-          + 2 * d.kb * d.hd * f32 + d.hp * d.hd * f32 + (d.kb + BQ) * 4 + _round_up(d.n_q * d.n_kb, 32) * 4
+          + 2 * d.kb * d.hd * f32 + d.hp * d.hd * f32 + (d.kb + BQ) * 4
+          + (0 if d.gm else _round_up(d.n_q * d.n_kb, 32) * 4)
           + 2 * d.hp * BQ * f32)
   if d.lf:  # the logits, (m, l) exchanged between warpgroups
     return base + (d.hp * d.kb * BQ + d.wgs * 2 * d.hp * BQ) * f32
@@ -430,8 +437,11 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
               (w_g.at[bi, keys], w_s), (w2_g.at[:, heads], w2_s), (b2_g.at[heads], b2_s), (c_g.at[keys], c_s),
               (s_g.at[keys], s_s), (qpos_g.at[rows], qpos_s), (kpos_g.at[keys], kpos_s)]
 
-    copy_in([(cnt_g, cnt_s)], bars, wgi, wgs, first=len(copies))
-    count = cnt_s[qi * n_kb + kbi]
+    if d.gm:
+      count = cnt_g[qi * n_kb + kbi]
+    else:
+      copy_in([(cnt_g, cnt_s)], bars, wgi, wgs, first=len(copies))
+      count = cnt_s[qi * n_kb + kbi]
 
     def live():  # the rest: only where this program has keys to visit (else its partials are masked outside)
       copy_in(copies, bars, wgi, wgs)
@@ -621,7 +631,8 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
       plgpu.SMEM((kb, fp), f32),
       plgpu.SMEM((nc, hp, FC, hd), jnp.bfloat16, transforms=b_transforms), plgpu.SMEM((hp, hd), f32),
       plgpu.SMEM((kb, hd), f32), plgpu.SMEM((kb, hd), f32), plgpu.SMEM((BQ,), jnp.int32),
-      plgpu.SMEM((kb,), jnp.int32), plgpu.SMEM(counts.shape, jnp.int32), plgpu.SMEM((2, hp, BQ), f32),
+      plgpu.SMEM((kb,), jnp.int32), plgpu.SMEM((32,) if d.gm else counts.shape, jnp.int32),
+      plgpu.SMEM((2, hp, BQ), f32),
       plgpu.Barrier(num_barriers=9 + nc)]
   extras = {}  # more scratch, by name
   if d.lf:

@@ -158,6 +158,7 @@ class _Dims:
   wgs: int = 1  # warpgroups per program (both kernels)
   lq: bool = False  # query kernel: logits first (Options.logits_first)
   kdu: bool = False  # logits first: du summed by the key kernel (Options.du_by_keys)
+  gm: bool = False  # the per-tile tables read from global memory (Options.tables_in_gmem)
 
   @property
   def hd(self):
@@ -173,7 +174,7 @@ def _q_smem(d: _Dims, kb: int, hp: int, t: int, s: int, lf: bool = False) -> int
   f32, hd, fp = 4, d.hd, d.fp
   return (BQ * 2 * hp * hd * f32 + BQ * fp * f32 + kb * fp * f32 + (1 if lf else 2) * fp * hp * hd * 2
           + hp * hd * f32 + 2 * kb * hd * f32 + (kb + BQ) * 4 + 2 * hp * BQ * f32 + BQ * hp * fp * f32
-          + _round_up(-(-t // BQ) * -(-s // kb), 32) * 4 + (2 * hp * kb * BQ * f32 if lf else 0))
+          + (0 if d.gm else _round_up(-(-t // BQ) * -(-s // kb), 32) * 4) + (2 * hp * kb * BQ * f32 if lf else 0))
 
 
 def _k_smem(d: _Dims, qb: int, hp: int, t: int, s: int, wgs: int = 1, lf: bool = False, kdu: bool = False) -> int:
@@ -184,7 +185,7 @@ def _k_smem(d: _Dims, qb: int, hp: int, t: int, s: int, wgs: int = 1, lf: bool =
   return (qb * 2 * hp * hd * f32 + qb * per * f32 + BK * per * f32 + (1 if lf else 2) * per * hp * hd * 2
           + hp * hd * f32 + (2 * hp * qb * BK * f32 if lf else 0)
           + 2 * BK * hd * f32 + (BK + qb) * 4 + 2 * hp * qb * f32 + qb * hp * per * f32
-          + _round_up(2 * -(-t // qb) * -(-s // BK), 32) * 4
+          + (0 if d.gm else _round_up(2 * -(-t // qb) * -(-s // BK), 32) * 4)
           + wgs * ((BK * FC * (2 if kdu else 1) + hp * BK * hd) * 2)  # per warpgroup: g, dK (and dh) in bfloat16
           + BK * hd * f32)
 
@@ -261,13 +262,19 @@ class Options:
   # them. On one H200 at kv_hidden 64 reading them took the key kernel from 228.3 to 200.7 us a layer and its
   # spills from 444/460 to 300/300 bytes (docs/bench/fused_mgpu_kernel_times_rope64_h200.json).
   hold_rope: bool = False
+  # Both kernels: the per-tile tables (the query kernel's keys to visit, the key kernel's range of queries) read
+  # from global memory, two values a program, instead of copied whole into shared memory, where they grow as the
+  # square of the context: at the original config the key kernel takes one head a program from T 1024 on, and
+  # from T 2048 the backward does not fit (the merged Triton backward runs instead). Checked interpreted and
+  # lowered for cuda; not yet run on a GPU, so off.
+  tables_in_gmem: bool = False
 
 
 def _dims(q, w, opts: Options = Options()) -> _Dims | str:
   b, t, n, _, h2 = q.shape
   s, f = w.shape[1], w.shape[2]
   fp = _round_up(f, FC)
-  base = dict(b=b, t_in=t, s_in=s, f_in=f, n=n, h2=h2, fp=fp)
+  base = dict(b=b, t_in=t, s_in=s, f_in=f, n=n, h2=h2, fp=fp, gm=opts.tables_in_gmem)
   probe = _Dims(tq=0, sk=0, kb=0, qb=0, hq=0, hk=0, **base)
   for name in ('block_k', 'block_q'):
     if getattr(opts, name) not in (0, 32, 64, 128):
@@ -465,8 +472,11 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     if w2t_s is not None:
       copies += [(w2t_g.at[ci, gi * hq + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hq)]
 
-    fm.copy_in([(cnt_g, cnt_s)], bars, wgi, wgs, first=len(copies))
-    count = cnt_s[qi * n_kb + kbi]
+    if d.gm:
+      count = cnt_g[qi * n_kb + kbi]
+    else:
+      fm.copy_in([(cnt_g, cnt_s)], bars, wgi, wgs, first=len(copies))
+      count = cnt_s[qi * n_kb + kbi]
 
     def live():  # the rest: only where this program has pairs to visit (else its partial outputs are
       # masked outside)
@@ -652,7 +662,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   scratch = [plgpu.SMEM((hq, BQ, 2 * hd), f32, transforms=f_tf), plgpu.SMEM((nc, BQ, FC), f32, transforms=f_tf),
              plgpu.SMEM((kb, fp), f32), plgpu.SMEM((nc, hq, FC, hd), jnp.bfloat16, transforms=hd_tf),
              plgpu.SMEM((hq, hd), f32), plgpu.SMEM((kb, hd), f32), plgpu.SMEM((kb, hd), f32),
-             plgpu.SMEM((BQ,), jnp.int32), plgpu.SMEM((kb,), jnp.int32), plgpu.SMEM(cnt.shape, jnp.int32),
+             plgpu.SMEM((BQ,), jnp.int32), plgpu.SMEM((kb,), jnp.int32),
+             plgpu.SMEM((32,) if d.gm else cnt.shape, jnp.int32),  # the table (a placeholder when in global memory)
              plgpu.SMEM((hq, BQ), f32), plgpu.SMEM((hq, BQ), f32), plgpu.SMEM((hq, BQ, fp), f32, transforms=f_tf),
              plgpu.Barrier(num_barriers=9 + nc + 2 * hq + 2 * nc * hq), *sync_barriers(wgs)]
   extras = {}  # more scratch, by name
@@ -736,9 +747,12 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       are free: its last chunk's results went out through them, and wgmma_wait(0) ended each query)."""
       fm.copy_in(chunk_copies(ci, slot), bars, 0, 1, first=n_common + ci * per_chunk)
 
-    fm.copy_in([(rng_g, rng_s)], bars, wgi, wgs, first=len(copies))
     base = 2 * (qbi * n_kt + ki)
-    lo, hi = rng_s[base], rng_s[base + 1]
+    if d.gm:
+      lo, hi = rng_g[base], rng_g[base + 1]
+    else:
+      fm.copy_in([(rng_g, rng_s)], bars, wgi, wgs, first=len(copies))
+      lo, hi = rng_s[base], rng_s[base + 1]
 
     def live():  # the rest: only where this program has pairs to visit (else its partial outputs are
       # masked outside)
@@ -970,7 +984,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
              plgpu.SMEM((slots, BK, FC), f32, transforms=f_tf),
              plgpu.SMEM((slots, hk, FC, hd), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((hk, hd), f32),
              plgpu.SMEM((BK, hd), f32, transforms=f_tf), plgpu.SMEM((BK, hd), f32, transforms=f_tf),
-             plgpu.SMEM((qb,), jnp.int32), plgpu.SMEM((BK,), jnp.int32), plgpu.SMEM(rng.shape, jnp.int32),
+             plgpu.SMEM((qb,), jnp.int32), plgpu.SMEM((BK,), jnp.int32),
+             plgpu.SMEM((32,) if d.gm else rng.shape, jnp.int32),  # the table (a placeholder when in global memory)
              plgpu.SMEM((hk, qb), f32), plgpu.SMEM((hk, qb), f32), plgpu.SMEM((slots, hk, qb, FC), f32),
              plgpu.SMEM((wgs, BK, FC), jnp.bfloat16, transforms=hd_tf),
              plgpu.SMEM((wgs, hk, BK, hd), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((BK, hd), f32, transforms=f_tf),
