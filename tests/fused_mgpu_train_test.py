@@ -364,6 +364,21 @@ def test_backward_shared_memory_overflow_falls_back_to_merged(caplog):
     assert _rel(a, b) <= 1e-5
 
 
+def _backward_shapes(b, t, n, h, f):
+  """(scale, fused.py's padded backward arguments, those and the residuals as shapes) of zeros at B T N H F."""
+  scale, args = fm.fused_inputs(jnp.zeros((b, t, n, h)), jnp.zeros((b, t, f)), jnp.zeros((b, t, f)),
+                                jnp.zeros((f, n * h)), jnp.zeros((n * h,)), jnp.arange(t), jnp.arange(t), 10000.0)
+  tp, fp = args[0].shape[1], args[2].shape[2]
+  res = [jnp.zeros((b, tp, n, fp)), jnp.zeros((b, n, tp)), jnp.zeros((b, tp, n, fp))]
+  return scale, args, [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (*args, *res)]
+
+
+def _assert_backward_lowers(scale, shapes, opts):
+  lowered = jax.jit(lambda *a: fmb.backward(*a, scale=scale, opts=opts)).trace(*shapes).lower(
+      lowering_platforms=('cuda',))
+  assert lowered.as_text().count('mosaic_gpu') >= 2
+
+
 # Two warpgroups (the default on a GPU) are checked here and on the GPU only (docs/bench/fused_mgpu_bwd_sweep_h200.json
 # and, logits first, fused_mgpu_bwd_sweep_lf2_h200.json record the same errors against the transcription as with
 # one): interpreted, two warpgroups waiting on the same TMA barriers hang in most runs (the forward's do too), with or
@@ -383,18 +398,11 @@ def test_backward_shared_memory_overflow_falls_back_to_merged(caplog):
                                                                  'approx_math': False})])
 def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts):
   # B16 T299 N2 H32: Mosaic GPU's Python lowering (layouts, wgmma operands, TMA copies, shared memory), not ptxas.
-  b, t, n, h = 16, 299, 2, 32
-  scale, args = fm.fused_inputs(jnp.zeros((b, t, n, h)), jnp.zeros((b, t, f)), jnp.zeros((b, t, f)),
-                                jnp.zeros((f, n * h)), jnp.zeros((n * h,)), jnp.arange(t), jnp.arange(t), 10000.0)
+  scale, args, shapes = _backward_shapes(16, 299, 2, 32, f)
   opts = fmb.Options(**opts)
   d = fmb._dims(args[0], args[2], opts)
   assert (d.hq, d.hk, d.kb, d.qb, d.wgs) == (*expect, opts.warpgroups or 2), d
-  tp, fp = args[0].shape[1], args[2].shape[2]
-  res = [jnp.zeros((b, tp, n, fp)), jnp.zeros((b, n, tp)), jnp.zeros((b, tp, n, fp))]
-  shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (*args, *res)]
-  lowered = jax.jit(lambda *a: fmb.backward(*a, scale=scale, opts=opts)).trace(*shapes).lower(
-      lowering_platforms=('cuda',))
-  assert lowered.as_text().count('mosaic_gpu') >= 2
+  _assert_backward_lowers(scale, shapes, opts)
 
 
 # The per-tile tables grow as T^2: in shared memory the key kernel takes one head a program at T 1024 (original
@@ -402,22 +410,16 @@ def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts)
 # of T 299 stay, and the kernels lower there.
 @pytest.mark.skipif(not _lowers_for_cuda(), reason='lowering for cuda is unavailable here')
 def test_backward_tables_in_global_memory_keep_long_contexts():
-  def dims(t, **opts):
-    _, args = fm.fused_inputs(jnp.zeros((1, t, 2, 32)), jnp.zeros((1, t, 256)), jnp.zeros((1, t, 256)),
-                              jnp.zeros((256, 64)), jnp.zeros((64,)), jnp.arange(t), jnp.arange(t), 10000.0)
-    d = fmb._dims(args[0], args[2], fmb.Options(**opts))
-    return args, (d if isinstance(d, str) else (d.hq, d.hk, d.kb, d.qb))
-  assert dims(1024)[1] == (1, 1, 32, 32)
-  assert 'bytes of shared memory' in dims(2048)[1]
-  args, got = dims(2048, tables_in_gmem=True)
-  assert got == (1, 2, 32, 32)
-  tp, fp = args[0].shape[1], args[2].shape[2]
-  res = [jnp.zeros((1, tp, 2, fp)), jnp.zeros((1, 2, tp)), jnp.zeros((1, tp, 2, fp))]
-  shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (*args, *res)]
-  opts = fmb.Options(tables_in_gmem=True)
-  lowered = jax.jit(lambda *a: fmb.backward(*a, scale=1.0, opts=opts)).trace(*shapes).lower(
-      lowering_platforms=('cuda',))
-  assert lowered.as_text().count('mosaic_gpu') >= 2
+  def dims(t, opts):
+    _, args, _ = _backward_shapes(1, t, 2, 32, 256)
+    d = fmb._dims(args[0], args[2], opts)
+    return d if isinstance(d, str) else (d.hq, d.hk, d.kb, d.qb)
+  gm = fmb.Options(tables_in_gmem=True)
+  assert dims(1024, fmb.Options()) == (1, 1, 32, 32)
+  assert 'bytes of shared memory' in dims(2048, fmb.Options())
+  assert dims(2048, gm) == (1, 2, 32, 32)
+  scale, _, shapes = _backward_shapes(1, 2048, 2, 32, 256)
+  _assert_backward_lowers(scale, shapes, gm)
 
 
 @pytest.mark.parametrize('opts,match', [({'block_k': 48}, 'block_k=48 is not 32, 64 or 128'),

@@ -389,6 +389,15 @@ def copy_in(copies, bars, wgi, wgs: int, first: int = 0):
     plgpu.barrier_wait(bars.at[first + i])
 
 
+def table_entries(gm: bool, table_g, table_s, bars, wgi, wgs: int, first: int, *idx):
+  """Entries idx of a per-tile table (the kernels' keys or queries to visit): read from global memory
+  (Options.tables_in_gmem), or from shared memory after copying the whole table into table_s (on barrier first)."""
+  if not gm:
+    copy_in([(table_g, table_s)], bars, wgi, wgs, first=first)
+  src = table_g if gm else table_s
+  return tuple(src[i] for i in idx)
+
+
 def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Options = Options(), interpret=None):
   """`_forward`'s inputs (its padded arrays) -> (G [B, T, N, F], lse [B, N, T]) through the Mosaic GPU kernel."""
   from jax.experimental import pallas as pl  # noqa: PLC0415 (GPU-only module, imported on use)
@@ -437,11 +446,7 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
               (w_g.at[bi, keys], w_s), (w2_g.at[:, heads], w2_s), (b2_g.at[heads], b2_s), (c_g.at[keys], c_s),
               (s_g.at[keys], s_s), (qpos_g.at[rows], qpos_s), (kpos_g.at[keys], kpos_s)]
 
-    if d.gm:
-      count = cnt_g[qi * n_kb + kbi]
-    else:
-      copy_in([(cnt_g, cnt_s)], bars, wgi, wgs, first=len(copies))
-      count = cnt_s[qi * n_kb + kbi]
+    count, = table_entries(d.gm, cnt_g, cnt_s, bars, wgi, wgs, len(copies), qi * n_kb + kbi)
 
     def live():  # the rest: only where this program has keys to visit (else its partials are masked outside)
       copy_in(copies, bars, wgi, wgs)

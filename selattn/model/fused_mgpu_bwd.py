@@ -472,11 +472,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     if w2t_s is not None:
       copies += [(w2t_g.at[ci, gi * hq + h], w2t_s.at[ci, h]) for ci in range(nc) for h in range(hq)]
 
-    if d.gm:
-      count = cnt_g[qi * n_kb + kbi]
-    else:
-      fm.copy_in([(cnt_g, cnt_s)], bars, wgi, wgs, first=len(copies))
-      count = cnt_s[qi * n_kb + kbi]
+    count, = fm.table_entries(d.gm, cnt_g, cnt_s, bars, wgi, wgs, len(copies), qi * n_kb + kbi)
 
     def live():  # the rest: only where this program has pairs to visit (else its partial outputs are
       # masked outside)
@@ -507,7 +503,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         and dG are read from shared memory once for all of js (the pass's largest reads: 2 x 64 KB a key at
         kv_hidden 256)."""
         def products(*accs):  # with q_one_acc: K of key x and head h in accs[x * hq + h] over the chunks
-          kv = [[jnp.zeros((BQ, hd), f32) for _ in range(hq)] for _ in js]
+          kv = None if accs else [[jnp.zeros((BQ, hd), f32) for _ in range(hq)] for _ in js]
           dp = [[jnp.zeros((BQ,), f32) for _ in range(hq)] for _ in js]
           kept = None
           for ci in range(nc):
@@ -748,11 +744,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       fm.copy_in(chunk_copies(ci, slot), bars, 0, 1, first=n_common + ci * per_chunk)
 
     base = 2 * (qbi * n_kt + ki)
-    if d.gm:
-      lo, hi = rng_g[base], rng_g[base + 1]
-    else:
-      fm.copy_in([(rng_g, rng_s)], bars, wgi, wgs, first=len(copies))
-      lo, hi = rng_s[base], rng_s[base + 1]
+    lo, hi = fm.table_entries(d.gm, rng_g, rng_s, bars, wgi, wgs, len(copies), base, base + 1)
 
     def live():  # the rest: only where this program has pairs to visit (else its partial outputs are
       # masked outside)
