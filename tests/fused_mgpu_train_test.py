@@ -314,12 +314,10 @@ def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, 
   extra = dict(keys_per_step=1, keep_q=True, du_by_keys=False) if kps == 'q' else dict(keys_per_step=kps)
   if f <= 64 and rope:  # one pass: the key kernel holds RoPE's rows across the queries (hold_rope, off by default)
     extra['hold_rope'] = True
-  if kps == 4:  # and the key kernel's dg per head, each query's wgmmas waited for, du's 64 rows out; the tables
-    # read from global memory
-    extra.update(hold_w=True, dw2_rounds=False, dg_one_acc=False, wgmma_overlap=False, du_block_rows=False,
-                 tables_in_gmem=True)
-  if f <= 64 and not rope:  # one pass: dg's heads in one accumulator, issued before the GELU (default: not here);
-    extra.update(dg_one_acc=True, wgmma_overlap=True, tables_in_gmem=True)  # the tables from global memory
+  if kps == 4:  # and the key kernel's dg per head, each query's wgmmas waited for, du's 64 rows out
+    extra.update(hold_w=True, dw2_rounds=False, dg_one_acc=False, wgmma_overlap=False, du_block_rows=False)
+  if f <= 64 and not rope:  # one pass: dg's heads one accumulator each, waited for; the tables copied into shared
+    extra.update(dg_one_acc=False, wgmma_overlap=False, tables_in_gmem=False)  # memory
   if small_smem == 150_000:  # the query kernel's K in one accumulator over the chunks (off by default)
     extra['q_one_acc'] = True
   opts = fmb.Options(keep_hidden=keep, logits_first=first, **extra)
@@ -392,8 +390,8 @@ def _assert_backward_lowers(scale, shapes, opts):
                                            (256, (1, 2, 32, 32), {'du_block_rows': False}),
                                            (256, (1, 2, 32, 32), {'q_one_acc': True}),
                                            (256, (1, 2, 32, 32), {'wgmma_overlap': False}),
-                                           (256, (1, 2, 32, 32), {'tables_in_gmem': True}),
-                                           (64, (2, 2, 64, 64), {'dg_one_acc': True, 'wgmma_overlap': True}),
+                                           (256, (1, 2, 32, 32), {'tables_in_gmem': False}),
+                                           (64, (2, 2, 64, 64), {'dg_one_acc': False, 'wgmma_overlap': False}),
                                            (64, (2, 2, 64, 64), {'warpgroups': 1, 'keep_hidden': False,
                                                                  'approx_math': False})])
 def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts):
@@ -405,21 +403,18 @@ def test_backward_kernels_lower_for_cuda_at_the_original_config(f, expect, opts)
   _assert_backward_lowers(scale, shapes, opts)
 
 
-# The per-tile tables grow as T^2: in shared memory the key kernel takes one head a program at T 1024 (original
-# config, kv_hidden 256) and the backward does not fit at 2048; read from global memory (tables_in_gmem) the blocks
-# of T 299 stay, and the kernels lower there.
+# The per-tile tables grow as T^2. Read from global memory (tables_in_gmem, the default) the blocks of T 299 stay
+# at any length, and the kernels lower at T 1024 and 2048. Copied into shared memory they are refused past one TMA
+# copy's 256 entries (the key kernel's has 1024 at T 1024: before that refusal the kernels failed to lower there),
+# and at 2048 they would not fit in shared memory.
 @pytest.mark.skipif(not _lowers_for_cuda(), reason='lowering for cuda is unavailable here')
-def test_backward_tables_in_global_memory_keep_long_contexts():
-  def dims(t, opts):
-    _, args, _ = _backward_shapes(1, t, 2, 32, 256)
-    d = fmb._dims(args[0], args[2], opts)
-    return d if isinstance(d, str) else (d.hq, d.hk, d.kb, d.qb)
-  gm = fmb.Options(tables_in_gmem=True)
-  assert dims(1024, fmb.Options()) == (1, 1, 32, 32)
-  assert 'bytes of shared memory' in dims(2048, fmb.Options())
-  assert dims(2048, gm) == (1, 2, 32, 32)
-  scale, _, shapes = _backward_shapes(1, 2048, 2, 32, 256)
-  _assert_backward_lowers(scale, shapes, gm)
+@pytest.mark.parametrize('t,copied', [(1024, 'have 1024 entries'), (2048, 'bytes of shared memory')])
+def test_backward_tables_in_global_memory_keep_long_contexts(t, copied):
+  scale, args, shapes = _backward_shapes(1, t, 2, 32, 256)
+  assert copied in fmb._dims(args[0], args[2], fmb.Options(tables_in_gmem=False))
+  d = fmb._dims(args[0], args[2])
+  assert (d.hq, d.hk, d.kb, d.qb) == (1, 2, 32, 32)
+  _assert_backward_lowers(scale, shapes, fmb.Options())
 
 
 @pytest.mark.parametrize('opts,match', [({'block_k': 48}, 'block_k=48 is not 32, 64 or 128'),

@@ -36,16 +36,21 @@ def fields(mods, prefix):
   """The modifiers `prefix`NAME=VALUE as bench_record.options' comma-separated fields."""
   return ','.join(m[len(prefix):] for m in mods if m.startswith(prefix))
 
+# CTX=T,B: context T and batch B instead of the original config's 299 and 16.
+CTX = dict(zip(('data.seq_len', 'train.batch_size'), map(int, os.environ['CTX'].split(',')))) if 'CTX' in os.environ else {}
 KEEP = ('ms_per_step', 'ms_per_step_synced_median', 'compile_s', 'final_loss', 'pair_tflops_per_s', 'profile')
 REC = bench_record.Record('step_prof.json', budget_s=float('inf'), error_tail=400)
 REC.res['items'] = []
 for f in [int(x) for x in os.environ.get('HIDDEN', '64').split(',')]:
   for v in os.environ.get('VARIANTS', 'triton,mgpu-both').split(','):
     base, *mods = v.split('+')
-    over = {**BASE, 'model.kv_hidden': f, **VAR[base]}
+    over = {**BASE, 'model.kv_hidden': f, **VAR[base], **CTX}
     if base == 'mgpu':
       fmb.backward.__kwdefaults__['opts'] = bench_record.options(fmb.Options, fields(mods, 'b:'))
       fm.forward.__kwdefaults__['opts'] = bench_record.options(fm.Options, fields(mods, 'f:'))
+    # fused.py asks cannot_run whether the kernels take a call, with these Options too.
+    fm.cannot_run.__kwdefaults__['opts'] = fm.forward.__kwdefaults__['opts']
+    fmb.cannot_run.__kwdefaults__['opts'] = fmb.backward.__kwdefaults__['opts']
     else:
       fmb.backward.__kwdefaults__['opts'] = fmb.Options(warpgroups=2 if 'wg2' in mods else 1,
                                                         block_q=32 if 'bq32' in mods else 0,

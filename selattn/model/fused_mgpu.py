@@ -66,6 +66,7 @@ _GELU_A = 0.044715
 BQ = 64  # queries per program: the wgmma M tile
 FC = 64  # hidden units per chunk: 128 bytes of bfloat16, one swizzled wgmma K group
 SMEM_BYTES = 227 * 1024 - 8192  # an H100/H200 block's shared memory, less a margin for barriers and alignment
+TABLE_MAX = 256  # entries of a per-tile table copied into shared memory: one TMA copy's most along a dimension
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,10 +107,12 @@ class Options:
   # block), each hidden chunk's u rows and the rotated queries read from shared memory once per step.
   keys_per_step: int = 1
   # The table of keys to visit per (query tile, key block) read from global memory, one value a program, instead of
-  # copied whole into shared memory, where it grows as the square of the context (T 4096 at the original config:
-  # one head a program instead of both; T 8192: no fit, the Triton forward instead). Checked interpreted and
-  # lowered for cuda; not yet run on a GPU, so off.
-  tables_in_gmem: bool = False
+  # copied whole into shared memory. Copied, it grows as the square of the context: one TMA copy takes at most
+  # TABLE_MAX entries (T 1024 at the original config has 512: the kernel is refused there), and in shared memory
+  # it would cost the kernel its second head at T 4096. On one H200 at the original config (kv_hidden 256) a
+  # training step took 6.795 ms with both kernels' tables in global memory against 6.781 with them copied
+  # (docs/bench/fused_mgpu_step_variants_gmem_h200.json).
+  tables_in_gmem: bool = True
 
 
 def _gelu_t(h):
@@ -357,6 +360,8 @@ def unsupported(d: _Dims) -> str | None:
     return f'wgmma N = 2*H2 = {d.hd} > 256'
   if (need := _smem_bytes(d)) > SMEM_BYTES:
     return f'needs {need} bytes of shared memory (> {SMEM_BYTES}): use a smaller block_k'
+  if not d.gm and (entries := _round_up(d.n_q * d.n_kb, 32)) > TABLE_MAX:
+    return f'its table of keys to visit has {entries} entries (> {TABLE_MAX}, one TMA copy): use tables_in_gmem'
   if (part := _partial_bytes(d)) > PARTIAL_BYTES:
     return (f'its partial results (one G per block of {d.kb} keys: {d.n_kb} of them) would take '
             f'{part / 2**30:.1f} GiB (> {PARTIAL_BYTES / 2**30:.0f})')

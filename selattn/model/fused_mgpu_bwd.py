@@ -205,8 +205,8 @@ class Options:
   # Key kernel: dg's products of all the program's heads into one wgmma accumulator, instead of one accumulator per
   # head added after (a [64, 64] float32 add a head fewer per query and chunk). Alone it was slower (631.4 us a
   # layer at kv_hidden 256 on one H200 against 592.7 with neither); with wgmma_overlap, 559.9
-  # (docs/bench/fused_mgpu_kernel_times_v9_h200.json). None = with the logits first (where it was timed).
-  dg_one_acc: bool | None = None
+  # (docs/bench/fused_mgpu_kernel_times_v9_h200.json).
+  dg_one_acc: bool = True
   # Key kernel summing du (du_by_keys) with blocks of fewer than 64 queries: du's partial output holds the block's
   # rows only, not the accumulator's 64 (half of them zero with blocks of 32).
   du_block_rows: bool = True
@@ -216,8 +216,9 @@ class Options:
   q_one_acc: bool = False
   # Key kernel: dg's wgmmas issued before the pair's GELU is computed (which then overlaps them; with dg_one_acc),
   # and no wait for a query's dW2k and du wgmmas at its end: reading the next query's dg waits for them, before
-  # their operands' buffers are written again. None = with the logits first (where it was timed).
-  wgmma_overlap: bool | None = None
+  # their operands' buffers are written again. On one H200 a training step at kv_hidden 64 (one pass) took 2.848 ms
+  # with both on against 2.964 with both off (docs/bench/fused_mgpu_step_variants_kv64_h200.json).
+  wgmma_overlap: bool = True
   # Warpgroups per program (1 or 2), both kernels: they take turns over the program's keys (query kernel) or
   # queries (key kernel), sharing its shared-memory inputs, each with its own accumulators; their partial results
   # are summed outside like the blocks'. One program fills an SM's shared memory, so one warpgroup alone leaves the
@@ -263,11 +264,13 @@ class Options:
   # spills from 444/460 to 300/300 bytes (docs/bench/fused_mgpu_kernel_times_rope64_h200.json).
   hold_rope: bool = False
   # Both kernels: the per-tile tables (the query kernel's keys to visit, the key kernel's range of queries) read
-  # from global memory, two values a program, instead of copied whole into shared memory, where they grow as the
-  # square of the context: at the original config the key kernel takes one head a program from T 1024 on, and
-  # from T 2048 the backward does not fit (the merged Triton backward runs instead). Checked interpreted and
-  # lowered for cuda; not yet run on a GPU, so off.
-  tables_in_gmem: bool = False
+  # from global memory, two values a program, instead of copied whole into shared memory. Copied, they grow as the
+  # square of the context: one TMA copy takes at most fused_mgpu.TABLE_MAX entries (the key kernel's table has 1024
+  # at T 1024 at the original config: the backward is refused there), and in shared memory they would cost the key
+  # kernel its second head from T 1024. On one H200 at the original config (kv_hidden 256) a training step took
+  # 6.795 ms with both kernels' tables in global memory against 6.781 with them copied
+  # (docs/bench/fused_mgpu_step_variants_gmem_h200.json).
+  tables_in_gmem: bool = True
 
 
 def _dims(q, w, opts: Options = Options()) -> _Dims | str:
@@ -310,16 +313,20 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
                _k_smem(probe, qbs[-1], heads[-1], t, s, wgs, lq, kdu))
     return f'the backward needs {need} bytes of shared memory (> {SMEM_BYTES})'
   (kb, hq), (qb, hk) = q_fit[0], k_fit[0]
-  return _Dims(tq=_round_up(t, max(BQ, qb)), sk=_round_up(s, max(BK, kb)), kb=kb, qb=qb, hq=hq, hk=hk, wgs=wgs,
+  tq, sk = _round_up(t, max(BQ, qb)), _round_up(s, max(BK, kb))
+  entries = max(_round_up(tq // BQ * (sk // kb), 32), _round_up(2 * (tq // qb) * (sk // BK), 32))
+  if not opts.tables_in_gmem and entries > fm.TABLE_MAX:
+    return f'its per-tile tables have {entries} entries (> {fm.TABLE_MAX}, one TMA copy): use tables_in_gmem'
+  return _Dims(tq=tq, sk=sk, kb=kb, qb=qb, hq=hq, hk=hk, wgs=wgs,
                lq=lq, kdu=kdu, **base)
 
 
-def cannot_run(act: str, interpret: bool, q, w) -> str | None:
-  """Why `backward` cannot take fused.py's padded q, w here, or None."""
+def cannot_run(act: str, interpret: bool, q, w, opts: Options = Options()) -> str | None:
+  """Why `backward` (with `opts`) cannot take fused.py's padded q, w here, or None."""
   why = fm.cannot_run(act, interpret, q, w)
   if why is not None:
     return why
-  d = _dims(q, w)
+  d = _dims(q, w, opts)
   return d if isinstance(d, str) else None
 
 
@@ -698,8 +705,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   qb, hk = d.qb, d.hk
   n_qb, n_kt, gk = d.tq // qb, d.sk // BK, n // hk
   DQ = 64  # du's accumulator rows (wgmma M): the block's queries, qb <= 64 of them  # noqa: N806
-  dg_one = d.lq if opts.dg_one_acc is None else opts.dg_one_acc
-  overlap = d.lq if opts.wgmma_overlap is None else opts.wgmma_overlap
+  dg_one, overlap = opts.dg_one_acc, opts.wgmma_overlap
   du_rows = qb if opts.du_block_rows else DQ  # of them written out
   _, q_lo, q_hi = _ranges(qp, kp, n_qb, qb, n_kt, BK)
   rng = pad(jnp.stack([q_lo, q_hi], axis=-1).reshape(-1), 0, _round_up(2 * n_qb * n_kt, 32))
