@@ -17,6 +17,9 @@ fused_mgpu_step_variants_kh_h200.json (the commands in BENCHMARKS.md, "The Mosai
 
   PROF=0 HIDDEN=64 VARIANTS=triton,mgpu-both+wg2,mgpu-both+wg2+fapprox OUT=. PYTHONPATH=$PWD \
     python3 docs/bench/fused_mgpu_step_variants.py
+
+CTX=T,B sets the context and batch (fused_mgpu_step_variants_t2048_h200.json: CTX=2048,4 HIDDEN=256
+VARIANTS=mgpu,triton). The `mgpu` Options go to the kernels and to their cannot_run (fused.py's fallback check).
 """
 import os, sys
 sys.path.insert(0, os.getcwd())
@@ -37,7 +40,8 @@ def fields(mods, prefix):
   return ','.join(m[len(prefix):] for m in mods if m.startswith(prefix))
 
 # CTX=T,B: context T and batch B instead of the original config's 299 and 16.
-CTX = dict(zip(('data.seq_len', 'train.batch_size'), map(int, os.environ['CTX'].split(',')))) if 'CTX' in os.environ else {}
+CTX = dict(zip(('data.seq_len', 'train.batch_size'), map(int, os.environ.get('CTX', '').split(',')))) \
+    if os.environ.get('CTX') else {}
 KEEP = ('ms_per_step', 'ms_per_step_synced_median', 'compile_s', 'final_loss', 'pair_tflops_per_s', 'profile')
 REC = bench_record.Record('step_prof.json', budget_s=float('inf'), error_tail=400)
 REC.res['items'] = []
@@ -48,9 +52,6 @@ for f in [int(x) for x in os.environ.get('HIDDEN', '64').split(',')]:
     if base == 'mgpu':
       fmb.backward.__kwdefaults__['opts'] = bench_record.options(fmb.Options, fields(mods, 'b:'))
       fm.forward.__kwdefaults__['opts'] = bench_record.options(fm.Options, fields(mods, 'f:'))
-    # fused.py asks cannot_run whether the kernels take a call, with these Options too.
-    fm.cannot_run.__kwdefaults__['opts'] = fm.forward.__kwdefaults__['opts']
-    fmb.cannot_run.__kwdefaults__['opts'] = fmb.backward.__kwdefaults__['opts']
     else:
       fmb.backward.__kwdefaults__['opts'] = fmb.Options(warpgroups=2 if 'wg2' in mods else 1,
                                                         block_q=32 if 'bq32' in mods else 0,
@@ -58,6 +59,9 @@ for f in [int(x) for x in os.environ.get('HIDDEN', '64').split(',')]:
                                                         logits_first='blf' in mods)
       fm.forward.__kwdefaults__['opts'] = fm.Options(approx_math='fapprox' in mods,
                                                      warpgroups=2 if 'fwg2' in mods else 1, logits_first='flf' in mods)
+    # fused.py asks cannot_run whether the kernels take a call, with these Options too.
+    fm.cannot_run.__defaults__ = (fm.forward.__kwdefaults__['opts'],)
+    fmb.cannot_run.__defaults__ = (fmb.backward.__kwdefaults__['opts'],)
     if 'nogemm' in mods:
       over['train.xla_options'] = 'xla_gpu_enable_triton_gemm=false'
 

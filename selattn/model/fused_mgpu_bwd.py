@@ -265,9 +265,9 @@ class Options:
   hold_rope: bool = False
   # Both kernels: the per-tile tables (the query kernel's keys to visit, the key kernel's range of queries) read
   # from global memory, two values a program, instead of copied whole into shared memory. Copied, they grow as the
-  # square of the context: one TMA copy takes at most fused_mgpu.TABLE_MAX entries (the key kernel's table has 1024
-  # at T 1024 at the original config: the backward is refused there), and in shared memory they would cost the key
-  # kernel its second head from T 1024. On one H200 at the original config (kv_hidden 256) a training step took
+  # square of the context: one TMA copy takes at most fused_mgpu.TABLE_MAX entries (at the original config's heads
+  # refused from T 705; until that refusal the kernels failed to lower there), and in shared memory they would cost
+  # the key kernel its second head from T 1024. On one H200 at the original config (kv_hidden 256) a training step took
   # 6.795 ms with both kernels' tables in global memory against 6.781 with them copied
   # (docs/bench/fused_mgpu_step_variants_gmem_h200.json).
   tables_in_gmem: bool = True
