@@ -215,11 +215,15 @@ def test_auto_on_a_hopper_gpu_falls_back_with_its_own_line(caplog, monkeypatch):
     assert _rel(a, b) <= 1e-5
 
 
-def test_shared_memory_overflow_falls_back_to_the_triton_forward(caplog):
-  run, params = _layer(kv_hidden=1024)  # u and w rows of 1024 hidden units: > 227 KB of shared memory
+# kv_hidden 1024: u and w rows of 1024 hidden units, > 227 KB of shared memory. 320 fits, but a key's w row is one
+# TMA copy, at most 256 elements: before this refusal the kernel failed to lower there (probed on CPU).
+@pytest.mark.parametrize('kv_hidden,why', [(1024, 'bytes of shared memory'),
+                                           (320, 'its w rows of 320 hidden units exceed one TMA copy (256)')])
+def test_shared_memory_overflow_falls_back_to_the_triton_forward(caplog, kv_hidden, why):
+  run, params = _layer(kv_hidden=kv_hidden)
   x = jax.random.normal(jax.random.key(2), (1, 5, 16))
   out, lines = _logged_run(caplog, run, params, x)
-  assert len(lines) == 1 and 'bytes of shared memory' in lines[0] and lines[0].endswith('running the Triton forward')
+  assert len(lines) == 1 and why in lines[0] and lines[0].endswith('running the Triton forward'), lines
   assert _rel(out, run(params, x, 'materialized')) <= 1e-5
 
 
@@ -415,6 +419,15 @@ def test_backward_tables_in_global_memory_keep_long_contexts(t, copied):
   d = fmb._dims(args[0], args[2])
   assert (d.hq, d.hk, d.kb, d.qb) == (1, 2, 32, 32)
   _assert_backward_lowers(scale, shapes, fmb.Options())
+
+
+# The query kernel copies a key's w row whole, one TMA copy of at most 256 elements: kv_hidden 320 needs 267,264 bytes
+# of shared memory, refused for that first, and for its w rows where that fits.
+def test_backward_refuses_w_rows_longer_than_one_copy(monkeypatch):
+  _, args, _ = _backward_shapes(1, 64, 1, 8, 320)
+  assert 'bytes of shared memory' in fmb._dims(args[0], args[2])
+  monkeypatch.setattr(fmb, 'SMEM_BYTES', 10**6)
+  assert fmb._dims(args[0], args[2]) == 'its w rows of 320 hidden units exceed one TMA copy (256)'
 
 
 @pytest.mark.parametrize('opts,match', [({'block_k': 48}, 'block_k=48 is not 32, 64 or 128'),

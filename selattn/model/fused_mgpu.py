@@ -66,7 +66,7 @@ _GELU_A = 0.044715
 BQ = 64  # queries per program: the wgmma M tile
 FC = 64  # hidden units per chunk: 128 bytes of bfloat16, one swizzled wgmma K group
 SMEM_BYTES = 227 * 1024 - 8192  # an H100/H200 block's shared memory, less a margin for barriers and alignment
-TABLE_MAX = 256  # entries of a per-tile table copied into shared memory: one TMA copy's most along a dimension
+TMA_MAX = 256  # one TMA copy's most elements along a dimension (a per-tile table, a key's w row of hidden units)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +108,7 @@ class Options:
   keys_per_step: int = 1
   # The table of keys to visit per (query tile, key block) read from global memory, one value a program, instead of
   # copied whole into shared memory. Copied, it grows as the square of the context: one TMA copy takes at most
-  # TABLE_MAX entries (at the original config's heads, refused from T 705 at kv_hidden 256, 1025 at 64; until that
+  # TMA_MAX entries (at the original config's heads, refused from T 705 at kv_hidden 256, 1025 at 64; until that
   # refusal the kernel failed to lower there), and in shared memory it would cost the kernel its second head at
   # T 4096. On one H200 at the original config (kv_hidden 256) a
   # training step took 6.795 ms with both kernels' tables in global memory against 6.781 with them copied
@@ -361,8 +361,11 @@ def unsupported(d: _Dims) -> str | None:
     return f'wgmma N = 2*H2 = {d.hd} > 256'
   if (need := _smem_bytes(d)) > SMEM_BYTES:
     return f'needs {need} bytes of shared memory (> {SMEM_BYTES}): use a smaller block_k'
-  if not d.gm and (entries := _round_up(d.n_q * d.n_kb, 32)) > TABLE_MAX:
-    return f'its table of keys to visit has {entries} entries (> {TABLE_MAX}, one TMA copy): use tables_in_gmem'
+  # A key's w row is one copy: before this refusal, kv_hidden > 256 failed to lower where shared memory took it.
+  if d.fp > TMA_MAX:
+    return f'its w rows of {d.fp} hidden units exceed one TMA copy ({TMA_MAX})'
+  if not d.gm and (entries := _round_up(d.n_q * d.n_kb, 32)) > TMA_MAX:
+    return f'its table of keys to visit has {entries} entries (> {TMA_MAX}, one TMA copy): use tables_in_gmem'
   if (part := _partial_bytes(d)) > PARTIAL_BYTES:
     return (f'its partial results (one G per block of {d.kb} keys: {d.n_kb} of them) would take '
             f'{part / 2**30:.1f} GiB (> {PARTIAL_BYTES / 2**30:.0f})')

@@ -265,7 +265,7 @@ class Options:
   hold_rope: bool = False
   # Both kernels: the per-tile tables (the query kernel's keys to visit, the key kernel's range of queries) read
   # from global memory, two values a program, instead of copied whole into shared memory. Copied, they grow as the
-  # square of the context: one TMA copy takes at most fused_mgpu.TABLE_MAX entries (at the original config's heads
+  # square of the context: one TMA copy takes at most fused_mgpu.TMA_MAX entries (at the original config's heads
   # refused from T 705; until that refusal the kernels failed to lower there), and in shared memory they would cost
   # the key kernel its second head from T 1024. On one H200 at the original config (kv_hidden 256) a training step took
   # 6.795 ms with both kernels' tables in global memory against 6.781 with them copied
@@ -315,8 +315,10 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
   (kb, hq), (qb, hk) = q_fit[0], k_fit[0]
   tq, sk = _round_up(t, max(BQ, qb)), _round_up(s, max(BK, kb))
   entries = max(_round_up(tq // BQ * (sk // kb), 32), _round_up(2 * (tq // qb) * (sk // BK), 32))
-  if not opts.tables_in_gmem and entries > fm.TABLE_MAX:
-    return f'its per-tile tables have {entries} entries (> {fm.TABLE_MAX}, one TMA copy): use tables_in_gmem'
+  if fp > fm.TMA_MAX:  # the query kernel copies the keys' w rows whole
+    return f'its w rows of {fp} hidden units exceed one TMA copy ({fm.TMA_MAX})'
+  if not opts.tables_in_gmem and entries > fm.TMA_MAX:
+    return f'its per-tile tables have {entries} entries (> {fm.TMA_MAX}, one TMA copy): use tables_in_gmem'
   return _Dims(tq=tq, sk=sk, kb=kb, qb=qb, hq=hq, hk=hk, wgs=wgs,
                lq=lq, kdu=kdu, **base)
 
