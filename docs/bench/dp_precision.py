@@ -15,12 +15,21 @@ sys.path.insert(0, 'tests')  # the tests' inputs (run from the repository root)
 import fused_mgpu_train_test as T
 from selattn.model import fused_mgpu_bwd as fmb
 
-def run(mode, scale, args, g_res, lse, dgo):
-  """The transcription with its dp einsum (the only one of that spec) rounded as `mode` says (jnp.einsum patched
-  for the call)."""
+def transcription_with(einsum, scale, args, g_res, lse, dgo):
+  """fused_mgpu_bwd.transcription (bfloat16 as the kernels round, du summed per two-head group) with jnp.einsum
+  replaced for the call by einsum(original einsum, spec, *operands, **kw)."""
   orig = jnp.einsum
+  fmb.jnp.einsum = lambda spec, *ops, **kw: einsum(orig, spec, *ops, **kw)
+  try:
+    return fmb.transcription(*args, g_res, lse, dgo, scale=scale, du_heads=2)
+  finally:
+    fmb.jnp.einsum = orig
+
+
+def run(mode, scale, args, g_res, lse, dgo):
+  """The transcription with its dp einsum (the only one of that spec) rounded as `mode` says."""
   rnd = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
-  def patched(spec, *ops, **kw):
+  def patched(orig, spec, *ops, **kw):
     if spec == 'btsf,btnf->btsn' and mode != 'f32':
       g, d = ops
       if mode == 'bf16':
@@ -28,15 +37,17 @@ def run(mode, scale, args, g_res, lse, dgo):
       hi = rnd(d)
       return orig(spec, rnd(g), hi, **kw) + orig(spec, rnd(g), rnd(d - hi), **kw)
     return orig(spec, *ops, **kw)
-  fmb.jnp.einsum = patched
-  try:
-    return fmb.transcription(*args, g_res, lse, dgo, scale=scale, du_heads=2)
-  finally:
-    fmb.jnp.einsum = orig
+  return transcription_with(patched, scale, args, g_res, lse, dgo)
 
-for seed in (0, 1):
-  scale, args, g, lse, dgo = T._backward_args(seed, True, 2, 32, 256, 299)
-  ref = fmb.transcription(*args, g, lse, dgo, scale=scale, precision='float32')
-  for mode in ('f32', 'bf16', 'hilo'):
-    got = run(mode, scale, args, g, lse, dgo)
-    print(seed, mode, {k: f'{v:.3e}' for k, v in T._errs5(got, ref).items()}, flush=True)
+
+def main():
+  for seed in (0, 1):
+    scale, args, g, lse, dgo = T._backward_args(seed, True, 2, 32, 256, 299)
+    ref = fmb.transcription(*args, g, lse, dgo, scale=scale, precision='float32')
+    for mode in ('f32', 'bf16', 'hilo'):
+      got = run(mode, scale, args, g, lse, dgo)
+      print(seed, mode, {k: f'{v:.3e}' for k, v in T._errs5(got, ref).items()}, flush=True)
+
+
+if __name__ == '__main__':
+  main()

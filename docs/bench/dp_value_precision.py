@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 jax.config.update('jax_default_matmul_precision', 'highest')
 sys.path.insert(0, 'tests')  # the tests' inputs (run from the repository root)
+import dp_precision  # noqa: E402 (docs/bench, the script's folder)
 import fused_mgpu_train_test as T  # noqa: E402
 from selattn.model import fused_mgpu_bwd as fmb  # noqa: E402
 
@@ -34,14 +35,12 @@ def rnd(x):
 
 
 def run(mode, do, w2v, scale, args, g_res, lse, dgo):
-  """The transcription with its dp einsum (the only one of that spec) computed as `mode` says (jnp.einsum patched
-  for the call)."""
-  orig = jnp.einsum
+  """The transcription with its dp einsum (the only one of that spec) and, with a c suffix, its delta einsum computed
+  as `mode` says."""
+  def patched(orig, spec, *ops, **kw):
+    def v(g, w):
+      return orig('btsf,fnh->btsnh', g, w, **HI)
 
-  def v(g, w):
-    return orig('btsf,fnh->btsnh', g, w, **HI)
-
-  def patched(spec, *ops, **kw):
     if spec == 'btnf,btnf->btn' and mode.endswith('c'):  # delta = dG . G
       return orig('btnh,btnh->btn', do, orig('btnf,fnh->btnh', ops[1], rnd(w2v), **HI), **HI)
     if spec == 'btsf,btnf->btsn' and mode != 'f32':
@@ -57,11 +56,7 @@ def run(mode, do, w2v, scale, args, g_res, lse, dgo):
         val = v(gh, wh) + v(rnd(g - gh), wh) + v(gh, rnd(w2v - wh))
       return orig('btnh,btsnh->btsn', do, val, **HI)
     return orig(spec, *ops, **kw)
-  fmb.jnp.einsum = patched
-  try:
-    return fmb.transcription(*args, g_res, lse, dgo, scale=scale, du_heads=2)
-  finally:
-    fmb.jnp.einsum = orig
+  return dp_precision.transcription_with(patched, scale, args, g_res, lse, dgo)
 
 
 def main():
