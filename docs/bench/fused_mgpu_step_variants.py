@@ -10,7 +10,8 @@ modifiers b:NAME=VALUE / f:NAME=VALUE setting one backward / forward Options fie
 HIDDEN (kv_hidden values), VARIANTS (comma-separated), PROF=1 (default) also traces the steps
 (selattn.perf.device_op_times: device time per op). Writes $OUT/step_prof.json after each variant. Records of the
 `mgpu` form (one H200, jax 0.11.2, 2026-12-03): fused_mgpu_step_variants_v9_h200.json and
-fused_mgpu_step_variants_kh_h200.json (the commands in BENCHMARKS.md, "The Mosaic GPU kernels, ninth version").
+fused_mgpu_step_variants_kh_h200.json (the commands in BENCHMARKS.md, "The Mosaic GPU kernels, ninth version"),
+fused_mgpu_step_variants_gmem_h200.json, _kv64_h200.json and _t2048_h200.json ("tenth version").
 
   PROF=0 HIDDEN=256 VARIANTS=triton,mgpu,mgpu+b:key_heads=1 OUT=. PYTHONPATH=$PWD \
     python3 docs/bench/fused_mgpu_step_variants.py
