@@ -110,9 +110,8 @@ class Options:
   # copied whole into shared memory. Copied, it grows as the square of the context: one TMA copy takes at most
   # TMA_MAX entries (at the original config's heads, refused from T 705 at kv_hidden 256, 1025 at 64; until that
   # refusal the kernel failed to lower there), and in shared memory it would cost the kernel its second head at
-  # T 4096. On one H200 at the original config (kv_hidden 256) a
-  # training step took 6.795 ms with both kernels' tables in global memory against 6.781 with them copied
-  # (docs/bench/fused_mgpu_step_variants_gmem_h200.json).
+  # T 4096. On one H200 at the original config (kv_hidden 256) a training step took 6.795 ms with both kernels'
+  # tables in global memory against 6.781 with them copied (docs/bench/fused_mgpu_step_variants_gmem_h200.json).
   tables_in_gmem: bool = True
 
 

@@ -267,8 +267,8 @@ class Options:
   # from global memory, two values a program, instead of copied whole into shared memory. Copied, they grow as the
   # square of the context: one TMA copy takes at most fused_mgpu.TMA_MAX entries (at the original config's heads
   # refused from T 705; until that refusal the kernels failed to lower there), and in shared memory they would cost
-  # the key kernel its second head from T 1024. On one H200 at the original config (kv_hidden 256) a training step took
-  # 6.795 ms with both kernels' tables in global memory against 6.781 with them copied
+  # the key kernel its second head from T 1024. On one H200 at the original config (kv_hidden 256) a training step
+  # took 6.795 ms with both kernels' tables in global memory against 6.781 with them copied
   # (docs/bench/fused_mgpu_step_variants_gmem_h200.json).
   tables_in_gmem: bool = True
 
@@ -319,8 +319,7 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
     return f'its w rows of {fp} hidden units exceed one TMA copy ({fm.TMA_MAX})'
   if not opts.tables_in_gmem and entries > fm.TMA_MAX:
     return f'its per-tile tables have {entries} entries (> {fm.TMA_MAX}, one TMA copy): use tables_in_gmem'
-  return _Dims(tq=tq, sk=sk, kb=kb, qb=qb, hq=hq, hk=hk, wgs=wgs,
-               lq=lq, kdu=kdu, **base)
+  return _Dims(tq=tq, sk=sk, kb=kb, qb=qb, hq=hq, hk=hk, wgs=wgs, lq=lq, kdu=kdu, **base)
 
 
 def cannot_run(act: str, interpret: bool, q, w, opts: Options = Options()) -> str | None:
