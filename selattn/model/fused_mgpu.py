@@ -173,6 +173,10 @@ class _Dims:
   def n_chunks(self):
     return self.fp // FC
 
+  @property
+  def table_len(self):  # entries of the keys-to-visit table, padded for TMA copies of whole 128-byte lines
+    return _round_up(self.n_q * self.n_kb, 32)
+
 
 def _dims(q, w, opts: Options, interpret: bool = False) -> _Dims:
   b, t, n, _, h2 = q.shape
@@ -302,7 +306,7 @@ def _smem_bytes(d: _Dims) -> int:
   f32 = 4
   base = (BQ * 2 * d.hp * d.hd * f32 + BQ * d.fp * f32 + d.kb * d.fp * f32 + d.fp * d.hp * d.hd * 2
           + 2 * d.kb * d.hd * f32 + d.hp * d.hd * f32 + (d.kb + BQ) * 4
-          + (0 if d.gm else _round_up(d.n_q * d.n_kb, 32) * 4)
+          + (0 if d.gm else d.table_len * 4)
           + 2 * d.hp * BQ * f32)
   if d.lf:  # the logits, (m, l) exchanged between warpgroups
     return base + (d.hp * d.kb * BQ + d.wgs * 2 * d.hp * BQ) * f32
@@ -352,6 +356,12 @@ def cannot_run(act: str, interpret: bool, q, w, opts: Options = Options()) -> st
   return unsupported(_dims(q, w, opts, interpret))
 
 
+def w_rows_unsupported(fp: int) -> str | None:
+  """Why w rows of fp hidden units cannot be copied (both kernels copy a key's row whole), or None. Before this
+  refusal, kv_hidden > 256 failed to lower where shared memory took it."""
+  return f'its w rows of {fp} hidden units exceed one TMA copy ({TMA_MAX})' if fp > TMA_MAX else None
+
+
 def unsupported(d: _Dims) -> str | None:
   """Why the kernel cannot take these sizes, or None."""
   if d.hd % 16:
@@ -360,11 +370,10 @@ def unsupported(d: _Dims) -> str | None:
     return f'wgmma N = 2*H2 = {d.hd} > 256'
   if (need := _smem_bytes(d)) > SMEM_BYTES:
     return f'needs {need} bytes of shared memory (> {SMEM_BYTES}): use a smaller block_k'
-  # A key's w row is one copy: before this refusal, kv_hidden > 256 failed to lower where shared memory took it.
-  if d.fp > TMA_MAX:
-    return f'its w rows of {d.fp} hidden units exceed one TMA copy ({TMA_MAX})'
-  if not d.gm and (entries := _round_up(d.n_q * d.n_kb, 32)) > TMA_MAX:
-    return f'its table of keys to visit has {entries} entries (> {TMA_MAX}, one TMA copy): use tables_in_gmem'
+  if (why := w_rows_unsupported(d.fp)) is not None:
+    return why
+  if not d.gm and d.table_len > TMA_MAX:
+    return f'its table of keys to visit has {d.table_len} entries (> {TMA_MAX}, one TMA copy): use tables_in_gmem'
   if (part := _partial_bytes(d)) > PARTIAL_BYTES:
     return (f'its partial results (one G per block of {d.kb} keys: {d.n_kb} of them) would take '
             f'{part / 2**30:.1f} GiB (> {PARTIAL_BYTES / 2**30:.0f})')
@@ -422,7 +431,7 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
   # B operand: [chunk, head, 64 hidden, 2 Hd] in bfloat16, tiled and swizzled for wgmma.
   w2b = w2.reshape(nc, FC, n, hd).transpose(0, 2, 1, 3).astype(jnp.bfloat16)
   live = jnp.repeat((counts > 0).T, d.per_block, axis=0)  # [splits, query tiles]: which wrote partials
-  counts = _pad(counts.reshape(-1), 0, _round_up(d.n_q * d.n_kb, 32))  # TMA copies of whole 128-byte lines
+  counts = _pad(counts.reshape(-1), 0, d.table_len)
   n_kb = d.n_kb
   wg = plgpu.Layout.WGMMA
   row = plgpu.Layout.WGMMA.reduce(1)  # [64] per-query vectors

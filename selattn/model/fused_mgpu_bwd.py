@@ -168,6 +168,14 @@ class _Dims:
   def nc(self):
     return self.fp // FC
 
+  @property
+  def q_table_len(self):  # the query kernel's keys-to-visit table, padded for TMA copies of whole 128-byte lines
+    return _round_up(self.tq // BQ * (self.sk // self.kb), 32)
+
+  @property
+  def k_table_len(self):  # the key kernel's query ranges (lo, hi a tile pair), padded likewise
+    return _round_up(2 * (self.tq // self.qb) * (self.sk // BK), 32)
+
 
 def _q_smem(d: _Dims, kb: int, hp: int, t: int, s: int, lf: bool = False) -> int:
   """Logits first: p and ds of every key in place of dg's own copy of W2k (read transposed from K's)."""
@@ -313,13 +321,13 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
                _k_smem(probe, qbs[-1], heads[-1], t, s, wgs, lq, kdu))
     return f'the backward needs {need} bytes of shared memory (> {SMEM_BYTES})'
   (kb, hq), (qb, hk) = q_fit[0], k_fit[0]
-  tq, sk = _round_up(t, max(BQ, qb)), _round_up(s, max(BK, kb))
-  entries = max(_round_up(tq // BQ * (sk // kb), 32), _round_up(2 * (tq // qb) * (sk // BK), 32))
-  if fp > fm.TMA_MAX:  # the query kernel copies the keys' w rows whole
-    return f'its w rows of {fp} hidden units exceed one TMA copy ({fm.TMA_MAX})'
-  if not opts.tables_in_gmem and entries > fm.TMA_MAX:
+  d = _Dims(tq=_round_up(t, max(BQ, qb)), sk=_round_up(s, max(BK, kb)), kb=kb, qb=qb, hq=hq, hk=hk, wgs=wgs, lq=lq,
+            kdu=kdu, **base)
+  if (why := fm.w_rows_unsupported(fp)) is not None:
+    return why
+  if not d.gm and (entries := max(d.q_table_len, d.k_table_len)) > fm.TMA_MAX:
     return f'its per-tile tables have {entries} entries (> {fm.TMA_MAX}, one TMA copy): use tables_in_gmem'
-  return _Dims(tq=tq, sk=sk, kb=kb, qb=qb, hq=hq, hk=hk, wgs=wgs, lq=lq, kdu=kdu, **base)
+  return d
 
 
 def cannot_run(act: str, interpret: bool, q, w, opts: Options = Options()) -> str | None:
@@ -454,7 +462,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   assert kb % (wgs * opts.keys_per_step) == 0, (kb, wgs, opts.keys_per_step)  # blocks of 32 at least
   n_q, n_kb, gq = d.tq // BQ, d.sk // kb, n // hq
   k_hi, _, _ = _ranges(qp, kp, n_q, BQ, n_kb, kb)
-  cnt = pad(k_hi.reshape(-1), 0, _round_up(n_q * n_kb, 32))
+  cnt = pad(k_hi.reshape(-1), 0, d.q_table_len)
   keep = opts.keep_hidden and nc == 1
 
   def q_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, cnt_g, lse_g, dl_g, dgo_g, *rest):
@@ -706,10 +714,9 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   qb, hk = d.qb, d.hk
   n_qb, n_kt, gk = d.tq // qb, d.sk // BK, n // hk
   DQ = 64  # du's accumulator rows (wgmma M): the block's queries, qb <= 64 of them  # noqa: N806
-  dg_one, overlap = opts.dg_one_acc, opts.wgmma_overlap
   du_rows = qb if opts.du_block_rows else DQ  # of them written out
   _, q_lo, q_hi = _ranges(qp, kp, n_qb, qb, n_kt, BK)
-  rng = pad(jnp.stack([q_lo, q_hi], axis=-1).reshape(-1), 0, _round_up(2 * n_qb * n_kt, 32))
+  rng = pad(jnp.stack([q_lo, q_hi], axis=-1).reshape(-1), 0, d.k_table_len)
 
   def k_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, rng_g, lse_g, dl_g, dgo_g, *rest):
     pd_g, rest = (rest[0], rest[1:]) if d.lq else (None, rest)  # logits first: the query kernel's p and ds
@@ -813,10 +820,10 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
         while dg's wgmmas run). With du_acc ([64 queries of the block, FC]): its row for query i (of the block) +=
         the sum of dh down the keys, by a wgmma with a one-hot A. Reading dg waits for every wgmma issued before, so
         the previous query's (which read g's, dK's and dh's buffers) are done before they are written."""
-        early = overlap and dg_one and callable(hid)
+        early = opts.wgmma_overlap and opts.dg_one_acc and callable(hid)
         if callable(hid) and not early:
           hid = hid()
-        if dg_one:  # every head's product into one accumulator
+        if opts.dg_one_acc:  # every head's product into one accumulator
           def dg_products(acc):
             for h in range(hk):
               a_op = dk[h].astype(jnp.bfloat16)
@@ -852,7 +859,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
             ga_s[...] = one_hot
             one_hot = ga_s
           plgpu.wgmma(du_acc, one_hot, dhs_w)
-        if not overlap:
+        if not opts.wgmma_overlap:
           plgpu.wgmma_wait(0)  # before g's, dK's and dh's buffers are written again (else: dg's read waits)
         return dw_c + dh
 
