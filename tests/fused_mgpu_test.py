@@ -98,6 +98,7 @@ def _gpu_interpreter():
                                                        (2, 6, 100, 70, 32, True, {'logits_first': False}),
                                                        (2, 6, 100, 70, 32, True, {'keys_per_step': 4}),
                                                        (2, 6, 100, 70, 32, True, {'tables_in_gmem': False}),
+                                                       (2, 6, 100, 70, 32, True, {'half_hidden': False}),
                                                        (3, 8, 40, 37, 0, False, {'keep_u': True, 'keep_q': True}),
                                                        (3, 8, 40, 37, 0, True, {'heads_per_program': 1})])
 def test_kernel_interpreted_matches_the_transcription(n, h, f, t, block_k, rope, opts):
@@ -108,6 +109,27 @@ def test_kernel_interpreted_matches_the_transcription(n, h, f, t, block_k, rope,
   g_ref, lse_ref = jax.jit(lambda *a: fm.transcription(*a, scale=scale, opts=opts))(*args)
   assert _rel(g[:, :t], g_ref[:, :t]) <= 1e-6
   assert _rel(lse[:, :, :t], lse_ref[:, :, :t]) <= 1e-6
+
+
+# Options.half_hidden: the kernels take u and w halved and start the GELU (and its derivative) from h / 2, one
+# multiply fewer. The claim is bit-for-bit equality with the GELU of h, over magnitudes from subnormal to overflow
+# (where both give the same infinities and NaNs); a wrong constant, 4 C A for 8 C A say, fails it by far.
+def test_the_gelu_from_half_of_h_is_the_gelu_of_h_bit_for_bit():
+  from selattn.model import fused_mgpu_bwd as fmb  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  with np.errstate(over='ignore'):
+    h = np.concatenate([(rng.standard_normal(100_000) * 10.0 ** e).astype(np.float32)
+                        for e in (-40, -30, -3, 0, 1, 2, 19, 38)] + [np.float32([0.0, -0.0, 1.0, -1.0])])
+  h = jnp.asarray(h)
+  half = 0.5 * h
+  np.testing.assert_array_equal(jax.jit(fm._gelu)(h), jax.jit(fm._gelu_half)(half))
+  both = jax.jit(lambda x: fmb._gelu_both(x))(h)
+  both_half = jax.jit(lambda x: fmb._gelu_both(x, half=True))(half)
+  for x, y in zip(both, both_half):
+    np.testing.assert_array_equal(x, y)
+  moderate = h[200_000:500_000]  # and it is the GELU (tanh form)
+  np.testing.assert_allclose(fm._gelu(moderate), jax.nn.gelu(moderate, approximate=True), rtol=2e-6, atol=1e-6)
 
 
 def _lowers_for_cuda() -> bool:

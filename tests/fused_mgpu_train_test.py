@@ -319,7 +319,8 @@ def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, 
   if f <= 64 and rope:  # one pass: the key kernel holds RoPE's rows across the queries (hold_rope, off by default)
     extra['hold_rope'] = True
   if kps == 4:  # and the key kernel's dg per head, each query's wgmmas waited for, du's 64 rows out
-    extra.update(hold_w=True, dw2_rounds=False, dg_one_acc=False, wgmma_overlap=False, du_block_rows=False)
+    extra.update(hold_w=True, dw2_rounds=False, dg_one_acc=False, wgmma_overlap=False, du_block_rows=False,
+                 half_hidden=False)  # and u, w not halved
   if f <= 64 and not rope:  # one pass: dg's heads one accumulator each, waited for; the tables copied into shared
     extra.update(dg_one_acc=False, wgmma_overlap=False, tables_in_gmem=False)  # memory
   if small_smem == 150_000:  # the query kernel's K in one accumulator over the chunks (off by default)

@@ -113,6 +113,10 @@ class Options:
   # T 4096. On one H200 at the original config (kv_hidden 256) a training step took 6.795 ms with both kernels'
   # tables in global memory against 6.781 with them copied (docs/bench/fused_mgpu_step_variants_gmem_h200.json).
   tables_in_gmem: bool = True
+  # u and w passed halved (exact), so that the GELU starts from their sum h / 2 and needs no multiply by 1/2: the
+  # same values bit for bit (`_gelu_t_half`), one float instruction of the GELU's seven fewer. Both kernels have
+  # it (fused_mgpu_bwd.Options.half_hidden).
+  half_hidden: bool = True
 
 
 def _gelu_t(h):
@@ -126,6 +130,22 @@ def _gelu_t(h):
 def _gelu(h):
   """0.5 h (1 + t), written hh + hh t: two instructions after the tanh."""
   hh, t, _ = _gelu_t(h)
+  return hh + hh * t
+
+
+def _gelu_t_half(hh):
+  """`_gelu_t`'s (hh, t, hh^2) from hh = h / 2, bit for bit: the kernels take u and w halved (`_layout`, exact in
+  floating point), so their sum is hh and the GELU needs no multiply by 1/2, one instruction of its seven (h2, t's
+  argument, the tanh, hh, g's FMA, and the sum u + w). Every factor of 2 is exact: hh^2 = h^2 / 4, so
+  2 C + 8 C A hh^2 = 2 (C + C A h^2) rounds alike, and hh times it is h (C + C A h^2), the argument `_gelu_t`
+  passes to the tanh."""
+  hh2 = hh * hh
+  return hh, jnp.tanh(hh * (2.0 * _GELU_C + (8.0 * (_GELU_C * _GELU_A)) * hh2)), hh2
+
+
+def _gelu_half(hh):
+  """`_gelu` of h = 2 hh, bit for bit (`_gelu_t_half`)."""
+  hh, t, _ = _gelu_t_half(hh)
   return hh + hh * t
 
 
@@ -152,6 +172,7 @@ class _Dims:
   wgs: int  # warpgroups per program
   lf: bool = False  # logits first (Options.logits_first)
   gm: bool = False  # the counts table read from global memory (Options.tables_in_gmem)
+  hh: bool = False  # u and w halved (Options.half_hidden)
 
   @property
   def hd(self):  # per-head width, both RoPE halves: 2 H2
@@ -196,7 +217,7 @@ def _dims(q, w, opts: Options, interpret: bool = False) -> _Dims:
 
   def dims(kb, hp):
     return _Dims(b=b, t_in=t, s_in=s, f_in=f, n=n, h2=h2, tq=_round_up(t, BQ), sk=_round_up(s, kb), fp=fp, kb=kb,
-                 hp=hp, wgs=wgs, lf=lf, gm=opts.tables_in_gmem)
+                 hp=hp, wgs=wgs, lf=lf, gm=opts.tables_in_gmem, hh=opts.half_hidden)
 
   # All heads a program first (the GELU shared by them), blocks of 64 keys before 32; then fewer heads.
   heads = [opts.heads_per_program] if opts.heads_per_program else [h for h in range(n, 0, -1) if n % h == 0]
@@ -219,8 +240,9 @@ def _layout(d: _Dims, q, u, w, w2, b2, cos, sin, qpos, kpos):
   q = q.astype(jnp.float32)
   a = jnp.stack([q.reshape(d.b, d.t_in, d.n, d.hd), q[:, :, :, ::-1].reshape(d.b, d.t_in, d.n, d.hd)], axis=3)
   a = _pad(a.reshape(d.b, d.t_in, d.n * 2 * d.hd), 1, d.tq)
-  u = _pad(_pad(u.astype(jnp.float32), 2, d.fp), 1, d.tq)
-  w = _pad(_pad(w.astype(jnp.float32), 2, d.fp), 1, d.sk)
+  half = 0.5 if d.hh else 1.0  # halved: u + w = h / 2 (`_gelu_t_half`)
+  u = _pad(_pad(half * u.astype(jnp.float32), 2, d.fp), 1, d.tq)
+  w = _pad(_pad(half * w.astype(jnp.float32), 2, d.fp), 1, d.sk)
   w2 = _pad(w2.astype(jnp.float32), 0, d.fp)  # [Fp, N, 2, H2]
   w2 = w2.reshape(d.fp, d.n, d.hd)
   b2 = b2.astype(jnp.float32)
@@ -273,8 +295,8 @@ def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: 
     m, l, g_acc = carry  # [B, nq, nkb, N, BQ] x2, [B, nq, nkb, N, BQ, Fp]
     kidx = jnp.arange(d.n_kb) * d.kb + jj  # this step's key in each block
     wj = w[:, kidx]  # [B, nkb, Fp]
-    h = u_t + wj[:, None, :, None, :]  # [B, nq, nkb, BQ, Fp]
-    g = _gelu(h)
+    h = u_t + wj[:, None, :, None, :]  # [B, nq, nkb, BQ, Fp]: h / 2 with u and w halved
+    g = _gelu_half(h) if d.hh else _gelu(h)
     k = jnp.einsum('xyzif,fne->xyznie', rnd(g), w2r, precision='highest') + b2[None, None, None, :, None, :]
     qr = (a_t[..., 0, :] * c[kidx][None, None, :, None, None, :]
           + a_t[..., 1, :] * s[kidx][None, None, :, None, None, :])  # R_j^T R_i q_i
@@ -482,7 +504,7 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
         if uc is None:
           uc = u_regs[ci] if u_regs else load(u_s.at[ci], (), wg)
         wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
-        return _gelu(uc + jax.lax.broadcast_in_dim(wc, (BQ, FC), (1,)))
+        return (_gelu_half if d.hh else _gelu)(uc + jax.lax.broadcast_in_dim(wc, (BQ, FC), (1,)))  # h / 2 if d.hh
 
       def key_logits(js):
         """Keys js (a static number of them), per key: per head its logits (masked), whether it is visible to each

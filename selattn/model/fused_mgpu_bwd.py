@@ -84,12 +84,18 @@ def _gelu_grad(h):
   return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * fm._GELU_C * (1.0 + 3.0 * fm._GELU_A * h * h)
 
 
-def _gelu_both(h):
+def _gelu_both(h, half: bool = False):
   """(gelu(h), gelu'(h)) from one tanh; the first exactly as fused_mgpu._gelu computes it. With k = C (1 + 3 A h^2):
-  gelu'(h) = (1 + t) / 2 + (h / 2) k (1 - t^2), five instructions after the GELU's (all fusable pairs)."""
-  hh, t, h2 = fm._gelu_t(h)
+  gelu'(h) = (1 + t) / 2 + (h / 2) k (1 - t^2), five instructions after the GELU's (all fusable pairs).
+  half: given hh = h / 2 instead (u and w halved, `Options.half_hidden`), bit for bit the same values with one
+  multiply fewer (fused_mgpu._gelu_t_half; k = C + 12 C A hh^2 rounds as C + 3 C A h^2)."""
+  if half:
+    hh, t, hh2 = fm._gelu_t_half(h)
+    k = fm._GELU_C + (12.0 * (fm._GELU_C * fm._GELU_A)) * hh2
+  else:
+    hh, t, h2 = fm._gelu_t(h)
+    k = fm._GELU_C + (3.0 * fm._GELU_C * fm._GELU_A) * h2
   g = hh + hh * t
-  k = fm._GELU_C + (3.0 * fm._GELU_C * fm._GELU_A) * h2
   return g, (0.5 + 0.5 * t) + (hh * k) * (1.0 - t * t)
 
 
@@ -279,6 +285,9 @@ class Options:
   # took 6.795 ms with both kernels' tables in global memory against 6.781 with them copied
   # (docs/bench/fused_mgpu_step_variants_gmem_h200.json).
   tables_in_gmem: bool = True
+  # Both kernels: u and w passed halved (exact), so the GELU and its derivative start from h / 2 with one multiply
+  # fewer, bit for bit the same values (fused_mgpu.Options.half_hidden, fused_mgpu._gelu_t_half).
+  half_hidden: bool = True
 
 
 def _dims(q, w, opts: Options = Options()) -> _Dims | str:
@@ -374,8 +383,9 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   # Heads-major ([B, N, T, ...]): a head group's rows are one box for the TMA.
   a = jnp.concatenate([qf.reshape(b, t_in, n, hd), qf[:, :, :, ::-1].reshape(b, t_in, n, hd)], axis=3)
   a = pad(jnp.transpose(a, (0, 2, 1, 3)), 2, d.tq)  # [B, N, Tq, 2 Hd]: R_i q_i, then with halves swapped
-  u_ = pad(pad(u.astype(f32), 2, fp), 1, d.tq)
-  w_ = pad(pad(w.astype(f32), 2, fp), 1, d.sk)
+  half = 0.5 if opts.half_hidden else 1.0  # halved (Options.half_hidden): u + w = h / 2
+  u_ = pad(pad(half * u.astype(f32), 2, fp), 1, d.tq)
+  w_ = pad(pad(half * w.astype(f32), 2, fp), 1, d.sk)
   w2f = pad(w2.astype(f32), 0, fp).reshape(fp, n, hd)
   w2b = w2f.reshape(nc, FC, n, hd).transpose(0, 2, 1, 3).astype(jnp.bfloat16)  # [nc, N, FC, Hd]: K's B
   w2t = w2f.reshape(nc, FC, n, hd).transpose(0, 2, 3, 1).astype(jnp.bfloat16)  # [nc, N, Hd, FC]: dg's B
@@ -501,7 +511,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       def hidden(j, ci, uc=None):
         uc = load(u_s.at[ci], (), wg) if uc is None else uc
         wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
-        return _gelu_both(uc + bcast_col(wc, BQ, FC))  # (g, gelu'); an unused one is dead code
+        return _gelu_both(uc + bcast_col(wc, BQ, FC), opts.half_hidden)  # (g, gelu'); an unused one is dead code
 
       def dgo_chunk(h, ci):
         return load(dgo_s.at[h], (slice(None), pl.ds(ci * FC, FC)), wg)
@@ -777,7 +787,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       def hidden(i, slot, wc=None):
         wc = load(w_s.at[slot], (), wg) if wc is None else wc
         uc = load(u_s.at[slot, i], (), col)
-        return _gelu_both(wc + bcast_col(uc, BK, FC))  # (g, gelu')
+        return _gelu_both(wc + bcast_col(uc, BK, FC), opts.half_hidden)  # (g, gelu')
 
       def dgo_row(i, h, slot):
         return bcast_col(load(dgo_s.at[slot, h, i], (), col), BK, FC)
