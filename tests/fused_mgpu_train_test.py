@@ -330,7 +330,7 @@ def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, 
   blocks = {0: (n, n, 64, 64), 140_000: (1, 1, 32, 32), 150_000: (1, 2, 32, 32)}[small_smem]
   assert (d.hq, d.hk, d.kb, d.qb, d.lq) == (*blocks, f > 64 and first is None), d
   got = jax.jit(lambda *a: fmb.backward(*a, scale=scale, opts=opts, interpret=fm.interpreter()))(*args, g, lse, dgo)
-  ref = fmb.transcription(*args, g, lse, dgo, scale=scale, du_heads=d.hk if d.kdu else 0)
+  ref = fmb.transcription(*args, g, lse, dgo, scale=scale, du_heads=d.hk if d.kdu else 0, pdg=fmb.folds_pdg(d, opts))
   errs = _errs5(got, ref, floor=1.0 if not rope else 0.0)
   # du summed by the key kernel has bfloat16 terms, so it sees rounding-boundary flips too (this machine's CPU
   # decides which: 1.1e-4 of scale in the 4-keys case on one, under 1e-4 on another); summed by the query kernel

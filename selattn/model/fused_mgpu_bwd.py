@@ -105,10 +105,11 @@ def _swap(x, h2):
 
 
 def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: float, precision: str = 'bf16',
-                  du_heads: int = 0):
+                  du_heads: int = 0, pdg: bool = False):
   """fused.py's `_backward` outputs (dq, du, dw, dW2k, db2k) by this module's formulation, dense over pairs.
   du_heads > 0: du as the key kernel sums it (`Options.du_by_keys`): per group of du_heads heads (a program's),
-  that group's part of dh rounded as precision says."""
+  that group's part of dh rounded as precision says. pdg: dg's term p dG with both factors rounded as precision
+  says (`Options.pdg_wgmma`)."""
   rnd = {'bf16': lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), 'float32': lambda x: x}[precision]
   b, t, n, _, h2 = q.shape
   f = u.shape[-1]
@@ -128,7 +129,8 @@ def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, sca
   delta = jnp.einsum('btnf,btnf->btn', dgo, g_res, **hi)
   ds = p * (dp - delta[:, :, None])
   dk = scale * ds[..., None] * qr  # [B, T, S, N, Hd]
-  dg = jnp.einsum('btsn,btnf->btsf', p, dgo, **hi) + jnp.einsum('btsne,fne->btsf', rnd(dk), w2r, **hi)
+  p_g, dgo_g = (rnd(p), rnd(dgo.astype(jnp.float32))) if pdg else (p, dgo)  # dg's p dG term (pdg: rounded)
+  dg = jnp.einsum('btsn,btnf->btsf', p_g, dgo_g, **hi) + jnp.einsum('btsne,fne->btsf', rnd(dk), w2r, **hi)
   gd = _gelu_grad(h)
   dh = dg * gd
   a1 = jnp.sum(scale * ds[..., None] * c[None, None, :, None] * k, axis=2)
@@ -137,7 +139,7 @@ def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, sca
   dw2 = jnp.einsum('btsf,btsne->fne', rnd(g), rnd(dk), **hi).reshape(f, n, 2, h2)
   du = dh.sum(2)
   if du_heads:
-    dg_n = jnp.einsum('btsn,btnf->btsnf', p, dgo, **hi) + jnp.einsum('btsne,fne->btsnf', rnd(dk), w2r, **hi)
+    dg_n = jnp.einsum('btsn,btnf->btsnf', p_g, dgo_g, **hi) + jnp.einsum('btsne,fne->btsnf', rnd(dk), w2r, **hi)
     dg_n = dg_n.reshape(b, t, -1, n // du_heads, du_heads, f).sum(4)  # per head group
     du = rnd(dg_n * gd[:, :, :, None]).sum((2, 3))
   return dq, du, dh.sum(1), dw2, dk.sum((0, 1, 2)).reshape(n, 2, h2)
@@ -288,6 +290,12 @@ class Options:
   # Both kernels: u and w passed halved (exact), so the GELU and its derivative start from h / 2 with one multiply
   # fewer, bit for bit the same values (fused_mgpu.Options.half_hidden, fused_mgpu._gelu_t_half).
   half_hidden: bool = True
+  # Key kernel with du summed there (du_by_keys) and dg_one_acc: dg's term sum_n p^n_ij dG^n_i by the wgmma that
+  # computes its other term, instead of an FMA a value and head. The block's dG rows are copied in bfloat16, rows
+  # (query, head) in order, so 16 // heads queries' rows make one [16, FC] B tile; A is [64 keys, 16], zero but for
+  # query i's columns, which hold p of each head. So p and dG are rounded to bfloat16 in that term (as dK and W2k
+  # are in the other), and dG takes half the shared memory (not counted: _k_smem counts it in float32).
+  pdg_wgmma: bool = True
 
 
 def _dims(q, w, opts: Options = Options()) -> _Dims | str:
@@ -337,6 +345,12 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
   if not d.gm and (entries := max(d.q_table_len, d.k_table_len)) > fm.TMA_MAX:
     return f'its per-tile tables have {entries} entries (> {fm.TMA_MAX}, one TMA copy): use tables_in_gmem'
   return d
+
+
+def folds_pdg(d: _Dims, opts: Options) -> bool:
+  """Whether the key kernel computes dg's p dG term by wgmma (`Options.pdg_wgmma`): with du summed there, dg's
+  heads in one accumulator, and a number of heads that divides 16 (a B tile's rows)."""
+  return d.kdu and opts.pdg_wgmma and opts.dg_one_acc and 16 % d.hk == 0 and d.qb % (16 // d.hk) == 0
 
 
 def cannot_run(act: str, interpret: bool, q, w, opts: Options = Options()) -> str | None:
@@ -405,6 +419,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   swz_hd = plgpu.find_swizzle(hd * 16)  # rows of Hd bfloat16
   hd_tf = (plgpu.TilingTransform((8, swz_hd // 2)), plgpu.SwizzleTransform(swz_hd))
   fc_tf = (plgpu.TilingTransform((8, FC)), plgpu.SwizzleTransform(128))  # rows of FC bfloat16
+  k16_tf = (plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32))  # wgmma B tiles of K = 16 bfloat16 rows
   f_tf = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))  # float32 tiles
   interp = interpret is not None
   with_w2t = not d.lq or interp  # dg's B in its own copy (compiled with the logits first: K's B read transposed)
@@ -727,6 +742,12 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   du_rows = qb if opts.du_block_rows else DQ  # of them written out
   _, q_lo, q_hi = _ranges(qp, kp, n_qb, qb, n_kt, BK)
   rng = pad(jnp.stack([q_lo, q_hi], axis=-1).reshape(-1), 0, d.k_table_len)
+  fold = folds_pdg(d, opts)  # dg's p dG term by wgmma: dG in bfloat16, rows (query, head), R queries a B tile
+  rq = 16 // hk if fold else 0
+  # [B, head groups, Tq hk, Fp]: each query's heads in order, so rows 16 x ... 16 x + 15 (B tile x of a block) hold
+  # queries x R ... (x + 1) R - 1. (Tiles as a dimension of their own made a TMA copy of 6 dimensions.)
+  dgo_k = (dgo_.reshape(b, gk, hk, d.tq, fp).transpose(0, 1, 3, 2, 4).reshape(b, gk, d.tq * hk, fp)
+           .astype(jnp.bfloat16)) if fold else dgo_
 
   def k_kernel(a_g, u_g, w_g, w2b_g, w2t_g, b2_g, c_g, s_g, qp_g, kp_g, rng_g, lse_g, dl_g, dgo_g, *rest):
     pd_g, rest = (rest[0], rest[1:]) if d.lq else (None, rest)  # logits first: the query kernel's p and ds
@@ -745,8 +766,9 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
       """u, w, dG and W2k (and its transposed copy) of hidden chunk ci into buffer `slot` (logits first: this
       warpgroup's; one pass: the chunk's own)."""
       cols = pl.ds(ci * FC, FC)
+      dgo_src = dgo_g.at[bi, gi, pl.ds(qbi * qb * hk, qb * hk), cols] if fold else dgo_g.at[bi, heads, qrows, cols]
       cps = [(u_g.at[bi, qrows, cols], u_s.at[slot]), (w_g.at[bi, keys, cols], w_s.at[slot]),
-             (dgo_g.at[bi, heads, qrows, cols], dgo_s.at[slot])]
+             (dgo_src, dgo_s.at[slot])]
       cps += [(w2b_g.at[ci, gi * hk + h], w2b_s.at[slot, h]) for h in range(hk)]
       if w2t_s is not None:
         cps += [(w2t_g.at[ci, gi * hk + h], w2t_s.at[slot, h]) for h in range(hk)]
@@ -791,6 +813,18 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
 
       def dgo_row(i, h, slot):
         return bcast_col(load(dgo_s.at[slot, h, i], (), col), BK, FC)
+
+      def pdg_a(p, i):
+        """dg's p dG term's A ([64 keys, 16], bfloat16): column (i mod R) hk + h holds p of head h, the rest 0; its B
+        is tile i // R of the block's dG rows."""
+        cix = (jax.lax.broadcasted_iota(jnp.int32, (16,), 0) if interp
+               else plgpu.broadcasted_iota(jnp.int32, (16,), 0, layout=col))
+        cix = bcast_col(cix, BK, 16)
+        base = (i % rq) * hk
+        a_op = jnp.where(cix == base, bcast_row(p[0], 16), 0.0)
+        for h in range(1, hk):
+          a_op = jnp.where(cix == base + h, bcast_row(p[h], 16), a_op)
+        return a_op.astype(jnp.bfloat16)
 
       def query(h, i):  # R_j^T R_i q_i of head h for the tile's keys: [64, Hd]
         ah = bcast_col(load(a_s.at[h, i], (pl.ds(0, hd),), col), BK, hd)
@@ -841,6 +875,12 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
                 dka_s[...] = a_op
                 a_op = dka_s
               plgpu.wgmma(acc, a_op, dg_b(w2t_s, w2b_s, slot, h))
+            if fold:  # + sum_h p^h dG^h_i
+              a_op = pdg_a(p, i)
+              if interp:
+                extra['pa'].at[wgi][...] = a_op
+                a_op = extra['pa'].at[wgi]
+              plgpu.wgmma(acc, a_op, dgo_s.at[slot, pl.ds(pl.multiple_of(i // rq * 16, 16), 16)])
             return acc[...], (hid() if early else hid)  # the GELU while the wgmmas run
           dg, (g, gd) = pl.run_scoped(dg_products, plgpu.ACC((BK, FC), f32))
         else:
@@ -848,7 +888,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
           dg = jnp.zeros((BK, FC), f32)
           for h in range(hk):
             dg = dg + mm(dk[h].astype(jnp.bfloat16), dka_s, dg_b(w2t_s, w2b_s, slot, h), (BK, FC))
-        for h in range(hk):
+        for h in range(0 if fold else hk):
           dg = dg + bcast_row(p[h], FC) * dgo_row(i, h, slot)
         dh = dg * gd
         gb = g.astype(jnp.bfloat16)
@@ -1002,7 +1042,9 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
              plgpu.SMEM((BK, hd), f32, transforms=f_tf), plgpu.SMEM((BK, hd), f32, transforms=f_tf),
              plgpu.SMEM((qb,), jnp.int32), plgpu.SMEM((BK,), jnp.int32),
              plgpu.SMEM((32,) if d.gm else rng.shape, jnp.int32),  # the table (a placeholder when in global memory)
-             plgpu.SMEM((hk, qb), f32), plgpu.SMEM((hk, qb), f32), plgpu.SMEM((slots, hk, qb, FC), f32),
+             plgpu.SMEM((hk, qb), f32), plgpu.SMEM((hk, qb), f32),
+             (plgpu.SMEM((slots, qb * hk, FC), jnp.bfloat16, transforms=k16_tf) if fold
+              else plgpu.SMEM((slots, hk, qb, FC), f32)),
              plgpu.SMEM((wgs, BK, FC), jnp.bfloat16, transforms=hd_tf),
              plgpu.SMEM((wgs, hk, BK, hd), jnp.bfloat16, transforms=hd_tf), plgpu.SMEM((BK, hd), f32, transforms=f_tf),
              plgpu.Barrier(num_barriers=10 + nc * per_chunk), *sync_barriers(wgs)]
@@ -1017,6 +1059,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     n_rounds = -(-nc // wgs)
     extras.update(rdone=plgpu.Barrier(num_arrivals=wgs, num_barriers=n_rounds),
                   rturn=plgpu.Barrier(num_barriers=max(n_rounds * (wgs - 1), 1)))
+  if interp and fold:  # A of dg's p dG term
+    extras['pa'] = plgpu.SMEM((wgs, BK, 16), jnp.bfloat16, transforms=k16_tf)
   if interp:
     extras.update(gsT=plgpu.SMEM((wgs, FC, BK), jnp.bfloat16, transforms=hd_tf),
                   ga=plgpu.SMEM((wgs, BK, FC), jnp.bfloat16, transforms=fc_tf),
@@ -1031,7 +1075,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
                           *([jax.ShapeDtypeStruct((b, n_kt * gk, n_qb, du_rows, fp), f32)] if d.kdu else [])],
       scratch_types=scratch, grid=(n_qb * gk, n_kt, b), grid_names=('z', 'k', 'b'), interpret=interpret,
       kernel_name='selective_fused_bwd_key_mgpu', **params)
-  outs = k_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, rng, lse_, delta, dgo_, *pd)
+  outs = k_call(a, u_, w_, w2b, w2t, b2_, c, s, qp, kp, rng, lse_, delta, dgo_k, *pd)
   (dw_p, dw2_p, *du_k), db_p = ((outs[0], *outs[2:]), outs[1]) if not d.lq else (outs, None)
   live_qk = q_hi > q_lo  # [query blocks, key tiles]: the programs that wrote partials
   live_k = live_qk[None, :, None, :, None, None]
