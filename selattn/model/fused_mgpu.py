@@ -209,8 +209,8 @@ def _dims(q, w, opts: Options, interpret: bool = False) -> _Dims:
     raise ValueError(f'block_k={kb} is not a multiple of 32')
   if opts.heads_per_program and n % opts.heads_per_program:
     raise ValueError(f'heads_per_program={opts.heads_per_program} does not divide the {n} heads')
-  if opts.warpgroups not in (0, 1, 2, 3, 4):
-    raise ValueError(f'warpgroups={opts.warpgroups} is not 1, 2, 3 or 4')
+  if opts.warpgroups not in (0, 1, 2):
+    raise ValueError(f'warpgroups={opts.warpgroups} is not 1 or 2')
   if opts.keys_per_step not in (1, 2, 4):
     raise ValueError(f'keys_per_step={opts.keys_per_step} is not 1, 2 or 4')
   fp = _round_up(f, FC)
