@@ -116,7 +116,7 @@ class Options:
   # u and w passed halved (exact), so that the GELU starts from their sum h / 2 and needs no multiply by 1/2: the
   # same values bit for bit (`_gelu_t_half`), one float instruction of the GELU's seven fewer. Both kernels have
   # it (fused_mgpu_bwd.Options.half_hidden). On one H200 at kv_hidden 256 it took 3 us a layer off this kernel
-  # (322 against 325), 7-11 off the backward's key kernel and 3-7 off its query kernel
+  # (322 against 325), 7-11 off the backward's key kernel and 4-7 off its query kernel
   # (docs/bench/fused_mgpu_step_variants_v11_h200.json).
   half_hidden: bool = True
 
