@@ -295,13 +295,17 @@ def test_backward_transcription_in_float32_is_the_triton_backward(rope, n, h, f,
 # fails); then the same in one pass (logits_first=False). With the logits first the key kernel sums du too
 # (du_by_keys, the default): its terms dh rounded to bfloat16 per head group, as the transcription with du_heads
 # rounds them (seen: 5.5e-5 of scale, rounding boundaries again; without du_heads 1.6e-3, and a wrong row of the
-# one-hot A gives O(1)).
+# one-hot A gives O(1)). There dg's p dG term is a wgmma too (pdg_wgmma, the default with du_by_keys and
+# dg_one_acc), p and dG rounded to bfloat16 as the transcription with pdg rounds them (without pdg: du off by 4.1e-3
+# of scale); the last case has it with one head a key-kernel program (16 queries a B tile), the 150,000 one with two
+# (8 queries a tile).
 @pytest.mark.parametrize('rope,n,h,f,t,small_smem,keep,first,kps', [(True, 2, 8, 40, 37, 0, True, None, 2),
                                                                     (False, 1, 6, 40, 70, 0, False, None, 2),
                                                                     (True, 2, 8, 100, 40, 150_000, True, None, 2),
                                                                     (True, 2, 8, 100, 39, 140_000, True, None, 4),
                                                                     (True, 2, 8, 100, 40, 140_000, True, None, 'q'),
-                                                                    (True, 2, 8, 100, 40, 140_000, True, False, 2)])
+                                                                    (True, 2, 8, 100, 40, 140_000, True, False, 2),
+                                                                    (True, 2, 8, 100, 39, 140_000, True, None, 2)])
 def test_backward_kernels_interpreted_match_the_transcription(rope, n, h, f, t, small_smem, keep, first, kps,
                                                               monkeypatch):
   # keys_per_step (kps): the logits' pass takes that many keys a step; at T = 39 the second key block has 7 keys,
@@ -396,6 +400,7 @@ def _assert_backward_lowers(scale, shapes, opts):
                                            (256, (1, 2, 32, 32), {'q_one_acc': True}),
                                            (256, (1, 2, 32, 32), {'wgmma_overlap': False}),
                                            (256, (1, 2, 32, 32), {'tables_in_gmem': False}),
+                                           (256, (1, 2, 32, 32), {'pdg_wgmma': False, 'half_hidden': False}),
                                            (64, (2, 2, 64, 64), {'dg_one_acc': False, 'wgmma_overlap': False}),
                                            (64, (2, 2, 64, 64), {'warpgroups': 1, 'keep_hidden': False,
                                                                  'approx_math': False})])
