@@ -436,6 +436,19 @@ def test_backward_refuses_w_rows_longer_than_one_copy(monkeypatch):
   assert fmb._dims(args[0], args[2]) == 'its w rows of 320 hidden units exceed one TMA copy (256)'
 
 
+# A refusal for shared memory names the kernel that does not fit and the least it would need: with key_heads=4 at
+# N4 H8 kv_hidden 128 the key kernel needs more than an SM has even with 32 queries (the query kernel fits with
+# one head). The message once reported the one-head need of both kernels, a number below the limit.
+def test_backward_shared_memory_refusal_names_the_kernel_and_what_it_needs():
+  scale, args, _ = _backward_shapes(2, 299, 4, 8, 128)
+  why = fmb._dims(args[0], args[2], fmb.Options(key_heads=4, warpgroups=1))
+  assert why.startswith('the backward needs ') and why.endswith(f'(> {fmb.SMEM_BYTES}) in its key kernel'), why
+  need = int(why.split()[3])
+  t, h2 = args[0].shape[1], args[0].shape[4]  # padded: heads of 8 are 2 x 16 wide here
+  probe = fmb._Dims(tq=0, sk=0, kb=0, qb=0, hq=0, hk=0, b=2, t_in=t, s_in=t, f_in=128, n=4, h2=h2, fp=128, gm=True)
+  assert need == fmb._k_smem(probe, 32, 4, t, t, 1, True, True) > fmb.SMEM_BYTES
+
+
 @pytest.mark.parametrize('opts,match', [({'block_k': 48}, 'block_k=48 is not 32, 64 or 128'),
                                         ({'block_q': 16}, 'block_q=16 is not 32, 64 or 128'),
                                         ({'heads_per_program': 2}, 'heads_per_program=2 does not divide the 3 heads'),

@@ -337,9 +337,13 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
   q_fit = [(kb, hp) for hp in heads for kb in kbs if _q_smem(probe, kb, hp, t, s, lq) <= SMEM_BYTES]
   k_fit = [(qb, hp) for hp in k_heads for qb in qbs if _k_smem(probe, qb, hp, t, s, wgs, lq, kdu) <= SMEM_BYTES]
   if not q_fit or not k_fit:
-    need = max(_q_smem(probe, kbs[-1], heads[-1], t, s, lq),
-               _k_smem(probe, qbs[-1], heads[-1], t, s, wgs, lq, kdu))
-    return f'the backward needs {need} bytes of shared memory (> {SMEM_BYTES})'
+    # The least that the kernel which does not fit would need, over its candidates (its own heads: key_heads may
+    # differ from heads_per_program).
+    short = [('query', min(_q_smem(probe, kb, hp, t, s, lq) for hp in heads for kb in kbs))] if not q_fit else []
+    if not k_fit:
+      short.append(('key', min(_k_smem(probe, qb, hp, t, s, wgs, lq, kdu) for hp in k_heads for qb in qbs)))
+    kernel, need = max(short, key=lambda x: x[1])
+    return f'the backward needs {need} bytes of shared memory (> {SMEM_BYTES}) in its {kernel} kernel'
   (kb, hq), (qb, hk) = q_fit[0], k_fit[0]
   d = _Dims(tq=_round_up(t, max(BQ, qb)), sk=_round_up(s, max(BK, kb)), kb=kb, qb=qb, hq=hq, hk=hk, wgs=wgs, lq=lq,
             kdu=kdu, **base)
