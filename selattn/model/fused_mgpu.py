@@ -114,40 +114,30 @@ class Options:
   # tables in global memory against 6.781 with them copied (docs/bench/fused_mgpu_step_variants_gmem_h200.json).
   tables_in_gmem: bool = True
   # u and w passed halved (exact), so that the GELU starts from their sum h / 2 and needs no multiply by 1/2: the
-  # same values bit for bit (`_gelu_t_half`), one float instruction of the GELU's seven fewer. Both kernels have
+  # same values bit for bit (`_gelu_t`), one float instruction of the GELU's seven fewer. Both kernels have
   # it (fused_mgpu_bwd.Options.half_hidden). On one H200 at kv_hidden 256 it took 3 us a layer off this kernel
   # (322 against 325), 7-11 off the backward's key kernel and 4-7 off its query kernel
   # (docs/bench/fused_mgpu_step_variants_v11_h200.json).
   half_hidden: bool = True
 
 
-def _gelu_t(h):
-  """(h / 2, tanh(sqrt(2 / pi) (h + 0.044715 h^3)), h^2): the tanh approximation's parts, in the form that costs the
-  fewest float instructions (every add pairs with a multiply, which the compiler fuses): the GELU is the kernels'
-  per-pair arithmetic, and the FMA pipe their busiest."""
-  h2 = h * h
-  return 0.5 * h, jnp.tanh(h * (_GELU_C + (_GELU_C * _GELU_A) * h2)), h2
+def _gelu_t(x, half: bool = False):
+  """(h / 2, tanh(sqrt(2 / pi) (h + 0.044715 h^3)), x^2) of x = h: the tanh approximation's parts, in the form that
+  costs the fewest float instructions (every add pairs with a multiply, which the compiler fuses): the GELU is the
+  kernels' per-pair arithmetic, and the FMA pipe their busiest.
+  half: x = h / 2, bit for bit the same values (`Options.half_hidden`: the kernels take u and w halved, exact in
+  floating point, so their sum is h / 2 and the GELU needs no multiply by 1/2, one instruction of its seven: the
+  sum u + w, x^2, t's argument in two, the tanh, h / 2, g's FMA). Every factor of 2 is exact: x^2 = h^2 / 4, so
+  2 C + 8 C A x^2 = 2 (C + C A h^2) rounds alike, and x times it is h (C + C A h^2), the tanh's argument from h."""
+  x2 = x * x
+  if half:
+    return x, jnp.tanh(x * (2.0 * _GELU_C + (8.0 * (_GELU_C * _GELU_A)) * x2)), x2
+  return 0.5 * x, jnp.tanh(x * (_GELU_C + (_GELU_C * _GELU_A) * x2)), x2
 
 
-def _gelu(h):
-  """0.5 h (1 + t), written hh + hh t: two instructions after the tanh."""
-  hh, t, _ = _gelu_t(h)
-  return hh + hh * t
-
-
-def _gelu_t_half(hh):
-  """`_gelu_t`'s (hh, t, hh^2) from hh = h / 2, bit for bit: the kernels take u and w halved (`_layout`, exact in
-  floating point), so their sum is hh and the GELU needs no multiply by 1/2, one instruction of its seven (h2, t's
-  argument, the tanh, hh, g's FMA, and the sum u + w). Every factor of 2 is exact: hh^2 = h^2 / 4, so
-  2 C + 8 C A hh^2 = 2 (C + C A h^2) rounds alike, and hh times it is h (C + C A h^2), the argument `_gelu_t`
-  passes to the tanh."""
-  hh2 = hh * hh
-  return hh, jnp.tanh(hh * (2.0 * _GELU_C + (8.0 * (_GELU_C * _GELU_A)) * hh2)), hh2
-
-
-def _gelu_half(hh):
-  """`_gelu` of h = 2 hh, bit for bit (`_gelu_t_half`)."""
-  hh, t, _ = _gelu_t_half(hh)
+def _gelu(x, half: bool = False):
+  """0.5 h (1 + t), written hh + hh t: two instructions after the tanh (x = h, or h / 2 with half: `_gelu_t`)."""
+  hh, t, _ = _gelu_t(x, half)
   return hh + hh * t
 
 
@@ -242,7 +232,7 @@ def _layout(d: _Dims, q, u, w, w2, b2, cos, sin, qpos, kpos):
   q = q.astype(jnp.float32)
   a = jnp.stack([q.reshape(d.b, d.t_in, d.n, d.hd), q[:, :, :, ::-1].reshape(d.b, d.t_in, d.n, d.hd)], axis=3)
   a = _pad(a.reshape(d.b, d.t_in, d.n * 2 * d.hd), 1, d.tq)
-  half = 0.5 if d.hh else 1.0  # halved: u + w = h / 2 (`_gelu_t_half`)
+  half = 0.5 if d.hh else 1.0  # halved: u + w = h / 2 (`_gelu_t`)
   u = _pad(_pad(half * u.astype(jnp.float32), 2, d.fp), 1, d.tq)
   w = _pad(_pad(half * w.astype(jnp.float32), 2, d.fp), 1, d.sk)
   w2 = _pad(w2.astype(jnp.float32), 0, d.fp)  # [Fp, N, 2, H2]
@@ -298,7 +288,7 @@ def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: 
     kidx = jnp.arange(d.n_kb) * d.kb + jj  # this step's key in each block
     wj = w[:, kidx]  # [B, nkb, Fp]
     h = u_t + wj[:, None, :, None, :]  # [B, nq, nkb, BQ, Fp]: h / 2 with u and w halved
-    g = _gelu_half(h) if d.hh else _gelu(h)
+    g = _gelu(h, d.hh)
     k = jnp.einsum('xyzif,fne->xyznie', rnd(g), w2r, precision='highest') + b2[None, None, None, :, None, :]
     qr = (a_t[..., 0, :] * c[kidx][None, None, :, None, None, :]
           + a_t[..., 1, :] * s[kidx][None, None, :, None, None, :])  # R_j^T R_i q_i
@@ -506,7 +496,7 @@ def forward(q, u, w, w2, b2, cos, sin, qpos, kpos, *, scale: float, opts: Option
         if uc is None:
           uc = u_regs[ci] if u_regs else load(u_s.at[ci], (), wg)
         wc = load(w_s.at[j], (pl.ds(ci * FC, FC),), col)
-        return (_gelu_half if d.hh else _gelu)(uc + jax.lax.broadcast_in_dim(wc, (BQ, FC), (1,)))  # h / 2 if d.hh
+        return _gelu(uc + jax.lax.broadcast_in_dim(wc, (BQ, FC), (1,)), d.hh)  # h / 2 if d.hh
 
       def key_logits(js):
         """Keys js (a static number of them), per key: per head its logits (masked), whether it is visible to each

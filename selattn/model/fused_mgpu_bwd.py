@@ -87,14 +87,10 @@ def _gelu_grad(h):
 def _gelu_both(h, half: bool = False):
   """(gelu(h), gelu'(h)) from one tanh; the first exactly as fused_mgpu._gelu computes it. With k = C (1 + 3 A h^2):
   gelu'(h) = (1 + t) / 2 + (h / 2) k (1 - t^2), five instructions after the GELU's (all fusable pairs).
-  half: given hh = h / 2 instead (u and w halved, `Options.half_hidden`), bit for bit the same values with one
-  multiply fewer (fused_mgpu._gelu_t_half; k = C + 12 C A hh^2 rounds as C + 3 C A h^2)."""
-  if half:
-    hh, t, hh2 = fm._gelu_t_half(h)
-    k = fm._GELU_C + (12.0 * (fm._GELU_C * fm._GELU_A)) * hh2
-  else:
-    hh, t, h2 = fm._gelu_t(h)
-    k = fm._GELU_C + (3.0 * fm._GELU_C * fm._GELU_A) * h2
+  half: given h / 2 instead (u and w halved, `Options.half_hidden`), bit for bit the same values with one
+  multiply fewer (fused_mgpu._gelu_t; k = C + 12 C A (h / 2)^2 rounds as C + 3 C A h^2)."""
+  hh, t, x2 = fm._gelu_t(h, half)
+  k = fm._GELU_C + ((12.0 * (fm._GELU_C * fm._GELU_A)) if half else (3.0 * fm._GELU_C * fm._GELU_A)) * x2
   g = hh + hh * t
   return g, (0.5 + 0.5 * t) + (hh * k) * (1.0 - t * t)
 
@@ -129,7 +125,7 @@ def transcription(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, sca
   delta = jnp.einsum('btnf,btnf->btn', dgo, g_res, **hi)
   ds = p * (dp - delta[:, :, None])
   dk = scale * ds[..., None] * qr  # [B, T, S, N, Hd]
-  p_g, dgo_g = (rnd(p), rnd(dgo.astype(jnp.float32))) if pdg else (p, dgo)  # dg's p dG term (pdg: rounded)
+  p_g, dgo_g = (rnd(p), rnd(dgo)) if pdg else (p, dgo)  # dg's p dG term (pdg: rounded)
   dg = jnp.einsum('btsn,btnf->btsf', p_g, dgo_g, **hi) + jnp.einsum('btsne,fne->btsf', rnd(dk), w2r, **hi)
   gd = _gelu_grad(h)
   dh = dg * gd
@@ -288,7 +284,7 @@ class Options:
   # (docs/bench/fused_mgpu_step_variants_gmem_h200.json).
   tables_in_gmem: bool = True
   # Both kernels: u and w passed halved (exact), so the GELU and its derivative start from h / 2 with one multiply
-  # fewer, bit for bit the same values (fused_mgpu.Options.half_hidden, fused_mgpu._gelu_t_half).
+  # fewer, bit for bit the same values (fused_mgpu.Options.half_hidden, fused_mgpu._gelu_t).
   half_hidden: bool = True
   # Key kernel with du summed there (du_by_keys) and dg_one_acc: dg's term sum_n p^n_ij dG^n_i by the wgmma that
   # computes its other term, instead of an FMA a value and head. The block's dG rows are copied in bfloat16, rows
@@ -339,7 +335,9 @@ def _dims(q, w, opts: Options = Options()) -> _Dims | str:
   if not q_fit or not k_fit:
     # The least that the kernel which does not fit would need, over its candidates (its own heads: key_heads may
     # differ from heads_per_program).
-    short = [('query', min(_q_smem(probe, kb, hp, t, s, lq) for hp in heads for kb in kbs))] if not q_fit else []
+    short = []
+    if not q_fit:
+      short.append(('query', min(_q_smem(probe, kb, hp, t, s, lq) for hp in heads for kb in kbs)))
     if not k_fit:
       short.append(('key', min(_k_smem(probe, qb, hp, t, s, wgs, lq, kdu) for hp in k_heads for qb in qbs)))
     kernel, need = max(short, key=lambda x: x[1])
