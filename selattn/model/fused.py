@@ -676,6 +676,9 @@ def attention(q: Float[Array, 'B T N H'], u: Float[Array, 'B T F'], w: Float[Arr
       _log_once(f'{_asked("backward", asked)} cannot take this call ({why}): running the merged Triton backward')
       st = dataclasses.replace(st, backward='merged')
   _log_kernels(st.forward, st.backward)
-  g = _fused(st, qh, u_p, w_p, w2, b2, cos, sin, qpos, kpos)[:, :t, :, :f]  # [B, T, N, F] float32
-  out = jnp.einsum('BTNF,FNH->BTNH', g.astype(w2v.dtype), w2v.reshape(f, n, h), preferred_element_type=jnp.float32)
+  # G stays padded ([B, Tp, N, Fp] float32; zero in padding rows, finite in padding hidden units) and meets W2v padded
+  # with zero rows: slicing it first would copy it, and its gradient would be padded back by another copy.
+  g = _fused(st, qh, u_p, w_p, w2, b2, cos, sin, qpos, kpos)
+  w2v_p = tiles.pad(w2v.reshape(f, n, h), 0, fp)
+  out = jnp.einsum('BTNF,FNH->BTNH', g.astype(w2v.dtype), w2v_p, preferred_element_type=jnp.float32)[:, :t]
   return (out + b2v.reshape(1, 1, n, h).astype(jnp.float32)).astype(q.dtype)

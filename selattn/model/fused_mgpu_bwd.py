@@ -689,13 +689,25 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
           plgpu.commit_smem()
           for ci in range(nc):
             plgpu.copy_smem_to_gmem(u_s.at[ci], du_out.at[bi, z * wgs + wgi, rows, pl.ds(ci * FC, FC)])
-        for h in range(hq):
-          a_s[h, :, pl.ds(0, hd)] = a1[h]
-          a_s[h, :, pl.ds(hd, hd)] = a2[h]
-        plgpu.commit_smem()
-        for h in range(hq):
-          plgpu.copy_smem_to_gmem(a_s.at[h], da_out.at[bi, kbi * wgs + wgi, gi * hq + h, rows])
-        plgpu.wait_smem_to_gmem(0)
+        # A1 and A2 summed over the warpgroups here, in turn in a's buffer; the last one writes them out (one
+        # partial a key block, not one a warpgroup: at kv_hidden 256 each is 2.6 MB that XLA reads back to sum).
+        def put(added):
+          for h in range(hq):
+            for x, a_x in enumerate((a1, a2)):
+              cols = pl.ds(x * hd, hd)
+              a_s[h, :, cols] = a_x[h] + load(a_s.at[h], (slice(None), cols), wg) if added else a_x[h]
+        if wgs > 1:
+          pl.when(wgi == 0)(lambda: put(False))
+          pl.when(wgi > 0)(lambda: put(True))
+        else:
+          put(False)
+
+        def write():
+          plgpu.commit_smem()
+          for h in range(hq):
+            plgpu.copy_smem_to_gmem(a_s.at[h], da_out.at[bi, kbi, gi * hq + h, rows])
+          plgpu.wait_smem_to_gmem(0)
+        pl.when(wgi == wgs - 1)(write) if wgs > 1 else write()
 
       in_turn(wgs, wgi, done, turn, out)
 
@@ -723,7 +735,7 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   wdu = 1 if d.lq else wgs  # du's partials per program
   q_call = plgpu.kernel(
       q_kernel, out_type=[*([] if d.kdu else [jax.ShapeDtypeStruct((b, n_kb * gq * wdu, d.tq, fp), f32)]),
-                          jax.ShapeDtypeStruct((b, n_kb * wgs, n, d.tq, 2 * hd), f32),
+                          jax.ShapeDtypeStruct((b, n_kb, n, d.tq, 2 * hd), f32),
                           *([jax.ShapeDtypeStruct((2, b, n, d.sk, d.tq), f32)] if d.lq else [])],
       scratch_types=scratch, grid=(n_kb * gq, n_q, b), grid_names=('z', 'q', 'b'), interpret=interpret,
       kernel_name='selective_fused_bwd_query_mgpu', **params)
@@ -736,8 +748,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
   if not d.kdu:
     du = jnp.where(live_q[None, :, None, :, None, None], du_p.reshape(b, n_kb, gq * wdu, n_q, BQ, fp), 0.0)
     du = du.sum((1, 2)).reshape(b, d.tq, fp)
-  da = jnp.where(live_q[None, :, None, None, :, None, None], da_p.reshape(b, n_kb, wgs, n, n_q, BQ, 2 * hd), 0.0)
-  da = jnp.transpose(da.sum((1, 2)).reshape(b, n, d.tq, 2 * hd), (0, 2, 1, 3)).reshape(b, d.tq, n, 2, hd)
+  da = jnp.where(live_q[None, :, None, :, None, None], da_p.reshape(b, n_kb, n, n_q, BQ, 2 * hd), 0.0)
+  da = jnp.transpose(da.sum(1).reshape(b, n, d.tq, 2 * hd), (0, 2, 1, 3)).reshape(b, d.tq, n, 2, hd)
   dq = (da[:, :, :, 0] + _swap(da[:, :, :, 1], h2)).reshape(b, d.tq, n, 2, h2)
 
   # ------------------------------------------------------------------ key kernel: dw, db2k, dW2k
@@ -1092,7 +1104,10 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     # One product for both halves: [c_j, s_j] summed against ds over the keys ([B, N, Tq, 2 Hd]), then times
     # [a_i, a'_i] and summed over the queries.
     ds_ = jnp.where((qp[None, :] >= kp[:, None])[None, None], pd_raw[1], 0.0)  # [B, N, Sk, Tq]
-    dsr = jnp.einsum('bnji,jd->bnid', ds_, jnp.concatenate([c, s], axis=1), precision='highest')
+    # Compiled, in three bfloat16 passes (about float32's accuracy, on the tensor cores): in float32 this product
+    # took 17 us a layer at the original config (kv_hidden 256), the most of the work around the kernels.
+    prec = 'highest' if interp else jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3
+    dsr = jnp.einsum('bnji,jd->bnid', ds_, jnp.concatenate([c, s], axis=1), precision=prec)
     db2 = (a * dsr).sum((0, 2))
     db2 = (db2[:, :hd] + db2[:, hd:]).reshape(n, 2, h2)
   else:
