@@ -99,6 +99,7 @@ def _gpu_interpreter():
                                                        (2, 6, 100, 70, 32, True, {'keys_per_step': 4}),
                                                        (2, 6, 100, 70, 32, True, {'tables_in_gmem': False}),
                                                        (2, 6, 100, 70, 32, True, {'half_hidden': False}),
+                                                       (2, 6, 100, 70, 32, True, {'combine_live': False}),
                                                        (3, 8, 40, 37, 0, False, {'keep_u': True, 'keep_q': True}),
                                                        (3, 8, 40, 37, 0, True, {'heads_per_program': 1})])
 def test_kernel_interpreted_matches_the_transcription(n, h, f, t, block_k, rope, opts):
@@ -109,6 +110,33 @@ def test_kernel_interpreted_matches_the_transcription(n, h, f, t, block_k, rope,
   g_ref, lse_ref = jax.jit(lambda *a: fm.transcription(*a, scale=scale, opts=opts))(*args)
   assert _rel(g[:, :t], g_ref[:, :t]) <= 1e-6
   assert _rel(lse[:, :, :t], lse_ref[:, :, :t]) <= 1e-6
+
+
+# Options.combine_live: the partials combined by a Triton kernel that loads only those the programs wrote. Partials
+# no program wrote hold NaN here (on a GPU: whatever the memory held), so a dead partial read or weighted by
+# anything fails it; XLA's combine (what the forward ran before) on the same data, dead partials zeroed, is the
+# reference. Hidden units of 192 per head take 64-unit column blocks, 256 take 128.
+@pytest.mark.parametrize('f', [192, 256])
+def test_the_live_partials_combine_matches_xla_and_reads_no_dead_partial(f):
+  rng = np.random.default_rng(f)
+  d = fm._dims(jnp.zeros((3, 130, 2, 2, 16)), jnp.zeros((3, 130, f)), fm.Options(block_k=32))
+  splits = d.n_kb * d.per_block
+  live = rng.random((splits, d.n_q)) < 0.6
+  shape5 = (d.b, splits, d.n_q, fm.BQ, d.n * d.fp)
+  g = rng.standard_normal(shape5).astype(np.float32)
+  m = (3 * rng.standard_normal((d.b, splits, d.n, d.n_q, fm.BQ))).astype(np.float32)
+  l = rng.random(m.shape).astype(np.float32)
+  wrote5, wrote_ml = live[None, :, :, None, None], live[None, :, None, :, None]
+  raw_g = np.where(wrote5, g, np.nan).reshape(d.b, splits, d.tq, d.n * d.fp)
+  raw_m, raw_l = (np.where(wrote_ml, x, np.nan).reshape(d.b, splits, d.n, d.tq) for x in (m, l))
+  got_g, got_lse = fm._combine_live(d, jnp.asarray(raw_g), jnp.asarray(raw_m), jnp.asarray(raw_l), jnp.asarray(live),
+                                    interpret=True)
+  want_g, want_lse = fm._combine(d, jnp.asarray(np.where(wrote5, g, 0.0)).reshape(d.b, splits, d.tq, d.n, d.fp),
+                                 jnp.asarray(np.where(wrote_ml, m, fm._MASKED).reshape(raw_m.shape)),
+                                 jnp.asarray(np.where(wrote_ml, l, 0.0).reshape(raw_l.shape)))
+  assert np.isfinite(np.asarray(got_g)).all() and np.isfinite(np.asarray(got_lse)).all()
+  assert _rel(got_g, want_g) <= 1e-6
+  assert _rel(got_lse, want_lse) <= 1e-6
 
 
 # Options.half_hidden: the kernels take u and w halved and start the GELU (and its derivative) from h / 2, one
@@ -167,6 +195,7 @@ def test_kernel_lowers_for_cuda_at_the_original_config(f, opts):
   opts = fm.Options(**opts)
   lowered = jax.jit(lambda *a: fm.forward(*a, scale=scale, opts=opts)).trace(*args).lower(lowering_platforms=('cuda',))
   assert 'mosaic_gpu' in lowered.as_text()
+  assert ('selective_fused_fwd_combine' in lowered.as_text()) == opts.combine_live  # the Triton combine
 
 
 def _dims_of(b, t, n, h, f, opts=fm.Options()):
