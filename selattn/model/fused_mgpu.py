@@ -258,7 +258,9 @@ def _layout(d: _Dims, q, u, w, w2, b2, cos, sin, qpos, kpos):
 
 
 # Queries a block of `_combine_live`: on one H200 at kv_hidden 256, 16 took 118 us a step (4 layers) against 161
-# with 32 (docs/bench/fused_mgpu_combine_h200.json), and XLA's combine 125.
+# with 32 (docs/bench/fused_mgpu_combine_h200.json, G then written [B, N, Tq, Fp], which XLA transposed for the W2v
+# product: 21 us more). Written head-major it took 104 us against XLA's combine's 126 in one process, the step's
+# device time 6.434 / 6.428 ms against 6.466 (docs/bench/fused_mgpu_step_variants_v12_h200.json).
 _COMBINE_ROWS = 16
 
 
@@ -297,13 +299,14 @@ def _combine_live(d: _Dims, g, m, l, live, interpret: bool):
     o_ref[...] = acc
 
   anywhere = pl.BlockSpec(memory_space=pl.ANY)
-  out = pl.pallas_call(  # written heads-major, [B, N, Tq, Fp]: the layout XLA's combine gave its consumers
+  # Written head-major, [N, B, Tq, Fp]: the W2v product (batched over heads) reads each head's [B Tq, Fp] rows.
+  out = pl.pallas_call(
       kernel, grid=(d.b, d.tq // rb, d.n * per_head), in_specs=[anywhere, anywhere, anywhere],
-      out_specs=pl.BlockSpec((None, None, rb, bf), lambda b, r, c: (b, c // per_head, r, c % per_head)),
-      out_shape=jax.ShapeDtypeStruct((d.b, d.n, d.tq, d.fp), jnp.float32), interpret=interpret,
+      out_specs=pl.BlockSpec((None, None, rb, bf), lambda b, r, c: (c // per_head, b, r, c % per_head)),
+      out_shape=jax.ShapeDtypeStruct((d.n, d.b, d.tq, d.fp), jnp.float32), interpret=interpret,
       compiler_params=None if interpret else plt.CompilerParams(num_warps=4, num_stages=1),  # Triton's lowering
       name='selective_fused_fwd_combine')(live_i, coef, g)
-  out = jnp.transpose(out, (0, 2, 1, 3))
+  out = jnp.transpose(out, (1, 2, 0, 3))
   return out[:, :d.t_in, :, :d.f_in], (m_all + jnp.log(l_safe))[:, :, :d.t_in]
 
 
