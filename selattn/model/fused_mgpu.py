@@ -5,7 +5,7 @@ meaning) to either backward; fused.attention falls back to the Triton forward (o
 `cannot_run` says why; `model.fused_forward='auto'` picks it on one Hopper GPU. On one H200 (jax 0.11.2, B16 T299
 N2 H32, RoPE; the accurate tanh then): 0.27 ms a layer against the Triton forward's 0.63 at kv_hidden 64, 2.26
 against 2.16 at 256 (docs/bench/fused_mgpu_check_h200.json). Programs with no key to visit return before copying
-their inputs (their partials are masked before the combine).
+their inputs (the combine skips or masks their partials).
 Checked on CPU (tests/fused_mgpu_test.py, fused_mgpu_train_test.py): the formulation (`transcription`) against
 fused.py's forward and `materialized`; the kernel in Mosaic GPU's interpret mode (which simulates shared memory,
 barriers and wgmma, not register layouts or timing) against the transcription, alone and in the training path; and
@@ -28,7 +28,8 @@ warpgroup) and a block of keys, one key at a time, so no array is 3-D and no red
   online softmax per row over the keys (m, l per head), G^n = G^n * corr^n + p^n_j o g_j     (elementwise)
 Hidden units run in chunks of 64 (one wgmma K group of bfloat16); with several chunks g is recomputed for the G
 update rather than kept (registers). The program's partial (G, m, l) are combined over key blocks outside, as
-fused.py's `fwd_splits` are. Keys past a block's last key visible to the query tile are skipped (counts computed
+fused.py's `fwd_splits` are: by a small Triton kernel that reads only the partials programs wrote (`_combine_live`),
+or by XLA (`Options.combine_live=False`). Keys past a block's last key visible to the query tile are skipped (counts computed
 outside from positions, so any token order works); masked keys inside are handled by the row mask.
 
 Where the time should go (an estimate made before it ran on a GPU). Per key and program at the
