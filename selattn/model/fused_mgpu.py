@@ -29,8 +29,8 @@ warpgroup) and a block of keys, one key at a time, so no array is 3-D and no red
 Hidden units run in chunks of 64 (one wgmma K group of bfloat16); with several chunks g is recomputed for the G
 update rather than kept (registers). The program's partial (G, m, l) are combined over key blocks outside, as
 fused.py's `fwd_splits` are: by a small Triton kernel that reads only the partials programs wrote (`_combine_live`),
-or by XLA (`Options.combine_live=False`). Keys past a block's last key visible to the query tile are skipped (counts computed
-outside from positions, so any token order works); masked keys inside are handled by the row mask.
+or by XLA (`Options.combine_live=False`). Keys past a block's last key visible to the query tile are skipped
+(counts computed outside from positions, so any token order works); masked keys inside are handled by the row mask.
 
 Where the time should go (an estimate made before it ran on a GPU). Per key and program at the
 original config (N2 H32, kv_hidden 64, one warpgroup): the GELU on 64 x 64 elements (~25 instructions each with
@@ -76,7 +76,7 @@ class Options:
   # Keys per program (a multiple of 32); 0 = 64, or 32 where 64 does not fit in shared memory.
   # Short blocks for parallelism: the original config has 16 x 5 query tiles for 132 SMs, and a program runs its
   # keys one after another; key blocks of 64 make 240 programs of at most 64 keys (their partial results, 26 MB
-  # at kv_hidden 64, are combined by XLA).
+  # at kv_hidden 64, are combined outside: `_combine_live`).
   block_k: int = 0
   precision: str = 'bf16'  # the key layer's operands: 'bf16' | 'float32' (transcription only: exact reference)
   # tanh.approx and ex2.approx (about 2^-11 relative error in tanh, below the bfloat16 key layer's 2^-9): a training

@@ -1104,8 +1104,8 @@ def backward(q, u, w, w2, b2, cos, sin, qpos, kpos, g_res, lse, dgo, *, scale: f
     # One product for both halves: [c_j, s_j] summed against ds over the keys ([B, N, Tq, 2 Hd]), then times
     # [a_i, a'_i] and summed over the queries.
     ds_ = jnp.where((qp[None, :] >= kp[:, None])[None, None], pd_raw[1], 0.0)  # [B, N, Sk, Tq]
-    # Compiled, in three bfloat16 passes (about float32's accuracy, on the tensor cores): in float32 this product
-    # took 17 us a layer at the original config (kv_hidden 256), the most of the work around the kernels.
+    # Compiled, in three bfloat16 passes (about float32's accuracy, on the tensor cores): on one H200 at the
+    # original config (kv_hidden 256) 43 us a step against 67 in float32 (BENCHMARKS.md, "twelfth version").
     prec = 'highest' if interp else jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3
     dsr = jnp.einsum('bnji,jd->bnid', ds_, jnp.concatenate([c, s], axis=1), precision=prec)
     db2 = (a * dsr).sum((0, 2))
